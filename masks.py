@@ -1,0 +1,206 @@
+"""The unified attention mask of ReMatch (paper Fig. 3, §3.2.3; SPEC §3).
+
+Multi-view query-document matching (MVQDM) asks the MLLM "is <DOC> relevant to
+<QUERY>?" for 8 views at once: the query as raw data Q or as its projected
+embedding token Zq, times two document slots, each raw (D1, D2) or embedded
+(Zd1, Zd2). d+ sits in one slot and d- in the other (chosen at random). All 8
+questions share one packed sequence and one forward pass; this mask makes
+answer A_v see only the prompt, the header, its own query and its own document,
+so each answer is predicted exactly as if its view had been run alone.
+
+One packed sequence per (q, d+, d-) instance, in this order (SPEC §3):
+
+    | P | Q | Zq | D1 | Zd1 | D2 | Zd2 | H | A1 | A2 | ... | A8 | pad |
+      P    prompt: system + user header + matching instruction (App. S7)
+      Q    <QUERY> raw query </QUERY>        Zq   <QUERY><feat_start>z<feat_end></QUERY>
+      D1   <DOC> raw slot-1 doc </DOC>       Zd1  <DOC><feat_start>z<feat_end></DOC>
+      D2   <DOC> raw slot-2 doc </DOC>       Zd2  likewise
+      H    <|im_end|>\\n<|im_start|>assistant\\n
+      Av   <ANSWER>Yes|No</ANSWER> for the v-th view, views in the order of VIEWS
+      pad  right padding (batches only)
+
+Segment-level "may see" table for the 8 views (rows = queries, columns = keys;
+every block is also intersected with causality, so a diagonal block is
+lower-triangular and an answer cannot see a later segment):
+
+          P  Q  Zq D1 Zd1 D2 Zd2 H  A1 A2 A3 A4 A5 A6 A7 A8 pad
+    P     x  .  .  .  .   .  .   .  .  .  .  .  .  .  .  .  .
+    Q     x  x  .  .  .   .  .   .  .  .  .  .  .  .  .  .  .
+    Zq    x  .  x  .  .   .  .   .  .  .  .  .  .  .  .  .  .
+    D1    x  .  .  x  .   .  .   .  .  .  .  .  .  .  .  .  .
+    Zd1   x  .  .  .  x   .  .   .  .  .  .  .  .  .  .  .  .
+    D2    x  .  .  .  .   x  .   .  .  .  .  .  .  .  .  .  .
+    Zd2   x  .  .  .  .   .  x   .  .  .  .  .  .  .  .  .  .
+    H     x  .  .  .  .   .  .   x  .  .  .  .  .  .  .  .  .
+    A1    x  x  .  x  .   .  .   x  x  .  .  .  .  .  .  .  .    (Q, D1)
+    A2    x  x  .  .  x   .  .   x  .  x  .  .  .  .  .  .  .    (Q, Zd1)
+    A3    x  x  .  .  .   x  .   x  .  .  x  .  .  .  .  .  .    (Q, D2)
+    A4    x  x  .  .  .   .  x   x  .  .  .  x  .  .  .  .  .    (Q, Zd2)
+    A5    x  .  x  x  .   .  .   x  .  .  .  .  x  .  .  .  .    (Zq, D1)
+    A6    x  .  x  .  x   .  .   x  .  .  .  .  .  x  .  .  .    (Zq, Zd1)
+    A7    x  .  x  .  .   x  .   x  .  .  .  .  .  .  x  .  .    (Zq, D2)
+    A8    x  .  x  .  .   .  x   x  .  .  .  .  .  .  .  x  .    (Zq, Zd2)
+    pad   .  .  .  .  .   .  .   .  .  .  .  .  .  .  .  .  d    d = diagonal only
+
+Smaller view sets (Table 5: `feat`, `raw`, ...) use fewer answers, and leave the
+segments they do not need out of the sequence (`segments_used`).
+
+`python masks.py` prints the position-level mask of a tiny example.
+Tests: `pytest tests/test_masks.py`
+"""
+import re
+
+import torch
+
+SEGMENTS = ("P", "Q", "Zq", "D1", "Zd1", "D2", "Zd2", "H")  # content segments, in sequence order
+PAD = "pad"
+
+# the 8 (query segment, document segment) views, in the order of the answers A1..A8
+VIEWS = (("Q", "D1"), ("Q", "Zd1"), ("Q", "D2"), ("Q", "Zd2"),
+         ("Zq", "D1"), ("Zq", "Zd1"), ("Zq", "D2"), ("Zq", "Zd2"))
+
+# view sets of Table 5 (pairs keep their relative order in VIEWS)
+VIEW_SETS = {
+    "all": VIEWS,
+    "feat": (("Zq", "Zd1"), ("Zq", "Zd2")),
+    "raw": (("Q", "D1"), ("Q", "D2")),
+    "raw2feat": (("Q", "Zd1"), ("Q", "Zd2")),
+    "feat2raw": (("Zq", "D1"), ("Zq", "D2")),
+}
+
+
+def answer_name(i):
+    """Name of the answer segment of the i-th view (0-based): 0 -> "A1"."""
+    return f"A{i + 1}"
+
+
+def segments_used(views):
+    """Content segments a view set needs, in SEGMENTS order (P and H always)."""
+    needed = {"P", "H"} | {s for view in views for s in view}
+    return tuple(s for s in SEGMENTS if s in needed)
+
+
+def _answer_index(name):
+    """"A3" -> 2; None if `name` is not an answer name."""
+    m = re.fullmatch(r"A([1-9][0-9]*)", name)
+    return int(m.group(1)) - 1 if m else None
+
+
+def _keys_of(name, views):
+    """The segments that rows of segment `name` may attend to (the rules of SPEC §3)."""
+    if name == "P":
+        return ("P",)
+    if name in SEGMENTS:  # Q, Zq, D1, Zd1, D2, Zd2, H
+        return ("P", name)
+    if name == PAD:
+        return ()  # pad sees only its own position: added as a diagonal below
+    q, d = views[_answer_index(name)]
+    return ("P", "H", q, d, name)
+
+
+def _check(segments, views):
+    """Validate (name, length) pairs; return the names and lengths as two lists."""
+    for view in views:
+        if tuple(view) not in VIEWS:
+            raise ValueError(f"unknown view {view!r}; views must come from VIEWS")
+    names, lengths = [], []
+    for name, n in segments:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"segment {name!r}: length must be an int >= 0, got {n!r}")
+        i = _answer_index(name)
+        if name not in SEGMENTS and name != PAD and i is None:
+            raise ValueError(f"unknown segment name {name!r}")
+        if name != PAD and name in names:
+            raise ValueError(f"segment {name!r} appears twice")
+        if i is not None and i >= len(views):
+            raise ValueError(f"answer {name!r} but only {len(views)} views")
+        names.append(name)
+        lengths.append(n)
+    present = {name: n for name, n in zip(names, lengths) if n > 0}
+    for name in names:
+        i = _answer_index(name)
+        if i is not None:
+            for s in views[i]:
+                if s not in present:
+                    raise ValueError(f"answer {name!r} needs segment {s!r}, "
+                                     "which is missing or has length 0")
+    return names, lengths
+
+
+def unified_mask(segments, views=VIEWS):
+    """Boolean attention mask of one packed matching sequence (Fig. 3).
+
+    segments: sequence of (name, length) in sequence order; names from SEGMENTS,
+        "A1".."An" (A_{i+1} answers views[i]) and "pad". Zero-length segments take
+        no positions (but are still validated). The rules go by name, so any order
+        works; SPEC order is P Q Zq D1 Zd1 D2 Zd2 H A1..An pad.
+    views: the (query segment, document segment) pairs answered, e.g. VIEW_SETS["feat"].
+    Returns mask (L, L) bool, L = sum of lengths; mask[i, j] = True means query
+    position i may attend to key position j. Always causal (j <= i); every row
+    has at least its own position, so no row is fully masked.
+    """
+    names, lengths = _check(segments, views)
+
+    # 1. segment id of every position
+    ids = {}  # name -> segment id (all pad segments share one id)
+    for name in names:
+        ids.setdefault(name, len(ids))
+    seg = torch.repeat_interleave(torch.tensor([ids[n] for n in names], dtype=torch.long),
+                                  torch.tensor(lengths, dtype=torch.long))  # (L,)
+
+    # 2. segment-to-segment table: see[a, b] = rows of segment a may attend to segment b
+    see = torch.zeros(len(ids), len(ids), dtype=torch.bool)  # (S, S)
+    for name, a in ids.items():
+        for key in _keys_of(name, views):
+            if key in ids:  # P or H may be absent
+                see[a, ids[key]] = True
+
+    # 3. lift the table to positions, intersect with causality, give pad its diagonal
+    L = seg.numel()
+    causal = torch.tril(torch.ones(L, L, dtype=torch.bool))  # (L, L) key <= query
+    mask = see[seg[:, None], seg[None, :]] & causal  # (L, 1) x (1, L) -> (L, L)
+    is_pad = seg == ids.get(PAD, -1)  # (L,)
+    mask = mask | torch.diag(is_pad)  # pad rows: own position only
+    return mask
+
+
+def unified_mask_batch(rows, views=VIEWS):
+    """Masks of rows of different lengths, right-padded with a "pad" segment.
+
+    rows: list of segment lists (as for unified_mask). Returns (B, L, L) bool with
+    L = the longest row.
+    """
+    totals = [sum(n for _, n in row) for row in rows]
+    L = max(totals, default=0)
+    masks = [unified_mask(list(row) + [(PAD, L - t)], views) for row, t in zip(rows, totals)]
+    return torch.stack(masks) if masks else torch.zeros(0, 0, 0, dtype=torch.bool)  # (B, L, L)
+
+
+def additive_mask(mask, dtype=torch.float32):
+    """Bool mask (L, L) or (B, L, L) -> additive float mask (B, 1, L, L) for the backbone.
+
+    0 where the bool mask is True, torch.finfo(dtype).min where it is False; the
+    singleton dim broadcasts over heads. This is the 4D `attention_mask` the HF
+    Qwen2-VL model takes (it must already contain causality: a 4D mask is used
+    as given). Why not the bool mask: eager attention computes
+    softmax(q k^T / sqrt(d) + mask) v, so a bool mask is silently added as 0/1 and
+    masks nothing (notes/transformers-qwen2vl.md Q3). finfo.min instead of -inf
+    keeps a fully masked row finite (never happens here: every row sees itself).
+    """
+    if mask.dtype != torch.bool or mask.dim() not in (2, 3):
+        raise ValueError(f"expected a bool mask (L, L) or (B, L, L), got {mask.dtype} {tuple(mask.shape)}")
+    if mask.dim() == 2:
+        mask = mask[None]  # (L, L) -> (1, L, L)
+    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    out = out.masked_fill(~mask, torch.finfo(dtype).min)  # (B, L, L)
+    return out[:, None]  # (B, 1, L, L)
+
+
+if __name__ == "__main__":
+    # a tiny example: the `feat` view set, 2 positions per segment (one char per position)
+    views = VIEW_SETS["feat"]
+    segs = [(s, 2) for s in segments_used(views)] + [(answer_name(i), 2) for i in range(len(views))] + [(PAD, 2)]
+    m = unified_mask(segs, views)
+    labels = [name for name, n in segs for _ in range(n)]
+    for name, row in zip(labels, m):
+        print(f"{name:>4} " + "".join("x" if b else "." for b in row.tolist()))

@@ -1,0 +1,438 @@
+"""
+The ReMatch model: a Qwen2-VL / Qwen2.5-VL backbone turned into an embedding model.
+
+  §3.2.1  K learnable tokens per side (L_q, L_d ∈ R^{K×d}) appended after the chat
+          template and fed through `inputs_embeds`; their last-layer states
+          ME = [e_1..e_K] (N, K, d) and the fused embedding E = mean_i e_i (N, d).
+          K = 0 gives last-token pooling (the single-vector baseline).
+  §3.2.3  the projector Z = MLP(E) into the input-embedding space, and the unified
+          multi-view matching pass (Fig. 3): one forward over a packed
+          [P, Q, Zq, D1, Zd1, D2, Zd2, H, A_1..A_8] row per (q, d⁺, d⁻), the unified
+          mask of masks.py, logits at the label positions only (Eq. 4 in losses.py).
+
+Backbones load from a Hugging Face id or a local directory (`load_backbone`); the names
+`tiny-qwen2-vl` and `tiny-qwen2.5-vl` build a randomly initialised tiny model offline,
+with a small byte-level BPE tokenizer trained on the built-in corpus (data.py) and the
+real PIL Qwen2-VL image processor — the same code paths as the real checkpoints.
+
+Run a demo batch (embed, match, print Eq. 2–5):  python model.py
+Tests:                                          pytest tests/test_model.py tests/test_matching.py
+"""
+import torch
+import torch.nn as nn
+from transformers import (AutoConfig, AutoTokenizer, PreTrainedTokenizerFast,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
+                          Qwen2VLProcessor)
+
+from data import ANSWER_WORDS, tokenizer_corpus
+from masks import additive_mask, unified_mask_batch
+
+# ----------------------------------------------------------------------------------
+# Tokenizer and processor
+
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+# Qwen2's pre-tokenizer split (letters, single digits, punctuation runs, newlines, spaces).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The official Qwen2-VL chat template (one vision block per image).
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer(vocab_size=1024):
+    """
+    A Qwen-style byte-level BPE trained offline on data.tokenizer_corpus(): any text
+    encodes (256 byte symbols), the corpus' words become short sequences, the Qwen
+    special tokens and chat template are kept. Deterministic.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(QWEN_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tk.train_from_iterator(tokenizer_corpus(), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>",
+                                  additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+    tok.chat_template = QWEN2VL_CHAT_TEMPLATE
+    return tok
+
+
+class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without the video processor (which needs torchvision). Used for
+    Qwen2-VL and Qwen2.5-VL alike: for images both expand <|image_pad|> the same way."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def answer_token_ids(tokenizer):
+    """(yes_id, no_id): the label tokens of Eq. 4. Each answer word must be one token."""
+    ids = []
+    for w in ANSWER_WORDS:
+        t = tokenizer(w, add_special_tokens=False)["input_ids"]
+        if len(t) != 1:
+            raise ValueError(f"answer word {w!r} is {len(t)} tokens {t} in this tokenizer; "
+                             "the matching loss (Eq. 4) needs exactly one")
+        ids.append(t[0])
+    return tuple(ids)
+
+
+# ----------------------------------------------------------------------------------
+# Backbone loading
+
+TINY = {
+    "tiny-qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                      dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)),
+    "tiny-qwen2.5-vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                        dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                             out_hidden_size=64, window_size=112, fullatt_block_indexes=[0])),
+}
+BACKBONES = {"qwen2_vl": Qwen2VLForConditionalGeneration,
+             "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+TINY_PIXELS = (56 * 56, 112 * 112)     # tiny default: 4..16 merged image tokens per image
+
+
+def _build_tiny(name, tok, seed):
+    """Randomly initialised tiny backbone (h=64, 2 layers) whose vocab is `tok`'s."""
+    config_cls, model_cls, vision = TINY[name]
+    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                 "rope_theta": 1e6},   # sum(mrope_section) = head_dim / 2
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    cfg = config_cls(text_config=text, vision_config=vision,
+                     image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                     vision_start_token_id=ids["<|vision_start|>"],
+                     vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_cls._from_config(cfg, attn_implementation="sdpa")
+
+
+def default_device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def _image_processor(path, min_pixels, max_pixels):
+    """The PIL Qwen2-VL image processor (no torchvision), from `path`'s
+    preprocessor_config.json or the defaults, with optional pixel bounds."""
+    ip = Qwen2VLImageProcessorPil.from_pretrained(path) if path else Qwen2VLImageProcessorPil()
+    if min_pixels or max_pixels:
+        size = {"shortest_edge": min_pixels or ip.size.shortest_edge,
+                "longest_edge": max_pixels or ip.size.longest_edge}
+        ip = (Qwen2VLImageProcessorPil.from_pretrained(path, size=size) if path
+              else Qwen2VLImageProcessorPil(size=size))
+    return ip
+
+
+def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None, max_pixels=None):
+    """
+    Load (model, processor) for Qwen2-VL or Qwen2.5-VL from a hub id or a local directory,
+    or build `tiny-qwen2-vl` / `tiny-qwen2.5-vl` offline (random init from `seed`).
+    sdpa attention; dtype bf16 on CUDA, fp32 on CPU unless given. min/max_pixels bound
+    the image size (default: the checkpoint's own; tiny: 56² .. 112²).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if name_or_path in TINY:
+        tok = build_tiny_tokenizer()
+        model = _build_tiny(name_or_path, tok, seed)
+        image_source, min_pixels, max_pixels = None, min_pixels or TINY_PIXELS[0], max_pixels or TINY_PIXELS[1]
+    else:
+        model_type = AutoConfig.from_pretrained(name_or_path).model_type
+        if model_type not in BACKBONES:
+            raise ValueError(f"{name_or_path}: model_type {model_type!r} is not supported "
+                             f"(supported: {sorted(BACKBONES)} and {sorted(TINY)})")
+        model = BACKBONES[model_type].from_pretrained(name_or_path, dtype=dtype,
+                                                      attn_implementation="sdpa")
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+        image_source = name_or_path
+    image_processor = _image_processor(image_source, min_pixels, max_pixels)
+    answer_token_ids(tok)                                    # fail early, naming the word
+    processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tok,
+                                         chat_template=tok.chat_template)
+    return model.to(device=device, dtype=dtype), processor
+
+
+def save_backbone(model, processor, path):
+    """Write a directory that load_backbone reads back: config + safetensors weights, the
+    tokenizer and preprocessor_config.json — the layout of a hub checkpoint."""
+    model.save_pretrained(path)
+    processor.tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------
+# M-RoPE positions (Qwen2-VL §2.1), written out so that packed rows get exactly the
+# positions of an ordinary sequence. Tested against the backbone's own get_rope_index.
+
+def mrope_position_ids(input_ids, attention_mask, image_grid_thw, image_token_id, merge):
+    """
+    input_ids, attention_mask (N, T) right- or left-padded; image_grid_thw (n_img, 3) of
+    the images in row-major token order. Text token: t = h = w = p, p += 1. Image of
+    merged grid (1, h, w): p + (0, row, col) for each patch, then p += max(h, w).
+    Returns (3, N, T) long; padding positions are 0.
+    """
+    N, T = input_ids.shape
+    position_ids = torch.zeros(3, N, T, dtype=torch.long)
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    for n in range(N):
+        real = attention_mask[n].bool().cpu()
+        is_img = (input_ids[n].cpu()[real] == image_token_id).tolist()
+        chunks, p, t = [], 0, 0
+        while t < len(is_img):
+            if is_img[t]:
+                gt, gh, gw = next(grids)
+                h, w = gh // merge, gw // merge
+                thw = torch.stack(torch.meshgrid(torch.arange(gt), torch.arange(h),
+                                                 torch.arange(w), indexing="ij"))  # (3, gt, h, w)
+                chunks.append(thw.reshape(3, -1) + p)                              # (3, gt·h·w)
+                p, t = p + max(h, w), t + gt * h * w
+            else:
+                j = t
+                while j < len(is_img) and not is_img[j]:
+                    j += 1
+                chunks.append(torch.arange(p, p + j - t).expand(3, -1))            # (3, j-t)
+                p, t = p + j - t, j
+        if chunks:
+            position_ids[:, n, real] = torch.cat(chunks, dim=1)
+    return position_ids.to(input_ids.device)
+
+
+# ----------------------------------------------------------------------------------
+# ReMatch
+
+class ReMatch(nn.Module):
+    """
+    backbone: a Qwen2-VL / Qwen2.5-VL *ForConditionalGeneration (or a peft model of one).
+    L_q, L_d: the learnable tokens (K, d) of queries and documents (§3.2.1).
+    projector: Z = MLP(E) (§3.2.3).
+    """
+
+    def __init__(self, backbone, num_tokens=16, embed_template="chat", seed=0):
+        super().__init__()
+        self.backbone = backbone
+        self.num_tokens = num_tokens
+        self.embed_template = embed_template
+        hf = self.hf
+        d = hf.config.text_config.hidden_size
+        W = hf.get_input_embeddings().weight.detach().float()                 # (V, d)
+        mu, sd = W.mean(0), W.std(0)                                          # (d,) each
+        g = torch.Generator().manual_seed(seed)
+        K = max(num_tokens, 1)
+        # initialised from the statistics of the input-embedding table (SPEC §1)
+        self.L_q = nn.Parameter((mu + sd * torch.randn(K, d, generator=g)).to(W.device))
+        self.L_d = nn.Parameter((mu + sd * torch.randn(K, d, generator=g)).to(W.device))
+        if num_tokens == 0:                                # last-token pooling: no tokens
+            self.L_q.requires_grad_(False)
+            self.L_d.requires_grad_(False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.projector = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.to(device=W.device, dtype=hf.get_input_embeddings().weight.dtype)
+
+    @property
+    def hf(self):
+        """The underlying *ForConditionalGeneration (LoRA layers, if any, live inside it)."""
+        b = self.backbone
+        return b.get_base_model() if hasattr(b, "get_base_model") else b
+
+    @property
+    def device(self):
+        return self.L_q.device
+
+    # -- backbone pieces -------------------------------------------------------------
+    def input_embeds(self, input_ids, pixel_values=None, image_grid_thw=None):
+        """Token embeddings with the vision tower's features scattered into the
+        <|image_pad|> positions. (N, T) → (N, T, d)."""
+        hf = self.hf
+        x = hf.get_input_embeddings()(input_ids)                              # (N, T, d)
+        if pixel_values is not None:
+            feats = hf.model.get_image_features(pixel_values.to(x.device),
+                                                image_grid_thw.to(x.device), return_dict=True)
+            img = torch.cat(feats.pooler_output, dim=0).to(x.dtype)           # (n_img_tok, d)
+            is_img = input_ids == hf.config.image_token_id                    # (N, T)
+            if int(is_img.sum()) != img.shape[0]:
+                raise ValueError(f"{int(is_img.sum())} image tokens but {img.shape[0]} image "
+                                 "features: text placeholders and images do not match")
+            x = x.masked_scatter(is_img[..., None], img)
+        return x
+
+    def positions(self, input_ids, attention_mask, image_grid_thw):
+        hf = self.hf
+        return mrope_position_ids(input_ids, attention_mask, image_grid_thw,
+                                  hf.config.image_token_id, hf.config.vision_config.spatial_merge_size)
+
+    def last_hidden(self, inputs_embeds, attention_mask, position_ids):
+        """Decoder over inputs_embeds; last-layer (post-norm) states (N, T, d). The LM head
+        is not applied here (embedding passes never need it)."""
+        return self.hf.model.language_model(inputs_embeds=inputs_embeds,
+                                            attention_mask=attention_mask,
+                                            position_ids=position_ids,
+                                            use_cache=False).last_hidden_state
+
+    # -- §3.2.1 embeddings -------------------------------------------------------------
+    def embed(self, batch, side):
+        """
+        batch: data.collate_embed output; side: "q" (uses L_q) or "d" (uses L_d).
+        Returns E (N, d), the fused embedding (mean of the K states), and
+        e (N, K, d), the K learnable-token states for Eq. 2 (K = 0: the last token, K=1).
+        """
+        dev = self.device
+        input_ids = batch["input_ids"].to(dev)                                # (N, T)
+        attention_mask = batch["attention_mask"].to(dev)                      # (N, T)
+        slots = batch["slots"].to(dev)                                        # (N, K)
+        x = self.input_embeds(input_ids, batch["pixel_values"], batch["image_grid_thw"])
+        rows = torch.arange(len(slots), device=dev)[:, None].expand_as(slots)  # (N, K)
+        if self.num_tokens > 0:
+            L = self.L_q if side == "q" else self.L_d                         # (K, d)
+            x = x.index_put((rows.reshape(-1), slots.reshape(-1)),
+                            L.to(x.dtype).repeat(len(slots), 1))              # slots ← L_1..L_K
+        pos = self.positions(input_ids, attention_mask, batch["image_grid_thw"])  # (3, N, T)
+        h = self.last_hidden(x, attention_mask, pos)                          # (N, T, d)
+        e = h[rows, slots]                                                    # (N, K, d)
+        E = e.mean(dim=1)                                                     # (N, d)
+        return E, e
+
+    # -- §3.2.3 matching -------------------------------------------------------------
+    def match_inputs(self, mbatch, E_q, E_pos, E_neg):
+        """
+        The packed matching rows ready for the decoder: input embeddings with images and
+        Z = MLP(E) injected at the feature tokens (Zq; Zd1/Zd2 from d⁺/d⁻ by slot), the
+        additive unified mask (M, 1, L, L) and M-RoPE positions (3, M, L) of each row
+        computed as for an ordinary sequence.
+        """
+        dev = self.device
+        input_ids = mbatch["input_ids"].to(dev)                               # (M, L)
+        attention_mask = mbatch["attention_mask"].to(dev)                     # (M, L)
+        x = self.input_embeds(input_ids, mbatch["pixel_values"], mbatch["image_grid_thw"])
+        Z_q, Z_pos, Z_neg = (self.projector(E.to(x.dtype)) for E in (E_q, E_pos, E_neg))  # (M, d)
+        pos_in_1 = (mbatch["pos_slot"].to(dev) == 1)[:, None]                 # (M, 1)
+        Z = torch.stack([Z_q, torch.where(pos_in_1, Z_pos, Z_neg),
+                         torch.where(pos_in_1, Z_neg, Z_pos)], dim=1)         # (M, 3, d): Zq, Zd1, Zd2
+        feat_pos = mbatch["feat_pos"].to(dev)                                 # (M, 3), -1 = absent
+        present = feat_pos >= 0
+        rows = torch.arange(len(feat_pos), device=dev)[:, None].expand_as(feat_pos)
+        x = x.index_put((rows[present], feat_pos[present]), Z[present])
+        mask = additive_mask(unified_mask_batch(mbatch["segments"], mbatch["views"]),
+                             x.dtype).to(dev)                                 # (M, 1, L, L)
+        pos = self.positions(input_ids, attention_mask, mbatch["image_grid_thw"])  # (3, M, L)
+        return x, mask, pos
+
+    def match(self, mbatch, E_q, E_pos, E_neg):
+        """
+        The unified 8-view matching pass (Fig. 3): one decoder forward for all views.
+        E_q, E_pos, E_neg: (M, d) fused embeddings of the instances' query, d⁺ and d⁻.
+        Returns logits (M·V, vocab) at the positions that predict each answer's label
+        (the LM head runs on those positions only) and labels (M·V,) for Eq. 4.
+        """
+        x, mask, pos = self.match_inputs(mbatch, E_q, E_pos, E_neg)
+        h = self.last_hidden(x, mask, pos)                                    # (M, L, d)
+        label_pos = mbatch["label_pos"].to(h.device)                          # (M, V)
+        rows = torch.arange(len(label_pos), device=h.device)[:, None].expand_as(label_pos)
+        logits = self.hf.lm_head(h[rows, label_pos])                          # (M, V, vocab)
+        return logits.flatten(0, 1), mbatch["labels"].to(h.device).flatten()  # (M·V, vocab), (M·V,)
+
+
+# ----------------------------------------------------------------------------------
+# Demo: embed and match one batch of coloured shapes, print Eq. 2–5, take a few steps.
+
+def demo_batch(processor, n=4):
+    """n (q, d⁺, d⁻) instances: an image query, its caption, a hard negative caption that
+    differs in one attribute (colour), in MMEB's own string format."""
+    from PIL import Image, ImageDraw
+
+    from data import COLOURS, SHAPES, encode_item
+    q, pos, neg = [], [], []
+    for i in range(n):
+        colour, other, shape = COLOURS[i % len(COLOURS)], COLOURS[(i + 1) % len(COLOURS)], SHAPES[i % len(SHAPES)]
+        im = Image.new("RGB", (56, 56), "white")
+        (ImageDraw.Draw(im).ellipse if shape == "circle" else ImageDraw.Draw(im).rectangle)(
+            (10, 10, 46, 46), fill=colour)
+        q.append(encode_item(processor, "<|image_1|>\nRepresent the given image for classification", im))
+        pos.append(encode_item(processor, f"a {colour} {shape}"))
+        neg.append(encode_item(processor, f"a {other} {shape}"))
+    return q, pos, neg
+
+
+def main(argv=None):
+    import argparse
+    import random
+
+    from data import EMBED_TEMPLATES, collate_embed, collate_match
+    from losses import info_nce, matching_loss, orthogonality_loss, total_loss
+    from masks import VIEW_SETS
+    p = argparse.ArgumentParser(description="Embed and match one demo batch; print Eq. 2-5 "
+                                "while taking a few optimiser steps on it (a smoke run).")
+    p.add_argument("--model", default="tiny-qwen2-vl",
+                   help="hub id, local directory, or tiny-qwen2-vl / tiny-qwen2.5-vl")
+    p.add_argument("--num_tokens", type=int, default=16, help="K learnable tokens (0 = last token)")
+    p.add_argument("--embed_template", default="chat", choices=sorted(EMBED_TEMPLATES),
+                   help="chat = MVQDM++ template (default), plain = VLM2Vec layout")
+    p.add_argument("--match_views", default="all", choices=sorted(VIEW_SETS), help="Table 5 view set")
+    p.add_argument("--batch", type=int, default=4, help="instances (q, d+, d-) in the batch")
+    p.add_argument("--steps", type=int, default=30, help="optimiser steps on the batch")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--tau", type=float, default=0.02, help="temperature of Eq. 3")
+    p.add_argument("--seed", type=int, default=0, help="seed for the tiny init and slot placement")
+    args = p.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    backbone, processor = load_backbone(args.model, seed=args.seed)
+    model = ReMatch(backbone, num_tokens=args.num_tokens, embed_template=args.embed_template,
+                    seed=args.seed).train()
+    tok = processor.tokenizer
+    q, pos, neg = demo_batch(processor, args.batch)
+    batches = [collate_embed(items, tok, args.num_tokens, args.embed_template) for items in (q, pos, neg)]
+    rng = random.Random(args.seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, K={args.num_tokens}, "
+          f"views={args.match_views}, batch={args.batch}")
+    for step in range(args.steps):
+        (E_q, e_q), (E_pos, e_pos), (E_neg, e_neg) = (model.embed(b, s) for b, s in
+                                                      zip(batches, ("q", "d", "d")))
+        l_cl = info_nce(E_q, E_pos, E_neg, tau=args.tau)                          # Eq. 3
+        l_orth = orthogonality_loss(torch.cat([e_q, e_pos, e_neg]))               # Eq. 2
+        mb = collate_match(q, pos, neg, tok, VIEW_SETS[args.match_views], rng)
+        logits, labels = model.match(mb, E_q, E_pos, E_neg)
+        l_qdm = matching_loss(logits, labels)                                     # Eq. 4
+        loss = total_loss(l_cl, l_orth, l_qdm)                                    # Eq. 5
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step}: non-finite loss {loss.item()}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        acc = (logits.argmax(-1) == labels).float().mean().item()
+        print(f"step {step:3d} | L {loss.item():.4f} | L_cl {l_cl.item():.4f} | "
+              f"L_orth {l_orth.item():.4f} | L_qdm {l_qdm.item():.4f} | match acc {acc:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Shared test set-up: the repo root on sys.path, 2 threads, tiny backbones built once."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(2)
+
+TINY_KINDS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session", params=TINY_KINDS)
+def tiny(request):
+    """(name, model, processor) for each tiny backbone, fp32 on CPU, seed 0."""
+    from model import load_backbone
+    model, processor = load_backbone(request.param, device="cpu", seed=0)
+    model.eval()
+    return request.param, model, processor
+
+
+def shape_image(colour, size=56, shape="circle", background="white"):
+    """A small PIL test image: one coloured shape."""
+    from PIL import Image, ImageDraw
+    w, h = (size, size) if isinstance(size, int) else size
+    im = Image.new("RGB", (w, h), background)
+    box = (w // 6, h // 6, 5 * w // 6, 5 * h // 6)
+    draw = ImageDraw.Draw(im)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colour)
+    return im

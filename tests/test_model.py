@@ -1,0 +1,176 @@
+"""
+Backbone loading, the tiny tokenizer, M-RoPE positions and the §3.2.1 embeddings.
+
+    pytest tests/test_model.py
+"""
+import pytest
+import torch
+
+from conftest import TINY_KINDS, shape_image
+from data import EMBED_TEMPLATES, IMAGE_BLOCK, collate_embed, encode_item
+from model import (ReMatch, answer_token_ids, build_tiny_tokenizer, load_backbone,
+                   mrope_position_ids, save_backbone)
+
+Q_IMG = "<|image_1|>\nRepresent the given image with the following question: What colour is the circle?"
+D_IMG = "<|image_1|>\nRepresent the given image."
+
+
+def mixed_items(processor):
+    """Text-only and image items of different lengths and image sizes (4 and 16 tokens)."""
+    return [encode_item(processor, Q_IMG, shape_image("red")),
+            encode_item(processor, "a blue circle"),
+            encode_item(processor, D_IMG, shape_image("green", (112, 84), "square")),
+            encode_item(processor, "What colour is the star on the left? yellow"),
+            encode_item(processor, D_IMG, shape_image("purple", 100))]
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+def test_tiny_tokenizer_is_deterministic_and_encodes_any_text():
+    a, b = build_tiny_tokenizer(), build_tiny_tokenizer()
+    assert a.get_vocab() == b.get_vocab()
+    text = "héllo wörld 😀 <QUERY> 12345"
+    assert a.decode(a(text, add_special_tokens=False)["input_ids"]) == text
+    # the Qwen specials are single tokens and the chat template is kept
+    for s in ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"):
+        assert len(a(s, add_special_tokens=False)["input_ids"]) == 1
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in a.chat_template
+
+
+def test_answer_words_are_single_tokens_or_loading_fails():
+    for kind in TINY_KINDS:
+        _, processor = load_backbone(kind, device="cpu")
+        yes, no = answer_token_ids(processor.tokenizer)
+        assert yes != no
+    bytes_only = build_tiny_tokenizer(vocab_size=256 + 14)     # no merges: "Yes" is 3 bytes
+    with pytest.raises(ValueError, match="'Yes' is 3 tokens"):
+        answer_token_ids(bytes_only)
+
+
+def test_chat_embedding_template_is_the_qwen_chat_template(tiny):
+    """SPEC §1: our MVQDM++ prefix/suffix around the MMEB string give exactly what the
+    tokenizer's own Qwen chat template writes for [image, text] + generation prompt."""
+    _, _, processor = tiny
+    prefix, suffix = EMBED_TEMPLATES["chat"]
+    text = "\nRepresent the given image."
+    ours = prefix + IMAGE_BLOCK + text + suffix
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    theirs = processor.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert ours == theirs
+
+
+# ---------------------------------------------------------------------------- loading
+
+def test_tiny_build_is_deterministic_for_a_seed():
+    for kind in TINY_KINDS:
+        a, _ = load_backbone(kind, device="cpu", seed=3)
+        b, _ = load_backbone(kind, device="cpu", seed=3)
+        c, _ = load_backbone(kind, device="cpu", seed=4)
+        sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_save_and_load_back_gives_identical_outputs(tiny, tmp_path):
+    kind, model, processor = tiny
+    items = mixed_items(processor)
+    batch = collate_embed(items, processor.tokenizer, 4)
+    E0, _ = ReMatch(model, num_tokens=4).embed(batch, "q")
+
+    save_backbone(model, processor, tmp_path)
+    model2, processor2 = load_backbone(str(tmp_path), device="cpu")
+    assert type(model2) is type(model)
+    assert processor2.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert processor2.image_processor.size == processor.image_processor.size
+    items2 = mixed_items(processor2)
+    assert all(a["ids"] == b["ids"] for a, b in zip(items, items2))
+    E1, _ = ReMatch(model2.eval(), num_tokens=4).embed(
+        collate_embed(items2, processor2.tokenizer, 4), "q")
+    assert torch.equal(E0, E1)
+
+
+def test_unknown_model_type_is_rejected(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="llama"):
+        load_backbone(str(tmp_path), device="cpu")
+
+
+# ---------------------------------------------------------------------------- positions
+
+def test_mrope_positions_equal_the_backbone_get_rope_index(tiny):
+    """Oracle: the backbone's own get_rope_index on an ordinary (right-padded) batch."""
+    _, model, processor = tiny
+    batch = collate_embed(mixed_items(processor), processor.tokenizer, 4)
+    ids, am, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
+    ours = mrope_position_ids(ids, am, grid, model.config.image_token_id,
+                              model.config.vision_config.spatial_merge_size)
+    mm_token_type_ids = (ids == model.config.image_token_id).long()
+    theirs, _ = model.model.get_rope_index(input_ids=ids, mm_token_type_ids=mm_token_type_ids,
+                                           image_grid_thw=grid, attention_mask=am)
+    real = am.bool()
+    assert torch.equal(ours[:, real], theirs[:, real])
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+@pytest.mark.parametrize("num_tokens,template", [(4, "chat"), (0, "chat"), (3, "plain")])
+def test_embedding_does_not_depend_on_the_batch(tiny, num_tokens, template):
+    """An item's embedding alone == inside a padded mixed batch (text-only + images)."""
+    _, model, processor = tiny
+    rm = ReMatch(model, num_tokens=num_tokens, embed_template=template)
+    items = mixed_items(processor)
+    E, e = rm.embed(collate_embed(items, processor.tokenizer, num_tokens, template), "d")
+    assert E.shape == (len(items), 64) and e.shape == (len(items), max(num_tokens, 1), 64)
+    for n, item in enumerate(items):
+        E1, e1 = rm.embed(collate_embed([item], processor.tokenizer, num_tokens, template), "d")
+        torch.testing.assert_close(E1[0], E[n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(e1[0], e[n], atol=1e-5, rtol=0)
+
+
+def test_last_token_pooling_equals_the_plain_hf_forward(tiny):
+    """K = 0: E is the last real token's last-layer state of the backbone's own forward
+    on the processor's output (independent of our embedding/position code)."""
+    _, model, processor = tiny
+    prefix, suffix = EMBED_TEMPLATES["chat"]
+    text = prefix + IMAGE_BLOCK + "\nRepresent the given image." + suffix
+    out = processor(text=[text], images=[shape_image("blue", (84, 56))], return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**out, output_hidden_states=True, use_cache=False).hidden_states[-1][0, -1]
+        item = encode_item(processor, D_IMG, shape_image("blue", (84, 56)))
+        E, _ = ReMatch(model, num_tokens=0).embed(collate_embed([item], processor.tokenizer, 0), "d")
+    torch.testing.assert_close(E[0], ref, atol=1e-5, rtol=0)
+
+
+def test_learnable_token_states_differ_and_receive_gradients(tiny):
+    _, model, processor = tiny
+    rm = ReMatch(model, num_tokens=4)
+    batch = collate_embed(mixed_items(processor)[:2], processor.tokenizer, 4)
+    E, e = rm.embed(batch, "q")
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert (e[:, i] - e[:, j]).abs().max() > 1e-3
+    E.square().sum().backward()
+    assert rm.L_q.grad is not None and rm.L_q.grad.abs().sum() > 0
+    assert rm.L_d.grad is None                         # the query side does not use L_d
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_query_and_document_tokens_are_separate(tiny):
+    _, model, processor = tiny
+    rm = ReMatch(model, num_tokens=2)
+    batch = collate_embed(mixed_items(processor)[:1], processor.tokenizer, 2)
+    with torch.no_grad():
+        assert not torch.allclose(rm.embed(batch, "q")[0], rm.embed(batch, "d")[0])
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def test_bad_items_raise_naming_the_item(tiny):
+    _, _, processor = tiny
+    with pytest.raises(ValueError, match="VisDial row 7 qry: empty text and no image"):
+        encode_item(processor, "  ", None, where="VisDial row 7 qry")
+    with pytest.raises(ValueError, match="row 3: text has <\\|image_1\\|> but no image"):
+        encode_item(processor, Q_IMG, None, where="row 3")
+    with pytest.raises(ValueError, match="row 4: an image was given but the text has 0"):
+        encode_item(processor, "a red circle", shape_image("red"), where="row 4")
