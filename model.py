@@ -18,6 +18,8 @@ real PIL Qwen2-VL image processor — the same code paths as the real checkpoint
 Run a demo batch (embed, match, print Eq. 2–5):  python model.py
 Tests:                                          pytest tests/test_model.py tests/test_matching.py
 """
+import os
+
 import torch
 import torch.nn as nn
 from transformers import (AutoConfig, AutoTokenizer, PreTrainedTokenizerFast,
@@ -243,7 +245,7 @@ class ReMatch(nn.Module):
         self.embed_template = embed_template
         hf = self.hf
         d = hf.config.text_config.hidden_size
-        W = hf.get_input_embeddings().weight.detach().float()                 # (V, d)
+        W = hf.get_input_embeddings().weight.detach().double()                # (V, d)
         mu, sd = W.mean(0), W.std(0)                                          # (d,) each
         g = torch.Generator().manual_seed(seed)
         K = max(num_tokens, 1)
@@ -256,7 +258,10 @@ class ReMatch(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.projector = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
-        self.to(device=W.device, dtype=hf.get_input_embeddings().weight.dtype)
+        # the tokens and the projector stay in at least fp32 (trainable, small); cast where used
+        head_dtype = torch.promote_types(hf.get_input_embeddings().weight.dtype, torch.float32)
+        self.L_q.data, self.L_d.data = self.L_q.data.to(head_dtype), self.L_d.data.to(head_dtype)
+        self.projector.to(device=W.device, dtype=head_dtype)
 
     @property
     def hf(self):
@@ -333,7 +338,9 @@ class ReMatch(nn.Module):
         input_ids = mbatch["input_ids"].to(dev)                               # (M, L)
         attention_mask = mbatch["attention_mask"].to(dev)                     # (M, L)
         x = self.input_embeds(input_ids, mbatch["pixel_values"], mbatch["image_grid_thw"])
-        Z_q, Z_pos, Z_neg = (self.projector(E.to(x.dtype)) for E in (E_q, E_pos, E_neg))  # (M, d)
+        head_dtype = self.L_q.dtype
+        Z_q, Z_pos, Z_neg = (self.projector(E.to(head_dtype)).to(x.dtype)
+                             for E in (E_q, E_pos, E_neg))                   # (M, d) each
         pos_in_1 = (mbatch["pos_slot"].to(dev) == 1)[:, None]                 # (M, 1)
         Z = torch.stack([Z_q, torch.where(pos_in_1, Z_pos, Z_neg),
                          torch.where(pos_in_1, Z_neg, Z_pos)], dim=1)         # (M, 3, d): Zq, Zd1, Zd2
@@ -359,6 +366,106 @@ class ReMatch(nn.Module):
         rows = torch.arange(len(label_pos), device=h.device)[:, None].expand_as(label_pos)
         logits = self.hf.lm_head(h[rows, label_pos])                          # (M, V, vocab)
         return logits.flatten(0, 1), mbatch["labels"].to(h.device).flatten()  # (M·V, vocab), (M·V,)
+
+    def forward(self, q, d, match=None, n_pos=None):
+        """
+        One training forward (a single call, so DistributedDataParallel sees one forward
+        per step): q, d are collate_embed batches of the queries and of the documents
+        (positives first, then the hard negatives, n_pos = number of positives);
+        `match` an optional collate_match batch over the first M instances.
+        Returns E_q (B, d), e_q (B, K, d), E_d (B+B', d), e_d, and for matching the
+        label logits (M·V, vocab) and labels (M·V,).
+        """
+        E_q, e_q = self.embed(q, "q")
+        E_d, e_d = self.embed(d, "d")
+        out = {"E_q": E_q, "e_q": e_q, "E_d": E_d, "e_d": e_d}
+        if match is not None:
+            M = len(match["input_ids"])
+            n_pos = len(E_q) if n_pos is None else n_pos
+            E_pos, E_neg = E_d[:n_pos], E_d[n_pos:]
+            out["logits"], out["labels"] = self.match(match, E_q[:M], E_pos[:M], E_neg[:M])
+        return out
+
+
+# ----------------------------------------------------------------------------------
+# LoRA (§4) and checkpoints
+
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def apply_lora(backbone, r=32, alpha=64, dropout=0.0):
+    """peft LoRA on the language model's q,k,v,o,gate,up,down projections only (§4: r=32,
+    α=64). The regex keeps Qwen2.5-VL's vision MLP (also gate/up/down_proj) frozen."""
+    from peft import LoraConfig, get_peft_model
+    return get_peft_model(backbone, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                               target_modules=LORA_TARGETS))
+
+
+CONFIG_FILE = "rematch_config.json"
+HEADS_FILE = "rematch_heads.safetensors"
+
+
+def save_rematch(model, processor, path, config):
+    """
+    Write the weights of a ReMatch model into directory `path` (created): the LoRA adapter
+    (peft save_pretrained, `adapter/`) or, without LoRA, the full backbone with its
+    tokenizer and image processor (`backbone/`); the learnable tokens and the projector
+    (`rematch_heads.safetensors`); and `rematch_config.json` = `config` (the run's
+    arguments: model, num_tokens, embed_template, lora, pixels, ...). load_rematch reads it.
+    """
+    import json
+
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    if hasattr(model.backbone, "peft_config"):
+        model.backbone.save_pretrained(os.path.join(path, "adapter"))
+    else:
+        save_backbone(model.hf, processor, os.path.join(path, "backbone"))
+    heads = {"L_q": model.L_q, "L_d": model.L_d,
+             **{f"projector.{k}": v for k, v in model.projector.state_dict().items()}}
+    save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, os.path.join(path, HEADS_FILE))
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_template="plain"):
+    """
+    (ReMatch, processor, config) from a directory written by save_rematch (train.py's
+    checkpoints), or a raw backbone (hub id, local directory, tiny-*) evaluated as the
+    single-vector baseline: `num_tokens` (default 0 = last-token pooling) and
+    `embed_template` (default "plain", VLM2Vec's layout) apply only to raw backbones.
+    """
+    import json
+
+    config_path = os.path.join(str(name_or_path), CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        backbone, processor = load_backbone(name_or_path, device=device, dtype=dtype)
+        config = {"model": name_or_path, "num_tokens": num_tokens, "embed_template": embed_template}
+        return ReMatch(backbone, num_tokens, embed_template).eval(), processor, config
+    with open(config_path) as f:
+        config = json.load(f)
+    pixels = dict(min_pixels=config.get("min_pixels"), max_pixels=config.get("max_pixels"))
+    if os.path.isdir(os.path.join(name_or_path, "adapter")):
+        from peft import PeftModel
+        base, processor = load_backbone(config["model"], device=device, dtype=dtype,
+                                        seed=config.get("seed", 0), **pixels)   # tiny: same init
+        backbone = PeftModel.from_pretrained(base, os.path.join(name_or_path, "adapter"))
+    else:
+        backbone, processor = load_backbone(os.path.join(name_or_path, "backbone"),
+                                            device=device, dtype=dtype)
+    model = ReMatch(backbone, config["num_tokens"], config["embed_template"])
+    load_heads(model, name_or_path)
+    return model.eval(), processor, config
+
+
+def load_heads(model, path):
+    """Copy the learnable tokens and the projector saved by save_rematch into `model`."""
+    from safetensors.torch import load_file
+    heads = load_file(os.path.join(path, HEADS_FILE))
+    with torch.no_grad():
+        model.L_q.copy_(heads.pop("L_q"))
+        model.L_d.copy_(heads.pop("L_d"))
+        model.projector.load_state_dict({k[len("projector."):]: v for k, v in heads.items()})
 
 
 # ----------------------------------------------------------------------------------

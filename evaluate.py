@@ -1,0 +1,863 @@
+"""
+Evaluation of ReMatch: retrieval by cosine similarity (paper §3.1, Eq. 1) on MMEB (§4,
+Table 1: Hit@1 on 36 tasks) and zero-shot cross-modal retrieval (§4.2, Table 2:
+Flickr30K, COCO, ShareGPT4V, Urban1K, SugarCrepe), plus `Encoder`, the embedding API.
+
+    d* = argmax_{d ∈ {d_1..d_N}} cos(E(q), E(d))          (Eq. 1; cosine in fp32)
+
+Queries are embedded with the query tokens L_q (side "q"), candidates with L_d (side
+"d"); each distinct (text, image) is embedded once per side. Metrics (SPEC §5):
+  Hit@1   the positive (candidate 0) scores strictly above every other candidate; a tie
+          is a miss (VLM2Vec v1's argmax counted ties as hits: a constant model scored 100%).
+  R@k     a query is a hit if a positive ranks in the top k; ties are pessimistic (a
+          negative tied with a positive ranks before it).
+  Means   category, IND (20 tasks), OOD (16) and overall are unweighted means over tasks;
+          a group with a missing task has no mean ("n/a (1 missing)").
+
+Commands
+  python evaluate.py --model CKPT --mmeb_dir MMEB-eval --image_dir eval_images --out runs/eval
+  python evaluate.py --model Qwen/Qwen2-VL-2B-Instruct --mmeb_dir TIGER-Lab/MMEB-eval \\
+      --image_dir eval_images --tasks ImageNet-1K VOC2007          # raw backbone = last-token baseline
+  torchrun --standalone --nproc_per_node=8 evaluate.py --model CKPT --mmeb_dir ... --image_dir ...
+  python evaluate.py --model CKPT --zeroshot flickr30k coco sharegpt4v urban1k sugarcrepe --data_dir DATA
+  python evaluate.py --model runs/demo/checkpoint-STEP --benchmark synthetic \\
+      --mmeb_dir runs/demo/demo_data/eval --image_dir runs/demo/demo_data   # train.py's demo data
+  Tests: python -m pytest -q tests/test_evaluate.py
+
+--model: a train.py checkpoint directory (has rematch_config.json), a hub id or local
+directory of a raw Qwen2-VL / Qwen2.5-VL (the single-vector baseline: last-token pooling,
+VLM2Vec layout; see --num_tokens / --embed_template), or tiny-qwen2-vl / tiny-qwen2.5-vl.
+Under torchrun the embedding work of each task is cut into one contiguous shard per rank
+(gloo on CPU, nccl on CUDA), every item is embedded by exactly one rank, the embeddings
+are all-gathered and scored; rank 0 prints and writes. With --out, each finished task is
+saved at once (<out>/mmeb/<task>.json, written atomically) and a restarted run skips it;
+the tables go to <out>/mmeb_results.{json,md} and <out>/zeroshot_results.{json,md}.
+
+MMEB data (V1, 36 image tasks; notes §2). --mmeb_dir is a hub id (`TIGER-Lab/MMEB-eval`,
+fetched with huggingface_hub.snapshot_download, only the requested tasks) or a local copy:
+<root>/<Task>/test-00000-of-00001.parquet or <root>/<Task>/test/*.parquet with columns
+qry_text, qry_img_path, tgt_text (list), tgt_img_path (list); candidate 0 is the positive.
+Images: unzip the dataset's images.zip and pass that folder as --image_dir (the *_img_path
+columns are relative to it). Images with a side below 28 px are upscaled (aspect kept,
+shortest side 28) before the Qwen processor. A copy of the positive later in its own
+candidate list is the same document, not a negative: it is left out of that row.
+Any other benchmark in the same file format runs through the same code with its own
+task table: `tasks={name: (meta_task, is_ind)}`, --benchmark synthetic (data.DEMO_EVAL_TASKS)
+or --task_table FILE.json.
+
+Zero-shot data (notes §7), one folder --data_dir laid out as the sources ship it:
+  flickr30k/dataset_flickr30k.json       Karpathy split json (split "test": 1000 images ×
+  flickr30k/flickr30k-images/<filename>    5 captions; cs.stanford.edu/people/karpathy/deepimagesent,
+                                           images from the Flickr30K request form)
+  coco/dataset_coco.json                 Karpathy split json (split "test": 5000 images, the
+  coco/<filepath>/<filename>               first 5 captions each; images coco/val2014/*.jpg)
+  sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json   first 1000 entries (hub
+  sharegpt4v/<entry["image"]>              Lin-Chen/ShareGPT4V; images as in its data/ folder)
+  Urban1k/image/<name>.jpg, Urban1k/caption/<name>.txt      (hub BeichenZhang/Urban1k; first line)
+  sugarcrepe/{add_obj,add_att,replace_obj,replace_att,replace_rel,swap_obj,swap_att}.json
+                                           {id: {filename, caption, negative_caption}}
+                                           (github RAIVNLab/sugar-crepe data/), images coco/val2017/
+Prompts (MMEB's MSCOCO_t2i / MSCOCO_i2t wording, fixed): text→image query
+ZS_T2I_QUERY.format(caption), image candidate ZS_IMAGE_CANDIDATE; image→text query
+ZS_I2T_QUERY, text candidate the raw caption. Identical captions (or images) are one item,
+a positive for every image they belong to. SugarCrepe: the image (ZS_I2T_QUERY) must score
+the true caption strictly above the negative one; Replace/Swap/Add = mean of the subsets.
+
+Embedding API (build an index; vectors are L2-normalised fp32, batch-independent):
+    from evaluate import Encoder
+    enc = Encoder("runs/rematch-2b/final")                     # loaded once
+    docs = enc.encode(images=["a.jpg", "b.jpg"], instruction="Represent the given image.", side="d")
+    q = enc.encode(texts=["a dog on a beach"],
+                   instruction="Find me an everyday image that matches the given caption:")
+    best = (q @ docs.T).argmax(dim=1)                          # Eq. 1
+"""
+import argparse
+import gc
+import glob
+import json
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import (DEMO_EVAL_TASKS, IMAGE_PLACEHOLDER, MIN_IMAGE_SIDE, MMEB_EVAL_TASKS, collate_embed,
+                  encode_item, load_image, read_eval_task, resolve_dir)
+from model import default_device, load_rematch
+
+# ----------------------------------------------------------------------------------
+# Metrics (Eq. 1). Small pure functions; tests/test_evaluate.py keeps naive loops as oracle.
+
+def cosine_scores(q, c):
+    """q (Nq, d), c (Nc, d) → (Nq, Nc) cosine similarities, computed in fp32."""
+    q = F.normalize(q.float(), dim=-1)                                       # (Nq, d)
+    c = F.normalize(c.float(), dim=-1)                                       # (Nc, d)
+    return q @ c.T                                                           # (Nq, Nc)
+
+
+def hit_at_1(scores):
+    """
+    scores (Nq, Nc), column 0 = the positive. A query is a hit iff its positive scores
+    strictly above every other column: a tie is a miss (a constant model scores 0, not
+    100%). NaN scores count as misses. Returns the fraction of hits (float).
+    """
+    pos = scores[:, :1]                                                      # (Nq, 1)
+    hit = (scores[:, 1:] < pos).all(dim=1)                                   # (Nq,)
+    return hit.sum().item() / len(hit)
+
+
+def recall_at_k(scores, is_pos, k):
+    """
+    scores (Nq, Nc), is_pos (Nq, Nc) bool (≥ 1 positive per row). A query is a hit iff
+    its best positive has fewer than k negatives scoring ≥ it: ties rank the negative
+    first (pessimistic). NaN scores count against the query. Returns the hit fraction.
+    """
+    if not bool(is_pos.any(dim=1).all()):
+        raise ValueError("recall_at_k: every query needs at least one positive")
+    best = scores.masked_fill(~is_pos, float("-inf")).amax(dim=1, keepdim=True)   # (Nq, 1)
+    before = ((scores >= best) | scores.isnan()) & ~is_pos                   # (Nq, Nc)
+    hit = (before.sum(dim=1) < k) & ~best[:, 0].isnan()                      # (Nq,)
+    return hit.sum().item() / len(hit)
+
+
+# ----------------------------------------------------------------------------------
+# Distributed helpers (torchrun: RANK / WORLD_SIZE; single process otherwise)
+
+def dist_info():
+    """(rank, world_size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def print0(*args, **kwargs):
+    if dist_info()[0] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def _broadcast(obj):
+    """rank 0's `obj` on every rank."""
+    if dist_info()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------------
+# Images and embedding
+
+def _upscale(image):
+    """A PIL image as RGB, upscaled (aspect kept) if a side is below 28 px, the rule of
+    data.load_image for images given as objects (Encoder) rather than paths."""
+    from PIL import Image
+    image = image.convert("RGB")
+    w, h = image.size
+    if min(w, h) >= MIN_IMAGE_SIDE:
+        return image
+    s = MIN_IMAGE_SIDE / min(w, h)
+    return image.resize((max(MIN_IMAGE_SIDE, round(w * s)), max(MIN_IMAGE_SIDE, round(h * s))),
+                        Image.BICUBIC)
+
+
+def _as_image(x, where):
+    if x is None:
+        return None
+    return load_image(x, where) if isinstance(x, (str, os.PathLike)) else _upscale(x)
+
+
+@torch.no_grad()
+def embed_items(model, processor, items, batch_size=16, progress=False, desc="embed",
+                distributed=True):
+    """
+    items: list of (side, text, image): side "q" or "d", text the MMEB-format string
+    (`<|image_1|>` where the image goes), image None / a path / a PIL image.
+    Each item is embedded exactly once. Under torch.distributed the list is cut into
+    W contiguous shards, rank r embeds shard r, and every rank receives all rows
+    (all_gather). Returns E (len(items), d) fp32 on the CPU, in item order.
+    """
+    rank, world = dist_info() if distributed else (0, 1)
+    n, d = len(items), model.hf.config.text_config.hidden_size
+    size = math.ceil(n / world)                                  # shard size (the last may be short)
+    lo, hi = min(rank * size, n), min((rank + 1) * size, n)
+    local = torch.zeros(size, d)                                 # (size, d) fp32
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=hi - lo, desc=desc, disable=not progress or rank != 0)
+    for side in ("q", "d"):                                      # a batch holds one side only
+        idx = [i for i in range(lo, hi) if items[i][0] == side]
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            where = [f"{desc} {side}-item {i}" for i in chunk]
+            enc = [encode_item(processor, items[i][1], _as_image(items[i][2], w), where=w)
+                   for i, w in zip(chunk, where)]
+            batch = collate_embed(enc, processor.tokenizer, model.num_tokens, model.embed_template)
+            E, _ = model.embed(batch, side)                      # (b, d)
+            local[[i - lo for i in chunk]] = E.float().cpu()
+            bar.update(len(chunk))
+    bar.close()
+    model.train(was_training)
+    if world == 1:
+        return local[:n]
+    dev = model.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    parts = [torch.empty(size, d, device=dev) for _ in range(world)]
+    dist.all_gather(parts, local.to(dev))                        # W × (size, d)
+    return torch.cat([p[:max(0, min(size, n - r * size))] for r, p in enumerate(parts)]).cpu()
+
+
+def _target_instruction_fn(config):
+    """data.with_target_instruction if the checkpoint was trained with target prompts
+    (config "target_instructions": true), else None (text candidates stay raw)."""
+    if not (config or {}).get("target_instructions"):
+        return None
+    try:
+        from data import with_target_instruction
+    except ImportError as err:
+        raise ImportError("the checkpoint asks for target instructions (config "
+                          "'target_instructions': true) but data.py has no "
+                          "with_target_instruction") from err
+    return with_target_instruction
+
+
+# ----------------------------------------------------------------------------------
+# Results on disk: atomic writes, resume
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)                                        # atomic: never a half file
+
+
+def _write_text(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _result_path(out_dir, kind, name):
+    return os.path.join(out_dir, kind, name.replace(os.sep, "_") + ".json")
+
+
+@torch.no_grad()
+def weights_fingerprint(model):
+    """"n_params:float64 sum of all weights": any training step changes it, so a restart
+    never reuses results computed with other weights."""
+    total = sum(p.sum(dtype=torch.float64).item() for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n}:{total:.10e}"
+
+
+def _load_finished(out_dir, kind, names, config, weights):
+    """{name: saved record} of the results an earlier run with the same config and
+    weights saved under out_dir; results of other weights raise (never silently reused)."""
+    found = {}
+    for name in names if out_dir else ():
+        path = _result_path(out_dir, kind, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if (saved.get("config"), saved.get("weights")) != (json.loads(json.dumps(config)), weights):
+                raise ValueError(f"{path} was written for another model/config or other weights "
+                                 f"({saved.get('config')}); use another --out or delete it")
+            found[name] = saved
+    return found
+
+
+# ----------------------------------------------------------------------------------
+# MMEB (Table 1)
+
+META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
+# The 36 MMEB-eval tasks: name → (meta_task, is_ind), IND = one of the 20 MMEB-train sets
+# (notes §2.2). One table, defined in data.py next to the target instructions built from it:
+#   Classification  IND ImageNet-1K N24News HatefulMemes VOC2007 SUN397
+#                   OOD Place365 ImageNet-A ImageNet-R ObjectNet Country211
+#   VQA             IND OK-VQA A-OKVQA DocVQA InfographicsVQA ChartQA Visual7W
+#                   OOD ScienceQA VizWiz GQA TextVQA
+#   Retrieval       IND VisDial CIRR VisualNews_t2i VisualNews_i2t MSCOCO_t2i MSCOCO_i2t NIGHTS WebQA
+#                   OOD FashionIQ Wiki-SS-NQ OVEN EDIS
+#   Grounding       IND MSCOCO   OOD RefCOCO RefCOCO-Matching Visual7W-Pointing
+MMEB_TASKS = MMEB_EVAL_TASKS
+BENCHMARKS = {"mmeb": MMEB_TASKS, "synthetic": DEMO_EVAL_TASKS}   # built-in task tables
+
+
+def task_table(tasks=None, known=None):
+    """None → all tasks of `known` (default: the 36 of MMEB); a list of names → those
+    tasks of `known` (default: MMEB's and the synthetic benchmark's); a dict
+    {name: (meta_task, is_ind)} (any benchmark in the MMEB file format) → itself."""
+    if tasks is None:
+        return dict(known or MMEB_TASKS)
+    if isinstance(tasks, dict):
+        return {name: (meta, bool(ind)) for name, (meta, ind) in tasks.items()}
+    known = known or {**MMEB_TASKS, **DEMO_EVAL_TASKS}
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise KeyError(f"unknown task(s) {unknown}; known tasks: {list(known)}")
+    return {t: known[t] for t in tasks}
+
+
+def _resolve_dir(path_or_id, allow_patterns=None):
+    """data.resolve_dir (a local dir, or a hub dataset id downloaded), rank 0 first."""
+    rank, world = dist_info()
+    if world > 1 and not os.path.isdir(path_or_id):
+        if rank != 0:
+            dist.barrier()                                       # rank 0 downloads, the others reuse
+        path = resolve_dir(path_or_id, allow_patterns)
+        if rank == 0:
+            dist.barrier()
+        return path
+    return resolve_dir(path_or_id, allow_patterns)
+
+
+def read_mmeb_task(root, task):
+    """The task's rows (data.read_eval_task): dicts with qry_text, qry_img_path,
+    tgt_text (list), tgt_img_path (list), "" = no image, candidate 0 the positive."""
+    rows = read_eval_task(root, task)
+    for i, r in enumerate(rows):
+        r["qry_img_path"] = r["qry_img_path"] or ""
+        r["tgt_img_path"] = [p or "" for p in (r["tgt_img_path"] or [""] * len(r["tgt_text"]))]
+        if len(r["tgt_text"]) != len(r["tgt_img_path"]) or not r["tgt_text"]:
+            raise ValueError(f"MMEB task {task} row {i}: tgt_text and tgt_img_path must be "
+                             "non-empty lists of the same length")
+    return rows
+
+
+def task_items(rows, task, config=None):
+    """
+    The distinct items of one task: query keys and candidate keys (text, image path), each
+    once, in first-seen order, and per row (query index, [candidate indices]) with the
+    positive first. Text-only candidates get the task's target instruction when the
+    checkpoint asks for it.
+    """
+    target = _target_instruction_fn(config)
+    q_index, d_index, pairs = {}, {}, []
+    for r in rows:
+        qi = q_index.setdefault((r["qry_text"], r["qry_img_path"]), len(q_index))
+        cands = []
+        for text, path in zip(r["tgt_text"], r["tgt_img_path"]):
+            if target is not None and not path:
+                text = target(text, task)
+            cands.append(d_index.setdefault((text, path), len(d_index)))
+        pairs.append((qi, cands))
+    return list(q_index), list(d_index), pairs
+
+
+def missing_images(rows, image_dir):
+    """Image paths of the task (relative) that are not files under image_dir."""
+    paths = {r["qry_img_path"] for r in rows} | {p for r in rows for p in r["tgt_img_path"]}
+    return sorted(p for p in paths - {""} if not os.path.isfile(os.path.join(image_dir, p)))
+
+
+def score_rows(Q, D, pairs):
+    """
+    Q (nq, d), D (nd, d) distinct query / candidate embeddings; pairs [(qi, [ci...])].
+    Returns scores (rows, max candidates) with the positive in column 0 and -inf padding.
+    A later copy of the positive in its own list is the same document, not a negative.
+    """
+    scores = torch.full((len(pairs), max(len(c) for _, c in pairs)), float("-inf"))
+    for i, (qi, cands) in enumerate(pairs):
+        cands = [cands[0]] + [c for c in cands[1:] if c != cands[0]]
+        scores[i, :len(cands)] = cosine_scores(Q[qi:qi + 1], D[cands])[0]   # (n_cand,)
+    return scores
+
+
+def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
+                  out_dir=None, skip_missing=False, progress=True, name=None):
+    """
+    Hit@1 of every task: {task: hit@1 (0..1), or None if skipped as missing}.
+    tasks: None (all 36), a list of task names, or {name: (meta_task, is_ind)} (task_table).
+    config: the checkpoint's config (load_rematch); recorded with the results and used for
+    "target_instructions". out_dir: per-task results are saved as they finish and reused
+    on restart if config and weights_fingerprint match (otherwise: an error), then
+    mmeb_results.json / .md (rows labelled `name`, default config["model"]). Missing task
+    files or images raise an error naming them, unless skip_missing (the task is then
+    reported as missing).
+    Summaries: summarize(results, task_table(tasks)); the table: format_table(...).
+    """
+    table, config = task_table(tasks), dict(config or {})
+    rank, _ = dist_info()
+    root = _resolve_dir(mmeb_dir, [f"{t}/*" for t in table])
+    weights = weights_fingerprint(model)
+    finished = _broadcast(_load_finished(out_dir, "mmeb", table, config, weights) if rank == 0 else None)
+
+    problems = {}                                  # check every input before the long part
+    for task in table:
+        if task in finished:
+            continue
+        try:
+            lost = missing_images(read_mmeb_task(root, task), image_dir)
+        except FileNotFoundError as err:
+            problems[task] = str(err)
+            continue
+        if lost:
+            problems[task] = (f"MMEB task {task}: {len(lost)} image(s) missing under {image_dir}: "
+                              + ", ".join(os.path.join(image_dir, p) for p in lost[:5])
+                              + (" ..." if len(lost) > 5 else ""))
+    if problems and not skip_missing:
+        raise FileNotFoundError("missing MMEB data (pass skip_missing / --skip_missing to skip "
+                                "these tasks):\n" + "\n".join(problems.values()))
+
+    results = {}
+    for task in table:
+        if task in finished:
+            results[task] = finished[task]["hit@1"]
+            print0(f"{task}: Hit@1 {100 * results[task]:.1f} (finished earlier, skipped)")
+            continue
+        if task in problems:
+            results[task] = None
+            print0(f"{task}: missing, skipped ({problems[task]})")
+            continue
+        rows = read_mmeb_task(root, task)
+        q_keys, d_keys, pairs = task_items(rows, task, config)
+        items = ([("q", t, os.path.join(image_dir, p) if p else None) for t, p in q_keys]
+                 + [("d", t, os.path.join(image_dir, p) if p else None) for t, p in d_keys])
+        E = embed_items(model, processor, items, batch_size, progress, desc=task)  # (nq + nd, d)
+        Q, D = E[:len(q_keys)], E[len(q_keys):]
+        results[task] = hit_at_1(score_rows(Q, D, pairs))       # same on every rank
+        print0(f"{task}: Hit@1 {100 * results[task]:.1f} ({len(rows)} queries, "
+               f"{len(q_keys)} query items, {len(d_keys)} candidate items)")
+        if rank == 0 and out_dir:
+            _write_json(_result_path(out_dir, "mmeb", task), {
+                "task": task, "meta_task": table[task][0], "is_ind": table[task][1],
+                "hit@1": results[task], "num_queries": len(rows), "num_query_items": len(q_keys),
+                "num_candidate_items": len(d_keys), "config": config, "weights": weights})
+    if rank == 0 and out_dir:
+        name = name or config.get("model")
+        _write_json(os.path.join(out_dir, "mmeb_results.json"), {
+            "name": name, "config": config, "summary": summarize(results, table),
+            "tasks": {t: {"meta_task": m, "is_ind": ind, "hit@1": results[t]}
+                      for t, (m, ind) in table.items()}})
+        _write_text(os.path.join(out_dir, "mmeb_results.md"),
+                    format_table(results, table, name=name, markdown=True))
+    return results
+
+
+def _groups(table):
+    """{group: [tasks]}: each meta-task (the 4 of Table 1, then any other), IND, OOD, Overall."""
+    metas = list(dict.fromkeys([*META_TASKS, *(m for m, _ in table.values())]))
+    groups = {m: [t for t, (mt, _) in table.items() if mt == m] for m in metas}
+    groups["IND"] = [t for t, (_, ind) in table.items() if ind]
+    groups["OOD"] = [t for t, (_, ind) in table.items() if not ind]
+    groups["Overall"] = list(table)
+    return groups
+
+
+def summarize(results, table):
+    """
+    {group: {"mean", "tasks", "missing"}} for each meta-task, IND, OOD and Overall:
+    the unweighted mean of Hit@1 over the group's tasks in `table`. A group with a task
+    that has no result has mean None (never a mean over a silently smaller set).
+    """
+    out = {}
+    for g, ts in _groups(table).items():
+        vals = [results.get(t) for t in ts]
+        missing = sum(v is None for v in vals)
+        mean = sum(vals) / len(vals) if ts and not missing else None
+        out[g] = {"mean": mean, "tasks": len(ts), "missing": missing}
+    return out
+
+
+def _cell(mean, tasks=1, missing=0):
+    if tasks == 0:
+        return "-"
+    if missing:
+        return f"n/a ({missing} missing)"
+    return f"{100 * mean:.1f}"
+
+
+def _render(rows, markdown):
+    """rows: list of lists of strings (first row = header) → aligned text or Markdown."""
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join([lines[0], "|" + "---|" * len(rows[0]), *lines[1:]])
+    w = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip() for r in rows)
+
+
+def format_table(results, table, name=None, markdown=False):
+    """The Table-1 layout: per meta-task scores, then IND / OOD / Overall (Hit@1, %),
+    with the number of tasks behind each mean, followed by the per-task scores."""
+    table = task_table(table) if not isinstance(table, dict) else table
+    s = summarize(results, table)
+    groups = list(s)
+    head = [["model", *groups], [name or "model", *(_cell(**s[g]) for g in groups)],
+            ["tasks", *(str(s[g]["tasks"]) for g in groups)]]
+    per_task = [["task", "meta-task", "split", "Hit@1"]] + [
+        [t, m, "IND" if ind else "OOD", "missing" if results.get(t) is None else _cell(results[t])]
+        for g in groups[:-3] for t, (m, ind) in table.items() if m == g]
+    title = "Hit@1 (%) in the layout of Table 1: per meta-task score | average score (IND, OOD, Overall)"
+    if markdown:
+        return f"### {title}\n\n{_render(head, True)}\n\n{_render(per_task, True)}\n"
+    return f"{title}\n{_render(head, False)}\n\n{_render(per_task, False)}"
+
+
+# ----------------------------------------------------------------------------------
+# Zero-shot (Table 2): readers of the on-disk layouts (module docstring) and metrics
+
+ZS_T2I_QUERY = "Find me an everyday image that matches the given caption: {}"
+ZS_IMAGE_CANDIDATE = IMAGE_PLACEHOLDER + "\nRepresent the given image."
+ZS_I2T_QUERY = IMAGE_PLACEHOLDER + "\nFind an image caption describing the given image."
+ZS_TARGET_TASK = "MSCOCO_i2t"          # target instruction of text candidates, if the ckpt uses them
+SUGARCREPE_SUBSETS = ("add_obj", "add_att", "replace_obj", "replace_att", "replace_rel",
+                      "swap_obj", "swap_att")
+SUGARCREPE_GROUPS = {"Replace": ("replace_obj", "replace_att", "replace_rel"),
+                     "Swap": ("swap_obj", "swap_att"), "Add": ("add_obj", "add_att")}
+SHAREGPT4V_JSON = "share-captioner_coco_lcs_sam_1246k_1107.json"
+
+
+def _require(paths, what):
+    lost = [p for p in paths if not os.path.isfile(p)]
+    if lost:
+        raise FileNotFoundError(f"{what}: {len(lost)} file(s) missing: " + ", ".join(lost[:5])
+                                + (" ..." if len(lost) > 5 else ""))
+
+
+def _karpathy(json_path, image_dir_of, what):
+    """(image path, caption) pairs of the Karpathy "test" split, the first 5 captions each."""
+    _require([json_path], what)
+    with open(json_path) as f:
+        images = [im for im in json.load(f)["images"] if im["split"] == "test"]
+    pairs = [(os.path.join(image_dir_of(im), im["filename"]), s["raw"].strip())
+             for im in images for s in im["sentences"][:5]]
+    _require(sorted({p for p, _ in pairs}), what)
+    return pairs
+
+
+def read_flickr30k(data_dir):
+    """Flickr30K 1k test: 1000 images × 5 captions (flickr30k/dataset_flickr30k.json)."""
+    root = os.path.join(data_dir, "flickr30k")
+    return _karpathy(os.path.join(root, "dataset_flickr30k.json"),
+                     lambda im: os.path.join(root, "flickr30k-images"), "Flickr30K")
+
+
+def read_coco(data_dir):
+    """COCO 5k test: 5000 images, first 5 captions each (coco/dataset_coco.json)."""
+    root = os.path.join(data_dir, "coco")
+    return _karpathy(os.path.join(root, "dataset_coco.json"),
+                     lambda im: os.path.join(root, im.get("filepath", "val2014")), "COCO")
+
+
+def read_sharegpt4v(data_dir, limit=1000):
+    """ShareGPT4V-1k: the first `limit` entries; caption = the answer, newlines → spaces."""
+    root = os.path.join(data_dir, "sharegpt4v")
+    path = os.path.join(root, SHAREGPT4V_JSON)
+    _require([path], "ShareGPT4V")
+    with open(path) as f:
+        entries = json.load(f)[:limit]
+    pairs = [(os.path.join(root, e["image"]), e["conversations"][1]["value"].replace("\n", " "))
+             for e in entries]
+    _require([p for p, _ in pairs], "ShareGPT4V")
+    return pairs
+
+
+def read_urban1k(data_dir):
+    """Urban1k: Urban1k/caption/<name>.txt (first line) ↔ Urban1k/image/<name>.jpg."""
+    root = os.path.join(data_dir, "Urban1k")
+    captions = sorted(glob.glob(os.path.join(root, "caption", "*.txt")))
+    if not captions:
+        raise FileNotFoundError(f"Urban1k: no captions in {os.path.join(root, 'caption')}")
+    pairs = []
+    for c in captions:
+        with open(c) as f:
+            first = f.readline().strip()
+        stem = os.path.splitext(os.path.basename(c))[0]
+        pairs.append((os.path.join(root, "image", stem + ".jpg"), first))
+    _require([p for p, _ in pairs], "Urban1k")
+    return pairs
+
+
+def read_sugarcrepe(data_dir):
+    """{subset: [(image path, caption, negative caption)]} for the 7 SugarCrepe subsets
+    (sugarcrepe/<subset>.json, images in coco/val2017/)."""
+    paths = {s: os.path.join(data_dir, "sugarcrepe", f"{s}.json") for s in SUGARCREPE_SUBSETS}
+    _require(list(paths.values()), "SugarCrepe")
+    image_dir = os.path.join(data_dir, "coco", "val2017")
+    out = {}
+    for s, path in paths.items():
+        with open(path) as f:
+            out[s] = [(os.path.join(image_dir, v["filename"]), v["caption"], v["negative_caption"])
+                      for v in json.load(f).values()]
+    _require(sorted({p for rows in out.values() for p, _, _ in rows}), "SugarCrepe")
+    return out
+
+
+def _text_candidate(config):
+    target = _target_instruction_fn(config)
+    return (lambda c: c) if target is None else (lambda c: target(c, ZS_TARGET_TASK))
+
+
+def _recall_chunked(Q, C, q_of_pair, c_of_pair, ks, chunk=1024):
+    """R@k of queries Q (nq, d) against all of C (nc, d); positives are the (q, c) index
+    pairs. Chunked over queries so COCO's 25k × 5k matrix never exists at once."""
+    hits = dict.fromkeys(ks, 0.0)
+    for a in range(0, len(Q), chunk):
+        b = min(a + chunk, len(Q))
+        scores = cosine_scores(Q[a:b], C)                                    # (b-a, nc)
+        is_pos = torch.zeros(scores.shape, dtype=torch.bool)
+        sel = (q_of_pair >= a) & (q_of_pair < b)
+        is_pos[q_of_pair[sel] - a, c_of_pair[sel]] = True
+        for k in ks:
+            hits[k] += recall_at_k(scores, is_pos, k) * (b - a)
+    return {k: hits[k] / len(Q) for k in ks}
+
+
+def eval_retrieval(model, processor, pairs, ks=(1, 5, 10), config=None, batch_size=16,
+                   progress=True, desc="retrieval"):
+    """
+    pairs: the positive (image path, caption) pairs of a test set. Text→image: each
+    distinct caption (ZS_T2I_QUERY) ranks all distinct images (ZS_IMAGE_CANDIDATE);
+    image→text: each image (ZS_I2T_QUERY) ranks all distinct captions, any of its own
+    captions is a positive. Returns {"t2i_R@k": .., "i2t_R@k": ..}.
+    """
+    img_id, txt_id = {}, {}
+    pos = torch.tensor([(txt_id.setdefault(c, len(txt_id)), img_id.setdefault(p, len(img_id)))
+                        for p, c in pairs])                                   # (P, 2)
+    images, captions = list(img_id), list(txt_id)
+    cand = _text_candidate(config)
+    items = ([("q", ZS_T2I_QUERY.format(c), None) for c in captions]
+             + [("d", ZS_IMAGE_CANDIDATE, p) for p in images]
+             + [("q", ZS_I2T_QUERY, p) for p in images]
+             + [("d", cand(c), None) for c in captions])
+    E = embed_items(model, processor, items, batch_size, progress, desc=desc)
+    T_q, I_d, I_q, T_d = E.split([len(captions), len(images), len(images), len(captions)])
+    t2i = _recall_chunked(T_q, I_d, pos[:, 0], pos[:, 1], ks)
+    i2t = _recall_chunked(I_q, T_d, pos[:, 1], pos[:, 0], ks)
+    return {**{f"t2i_R@{k}": v for k, v in t2i.items()}, **{f"i2t_R@{k}": v for k, v in i2t.items()}}
+
+
+def eval_sugarcrepe(model, processor, subsets, config=None, batch_size=16, progress=True,
+                    desc="sugarcrepe"):
+    """Accuracy per subset (the image, as an i2t query, scores the true caption strictly
+    above the negative one) and the Replace / Swap / Add means over their subsets."""
+    img_id, txt_id = {}, {}
+    rows = {s: torch.tensor([(img_id.setdefault(p, len(img_id)), txt_id.setdefault(c, len(txt_id)),
+                              txt_id.setdefault(n, len(txt_id))) for p, c, n in samples])
+            for s, samples in subsets.items()}                                # (N, 3) each
+    cand = _text_candidate(config)
+    items = [("q", ZS_I2T_QUERY, p) for p in img_id] + [("d", cand(c), None) for c in txt_id]
+    E = embed_items(model, processor, items, batch_size, progress, desc=desc)
+    I_q, T_d = E.split([len(img_id), len(txt_id)])
+    I_q, T_d = F.normalize(I_q.float(), dim=-1), F.normalize(T_d.float(), dim=-1)
+    out = {}
+    for s, r in rows.items():
+        scores = torch.stack([(I_q[r[:, 0]] * T_d[r[:, 1]]).sum(-1),          # (N,) true caption
+                              (I_q[r[:, 0]] * T_d[r[:, 2]]).sum(-1)], dim=1)  # (N, 2) + negative
+        out[s] = hit_at_1(scores)
+    for g, members in SUGARCREPE_GROUPS.items():
+        if all(m in out for m in members):
+            out[g] = sum(out[m] for m in members) / len(members)
+    return out
+
+
+ZEROSHOT = {   # name: (reader, kind, recall ks)
+    "flickr30k": (read_flickr30k, "retrieval", (1, 5, 10)),
+    "coco": (read_coco, "retrieval", (1, 5, 10)),
+    "sharegpt4v": (read_sharegpt4v, "retrieval", (1,)),
+    "urban1k": (read_urban1k, "retrieval", (1,)),
+    "sugarcrepe": (read_sugarcrepe, "sugarcrepe", ()),
+}
+
+
+def evaluate_zeroshot(model, processor, datasets, data_dir, config=None, batch_size=16,
+                      out_dir=None, progress=True, name=None):
+    """{dataset: {metric: value (0..1)}} for the names in ZEROSHOT; results saved per
+    dataset in out_dir (reused on restart, as in evaluate_mmeb), then
+    zeroshot_results.json / .md."""
+    config = dict(config or {})
+    unknown = [d for d in datasets if d not in ZEROSHOT]
+    if unknown:
+        raise KeyError(f"unknown zero-shot dataset(s) {unknown}; choose from {list(ZEROSHOT)}")
+    rank, _ = dist_info()
+    weights = weights_fingerprint(model)
+    finished = _broadcast(_load_finished(out_dir, "zeroshot", datasets, config, weights)
+                          if rank == 0 else None)
+    results = {}
+    for ds in datasets:
+        if ds in finished:
+            results[ds] = finished[ds]["metrics"]
+            print0(f"{ds}: finished earlier, skipped")
+            continue
+        reader, kind, ks = ZEROSHOT[ds]
+        data = reader(data_dir)
+        if kind == "retrieval":
+            results[ds] = eval_retrieval(model, processor, data, ks, config, batch_size, progress, ds)
+        else:
+            results[ds] = eval_sugarcrepe(model, processor, data, config, batch_size, progress, ds)
+        print0(f"{ds}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in results[ds].items()))
+        if rank == 0 and out_dir:
+            _write_json(_result_path(out_dir, "zeroshot", ds),
+                        {"dataset": ds, "metrics": results[ds], "config": config, "weights": weights})
+    if rank == 0 and out_dir:
+        name = name or config.get("model")
+        _write_json(os.path.join(out_dir, "zeroshot_results.json"),
+                    {"name": name, "config": config, "results": results})
+        _write_text(os.path.join(out_dir, "zeroshot_results.md"),
+                    format_zeroshot_table(results, name=name, markdown=True))
+    return results
+
+
+ZS_TABLE = (("Flickr30K", "flickr30k", ("t2i_R@1", "i2t_R@1")), ("COCO", "coco", ("t2i_R@1", "i2t_R@1")),
+            ("ShareGPT4V", "sharegpt4v", ("t2i_R@1", "i2t_R@1")),
+            ("Urban1K", "urban1k", ("t2i_R@1", "i2t_R@1")),
+            ("SugarCrepe", "sugarcrepe", ("Replace", "Swap", "Add")))
+
+
+def format_zeroshot_table(results, name=None, markdown=False):
+    """The Table-2 layout (R@1 t→i, i→t; SugarCrepe Replace/Swap/Add accuracy, %), then
+    R@1/5/10 of Flickr30K/COCO and the 7 SugarCrepe subsets. "-" = not run."""
+    def val(ds, m):
+        v = results.get(ds, {}).get(m)
+        return "-" if v is None else f"{100 * v:.1f}"
+    short = {"t2i_R@1": "qt→ci", "i2t_R@1": "qi→ct"}
+    cols = [(title, ds, m, j) for title, ds, ms in ZS_TABLE for j, m in enumerate(ms)]
+    values = [name or "model", *(val(ds, m) for _, ds, m, _ in cols)]
+    if markdown:                                       # one header row: "Flickr30K qt→ci", ...
+        head = [["model", *(f"{t} {short.get(m, m)}" for t, _, m, _ in cols)], values]
+    else:                                              # Table 2's two header rows
+        head = [["", *(t if j == 0 else "" for t, _, _, j in cols)],
+                ["model", *(short.get(m, m) for _, _, m, _ in cols)], values]
+    detail = [["dataset", "metric", "value"]] + [
+        [ds, m, val(ds, m)] for ds in ("flickr30k", "coco") if ds in results
+        for m in (f"{d}_R@{k}" for d in ("t2i", "i2t") for k in (1, 5, 10))] + [
+        ["sugarcrepe", s, val("sugarcrepe", s)] for s in SUGARCREPE_SUBSETS if "sugarcrepe" in results]
+    title = "Zero-shot retrieval (Recall@1, %; SugarCrepe accuracy, %)"
+    if markdown:
+        return f"### {title}\n\n{_render(head, True)}\n\n{_render(detail, True)}\n"
+    return f"{title}\n{_render(head, False)}\n\n{_render(detail, False)}"
+
+
+# ----------------------------------------------------------------------------------
+# Encoder: the embedding API
+
+def format_input(text=None, has_image=False, instruction=None):
+    """MMEB-format string: "<|image_1|>\\n{instruction} {text}" (parts that exist). A text
+    that already holds <|image_1|> is used as is."""
+    body = " ".join(s for s in (instruction, text) if s)
+    if has_image and IMAGE_PLACEHOLDER not in body:
+        body = IMAGE_PLACEHOLDER + ("\n" + body if body else "")
+    return body
+
+
+class Encoder:
+    """
+    Load a checkpoint (or a raw backbone / tiny model, see load_rematch) once, then embed
+    lists of texts, images (PIL or paths) or (image, text) pairs:
+        enc = Encoder("runs/ckpt"); E = enc.encode(texts=[...], images=[...], instruction=..., side="q")
+    Returns L2-normalised fp32 (N, d) on the CPU; a vector does not depend on its batch.
+    side "q" for queries (L_q), "d" for the documents of an index (L_d). Text documents of
+    a checkpoint trained with target instructions: pass data.with_target_instruction(text,
+    task) as the texts (and no instruction), as evaluate_mmeb does.
+    """
+
+    def __init__(self, path_or_hub, device=None, dtype=None, num_tokens=0, embed_template="plain"):
+        self.model, self.processor, self.config = load_rematch(
+            path_or_hub, device=device, dtype=dtype, num_tokens=num_tokens, embed_template=embed_template)
+        self.model.eval()
+
+    def encode(self, texts=None, images=None, instruction=None, side="q", batch_size=32, progress=False):
+        if texts is None and images is None:
+            raise ValueError("encode: give texts, images, or both (pairs)")
+        if texts is not None and images is not None and len(texts) != len(images):
+            raise ValueError(f"encode: {len(texts)} texts but {len(images)} images")
+        n = len(texts) if texts is not None else len(images)
+        texts = texts if texts is not None else [None] * n
+        images = images if images is not None else [None] * n
+        items = [(side, format_input(t, im is not None, instruction), im) for t, im in zip(texts, images)]
+        E = embed_items(self.model, self.processor, items, batch_size, progress, desc="encode",
+                        distributed=False)                                  # (N, d)
+        return F.normalize(E.float(), dim=-1)
+
+
+# ----------------------------------------------------------------------------------
+# CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a ReMatch checkpoint (or a raw backbone) on "
+                                "MMEB (Table 1) and zero-shot retrieval (Table 2).")
+    # model
+    p.add_argument("--model", required=True, help="train.py checkpoint dir, hub id / local dir of "
+                   "a raw Qwen2-VL/Qwen2.5-VL (baseline), or tiny-qwen2-vl / tiny-qwen2.5-vl")
+    p.add_argument("--num_tokens", type=int, default=0,
+                   help="raw backbones only: K learnable tokens (0 = last-token pooling)")
+    p.add_argument("--embed_template", default="plain", choices=("plain", "chat"),
+                   help="raw backbones only: plain = VLM2Vec layout, chat = MVQDM++ template")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available; "
+                   "under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--batch_size", type=int, default=16, help="items per embedding forward (per rank)")
+    # MMEB
+    p.add_argument("--mmeb_dir", default=None, help="MMEB-eval: local dir or hub id "
+                   "(TIGER-Lab/MMEB-eval); <root>/<Task>/test-*.parquet or <root>/<Task>/test/*.parquet")
+    p.add_argument("--image_dir", default=None, help="folder the *_img_path columns are relative to")
+    p.add_argument("--benchmark", default="mmeb", choices=sorted(BENCHMARKS),
+                   help="task table: mmeb = the 36 MMEB tasks, synthetic = data.make_synthetic's eval split")
+    p.add_argument("--tasks", nargs="+", default=None, help="a subset of the benchmark's tasks (default: all)")
+    p.add_argument("--task_table", default=None, help="JSON {task: [meta_task, is_ind]}: the task "
+                   "table of any other benchmark in the MMEB file format (replaces --benchmark)")
+    p.add_argument("--skip_missing", action="store_true", help="skip tasks whose files or images "
+                   "are missing (reported as missing; their group means as n/a) instead of failing")
+    # zero-shot
+    p.add_argument("--zeroshot", nargs="+", default=None, choices=list(ZEROSHOT), metavar="NAME",
+                   help=f"zero-shot datasets to evaluate (Table 2): {' '.join(ZEROSHOT)}")
+    p.add_argument("--data_dir", default=None, help="root of the zero-shot datasets (layout in "
+                   "the module docstring)")
+    # output
+    p.add_argument("--out", default=None, help="output dir: per-task results (resume), "
+                   "mmeb_results.{json,md}, zeroshot_results.{json,md}")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
+    args = p.parse_args(argv)
+    if not args.mmeb_dir and not args.zeroshot:
+        p.error("nothing to do: give --mmeb_dir (with --image_dir) and/or --zeroshot (with --data_dir)")
+    if args.mmeb_dir and not args.image_dir:
+        p.error("--mmeb_dir needs --image_dir")
+    if args.zeroshot and not args.data_dir:
+        p.error("--zeroshot needs --data_dir")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp = int(os.environ.get("RANK", -1)) != -1                 # launched by torchrun?
+    if ddp:
+        use_cuda = torch.cuda.is_available() and args.device != "cpu"
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    else:
+        device = torch.device(args.device) if args.device else default_device()
+    model, processor, config = load_rematch(args.model, device=device, num_tokens=args.num_tokens,
+                                            embed_template=args.embed_template)
+    print0(f"{args.model} on {device} × {dist_info()[1]} rank(s): K={model.num_tokens}, "
+           f"template={model.embed_template}, batch {args.batch_size} per rank")
+    out = {}
+    if args.mmeb_dir:
+        known = BENCHMARKS[args.benchmark]
+        if args.task_table:
+            with open(args.task_table) as f:
+                known = {t: tuple(v) for t, v in json.load(f).items()}
+        table = task_table(args.tasks, known)
+        out["mmeb"] = evaluate_mmeb(model, processor, args.mmeb_dir, args.image_dir, table, config,
+                                    args.batch_size, args.out, args.skip_missing, not args.no_progress,
+                                    name=args.model)
+        print0("\n" + format_table(out["mmeb"], table, name=args.model))
+    if args.zeroshot:
+        out["zeroshot"] = evaluate_zeroshot(model, processor, args.zeroshot, args.data_dir, config,
+                                            args.batch_size, args.out, not args.no_progress,
+                                            name=args.model)
+        print0("\n" + format_zeroshot_table(out["zeroshot"], name=args.model))
+    if ddp:                                                      # gloo teardown (notes Q5)
+        del model
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+if __name__ == "__main__":
+    main()

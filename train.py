@@ -1,0 +1,466 @@
+"""
+Training ReMatch (paper §3.2.4, Eq. 5; §4): a plain PyTorch loop launched by torchrun.
+
+Each step, per rank: embed the B queries and their B positives + B hard negatives
+(§3.2.1), Eq. 3 over the global batch + Eq. 2, the unified matching pass over the
+instances (Eq. 4, Fig. 3), combined by Eq. 5, one AdamW step.
+
+CPU demo (the default without data): writes the built-in synthetic benchmark, trains
+the tiny offline model for ~2.5 minutes, evaluates it and prints Hit@1 next to chance:
+    python train.py
+A CPU smoke run of the paper's loop with tiny flags:
+    python train.py --steps 20 --batch_size 8 --out_dir runs/smoke
+One GPU, paper preset (MMEB-train parquet + images, mmE5 hard negatives optional):
+    python train.py --preset qwen2-vl-2b --train_data TIGER-Lab/MMEB-train --image_dir MMEB-train
+8 GPUs (global batch 1024 = 8 × 128):
+    torchrun --standalone --nproc_per_node=8 train.py --preset qwen2-vl-2b --train_data ... --image_dir ...
+Several machines (run on each, NODE_RANK = 0..N-1):
+    torchrun --nnodes=2 --node_rank=$NODE_RANK --nproc_per_node=8 --rdzv_backend=c10d \\
+             --rdzv_endpoint=$MASTER_HOST:29500 train.py --preset qwen2-vl-7b ...
+
+Tests: pytest tests/test_train.py
+"""
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data import collate_embed, collate_match
+from losses import info_nce, matching_loss, orthogonality_loss, total_loss
+from masks import VIEW_SETS
+from model import TINY, ReMatch, apply_lora, load_backbone, load_heads, save_rematch
+
+# ----------------------------------------------------------------------------------
+# Presets: the paper's four models (§4) and the CPU demo. Explicit flags override them.
+
+PAPER = dict(steps=2500, batch_size=128, lr=1e-4, warmup_steps=100, tau=0.02, num_tokens=16,
+             lora=True, lora_r=32, lora_alpha=64, grad_checkpointing=True,
+             max_pixels=1280 * 28 * 28, num_workers=8, save_every=500, log_every=10)
+PRESETS = {
+    "qwen2-vl-2b": dict(PAPER, model="Qwen/Qwen2-VL-2B-Instruct"),
+    "qwen2-vl-7b": dict(PAPER, model="Qwen/Qwen2-VL-7B-Instruct"),
+    "qwen2.5-vl-3b": dict(PAPER, model="Qwen/Qwen2.5-VL-3B-Instruct"),
+    "qwen2.5-vl-7b": dict(PAPER, model="Qwen/Qwen2.5-VL-7B-Instruct"),
+    # calibrated on 2 CPU cores (notes/demo-calibration.md): full fine-tuning of the
+    # random tiny model needs a larger lr and temperature than LoRA on a pretrained one
+    "demo": dict(model="tiny-qwen2-vl", steps=1500, batch_size=32, lr=1e-3, warmup_steps=20,
+                 tau=0.05, num_tokens=4, weight_decay=0.01, lora=False, log_every=100,
+                 save_every=500, num_workers=0),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="defaults for a paper model or the CPU demo (default: demo when no "
+                        "--train_data is given)")
+    # model
+    p.add_argument("--model", default="tiny-qwen2-vl",
+                   help="hub id or local dir of Qwen2-VL/Qwen2.5-VL, or tiny-qwen2-vl / tiny-qwen2.5-vl")
+    p.add_argument("--num_tokens", type=int, default=16,
+                   help="K learnable tokens per side (§3.2.1); 0 = last-token pooling (baseline)")
+    p.add_argument("--embed_template", choices=("chat", "plain"), default="chat",
+                   help="chat = MVQDM++ embedding template (default); plain = VLM2Vec layout")
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="LoRA on the language model (default: on for pretrained, off = full "
+                        "training for the tiny random models)")
+    p.add_argument("--lora_r", type=int, default=32, help="LoRA rank (§4: 32)")
+    p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (§4: 64)")
+    p.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
+    p.add_argument("--min_pixels", type=int, default=None, help="image processor min pixels")
+    p.add_argument("--max_pixels", type=int, default=None, help="image processor max pixels")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float64"), default="auto",
+                   help="backbone weights: auto = bf16 on CUDA, fp32 on CPU (float64: exact checks)")
+    p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="non-reentrant activation checkpointing of the decoder (and vision) layers")
+    # data
+    p.add_argument("--train_data", default=None,
+                   help="MMEB-train (hub id or dir of <Subset>/original-*.parquet) or mmE5 "
+                        "hard-negative files; default: the built-in synthetic benchmark")
+    p.add_argument("--image_dir", default=None, help="root the rows' image paths are relative to")
+    p.add_argument("--subsets", nargs="+", default=None, help="training subsets (default: all)")
+    p.add_argument("--split", default="original", help="MMEB-train split (original | diverse_instruction)")
+    p.add_argument("--max_rows_per_subset", type=int, default=None, help="cap rows per subset (head)")
+    p.add_argument("--target_instructions", action=argparse.BooleanOptionalAction, default=True,
+                   help="prepend the per-subset target prompt to text documents (Table 3 row 2)")
+    p.add_argument("--hard_negative", action=argparse.BooleanOptionalAction, default=True,
+                   help="use each row's explicit hard negative (Table 3 row 3); without it, and "
+                        "for rows that have none, d- is the next instance's positive")
+    p.add_argument("--homogeneous_batches", action=argparse.BooleanOptionalAction, default=True,
+                   help="each global batch from one subset (in-batch negatives of one task)")
+    p.add_argument("--skip_bad_rows", action="store_true",
+                   help="drop rows with missing/corrupt images or no content, count and report "
+                        "them (default: stop with an error naming the row)")
+    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (image decoding)")
+    # losses
+    p.add_argument("--tau", type=float, default=0.02, help="temperature of Eq. 3 (§4: 0.02)")
+    p.add_argument("--w_orth", type=float, default=0.5, help="weight of Eq. 2 in Eq. 5 (0.5)")
+    p.add_argument("--w_qdm", type=float, default=0.1, help="weight of Eq. 4 in Eq. 5 (0.1); 0 = no matching")
+    p.add_argument("--match_views", choices=sorted(VIEW_SETS), default="all",
+                   help="matching views (Table 5): all, feat (lightweight), raw, raw2feat, feat2raw")
+    p.add_argument("--match_instances", type=int, default=None,
+                   help="instances per rank entering the matching pass (default: all B)")
+    p.add_argument("--mask_duplicates", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave documents identical to a query's positive out of its Eq. 3 "
+                        "denominator (SPEC §2); --no-mask_duplicates = Eq. 3 literally")
+    # optimisation
+    p.add_argument("--steps", type=int, default=2500, help="optimiser steps (§4: 2500)")
+    p.add_argument("--batch_size", type=int, default=128, help="queries per rank per step (§4: 128 × 8)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (§4: 1e-4)")
+    p.add_argument("--warmup_steps", type=int, default=100, help="linear warm-up steps, then cosine decay")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed (model init, data order, slot placement)")
+    # run
+    p.add_argument("--out_dir", default="runs/demo", help="checkpoints, log.jsonl, eval results")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    p.add_argument("--log_every", type=int, default=10, help="print a log line every N steps")
+    p.add_argument("--eval_data", default=None,
+                   help="MMEB-eval dir/hub id to evaluate after training (demo: the synthetic eval split)")
+    p.add_argument("--eval_image_dir", default=None, help="image root of --eval_data")
+    p.add_argument("--eval_tasks", nargs="+", default=None, help="tasks to evaluate (default: all)")
+    p.add_argument("--max_minutes", type=float, default=None,
+                   help="stop (and checkpoint) after this much training time")
+    p.add_argument("--stop_after_steps", type=int, default=None,
+                   help="stop (and checkpoint) after this many steps in this run, e.g. to fit a "
+                        "job time limit; continue later with --resume (the schedule stays --steps)")
+    p.add_argument("--find_unused_parameters", action="store_true",
+                   help="DDP find_unused_parameters (needed when some trainable weights get no "
+                        "gradient in a step, e.g. a fully trained vision tower on text-only batches)")
+    args = p.parse_args(argv)
+    preset = args.preset or ("demo" if args.train_data is None else None)
+    if preset:                                     # preset values, unless given explicitly
+        p.set_defaults(**PRESETS[preset])
+        args = p.parse_args(argv)
+        args.preset = preset
+    if args.lora is None:
+        args.lora = args.model not in TINY
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_tokens < 0 or args.tau <= 0 or args.lr <= 0:
+        p.error("--num_tokens must be >= 0, --tau and --lr > 0")
+    if args.train_data is not None and args.image_dir is None:
+        p.error("--train_data needs --image_dir (the root of the rows' relative image paths)")
+    return args
+
+
+# ----------------------------------------------------------------------------------
+# Distributed set-up (torchrun env vars; nccl on CUDA, gloo on CPU)
+
+def setup_distributed():
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
+                               int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return ddp, rank, world, device
+
+
+def print0(*a, **kw):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **kw, flush=True)
+
+
+def lr_at(step, args):
+    """Linear warm-up to args.lr, then cosine decay to 0 over the remaining steps."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------
+# Model and data
+
+def build_model(args, device):
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    backbone, processor = load_backbone(args.model, device=device, dtype=dtype, seed=args.seed,
+                                        min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    if args.lora:
+        backbone = apply_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
+    model = ReMatch(backbone, args.num_tokens, args.embed_template, seed=args.seed)
+    if args.w_qdm == 0:                        # no matching: projector and LM head get no gradient
+        model.projector.requires_grad_(False)
+        model.hf.lm_head.requires_grad_(False)
+    if args.grad_checkpointing:
+        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device), processor
+
+
+def model_config(args):
+    """What load_rematch needs to rebuild the model, plus the whole run's arguments."""
+    return dict(vars(args), model=args.model, num_tokens=args.num_tokens,
+                embed_template=args.embed_template, lora=args.lora)
+
+
+def fill_negatives(examples):
+    """One d⁻ per instance: the row's hard negative, else the next instance's positive
+    (an in-batch negative). Returns (neg items, neg ids, how many were filled)."""
+    n = len(examples)
+    neg, neg_ids, filled = [], [], 0
+    for i, ex in enumerate(examples):
+        if ex["neg"] is not None:
+            neg.append(ex["neg"])
+            neg_ids.append(ex["neg_id"])
+        else:
+            nxt = examples[(i + 1) % n]
+            neg.append(nxt["pos"])
+            neg_ids.append(nxt["pos_id"])
+            filled += 1
+    return neg, neg_ids, filled
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoints: rank 0 writes from the unwrapped model, atomically (tmp dir + rename)
+
+def checkpoint_dirs(out_dir):
+    if not os.path.isdir(out_dir):
+        return []
+    steps = [int(n.split("-")[1]) for n in os.listdir(out_dir)
+             if n.startswith("checkpoint-") and n.split("-")[1].isdigit()]
+    return [os.path.join(out_dir, f"checkpoint-{s}") for s in sorted(steps)]
+
+
+def save_checkpoint(model, processor, opt, step, args):
+    final = os.path.join(args.out_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_rematch(model, processor, tmp, model_config(args))
+    torch.save({"step": step, "optimizer": opt.state_dict(),
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+               os.path.join(tmp, "train_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(args.out_dir)[:-args.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path, model, opt):
+    """Restore weights, optimizer and RNG state into the freshly built model; → step."""
+    from safetensors.torch import load_file
+    if os.path.isdir(os.path.join(path, "adapter")):
+        from peft import set_peft_model_state_dict
+        adapter = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"))
+        set_peft_model_state_dict(model.backbone, adapter)
+    else:
+        saved, _ = load_backbone(os.path.join(path, "backbone"), device=model.device,
+                                 dtype=model.hf.dtype)       # from_pretrained maps the key names
+        model.hf.load_state_dict(saved.state_dict(), strict=True)
+    load_heads(model, path)
+    state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------------
+# The loop
+
+def train_step(model, examples, tok, args, step):
+    """One step's forward and losses (Eq. 2–5) on this rank's B examples."""
+    B, K = len(examples), args.num_tokens
+    q_items = [ex["q"] for ex in examples]
+    pos_items = [ex["pos"] for ex in examples]
+    neg_items, neg_ids, filled = fill_negatives(
+        examples if args.hard_negative else [dict(ex, neg=None) for ex in examples])
+    q = collate_embed(q_items, tok, K, args.embed_template)
+    d = collate_embed(pos_items + neg_items, tok, K, args.embed_template)   # [d⁺ ; d⁻]
+    match = None
+    if args.w_qdm > 0:
+        M = min(args.match_instances or B, B)
+        # d⁺'s slot: seeded per (step, row), whatever rank the row lands on
+        slots = [1 if random.Random(f"{args.seed}-{step}-{ex['index']}").random() < 0.5 else 2
+                 for ex in examples[:M]]
+        match = collate_match(q_items[:M], pos_items[:M], neg_items[:M], tok,
+                              VIEW_SETS[args.match_views], slots)
+    out = model(q, d, match, n_pos=B)
+    E_pos, E_neg = out["E_d"][:B], out["E_d"][B:]                            # (B, d) each
+    device = E_pos.device
+    ids = (torch.tensor([ex["pos_id"] for ex in examples], device=device),
+           torch.tensor(neg_ids, device=device)) if args.mask_duplicates else (None, None)
+    l_cl = info_nce(out["E_q"], E_pos, E_neg, args.tau, *ids)                          # Eq. 3
+    zero = torch.zeros((), device=device)
+    l_orth = orthogonality_loss(torch.cat([out["e_q"], out["e_d"]])) \
+        if args.w_orth > 0 and K > 1 else zero                                        # Eq. 2
+    l_qdm, acc = zero, zero
+    if match is not None:
+        l_qdm = matching_loss(out["logits"], out["labels"])                           # Eq. 4
+        acc = (out["logits"].argmax(-1) == out["labels"]).float().mean()
+    loss = total_loss(l_cl, l_orth, l_qdm, args.w_orth, args.w_qdm)                   # Eq. 5
+    return loss, {"loss": loss.detach(), "L_cl": l_cl.detach(), "L_orth": l_orth.detach(),
+                  "L_qdm": l_qdm.detach(), "match_acc": acc.detach()}, filled
+
+
+def main(argv=None):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from data import TrainBatchSampler, TrainDataset
+
+    args = parse_args(argv)
+    ddp, rank, world, device = setup_distributed()
+    master = rank == 0
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    eval_tasks = args.eval_tasks
+    if args.train_data is None:                  # the built-in synthetic benchmark (demo)
+        from data import DEMO_EVAL_TASKS, make_synthetic
+        root = os.path.join(args.out_dir, "demo_data")
+        if master:
+            t0 = time.time()
+            paths = make_synthetic(root, seed=args.seed)
+            print0(f"synthetic benchmark in {root} ({time.time() - t0:.1f} s)")
+        if ddp:
+            dist.barrier()
+        paths = make_synthetic(root, seed=args.seed)          # already there: returns paths
+        args.train_data, args.image_dir = paths["train"], paths["image_dir"]
+        if args.eval_data is None:
+            args.eval_data, args.eval_image_dir = paths["eval"], paths["image_dir"]
+            eval_tasks = eval_tasks or DEMO_EVAL_TASKS
+
+    model, processor = build_model(args, device)
+    tok = processor.tokenizer
+    dataset = TrainDataset(args.train_data, args.image_dir, processor, subsets=args.subsets,
+                           split=args.split, max_rows_per_subset=args.max_rows_per_subset,
+                           target_instructions=args.target_instructions,
+                           skip_bad_rows=args.skip_bad_rows)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume and checkpoint_dirs(args.out_dir):
+        latest = checkpoint_dirs(args.out_dir)[-1]
+        start = load_checkpoint(latest, model, opt)
+        print0(f"resumed from {latest} at step {start}")
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=args.find_unused_parameters) if ddp else model
+    sampler = TrainBatchSampler(dataset, args.batch_size, world, rank, args.seed,
+                                homogeneous=args.homogeneous_batches, start_step=start)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=list,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.num_workers > 0)
+    n_trainable = sum(p.numel() for p in params)
+    print0(f"{args.model} ({'LoRA' if args.lora else 'full'}; {n_trainable:,} trainable) | "
+           f"{len(dataset):,} rows | global batch {world} × {args.batch_size} = "
+           f"{world * args.batch_size} | lr {args.lr:g} | K={args.num_tokens} | tau={args.tau:g} | "
+           f"w_orth={args.w_orth:g} w_qdm={args.w_qdm:g} views={args.match_views} | "
+           f"{device.type} × {world}")
+
+    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+    bar = tqdm(total=args.steps, initial=start, disable=not master, dynamic_ncols=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    batches, t_start, filled_total, step = iter(loader), time.time(), 0, start
+    model.train()
+    for step in range(start, args.steps):
+        t0 = time.time()
+        examples = next(batches)
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast:
+            loss, terms, filled = train_step(ddp_model, examples, tok, args, step)
+        filled_total += filled
+        stats = torch.stack(list(terms.values())).float()                    # (5,) this rank
+        finite = torch.isfinite(loss).float()[None]
+        if ddp:                                  # every rank stops together on a bad loss
+            dist.all_reduce(stats)
+            stats /= world
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 0:
+            last = checkpoint_dirs(args.out_dir)
+            raise FloatingPointError(
+                f"step {step}: non-finite loss on some rank (this rank: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                + f"); stopping. Last checkpoint: {last[-1] if last else 'none'} (intact).")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        opt.step()
+
+        record = {"step": step + 1, **{k: round(v, 6) for k, v in zip(terms, stats.tolist())},
+                  "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                  "samples_per_s": round(world * len(examples) / (time.time() - t0), 2)}
+        if master:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+            if (step + 1) % args.log_every == 0 or step == start:
+                bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in record.items()))
+        out_of_time = (args.max_minutes is not None and (time.time() - t_start) > 60 * args.max_minutes) \
+            or (args.stop_after_steps is not None and step + 1 - start >= args.stop_after_steps)
+        if ddp:                                  # rank 0's clock decides for everyone
+            flag = torch.tensor([float(out_of_time)], device=device)
+            dist.broadcast(flag, 0)
+            out_of_time = bool(flag.item())
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps or out_of_time:
+            if master:
+                path = save_checkpoint(model, processor, opt, step + 1, args)
+                bar.write(f"saved {path}")
+            if ddp:
+                dist.barrier()
+        if out_of_time:
+            print0(f"stopping at step {step + 1} (--max_minutes / --stop_after_steps)")
+            break
+    bar.close()
+    train_time = time.time() - t_start
+    print0(f"trained {step + 1 - start} steps in {train_time:.0f} s "
+           f"({(step + 1 - start) / max(train_time, 1e-9):.1f} steps/s)")
+    if filled_total:
+        print0(f"{filled_total} instances had no hard negative: d- was the next instance's positive")
+    if args.skip_bad_rows:
+        print0(dataset.report())
+    if log is not None:
+        log.close()
+
+    results = None
+    if args.eval_data:
+        results = run_eval(model, processor, args, eval_tasks)
+    # gloo teardown (notes Q5): drop DDP state, then barrier before destroying the group
+    del ddp_model, opt, loss, batches, loader
+    gc.collect()
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+def run_eval(model, processor, args, tasks):
+    """MMEB-style evaluation of the trained model (the demo: the synthetic eval split),
+    by the same code path as real MMEB (evaluate.py)."""
+    from evaluate import evaluate_mmeb, format_table, summarize
+    model.eval()
+    with torch.no_grad():
+        results = evaluate_mmeb(model, processor, args.eval_data, args.eval_image_dir, tasks,
+                                config=model_config(args), out_dir=os.path.join(args.out_dir, "eval"))
+    print0(format_table(results, tasks))
+    return results
+
+
+if __name__ == "__main__":
+    main()
