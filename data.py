@@ -25,6 +25,7 @@ exactly what was embedded.
 Run the checks: `pytest tests/test_data.py tests/test_model.py tests/test_matching.py`.
 """
 import ast
+import collections
 import glob
 import hashlib
 import os
@@ -496,6 +497,8 @@ class TrainDataset(torch.utils.data.Dataset):
     subsets: names (default: every subset under root that has `split` files; for a hub id,
       the 20 of MMEB_TRAIN_SUBSETS). max_rows_per_subset: head slice (VLM2Vec's cap).
     target_instructions: prepend TARGET_INSTRUCTIONS[subset] to text-only documents.
+    cache_items: keep up to this many encoded (text, image) sides in memory (LRU; 0 = off),
+      for small data that repeats items (the demo); identical output, less processor work.
 
     Hard negative: the row's neg_text/neg_image_path — plain strings (MMEB-train), or, in
     mmE5's hard-negative files, list literals of which element 0 is taken (list_columns,
@@ -518,7 +521,8 @@ class TrainDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, image_dir, processor, subsets=None, split="original",
-                 max_rows_per_subset=None, target_instructions=True, skip_bad_rows=False):
+                 max_rows_per_subset=None, target_instructions=True, skip_bad_rows=False,
+                 cache_items=0):
         patterns = [p for s in (subsets or MMEB_TRAIN_SUBSETS)
                     for p in (f"{s}/{split}-*.parquet", f"{s}/{split}/*.parquet")]
         self.root = resolve_dir(root, patterns)
@@ -551,6 +555,8 @@ class TrainDataset(torch.utils.data.Dataset):
         self.pos_ids = [doc_id(*row[3]) for row in self.rows]
         self.neg_ids = [doc_id(*row[4]) if row[4] else -1 for row in self.rows]
         self._bad = set()              # dataset indices found unreadable at load time
+        self.cache_items = cache_items # LRU of encoded (text, image) sides; 0 = off
+        self._cache = collections.OrderedDict()
 
     def _check_row(self, subset, r, row, lists):
         """Row dict → (subset, r, q, pos, neg); ValueError naming the first problem.
@@ -597,9 +603,17 @@ class TrainDataset(torch.utils.data.Dataset):
                 items.append(None)
                 continue
             text, image = side
+            if side in self._cache:                    # small data (the demo) repeats items
+                self._cache.move_to_end(side)
+                items.append(self._cache[side])
+                continue
             where = f"{subset} row {r} {name}"
             im = load_image(os.path.join(self.image_dir, image), where) if image else None
             items.append(encode_item(self.processor, text, im, where=where))
+            if self.cache_items:
+                self._cache[side] = items[-1]
+                if len(self._cache) > self.cache_items:
+                    self._cache.popitem(last=False)
         return items
 
     def __getitem__(self, i):

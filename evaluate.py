@@ -108,6 +108,11 @@ def hit_at_1(scores):
     return hit.sum().item() / len(hit)
 
 
+def chance_hit_at_1(rows):
+    """Expected Hit@1 of a random ranking: mean over queries of 1 / number of candidates."""
+    return sum(1 / len(r["tgt_text"]) for r in rows) / len(rows)
+
+
 def recall_at_k(scores, is_pos, k):
     """
     scores (Nq, Nc), is_pos (Nq, Nc) bool (≥ 1 positive per row). A query is a hit iff

@@ -27,6 +27,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -53,7 +54,7 @@ PRESETS = {
     # random tiny model needs a larger lr and temperature than LoRA on a pretrained one
     "demo": dict(model="tiny-qwen2-vl", steps=1500, batch_size=32, lr=1e-3, warmup_steps=20,
                  tau=0.05, num_tokens=4, weight_decay=0.01, lora=False, log_every=100,
-                 save_every=500, num_workers=0),
+                 save_every=500, num_workers=0, cache_items=100_000, match_instances=8),
 }
 
 
@@ -101,6 +102,8 @@ def parse_args(argv=None):
                    help="drop rows with missing/corrupt images or no content, count and report "
                         "them (default: stop with an error naming the row)")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (image decoding)")
+    p.add_argument("--cache_items", type=int, default=0,
+                   help="keep up to N encoded (text, image) items in memory (small data; 0 = off)")
     # losses
     p.add_argument("--tau", type=float, default=0.02, help="temperature of Eq. 3 (§4: 0.02)")
     p.add_argument("--w_orth", type=float, default=0.5, help="weight of Eq. 2 in Eq. 5 (0.5)")
@@ -123,6 +126,9 @@ def parse_args(argv=None):
     # run
     p.add_argument("--out_dir", default="runs/demo", help="checkpoints, log.jsonl, eval results")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an out_dir that holds checkpoints, deleting them "
+                        "(without it such a run stops, so no checkpoint is lost by accident)")
     p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     p.add_argument("--log_every", type=int, default=10, help="print a log line every N steps")
@@ -343,12 +349,25 @@ def main(argv=None):
             args.eval_data, args.eval_image_dir = paths["eval"], paths["image_dir"]
             eval_tasks = eval_tasks or DEMO_EVAL_TASKS
 
+    existing = checkpoint_dirs(args.out_dir)
+    if existing and not args.resume:
+        if not args.overwrite:
+            raise SystemExit(f"{args.out_dir} already holds {', '.join(map(os.path.basename, existing))}: "
+                             "pass --resume to continue, --overwrite to start over, or another --out_dir")
+        if master:
+            for path in existing + [os.path.join(args.out_dir, "eval")]:
+                shutil.rmtree(path, ignore_errors=True)
+            if os.path.exists(os.path.join(args.out_dir, "log.jsonl")):
+                os.remove(os.path.join(args.out_dir, "log.jsonl"))
+        if ddp:
+            dist.barrier()
+
     model, processor = build_model(args, device)
     tok = processor.tokenizer
     dataset = TrainDataset(args.train_data, args.image_dir, processor, subsets=args.subsets,
                            split=args.split, max_rows_per_subset=args.max_rows_per_subset,
                            target_instructions=args.target_instructions,
-                           skip_bad_rows=args.skip_bad_rows)
+                           skip_bad_rows=args.skip_bad_rows, cache_items=args.cache_items)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = 0
@@ -371,7 +390,8 @@ def main(argv=None):
            f"{device.type} × {world}")
 
     log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
-    bar = tqdm(total=args.steps, initial=start, disable=not master, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=start, dynamic_ncols=True,   # no bar in log files
+               disable=not master or not sys.stderr.isatty())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     batches, t_start, filled_total, step = iter(loader), time.time(), 0, start
     model.train()
@@ -453,13 +473,29 @@ def main(argv=None):
 def run_eval(model, processor, args, tasks):
     """MMEB-style evaluation of the trained model (the demo: the synthetic eval split),
     by the same code path as real MMEB (evaluate.py)."""
-    from evaluate import evaluate_mmeb, format_table, summarize
+    from evaluate import chance_hit_at_1, evaluate_mmeb, format_table, read_mmeb_task
+    out = os.path.join(args.out_dir, "eval")
+    if int(os.environ.get("RANK", 0)) == 0:
+        shutil.rmtree(out, ignore_errors=True)           # results of these weights only
+    if dist.is_initialized():
+        dist.barrier()
     model.eval()
     with torch.no_grad():
         results = evaluate_mmeb(model, processor, args.eval_data, args.eval_image_dir, tasks,
-                                config=model_config(args), out_dir=os.path.join(args.out_dir, "eval"))
+                                config=model_config(args), out_dir=out,
+                                progress=sys.stderr.isatty())
     print0(format_table(results, tasks))
-    return results
+    chance = {t: chance_hit_at_1(read_mmeb_task(args.eval_data, t)) for t in results}
+    lines = [f"{'task':<18} {'Hit@1':>6} {'chance':>7} {'× chance':>9}"]
+    for t, hit in results.items():
+        lines.append(f"{t:<18} {'missing' if hit is None else f'{hit:6.3f}':>6} {chance[t]:7.3f} "
+                     + ("" if hit is None else f"{hit / chance[t]:9.1f}"))
+    done = [t for t in results if results[t] is not None]
+    overall, overall_chance = (sum(results[t] for t in done) / len(done),
+                               sum(chance[t] for t in done) / len(done))
+    lines.append(f"{'overall':<18} {overall:6.3f} {overall_chance:7.3f} {overall / overall_chance:9.1f}")
+    print0("\n".join(lines))
+    return {"hit_at_1": results, "chance": chance, "overall": overall, "overall_chance": overall_chance}
 
 
 if __name__ == "__main__":
