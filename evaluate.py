@@ -65,7 +65,7 @@ the true caption strictly above the negative one; Replace/Swap/Add = mean of the
 
 Embedding API (build an index; vectors are L2-normalised fp32, batch-independent):
     from evaluate import Encoder
-    enc = Encoder("runs/rematch-2b/final")                     # loaded once
+    enc = Encoder("runs/rematch-2b/checkpoint-2500")           # loaded once
     docs = enc.encode(images=["a.jpg", "b.jpg"], instruction="Represent the given image.", side="d")
     q = enc.encode(texts=["a dog on a beach"],
                    instruction="Find me an everyday image that matches the given caption:")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import collate_embed, collate_match
+from data import MMEB_TRAIN_SUBSETS, collate_embed, collate_match
 from losses import info_nce, matching_loss, orthogonality_loss, total_loss
 from masks import VIEW_SETS
 from model import TINY, ReMatch, apply_lora, load_backbone, load_heads, save_rematch
@@ -42,7 +42,8 @@ from model import TINY, ReMatch, apply_lora, load_backbone, load_heads, save_rem
 # ----------------------------------------------------------------------------------
 # Presets: the paper's four models (§4) and the CPU demo. Explicit flags override them.
 
-PAPER = dict(steps=2500, batch_size=128, lr=1e-4, warmup_steps=100, tau=0.02, num_tokens=16,
+PAPER = dict(subsets=list(MMEB_TRAIN_SUBSETS),             # MMEB-train's 20, not mmE5's extra 4
+             steps=2500, batch_size=128, lr=1e-4, warmup_steps=100, tau=0.02, num_tokens=16,
              lora=True, lora_r=32, lora_alpha=64, grad_checkpointing=True,
              max_pixels=1280 * 28 * 28, num_workers=8, save_every=500, log_every=10)
 PRESETS = {
@@ -332,6 +333,18 @@ def main(argv=None):
     ddp, rank, world, device = setup_distributed()
     master = rank == 0
     os.makedirs(args.out_dir, exist_ok=True)
+    existing = checkpoint_dirs(args.out_dir)
+    if existing and not args.resume:
+        if not args.overwrite:
+            raise SystemExit(f"{args.out_dir} already holds {', '.join(map(os.path.basename, existing))}: "
+                             "pass --resume to continue, --overwrite to start over, or another --out_dir")
+        if master:
+            for path in existing + [os.path.join(args.out_dir, "eval")]:
+                shutil.rmtree(path, ignore_errors=True)
+            if os.path.exists(os.path.join(args.out_dir, "log.jsonl")):
+                os.remove(os.path.join(args.out_dir, "log.jsonl"))
+        if ddp:
+            dist.barrier()
 
     eval_tasks = args.eval_tasks
     if args.train_data is None:                  # the built-in synthetic benchmark (demo)
@@ -348,19 +361,6 @@ def main(argv=None):
         if args.eval_data is None:
             args.eval_data, args.eval_image_dir = paths["eval"], paths["image_dir"]
             eval_tasks = eval_tasks or DEMO_EVAL_TASKS
-
-    existing = checkpoint_dirs(args.out_dir)
-    if existing and not args.resume:
-        if not args.overwrite:
-            raise SystemExit(f"{args.out_dir} already holds {', '.join(map(os.path.basename, existing))}: "
-                             "pass --resume to continue, --overwrite to start over, or another --out_dir")
-        if master:
-            for path in existing + [os.path.join(args.out_dir, "eval")]:
-                shutil.rmtree(path, ignore_errors=True)
-            if os.path.exists(os.path.join(args.out_dir, "log.jsonl")):
-                os.remove(os.path.join(args.out_dir, "log.jsonl"))
-        if ddp:
-            dist.barrier()
 
     model, processor = build_model(args, device)
     tok = processor.tokenizer
