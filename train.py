@@ -206,8 +206,12 @@ def build_model(args, device):
     if args.w_qdm == 0:                        # no matching: projector and LM head get no gradient
         model.projector.requires_grad_(False)
         model.hf.lm_head.requires_grad_(False)
-    if args.grad_checkpointing:
-        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.grad_checkpointing:                # non-reentrant: safe with DDP and several forwards
+        hf = model.hf
+        if hasattr(hf, "activation_checkpointing_enable"):                    # transformers ≥ 5.x
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device), processor
 
 

@@ -211,3 +211,30 @@ def test_demo_learns_shortened(tmp_path):
     assert res["overall"] >= 2 * res["overall_chance"], res
     assert set(res["hit_at_1"]) == {"ShapesCLS", "ShapesVQA", "ShapesT2I", "ShapesI2T",
                                     "ShapesObjectT2I", "ShapesVG"}
+
+
+def test_activation_checkpointing_gives_the_same_gradients(fixture_dir, tmp_path, monkeypatch):
+    """--grad_checkpointing recomputes activations; the gradients must not change (fp64)."""
+    import train
+    from data import TrainDataset
+
+    grads = []
+    for extra in ((), ("--grad_checkpointing",)):
+        args = train.parse_args(flags(fixture_dir, str(tmp_path), "--dtype", "float64", *extra))
+        model, processor = train.build_model(args, torch.device("cpu"))
+        model.train()
+        dataset = TrainDataset(args.train_data, args.image_dir, processor)
+        loss, _, _ = train.train_step(model, [dataset[i] for i in range(3)], processor.tokenizer, args, 0)
+        calls, linear = {"n": 0}, torch.nn.functional.linear
+
+        def counting_linear(*a, **k):               # recomputed layers call it again in backward
+            calls["n"] += 1
+            return linear(*a, **k)
+        monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+        loss.backward()
+        monkeypatch.setattr(torch.nn.functional, "linear", linear)
+        grads.append(({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, calls["n"]))
+    (plain, n_plain), (ckpt, n_ckpt) = grads
+    assert n_plain == 0 and n_ckpt > 0          # the layers really ran again in backward
+    for name in plain:
+        torch.testing.assert_close(plain[name], ckpt[name], atol=1e-10, rtol=1e-8, msg=name)
