@@ -29,3 +29,25 @@ def shape_image(colour, size=56, shape="circle", background="white"):
     draw = ImageDraw.Draw(im)
     (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=colour)
     return im
+
+
+def run_processes(target, args_per_rank, err_dir, timeout):
+    """Start one spawned process per args tuple, wait at most `timeout` s each, kill any
+    that hang, and fail with the workers' tracebacks (written to err_dir/rank*.err)."""
+    import pathlib
+
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=a) for a in args_per_rank]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    errors = "".join(f.read_text() for f in sorted(pathlib.Path(err_dir).glob("rank*.err")))
+    assert not hung, f"worker(s) did not finish within {timeout}s\n{errors}"
+    assert [p.exitcode for p in procs] == [0] * len(procs), \
+        f"worker exit codes {[p.exitcode for p in procs]}\n{errors}"

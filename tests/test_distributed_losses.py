@@ -14,10 +14,10 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from conftest import run_processes
 from losses import info_nce
 
 W, B, D_IN, D = 2, 3, 6, 5  # ranks, queries per rank, raw input size, embedding size
@@ -105,19 +105,7 @@ def _worker(rank, rendezvous_file, out_dir):
 def runs(tmp_path_factory):
     """(per-rank results from 2 gloo processes, single-process results on all W*B rows)."""
     tmp = tmp_path_factory.mktemp("dist")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, str(tmp / "rendezvous"), str(tmp))) for r in range(W)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    errors = "".join(f.read_text() for f in sorted(tmp.glob("rank*.err")))
-    assert not hung, f"worker(s) did not finish within {TIMEOUT_S}s\n{errors}"
-    assert [p.exitcode for p in procs] == [0] * W, f"worker exit codes {[p.exitcode for p in procs]}\n{errors}"
+    run_processes(_worker, [(r, str(tmp / "rendezvous"), str(tmp)) for r in range(W)], tmp, TIMEOUT_S)
     per_rank = [torch.load(tmp / f"rank{r}.pt") for r in range(W)]
     return per_rank, run_cases(slice(None))
 

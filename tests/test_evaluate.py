@@ -23,11 +23,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import evaluate as ev
-from conftest import shape_image
+from conftest import run_processes, shape_image
 from data import collate_embed, encode_item, find_parquet, load_image
 from model import ReMatch, load_backbone, save_rematch
 
@@ -318,19 +317,8 @@ def _dist_worker(rank, world, rendezvous, mmeb_dir, image_dir, out_dir):
 
 def test_two_gloo_processes_equal_one(bench, reference, tmp_path):
     W = 2
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_dist_worker, args=(r, W, str(tmp_path / "rdv"), *bench, str(tmp_path)))
-             for r in range(W)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    errors = "".join(f.read_text() for f in sorted(tmp_path.glob("rank*.err")))
-    assert not hung and [p.exitcode for p in procs] == [0] * W, errors
+    run_processes(_dist_worker, [(r, W, str(tmp_path / "rdv"), *bench, str(tmp_path)) for r in range(W)],
+                  tmp_path, TIMEOUT_S)
     out = [torch.load(tmp_path / f"rank{r}.pt") for r in range(W)]
     ref_results, ref_rec = reference
     assert out[0]["results"] == ref_results and out[1]["results"] == ref_results
