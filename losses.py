@@ -6,7 +6,7 @@
     matching_loss       Eq. 4  -log p(Yes/No) at the answer positions of the matching pass (§3.2.3)
     total_loss          Eq. 5  L = L_cl + w_orth * L_orth + w_qdm * L_qdm (§3.2.4)
 
-Every loss computes in at least fp32 (`_fp32` upcasts bf16/fp16 inputs; fp64 stays
+Every loss computes in at least fp32 (`at_least_fp32` upcasts bf16/fp16 inputs; fp64 stays
 fp64), so bf16 callers get stable numbers. Conventions that the paper leaves open are fixed in SPEC.md §2.
 
 Test:  pytest tests/test_losses.py tests/test_distributed_losses.py
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-def _fp32(x):
+def at_least_fp32(x):
     """Upcast half-precision tensors to fp32; fp32 and fp64 pass through unchanged."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -103,7 +103,7 @@ def orthogonality_loss(e):
     mutually orthogonal and 1 when they are all parallel. K=1 has no pair and gives 0.
     """
     N, K, d = e.shape
-    e_tilde = F.normalize(_fp32(e), dim=-1)  # (N, K, d), unit rows
+    e_tilde = F.normalize(at_least_fp32(e), dim=-1)  # (N, K, d), unit rows
     G = e_tilde @ e_tilde.transpose(1, 2)  # (N, K, d) @ (N, d, K) -> (N, K, K), G[n, i, j] = ẽ_iᵀẽ_j
     off_diag = ~torch.eye(K, dtype=torch.bool, device=e.device)  # (K, K), True where i != j
     # the sum over i != j counts every pair i<j twice, so dividing by K(K-1) gives 2/(K(K-1)) Σ_{i<j}
@@ -147,10 +147,10 @@ def info_nce(q, d_pos, d_neg=None, tau=0.02, pos_ids=None, neg_ids=None):
     rank, _ = _world()
     _check_same_batch_size(B, q.device)
 
-    E_q = F.normalize(_fp32(q), dim=-1)  # (B, d), unit rows, so dot product = cosine
+    E_q = F.normalize(at_least_fp32(q), dim=-1)  # (B, d), unit rows, so dot product = cosine
     docs = [d_pos] if d_neg is None else [d_pos, d_neg]
     # columns [D+_all ; D-_all]: C = W*B documents, or 2*W*B with the hard negatives
-    E_d = torch.cat([_gather(F.normalize(_fp32(x), dim=-1)) for x in docs])  # (C, d)
+    E_d = torch.cat([_gather(F.normalize(at_least_fp32(x), dim=-1)) for x in docs])  # (C, d)
     logits = E_q @ E_d.T / tau  # (B, d) @ (d, C) -> (B, C), cos(E_q, E_d) / τ
     target = rank * B + torch.arange(B, device=q.device)  # (B,), column of each query's own positive
 
@@ -175,7 +175,7 @@ def matching_loss(logits, labels):
     labels: (M,) token ids of the answers: "Yes" for a view of d+, "No" for a view of d-.
     Returns a scalar, the mean over the M answers of -log softmax(logits)[label].
     """
-    return F.cross_entropy(_fp32(logits), labels)  # (M, V), (M,) -> scalar
+    return F.cross_entropy(at_least_fp32(logits), labels)  # (M, V), (M,) -> scalar
 
 
 def total_loss(l_cl, l_orth, l_qdm, w_orth=0.5, w_qdm=0.1):

@@ -21,6 +21,7 @@ Several machines (run on each, NODE_RANK = 0..N-1):
 Tests: pytest tests/test_train.py
 """
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from data import MMEB_TRAIN_SUBSETS, collate_embed, collate_match
-from losses import info_nce, matching_loss, orthogonality_loss, total_loss
+from losses import at_least_fp32, info_nce, matching_loss, orthogonality_loss, total_loss
 from masks import VIEW_SETS
 from model import TINY, ReMatch, apply_lora, load_backbone, load_heads, save_rematch
 
@@ -119,6 +120,9 @@ def parse_args(argv=None):
     # optimisation
     p.add_argument("--steps", type=int, default=2500, help="optimiser steps (§4: 2500)")
     p.add_argument("--batch_size", type=int, default=128, help="queries per rank per step (§4: 128 × 8)")
+    p.add_argument("--chunk_size", type=int, default=None,
+                   help="cached-gradient micro-batching: embed and backpropagate this many "
+                        "instances at a time (same gradients, memory of one chunk); default off")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (§4: 1e-4)")
     p.add_argument("--warmup_steps", type=int, default=100, help="linear warm-up steps, then cosine decay")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
@@ -156,6 +160,8 @@ def parse_args(argv=None):
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        p.error(f"--chunk_size must be >= 1, got {args.chunk_size}")
     if args.num_tokens < 0 or args.tau <= 0 or args.lr <= 0:
         p.error("--num_tokens must be >= 0, --tau and --lr > 0")
     if args.train_data is not None and args.image_dir is None:
@@ -291,39 +297,142 @@ def load_checkpoint(path, model, opt):
 # ----------------------------------------------------------------------------------
 # The loop
 
-def train_step(model, examples, tok, args, step):
-    """One step's forward and losses (Eq. 2–5) on this rank's B examples."""
-    B, K = len(examples), args.num_tokens
+def step_instances(examples, args, step):
+    """This rank's B instances: item lists, document ids, and d⁺'s slot for the M instances
+    that enter matching (seeded per (step, row), whatever rank or chunk the row lands on)."""
     q_items = [ex["q"] for ex in examples]
     pos_items = [ex["pos"] for ex in examples]
     neg_items, neg_ids, filled = fill_negatives(
         examples if args.hard_negative else [dict(ex, neg=None) for ex in examples])
-    q = collate_embed(q_items, tok, K, args.embed_template)
-    d = collate_embed(pos_items + neg_items, tok, K, args.embed_template)   # [d⁺ ; d⁻]
-    match = None
-    if args.w_qdm > 0:
-        M = min(args.match_instances or B, B)
-        # d⁺'s slot: seeded per (step, row), whatever rank the row lands on
-        slots = [1 if random.Random(f"{args.seed}-{step}-{ex['index']}").random() < 0.5 else 2
-                 for ex in examples[:M]]
-        match = collate_match(q_items[:M], pos_items[:M], neg_items[:M], tok,
-                              VIEW_SETS[args.match_views], slots)
-    out = model(q, d, match, n_pos=B)
+    pos_ids = [ex["pos_id"] for ex in examples]
+    M = min(args.match_instances or len(examples), len(examples)) if args.w_qdm > 0 else 0
+    slots = [1 if random.Random(f"{args.seed}-{step}-{ex['index']}").random() < 0.5 else 2
+             for ex in examples[:M]]
+    return q_items, pos_items, neg_items, pos_ids, neg_ids, slots, filled
+
+
+def collate_step(q_items, pos_items, neg_items, slots, tok, args):
+    """Model inputs: query batch, document batch [d⁺ ; d⁻], matching batch over the first
+    len(slots) instances (None without matching)."""
+    q = collate_embed(q_items, tok, args.num_tokens, args.embed_template)
+    d = collate_embed(pos_items + neg_items, tok, args.num_tokens, args.embed_template)
+    match = collate_match(q_items[:len(slots)], pos_items[:len(slots)], neg_items[:len(slots)],
+                          tok, VIEW_SETS[args.match_views], slots) if slots else None
+    return q, d, match
+
+
+def doc_ids(pos_ids, neg_ids, args, device):
+    if not args.mask_duplicates:
+        return None, None
+    return torch.tensor(pos_ids, device=device), torch.tensor(neg_ids, device=device)
+
+
+def train_step(model, examples, tok, args, step):
+    """One step's forward and losses (Eq. 2–5) on this rank's B examples."""
+    B = len(examples)
+    q_items, pos_items, neg_items, pos_ids, neg_ids, slots, filled = step_instances(examples, args, step)
+    out = model(*collate_step(q_items, pos_items, neg_items, slots, tok, args), n_pos=B)
     E_pos, E_neg = out["E_d"][:B], out["E_d"][B:]                            # (B, d) each
     device = E_pos.device
-    ids = (torch.tensor([ex["pos_id"] for ex in examples], device=device),
-           torch.tensor(neg_ids, device=device)) if args.mask_duplicates else (None, None)
-    l_cl = info_nce(out["E_q"], E_pos, E_neg, args.tau, *ids)                          # Eq. 3
+    l_cl = info_nce(out["E_q"], E_pos, E_neg, args.tau,
+                    *doc_ids(pos_ids, neg_ids, args, device))                         # Eq. 3
     zero = torch.zeros((), device=device)
     l_orth = orthogonality_loss(torch.cat([out["e_q"], out["e_d"]])) \
-        if args.w_orth > 0 and K > 1 else zero                                        # Eq. 2
+        if args.w_orth > 0 and args.num_tokens > 1 else zero                          # Eq. 2
     l_qdm, acc = zero, zero
-    if match is not None:
+    if slots:
         l_qdm = matching_loss(out["logits"], out["labels"])                           # Eq. 4
         acc = (out["logits"].argmax(-1) == out["labels"]).float().mean()
     loss = total_loss(l_cl, l_orth, l_qdm, args.w_orth, args.w_qdm)                   # Eq. 5
     return loss, {"loss": loss.detach(), "L_cl": l_cl.detach(), "L_orth": l_orth.detach(),
                   "L_qdm": l_qdm.detach(), "match_acc": acc.detach()}, filled
+
+
+def _rng_state(device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def _replayed_rng(state, device):
+    """Run a block with the RNG state of phase 1 (dropout masks repeat), then restore."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+def train_step_chunked(ddp_model, model, examples, tok, args, step, autocast):
+    """
+    Cached-gradient micro-batching (GradCache; SPEC §4): the same gradients as train_step
+    on the whole per-rank batch, with activation memory of one chunk of args.chunk_size.
+      phase 1  embed every chunk without a graph (RNG state kept per chunk) → E (B, d);
+               Eq. 3 on the full (global) batch; keep g = ∂L_cl/∂E.
+      phase 2  re-embed each chunk with a graph under the same RNG state and backpropagate
+               Σ E·g (the chain rule through E) plus the chunk's share of Eq. 2 (per item)
+               and of Eq. 4 (per instance: the chunk's own instances build their matching
+               rows from the re-embedded E). Chunk 0 runs last: only it synchronises DDP
+               gradients, and it holds matching instances (the first M of the batch).
+    Does the backward itself; returns (loss terms, filled) like train_step.
+    """
+    B, c, device = len(examples), args.chunk_size, model.device
+    q_items, pos_items, neg_items, pos_ids, neg_ids, slots, filled = step_instances(examples, args, step)
+    chunks = [range(a, min(a + c, B)) for a in range(0, B, c)]
+    pick = lambda items, ch: [items[i] for i in ch]                       # noqa: E731
+
+    states, E_q, E_pos, E_neg = [], [], [], []
+    with torch.no_grad(), autocast:                                           # phase 1
+        for ch in chunks:
+            states.append(_rng_state(device))
+            q, d, _ = collate_step(pick(q_items, ch), pick(pos_items, ch), pick(neg_items, ch),
+                                   [], tok, args)
+            E_q.append(model.embed(q, "q")[0])
+            E_d = model.embed(d, "d")[0]                                      # (2c, d)
+            E_pos.append(E_d[:len(ch)])
+            E_neg.append(E_d[len(ch):])
+    E_q, E_pos, E_neg = (at_least_fp32(torch.cat(E)).requires_grad_() for E in (E_q, E_pos, E_neg))  # (B, d)
+    l_cl = info_nce(E_q, E_pos, E_neg, args.tau, *doc_ids(pos_ids, neg_ids, args, device))  # Eq. 3
+    l_cl.backward()                                       # g = ∂L_cl/∂E, gathered over ranks
+    g_q, g_d = E_q.grad, torch.stack([E_pos.grad, E_neg.grad])               # (B, d), (2, B, d)
+
+    l_orth, l_qdm, hits = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(3))
+    for j in reversed(range(len(chunks))):                                   # phase 2
+        ch, sync = chunks[j], j == 0
+        ch_slots = slots[ch.start:min(ch.stop, len(slots))]
+        q, d, match = collate_step(pick(q_items, ch), pick(pos_items, ch), pick(neg_items, ch),
+                                   ch_slots, tok, args)
+        no_sync = ddp_model.no_sync() if hasattr(ddp_model, "no_sync") and not sync \
+            else contextlib.nullcontext()
+        with no_sync, _replayed_rng(states[j], device):
+            with autocast:
+                out = ddp_model(q, d, match, n_pos=len(ch))
+            g_dj = g_d[:, ch.start:ch.stop].reshape(-1, g_d.shape[-1])      # (2c, d): [d⁺ ; d⁻]
+            part = (at_least_fp32(out["E_q"]) * g_q[ch.start:ch.stop]).sum() \
+                + (at_least_fp32(out["E_d"]) * g_dj).sum()                  # Σ E·g
+            if args.w_orth > 0 and args.num_tokens > 1:                       # Eq. 2, this chunk's share
+                share = orthogonality_loss(torch.cat([out["e_q"], out["e_d"]])) * len(ch) / B
+                part = part + args.w_orth * share
+                l_orth += share.detach()
+            if match is not None:                                             # Eq. 4, this chunk's share
+                share = matching_loss(out["logits"], out["labels"]) * len(ch_slots) / len(slots)
+                part = part + args.w_qdm * share
+                l_qdm += share.detach()
+                hits += (out["logits"].argmax(-1) == out["labels"]).float().sum()
+            part.backward()
+    acc = hits / (len(slots) * len(VIEW_SETS[args.match_views])) if slots else hits
+    loss = total_loss(l_cl.detach(), l_orth, l_qdm, args.w_orth, args.w_qdm)
+    return {"loss": loss, "L_cl": l_cl.detach(), "L_orth": l_orth, "L_qdm": l_qdm,
+            "match_acc": acc}, filled
+
+
+def forward_backward(ddp_model, model, examples, tok, args, step, autocast):
+    """The step's forward and backward, plain or with cached-gradient chunks; → (terms, filled)."""
+    if args.chunk_size and args.chunk_size < len(examples):
+        return train_step_chunked(ddp_model, model, examples, tok, args, step, autocast)
+    with autocast:
+        loss, terms, filled = train_step(ddp_model, examples, tok, args, step)
+    loss.backward()
+    return terms, filled
 
 
 def main(argv=None):
@@ -405,11 +514,11 @@ def main(argv=None):
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        with autocast:
-            loss, terms, filled = train_step(ddp_model, examples, tok, args, step)
+        opt.zero_grad(set_to_none=True)
+        terms, filled = forward_backward(ddp_model, model, examples, tok, args, step, autocast)
         filled_total += filled
         stats = torch.stack(list(terms.values())).float()                    # (5,) this rank
-        finite = torch.isfinite(loss).float()[None]
+        finite = torch.isfinite(terms["loss"]).float()[None]
         if ddp:                                  # every rank stops together on a bad loss
             dist.all_reduce(stats)
             stats /= world
@@ -420,8 +529,6 @@ def main(argv=None):
                 f"step {step}: non-finite loss on some rank (this rank: "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
                 + f"); stopping. Last checkpoint: {last[-1] if last else 'none'} (intact).")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         opt.step()
 
@@ -466,7 +573,7 @@ def main(argv=None):
     if args.eval_data:
         results = run_eval(model, processor, args, eval_tasks)
     # gloo teardown (notes Q5): drop DDP state, then barrier before destroying the group
-    del ddp_model, opt, loss, batches, loader
+    del ddp_model, opt, batches, loader
     gc.collect()
     if ddp:
         dist.barrier()

@@ -1,9 +1,11 @@
 """
 Worker for tests/test_train.py::test_two_process_ddp_training, launched by torchrun:
     torchrun --standalone --nproc_per_node=2 tests/ddp_train_worker.py OUT_DIR -- TRAIN_FLAGS...
-Runs a few real training steps with train.py's pieces (DDP, gloo) and saves, per rank,
+Runs a few real training steps with train.py's pieces (DDP, gloo; --chunk_size for
+cached-gradient micro-batching) and saves, per rank,
 the rows it saw, the first step's (DDP-averaged) gradients and the final parameters.
 """
+import contextlib
 import gc
 import os
 import sys
@@ -33,17 +35,16 @@ def main():
     for step in range(args.steps):
         idx = next(sampler)
         seen.append(list(idx))
-        loss, _, _ = train.train_step(ddp_model, [dataset[i] for i in idx], processor.tokenizer,
-                                      args, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        train.forward_backward(ddp_model, model, [dataset[i] for i in idx], processor.tokenizer,
+                               args, step, contextlib.nullcontext())
         if first_grads is None:
             first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         opt.step()
     torch.save({"seen": seen, "grads": first_grads,
                 "params": {n: p.detach().clone() for n, p in model.named_parameters()}},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    del ddp_model, opt, loss                         # gloo teardown (notes Q5)
+    del ddp_model, opt                               # gloo teardown (notes Q5)
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()

@@ -64,15 +64,18 @@ def last_log(out):
 
 # ---------------------------------------------------------------------------- DDP
 
-def test_two_process_ddp_training(fixture_dir, tmp_path):
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_two_process_ddp_training(fixture_dir, tmp_path, chunk):
     """torchrun, 2 gloo ranks × B: disjoint rows, identical parameters across ranks, and
-    the first step's gradients == one process on the same global batch of 2B."""
+    the first step's gradients == one process on the same global batch of 2B (plain
+    step), also with cached-gradient chunks of 2 on each rank (chunks 2 + 1)."""
     import train
     from data import TrainBatchSampler, TrainDataset
 
     steps = 3
     fl = flags(fixture_dir, str(tmp_path / "run"), "--steps", str(steps), "--match_views", "all",
-               "--dtype", "float64")                # fp64: the comparison is exact up to 1e-10
+               "--dtype", "float64",                # fp64: the comparison is exact up to 1e-10
+               *(["--chunk_size", str(chunk)] if chunk else []))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(REPO, "tests", "ddp_train_worker.py"), str(tmp_path), "--", *fl]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -84,6 +87,7 @@ def test_two_process_ddp_training(fixture_dir, tmp_path):
         assert torch.equal(r0["params"][name], r1["params"][name]), name
 
     args = train.parse_args(fl)
+    args.chunk_size = None                                           # the oracle: one plain step
     model, processor = train.build_model(args, torch.device("cpu"))
     dataset = TrainDataset(args.train_data, args.image_dir, processor)
     idx = next(iter(TrainBatchSampler(dataset, 2 * args.batch_size, 1, 0, args.seed)))
@@ -93,6 +97,34 @@ def test_two_process_ddp_training(fixture_dir, tmp_path):
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(r0["grads"][name], p.grad, atol=1e-9, rtol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("chunk,M", [(2, 3), (1, None), (4, 1)])
+def test_chunked_step_gives_the_same_gradients(fixture_dir, tmp_path, chunk, M):
+    """Cached-gradient micro-batching (--chunk_size) == the plain step on the whole batch:
+    parameter gradients (fp64, 1e-9) and logged loss terms; uneven chunks, and chunks
+    with no, some or all instances in the matching pass."""
+    import contextlib
+
+    import train
+    from data import TrainDataset
+
+    extra = ["--match_instances", str(M)] if M else []
+    base = flags(fixture_dir, str(tmp_path), "--batch_size", "5", "--dtype", "float64", *extra)
+    runs = []
+    for fl in (base, base + ["--chunk_size", str(chunk)]):
+        args = train.parse_args(fl)
+        model, processor = train.build_model(args, torch.device("cpu"))
+        dataset = TrainDataset(args.train_data, args.image_dir, processor)
+        terms, _ = train.forward_backward(model, model, [dataset[i] for i in range(5)],
+                                          processor.tokenizer, args, 0, contextlib.nullcontext())
+        runs.append((terms, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (t0, g0), (t1, g1) = runs
+    for k in t0:
+        torch.testing.assert_close(t1[k].double(), t0[k].double(), atol=1e-10, rtol=1e-9, msg=k)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-10, rtol=1e-8, msg=name)
 
 
 # ---------------------------------------------------------------------------- resume
@@ -173,6 +205,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(fixture_dir, tmp_path, m
 @pytest.mark.parametrize("bad,message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--train_data", "x"], "--train_data needs --image_dir"),
+    (["--chunk_size", "0"], "--chunk_size must be >= 1"),
     (["--tau", "0"], "--tau"),
     (["--match_views", "everything"], "invalid choice"),
 ])
