@@ -243,6 +243,7 @@ class ReMatch(nn.Module):
         self.backbone = backbone
         self.num_tokens = num_tokens
         self.embed_template = embed_template
+        self.tokens_processed = 0          # decoder tokens run so far (throughput logs)
         hf = self.hf
         d = hf.config.text_config.hidden_size
         W = hf.get_input_embeddings().weight.detach().double()                # (V, d)
@@ -298,6 +299,7 @@ class ReMatch(nn.Module):
     def last_hidden(self, inputs_embeds, attention_mask, position_ids):
         """Decoder over inputs_embeds; last-layer (post-norm) states (N, T, d). The LM head
         is not applied here (embedding passes never need it)."""
+        self.tokens_processed += inputs_embeds.shape[0] * inputs_embeds.shape[1]
         return self.hf.model.language_model(inputs_embeds=inputs_embeds,
                                             attention_mask=attention_mask,
                                             position_ids=position_ids,

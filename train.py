@@ -146,6 +146,9 @@ def parse_args(argv=None):
     p.add_argument("--stop_after_steps", type=int, default=None,
                    help="stop (and checkpoint) after this many steps in this run, e.g. to fit a "
                         "job time limit; continue later with --resume (the schedule stays --steps)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="accelerator peak TFLOP/s for the MFU estimate in the logs (CUDA only; "
+                        "default: from the GPU name for A100/H100/H800, else no MFU)")
     p.add_argument("--find_unused_parameters", action="store_true",
                    help="DDP find_unused_parameters (needed when some trainable weights get no "
                         "gradient in a step, e.g. a fully trained vision tower on text-only batches)")
@@ -189,6 +192,19 @@ def setup_distributed():
 def print0(*a, **kw):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*a, **kw, flush=True)
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def peak_tflops(args, device):
+    """Peak bf16 TFLOP/s of this GPU (flag, else by name), None if unknown or on CPU."""
+    if device.type != "cuda":
+        return None
+    if args.peak_tflops:
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def lr_at(step, args):
@@ -507,6 +523,7 @@ def main(argv=None):
                disable=not master or not sys.stderr.isatty())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     batches, t_start, filled_total, step = iter(loader), time.time(), 0, start
+    peak, n_params, tokens_before = peak_tflops(args, device), sum(p.numel() for p in model.parameters()), 0
     model.train()
     for step in range(start, args.steps):
         t0 = time.time()
@@ -532,9 +549,15 @@ def main(argv=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         opt.step()
 
+        dt = time.time() - t0
+        tokens = world * (model.tokens_processed - tokens_before)   # decoder tokens, all ranks
+        tokens_before = model.tokens_processed
         record = {"step": step + 1, **{k: round(v, 6) for k, v in zip(terms, stats.tolist())},
                   "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                  "samples_per_s": round(world * len(examples) / (time.time() - t0), 2)}
+                  "samples_per_s": round(world * len(examples) / dt, 2),
+                  "tokens_per_s": round(tokens / dt)}
+        if peak:   # MFU ≈ 6·N·tokens/s / peak (forward + backward; frozen LoRA weights make it an upper bound)
+            record["mfu"] = round(6 * n_params * tokens / dt / (world * peak * 1e12), 4)
         if master:
             log.write(json.dumps(record) + "\n")
             log.flush()

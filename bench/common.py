@@ -24,7 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)                         # the flat repo: model.py, data.py, ...
 
-from data import encode_item                     # noqa: E402
+from data import COLOURS, SHAPES, encode_item    # noqa: E402
 from model import load_backbone                  # noqa: E402
 
 # ----------------------------------------------------------------------------------
@@ -78,8 +78,6 @@ QUERY_TEXT = ("<|image_1|>\nRepresent the given image with the following questio
               "What colour is the {} on the {}? Find a caption describing the given image.")
 DOC_IMAGE_TEXT = "<|image_1|>\nRepresent the given image."
 DOC_TEXT = "a picture of a {} {} on the {} and a {} {} on the {}"
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-SHAPES = ("circle", "square", "triangle", "cross")
 
 
 def image(i, size):
@@ -90,7 +88,8 @@ def image(i, size):
     for k in range(2):
         c = COLOURS[(i + 3 * k) % len(COLOURS)]
         x0 = k * size // 2 + size // 16
-        (draw.ellipse if (i + k) % 2 else draw.rectangle)((x0, size // 4, x0 + size // 3, 3 * size // 4), fill=c)
+        box = (x0, size // 4, x0 + size // 3, 3 * size // 4)
+        (draw.ellipse if (i + k) % 2 else draw.rectangle)(box, fill=c)
     return im
 
 

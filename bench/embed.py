@@ -10,7 +10,8 @@ instruction; document = a caption (text only) or an image with a short instructi
 Each kind runs on its own batch (as evaluate.py embeds one side per batch); the chat
 template of §3.2.1 wraps every item. Times are medians of the full embedding call
 (vision tower included, no grad), and of forward + backward of a scalar of E into
-every weight (the training side). Ratios are relative to K = 0 of the same kind.
+every weight (the training side), and the peak memory of the latter above its start
+(bench/common.py). Ratios are relative to K = 0 of the same kind.
 
     python bench/embed.py                                 # N=8, 224² images (64 tokens)
     python bench/embed.py --image_size 448 --batch 16 --reps 10
@@ -23,8 +24,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_common_args, fmt, make_item, print_config, print_table, ratio,  # noqa: E402
-                    setup, time_variants)
+from common import (add_common_args, fmt, make_item, peak_mib, print_config, print_table,  # noqa: E402
+                    ratio, setup, time_variants)
 from data import EMBED_TEMPLATES, collate_embed  # noqa: E402
 from model import ReMatch  # noqa: E402
 
@@ -82,19 +83,21 @@ def main(argv=None):
             fns[kind, K, "fwd"] = fwd(kind, K)
             fns[kind, K, "fwd+bwd"] = fwd_bwd(kind, K)
     t = time_variants(fns, args.reps, args.warmup, args.device)
+    mem = {k: peak_mib(fns[k], args.device) for k in fns if k[2] == "fwd+bwd"}   # after all timings
 
     K0 = args.num_tokens[0]
     tokens = {k: b["attention_mask"].sum().item() / N for k, b in batches.items()}   # per item
     header = ["kind", "K", "tokens/item", "tokens vs K0", "fwd ms", "fwd vs K0", "fwd+bwd ms",
-              "fwd+bwd vs K0"]
+              "fwd+bwd vs K0", "fwd+bwd peak MiB", "peak vs K0"]
     rows = [[kind, K, fmt(tokens[kind, K], ".0f"), ratio(tokens[kind, K], tokens[kind, K0], ".3f"),
              fmt(1e3 * t[kind, K, "fwd"]), ratio(t[kind, K, "fwd"], t[kind, K0, "fwd"]),
-             fmt(1e3 * t[kind, K, "fwd+bwd"]), ratio(t[kind, K, "fwd+bwd"], t[kind, K0, "fwd+bwd"])]
+             fmt(1e3 * t[kind, K, "fwd+bwd"]), ratio(t[kind, K, "fwd+bwd"], t[kind, K0, "fwd+bwd"]),
+             fmt(mem[kind, K, "fwd+bwd"]), ratio(mem[kind, K, "fwd+bwd"], mem[kind, K0, "fwd+bwd"])]
             for kind in args.kinds for K in args.num_tokens]
     print(f"\nmedian of {args.reps} (after {args.warmup} warm-up), N={N} items per batch, "
           f"ratios vs K={K0}")
     print_table(header, rows)
-    return {"time": t, "tokens": tokens}
+    return {"time": t, "tokens": tokens, "memory": mem}
 
 
 if __name__ == "__main__":

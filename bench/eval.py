@@ -11,9 +11,11 @@ MMEB image does. Side by side in one run, per task:
   naive   the loop below: per row, embed_items on [query] + candidates, cosine scores,
           the same rule for a copy of the positive later in its list (score_rows), Hit@1.
 Reported: embedded items and ReMatch.embed calls (batches) of each, median wall time
-(reading the parquet file and loading images included in both), their ratios, and
-whether both give the same Hit@1. The model is the untrained tiny backbone with K
-learnable tokens: its Hit@1 is near chance, which is fine for a cost comparison.
+(reading the parquet file and loading images included in both), their ratios, whether
+both give the same Hit@1, and the largest score difference (evaluate_mmeb's scores
+recomputed untimed with its own steps: task_items, embed_items, score_rows). The model
+is the untrained tiny backbone with K learnable tokens: its Hit@1 is near chance, which
+is fine for a cost comparison.
 
     python bench/eval.py                                          # 4 tasks, 20 queries each
     python bench/eval.py --tasks ShapesCLS ShapesVG --queries 100 --reps 3
@@ -31,8 +33,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_args, fmt, print_config, print_table, ratio, setup, time_variants  # noqa: E402
 from data import DEMO_EVAL_TASKS, make_synthetic  # noqa: E402
-from evaluate import cosine_scores, embed_items, evaluate_mmeb, hit_at_1, read_mmeb_task  # noqa: E402
+from evaluate import (cosine_scores, embed_items, evaluate_mmeb, hit_at_1, read_mmeb_task,  # noqa: E402
+                      score_rows, task_items)
 from model import ReMatch  # noqa: E402
+
+
+PATHS = ("naive", "dedup")
 
 
 class CountingReMatch(ReMatch):
@@ -46,7 +52,8 @@ class CountingReMatch(ReMatch):
 
 
 def naive_hit_at_1(model, processor, eval_dir, image_dir, task, batch_size):
-    """Hit@1 of `task` embedding every row's query and candidates afresh (no dedup)."""
+    """Hit@1 and scores (rows, max candidates) of `task`, embedding every row's query and
+    candidates afresh (no dedup)."""
     rows = read_mmeb_task(eval_dir, task)
     scores = torch.full((len(rows), max(len(r["tgt_text"]) for r in rows)), float("-inf"))
     for i, r in enumerate(rows):
@@ -56,7 +63,16 @@ def naive_hit_at_1(model, processor, eval_dir, image_dir, task, batch_size):
         E = embed_items(model, processor, items, batch_size, distributed=False)   # (1 + n_cand, d)
         cands = [1] + [k for k in range(2, len(keys)) if keys[k] != keys[1]]       # as score_rows
         scores[i, :len(cands)] = cosine_scores(E[:1], E[cands])[0]                # (n_cand,)
-    return hit_at_1(scores)
+    return hit_at_1(scores), scores
+
+
+def dedup_scores(model, processor, eval_dir, image_dir, task, batch_size):
+    """The scores evaluate_mmeb computes (its own steps, untimed), to compare with naive's."""
+    q_keys, d_keys, pairs = task_items(read_mmeb_task(eval_dir, task), task)
+    path = lambda p: os.path.join(image_dir, p) if p else None
+    items = [("q", t, path(p)) for t, p in q_keys] + [("d", t, path(p)) for t, p in d_keys]
+    E = embed_items(model, processor, items, batch_size, distributed=False)   # (nq + nd, d)
+    return score_rows(E[:len(q_keys)], E[len(q_keys):], pairs)
 
 
 def parse_args(argv=None):
@@ -80,7 +96,7 @@ def main(argv=None):
         data = make_synthetic(root, seed=args.seed, train_rows=1, eval_queries=args.queries)
         print_config(args, data_root=root)
 
-        last = {}                                                # (task, path) → (hit@1, calls, items)
+        last, scores = {}, {}                                    # (task, path) → (hit@1, calls, items)
 
         def run(task, path):
             def fn():
@@ -90,30 +106,34 @@ def main(argv=None):
                         hit = evaluate_mmeb(model, processor, data["eval"], data["image_dir"], tasks=[task],
                                             batch_size=args.batch, progress=False)[task]
                 else:
-                    hit = naive_hit_at_1(model, processor, data["eval"], data["image_dir"], task, args.batch)
+                    hit, scores[task] = naive_hit_at_1(model, processor, data["eval"], data["image_dir"],
+                                                       task, args.batch)
                 last[task, path] = (hit, model.calls, model.items)
             return fn
 
-        fns = {(task, path): run(task, path) for task in args.tasks for path in ("naive", "dedup")}
+        fns = {(task, path): run(task, path) for task in args.tasks for path in PATHS}
         t = time_variants(fns, args.reps, args.warmup, args.device)
+        delta = {task: (scores[task] - dedup_scores(model, processor, data["eval"], data["image_dir"], task,
+                                                    args.batch)).nan_to_num().abs().max().item()
+                 for task in args.tasks}                         # -inf padding at the same places
 
     header = ["task", "naive items", "dedup items", "items naive/dedup", "naive calls", "dedup calls",
-              "naive s", "dedup s", "time naive/dedup", "Hit@1 naive", "Hit@1 dedup", "same"]
-    rows, total = [], {"naive": [0, 0, 0.0], "dedup": [0, 0, 0.0]}    # items, calls, seconds
-    for task in args.tasks:
-        (hn, cn, n_n), (hd, cd, n_d) = last[task, "naive"], last[task, "dedup"]
-        for path, (c, n) in (("naive", (cn, n_n)), ("dedup", (cd, n_d))):
-            total[path] = [total[path][0] + n, total[path][1] + c, total[path][2] + t[task, path]]
-        rows.append([task, n_n, n_d, ratio(n_n, n_d), cn, cd, fmt(t[task, "naive"], ".2f"),
-                     fmt(t[task, "dedup"], ".2f"), ratio(t[task, "naive"], t[task, "dedup"]),
-                     f"{hn:.3f}", f"{hd:.3f}", "yes" if hn == hd else "NO"])
-    (n_n, cn, s_n), (n_d, cd, s_d) = total["naive"], total["dedup"]
-    rows.append(["total", n_n, n_d, ratio(n_n, n_d), cn, cd, fmt(s_n, ".2f"), fmt(s_d, ".2f"),
-                 ratio(s_n, s_d), "", "", ""])
+              "naive s", "dedup s", "time naive/dedup", "Hit@1 naive", "Hit@1 dedup", "same",
+              "max abs Δ score"]
+    rows = []
+    for name, tasks in [(task, [task]) for task in args.tasks] + [("total", args.tasks)]:
+        n = {p: sum(last[k, p][2] for k in tasks) for p in PATHS}        # embedded items
+        c = {p: sum(last[k, p][1] for k in tasks) for p in PATHS}        # ReMatch.embed calls
+        s = {p: sum(t[k, p] for k in tasks) for p in PATHS}              # median seconds
+        hit = {p: last[tasks[0], p][0] for p in PATHS}
+        check = ([f"{hit['naive']:.3f}", f"{hit['dedup']:.3f}", "yes" if hit["naive"] == hit["dedup"] else "NO",
+                  f"{delta[name]:.1e}"] if name != "total" else [""] * 4)
+        rows.append([name, n["naive"], n["dedup"], ratio(n["naive"], n["dedup"]), c["naive"], c["dedup"],
+                     fmt(s["naive"], ".2f"), fmt(s["dedup"], ".2f"), ratio(s["naive"], s["dedup"]), *check])
     print(f"\nmedian of {args.reps} (after {args.warmup} warm-up), {args.queries} queries per task, "
           f"embedding batch {args.batch}, K={args.num_tokens}")
     print_table(header, rows)
-    return {"time": t, "counts": last}
+    return {"time": t, "counts": last, "max_abs_score_diff": delta}
 
 
 if __name__ == "__main__":

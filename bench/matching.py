@@ -17,12 +17,13 @@ unified mask, M-RoPE positions; the table's "shared" row times it alone): the se
 baseline shares the image features instead of re-encoding each raw view, so its cost is
 a lower bound of truly separate forwards; "decoder only" subtracts the shared time from
 both forwards. The separate path's gather indices and per-view masks are built once
-beforehand, like a collate. Forward+backward: cross-entropy on the label logits,
+beforehand, like a collate (so it pays for building the packed row's mask, inside
+match_inputs, instead of its own eight). Forward+backward: cross-entropy on the label logits,
 backward into every weight (full fine-tuning) and the projector; E_q, E_d⁺, E_d⁻ are
 computed once (K=16) and held fixed. Reported: median wall time, tokens (real,
 unpadded: Σ sequence lengths), peak memory above the start of the call (bench/common.py;
 with the tiny model the forward peak is set by the shared match_inputs), and max |Δ| of
-the unified vs separate label logits (fp32: expect ~1e-6).
+the unified vs separate label logits (fp32, i.e. CPU or --dtype float32: expect ~1e-6).
 
     python bench/matching.py                                  # M=4, 224² images (64 tokens)
     python bench/matching.py --batch 8 --image_size 448 --reps 10
