@@ -15,8 +15,8 @@ Backbones load from a Hugging Face id or a local directory (`load_backbone`); th
 with a small byte-level BPE tokenizer trained on the built-in corpus (data.py) and the
 real PIL Qwen2-VL image processor — the same code paths as the real checkpoints.
 
-Run a demo batch (embed, match, print Eq. 2–5):  python model.py
-Tests:                                          pytest tests/test_model.py tests/test_matching.py
+Used by train.py (training) and evaluate.py (embedding); the demo: python train.py
+Tests: pytest tests/test_model.py tests/test_matching.py
 """
 import os
 
@@ -468,80 +468,3 @@ def load_heads(model, path):
         model.L_q.copy_(heads.pop("L_q"))
         model.L_d.copy_(heads.pop("L_d"))
         model.projector.load_state_dict({k[len("projector."):]: v for k, v in heads.items()})
-
-
-# ----------------------------------------------------------------------------------
-# Demo: embed and match one batch of coloured shapes, print Eq. 2–5, take a few steps.
-
-def demo_batch(processor, n=4):
-    """n (q, d⁺, d⁻) instances: an image query, its caption, a hard negative caption that
-    differs in one attribute (colour), in MMEB's own string format."""
-    from PIL import Image, ImageDraw
-
-    from data import COLOURS, SHAPES, encode_item
-    q, pos, neg = [], [], []
-    for i in range(n):
-        colour, other, shape = COLOURS[i % len(COLOURS)], COLOURS[(i + 1) % len(COLOURS)], SHAPES[i % len(SHAPES)]
-        im = Image.new("RGB", (56, 56), "white")
-        (ImageDraw.Draw(im).ellipse if shape == "circle" else ImageDraw.Draw(im).rectangle)(
-            (10, 10, 46, 46), fill=colour)
-        q.append(encode_item(processor, "<|image_1|>\nRepresent the given image for classification", im))
-        pos.append(encode_item(processor, f"a {colour} {shape}"))
-        neg.append(encode_item(processor, f"a {other} {shape}"))
-    return q, pos, neg
-
-
-def main(argv=None):
-    import argparse
-    import random
-
-    from data import EMBED_TEMPLATES, collate_embed, collate_match
-    from losses import info_nce, matching_loss, orthogonality_loss, total_loss
-    from masks import VIEW_SETS
-    p = argparse.ArgumentParser(description="Embed and match one demo batch; print Eq. 2-5 "
-                                "while taking a few optimiser steps on it (a smoke run).")
-    p.add_argument("--model", default="tiny-qwen2-vl",
-                   help="hub id, local directory, or tiny-qwen2-vl / tiny-qwen2.5-vl")
-    p.add_argument("--num_tokens", type=int, default=16, help="K learnable tokens (0 = last token)")
-    p.add_argument("--embed_template", default="chat", choices=sorted(EMBED_TEMPLATES),
-                   help="chat = MVQDM++ template (default), plain = VLM2Vec layout")
-    p.add_argument("--match_views", default="all", choices=sorted(VIEW_SETS), help="Table 5 view set")
-    p.add_argument("--batch", type=int, default=4, help="instances (q, d+, d-) in the batch")
-    p.add_argument("--steps", type=int, default=30, help="optimiser steps on the batch")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--tau", type=float, default=0.02, help="temperature of Eq. 3")
-    p.add_argument("--seed", type=int, default=0, help="seed for the tiny init and slot placement")
-    args = p.parse_args(argv)
-
-    torch.manual_seed(args.seed)
-    backbone, processor = load_backbone(args.model, seed=args.seed)
-    model = ReMatch(backbone, num_tokens=args.num_tokens, embed_template=args.embed_template,
-                    seed=args.seed).train()
-    tok = processor.tokenizer
-    q, pos, neg = demo_batch(processor, args.batch)
-    batches = [collate_embed(items, tok, args.num_tokens, args.embed_template) for items in (q, pos, neg)]
-    rng = random.Random(args.seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, K={args.num_tokens}, "
-          f"views={args.match_views}, batch={args.batch}")
-    for step in range(args.steps):
-        (E_q, e_q), (E_pos, e_pos), (E_neg, e_neg) = (model.embed(b, s) for b, s in
-                                                      zip(batches, ("q", "d", "d")))
-        l_cl = info_nce(E_q, E_pos, E_neg, tau=args.tau)                          # Eq. 3
-        l_orth = orthogonality_loss(torch.cat([e_q, e_pos, e_neg]))               # Eq. 2
-        mb = collate_match(q, pos, neg, tok, VIEW_SETS[args.match_views], rng)
-        logits, labels = model.match(mb, E_q, E_pos, E_neg)
-        l_qdm = matching_loss(logits, labels)                                     # Eq. 4
-        loss = total_loss(l_cl, l_orth, l_qdm)                                    # Eq. 5
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: non-finite loss {loss.item()}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        acc = (logits.argmax(-1) == labels).float().mean().item()
-        print(f"step {step:3d} | L {loss.item():.4f} | L_cl {l_cl.item():.4f} | "
-              f"L_orth {l_orth.item():.4f} | L_qdm {l_qdm.item():.4f} | match acc {acc:.2f}")
-
-
-if __name__ == "__main__":
-    main()
