@@ -140,40 +140,54 @@ def unified_mask(segments, views=VIEWS):
     has at least its own position, so no row is fully masked.
     """
     names, lengths = _check(segments, views)
+    ids, see = _segment_table(names, views)
+    seg = torch.repeat_interleave(torch.tensor([ids[n] for n in names], dtype=torch.long),
+                                  torch.tensor(lengths, dtype=torch.long))  # (L,) segment id per position
+    return _lift(see, seg[None], ids.get(PAD, -1))[0]
 
-    # 1. segment id of every position
-    ids = {}  # name -> segment id (all pad segments share one id)
+
+def _segment_table(names, views):
+    """Segment ids (all pad segments share one) and the segment-to-segment table
+    see[a, b] = rows of segment a may attend to segment b (the rules of SPEC §3)."""
+    ids = {}  # name -> segment id
     for name in names:
         ids.setdefault(name, len(ids))
-    seg = torch.repeat_interleave(torch.tensor([ids[n] for n in names], dtype=torch.long),
-                                  torch.tensor(lengths, dtype=torch.long))  # (L,)
-
-    # 2. segment-to-segment table: see[a, b] = rows of segment a may attend to segment b
     see = torch.zeros(len(ids), len(ids), dtype=torch.bool)  # (S, S)
     for name, a in ids.items():
         for key in _keys_of(name, views):
             if key in ids:  # P or H may be absent
                 see[a, ids[key]] = True
+    return ids, see
 
-    # 3. lift the table to positions, intersect with causality, give pad its diagonal
-    L = seg.numel()
+
+def _lift(see, seg, pad_id):
+    """Segment table (S, S) + segment id per position (B, L) -> position mask (B, L, L):
+    the table lifted to positions, intersected with causality, pad rows see their own
+    position only."""
+    L = seg.shape[1]
     causal = torch.tril(torch.ones(L, L, dtype=torch.bool))  # (L, L) key <= query
-    mask = see[seg[:, None], seg[None, :]] & causal  # (L, 1) x (1, L) -> (L, L)
-    is_pad = seg == ids.get(PAD, -1)  # (L,)
-    mask = mask | torch.diag(is_pad)  # pad rows: own position only
-    return mask
+    mask = see[seg[:, :, None], seg[:, None, :]] & causal  # (B, L, 1) x (B, 1, L) -> (B, L, L)
+    return mask | torch.diag_embed(seg == pad_id)  # (B, L, L); pad rows: own position only
 
 
 def unified_mask_batch(rows, views=VIEWS):
     """Masks of rows of different lengths, right-padded with a "pad" segment.
 
     rows: list of segment lists (as for unified_mask). Returns (B, L, L) bool with
-    L = the longest row.
+    L = the longest row; row b equals unified_mask(rows[b] + [("pad", L - len_b)]).
+    Built for the whole batch at once (one table over all rows' segment names).
     """
-    totals = [sum(n for _, n in row) for row in rows]
-    L = max(totals, default=0)
-    masks = [unified_mask(list(row) + [(PAD, L - t)], views) for row, t in zip(rows, totals)]
-    return torch.stack(masks) if masks else torch.zeros(0, 0, 0, dtype=torch.bool)  # (B, L, L)
+    if not rows:
+        return torch.zeros(0, 0, 0, dtype=torch.bool)
+    checked = [_check(row, views) for row in rows]  # [(names, lengths)] per row
+    totals = [sum(lengths) for _, lengths in checked]
+    L = max(totals)
+    ids, see = _segment_table([PAD] + [n for names, _ in checked for n in names], views)
+    seg = torch.full((len(rows), L), ids[PAD], dtype=torch.long)  # (B, L), pad by default
+    for b, (names, lengths) in enumerate(checked):
+        seg[b, :totals[b]] = torch.repeat_interleave(torch.tensor([ids[n] for n in names]),
+                                                     torch.tensor(lengths, dtype=torch.long))
+    return _lift(see, seg, ids[PAD])  # (B, L, L)
 
 
 def additive_mask(mask, dtype=torch.float32):

@@ -308,9 +308,12 @@ def test_additive_mask_rejects_non_bool():
 
 # ----------------------------------------------------------------------------- batches
 
-def test_batch_pads_rows_to_the_longest():
-    views = VIEW_SETS["feat"]
-    rows = [random_layout(views, s) for s in range(3)]
+@pytest.mark.parametrize("name", sorted(VIEW_SETS))
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_batch_pads_rows_to_the_longest(name, shuffle):
+    """The batched build == unified_mask row by row (the oracle), pad tail included."""
+    views = VIEW_SETS[name]
+    rows = [random_layout(views, s, shuffle) for s in range(3)]
     totals = [sum(n for _, n in r) for r in rows]
     L = max(totals)
     batch = unified_mask_batch(rows, views)
