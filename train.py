@@ -46,7 +46,7 @@ from model import TINY, ReMatch, apply_lora, load_backbone, load_heads, save_rem
 PAPER = dict(subsets=list(MMEB_TRAIN_SUBSETS),             # MMEB-train's 20, not mmE5's extra 4
              steps=2500, batch_size=128, lr=1e-4, warmup_steps=100, tau=0.02, num_tokens=16,
              lora=True, lora_r=32, lora_alpha=64, grad_checkpointing=True,
-             max_pixels=1280 * 28 * 28, num_workers=8, save_every=500, log_every=10)
+             max_pixels=1280 * 28 * 28, num_workers=8, save_every=500)
 PRESETS = {
     "qwen2-vl-2b": dict(PAPER, model="Qwen/Qwen2-VL-2B-Instruct"),
     "qwen2-vl-7b": dict(PAPER, model="Qwen/Qwen2-VL-7B-Instruct"),
@@ -136,7 +136,7 @@ def parse_args(argv=None):
                         "(without it such a run stops, so no checkpoint is lost by accident)")
     p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
-    p.add_argument("--log_every", type=int, default=10, help="print a log line every N steps")
+    p.add_argument("--log_every", type=int, default=1, help="print a log line every N steps (log.jsonl: every step)")
     p.add_argument("--eval_data", default=None,
                    help="MMEB-eval dir/hub id to evaluate after training (demo: the synthetic eval split)")
     p.add_argument("--eval_image_dir", default=None, help="image root of --eval_data")
