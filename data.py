@@ -281,7 +281,8 @@ def resolve_dir(name_or_dir, allow_patterns=None):
     """
     A local directory as is; otherwise a Hugging Face dataset id (e.g. "TIGER-Lab/MMEB-train"),
     downloaded with `huggingface_hub.snapshot_download(repo_type="dataset")`, only the files
-    matching `allow_patterns` (e.g. ["VisDial/original-*.parquet"]). Returns the local dir.
+    matching `allow_patterns` (e.g. ["VisDial/original-*.parquet"]); under torch.distributed
+    rank 0 downloads first and the other ranks then reuse its cache. Returns the local dir.
     """
     name_or_dir = os.path.expanduser(str(name_or_dir))
     if os.path.isdir(name_or_dir):
@@ -290,7 +291,14 @@ def resolve_dir(name_or_dir, allow_patterns=None):
     if looks_local:
         raise FileNotFoundError(f"{name_or_dir}: no such directory (and not a hub id owner/name)")
     from huggingface_hub import snapshot_download
-    return snapshot_download(name_or_dir, repo_type="dataset", allow_patterns=allow_patterns)
+    import torch.distributed as dist
+    ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if ranks and dist.get_rank() != 0:
+        dist.barrier()                              # rank 0 downloads first, the others reuse
+    path = snapshot_download(name_or_dir, repo_type="dataset", allow_patterns=allow_patterns)
+    if ranks and dist.get_rank() == 0:
+        dist.barrier()
+    return path
 
 
 def find_parquet(root, name, split):
@@ -444,12 +452,20 @@ def load_image(path, where="image"):
             im = im.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"{where}: cannot read image {path}: {e}") from e
-    w, h = im.size
-    if min(w, h) < MIN_IMAGE_SIDE:
-        s = MIN_IMAGE_SIDE / min(w, h)
-        im = im.resize((max(MIN_IMAGE_SIDE, round(w * s)), max(MIN_IMAGE_SIDE, round(h * s))),
-                       Image.BICUBIC)
-    return im
+    return upscale_small(im)
+
+
+def upscale_small(image):
+    """A PIL image as RGB, upscaled (aspect kept, shortest side → 28) if a side is below
+    28 px; other images unchanged."""
+    from PIL import Image
+    image = image.convert("RGB")
+    w, h = image.size
+    if min(w, h) >= MIN_IMAGE_SIDE:
+        return image
+    s = MIN_IMAGE_SIDE / min(w, h)
+    return image.resize((max(MIN_IMAGE_SIDE, round(w * s)), max(MIN_IMAGE_SIDE, round(h * s))),
+                        Image.BICUBIC)
 
 
 # ----------------------------------------------------------------------------------

@@ -83,8 +83,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DEMO_EVAL_TASKS, IMAGE_PLACEHOLDER, MIN_IMAGE_SIDE, MMEB_EVAL_TASKS, collate_embed,
-                  encode_item, load_image, read_eval_task, resolve_dir)
+from data import (DEMO_EVAL_TASKS, IMAGE_PLACEHOLDER, MMEB_EVAL_TASKS, collate_embed, encode_item,
+                  load_image, read_eval_task, resolve_dir, upscale_small)
 from model import default_device, load_rematch
 
 # ----------------------------------------------------------------------------------
@@ -154,23 +154,10 @@ def _broadcast(obj):
 # ----------------------------------------------------------------------------------
 # Images and embedding
 
-def _upscale(image):
-    """A PIL image as RGB, upscaled (aspect kept) if a side is below 28 px, the rule of
-    data.load_image for images given as objects (Encoder) rather than paths."""
-    from PIL import Image
-    image = image.convert("RGB")
-    w, h = image.size
-    if min(w, h) >= MIN_IMAGE_SIDE:
-        return image
-    s = MIN_IMAGE_SIDE / min(w, h)
-    return image.resize((max(MIN_IMAGE_SIDE, round(w * s)), max(MIN_IMAGE_SIDE, round(h * s))),
-                        Image.BICUBIC)
-
-
 def _as_image(x, where):
     if x is None:
         return None
-    return load_image(x, where) if isinstance(x, (str, os.PathLike)) else _upscale(x)
+    return load_image(x, where) if isinstance(x, (str, os.PathLike)) else upscale_small(x)
 
 
 @torch.no_grad()
@@ -307,19 +294,6 @@ def task_table(tasks=None, known=None):
     return {t: known[t] for t in tasks}
 
 
-def _resolve_dir(path_or_id, allow_patterns=None):
-    """data.resolve_dir (a local dir, or a hub dataset id downloaded), rank 0 first."""
-    rank, world = dist_info()
-    if world > 1 and not os.path.isdir(path_or_id):
-        if rank != 0:
-            dist.barrier()                                       # rank 0 downloads, the others reuse
-        path = resolve_dir(path_or_id, allow_patterns)
-        if rank == 0:
-            dist.barrier()
-        return path
-    return resolve_dir(path_or_id, allow_patterns)
-
-
 def read_mmeb_task(root, task):
     """The task's rows (data.read_eval_task): dicts with qry_text, qry_img_path,
     tgt_text (list), tgt_img_path (list), "" = no image, candidate 0 the positive."""
@@ -387,7 +361,7 @@ def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None
     """
     table, config = task_table(tasks), dict(config or {})
     rank, _ = dist_info()
-    root = _resolve_dir(mmeb_dir, [f"{t}/*" for t in table])
+    root = resolve_dir(mmeb_dir, [f"{t}/*" for t in table])
     weights = weights_fingerprint(model)
     finished = _broadcast(_load_finished(out_dir, "mmeb", table, config, weights) if rank == 0 else None)
 
