@@ -238,9 +238,9 @@ def build_model(args, device):
 
 
 def model_config(args):
-    """What load_rematch needs to rebuild the model, plus the whole run's arguments."""
-    return dict(vars(args), model=args.model, num_tokens=args.num_tokens,
-                embed_template=args.embed_template, lora=args.lora)
+    """The run's arguments (rematch_config.json): load_rematch rebuilds the model from
+    model, num_tokens, embed_template, seed and the pixel bounds among them."""
+    return dict(vars(args))
 
 
 def fill_negatives(examples):
@@ -500,8 +500,8 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = 0
-    if args.resume and checkpoint_dirs(args.out_dir):
-        latest = checkpoint_dirs(args.out_dir)[-1]
+    if args.resume and existing:
+        latest = existing[-1]
         start = load_checkpoint(latest, model, opt)
         print0(f"resumed from {latest} at step {start}")
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
