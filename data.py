@@ -1,26 +1,24 @@
 """
-Data: prompt templates (paper App. S7), item encoding and batch collation.
+Data: prompt templates (paper App. S7), MMEB files, item encoding and batch collation.
 
-What lives here
-  - the MVQDM++ embedding chat template (SPEC §1) and the VLM2Vec "plain" layout;
-  - the 8-view matching prompt of App. S7, cut into the segments of the unified mask
-    (P, Q, Zq, D1, Zd1, D2, Zd2, H, A_1..A_n; SPEC §3, masks.py);
-  - `encode_item`: one MMEB (text, image) → content token ids + pixel values, once;
-  - `collate_embed`: items → a right-padded batch with K learnable-token slots (§3.2.1);
-  - `collate_match`: (q, d⁺, d⁻) instances → packed matching rows with random slot
-    placement, feature-token slots and label positions (§3.2.3, Eq. 4);
-  - the built-in corpus the tiny offline tokenizer is trained on (model.py);
-  - parquet reading in MMEB's hub layout (local dir or hub id), the MMEB task tables and
-    the per-task target instructions (§4 "positive target prompts");
-  - `TrainDataset`: MMEB-train / mmE5 hard-negative rows → (q, d⁺, d⁻) items, with
-    validation and a skip-and-report policy for bad rows;
-  - `TrainBatchSampler`: global batches of one subset, sliced per rank, resumable;
-  - `make_synthetic`: the built-in synthetic benchmark (coloured shapes) written in
-    MMEB's own schema, so the same readers train and evaluate on it.
+Read top to bottom:
+  - templates: the MVQDM++ embedding chat template and the VLM2Vec "plain" layout
+    (docs/readings.md §1); the 8-view matching prompt of App. S7, cut into the segments
+    of the unified mask (P, Q, Zq, D1, Zd1, D2, Zd2, H, A_1..A_n; readings §3, masks.py);
+  - MMEB's task tables and the per-meta-task target prompts (§4 "positive target prompts");
+  - images (`load_image`) and items (`encode_item`: one MMEB (text, image) → content
+    token ids + pixel values, once);
+  - `collate_embed`: items → a right-padded batch with K learnable-token positions (§3.2.1);
+  - `collate_match`: (q, d⁺, d⁻) instances → packed matching rows, d⁺ in slot 1 or 2,
+    feature-token and label positions (§3.2.3, Eq. 4);
+  - MMEB files in the hub layout (local dir or hub id): `read_eval_task` (MMEB-eval),
+    `TrainDataset` (MMEB-train / mmE5 hard-negative rows → (q, d⁺, d⁻) items, with
+    validation and a skip-and-report policy for bad rows);
+  - `TrainBatchSampler`: global batches of one subset, sliced per rank, resumable.
 
 Every item is encoded once; the embedding pass and the matching pass reuse the same
 content ids and pixel values, so the raw query/document the matching pass reads is
-exactly what was embedded.
+exactly what was embedded. The CPU demo's synthetic benchmark lives in demo/.
 
 Run the checks: `pytest tests/test_data.py tests/test_model.py tests/test_matching.py`.
 """
@@ -44,13 +42,13 @@ SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 USER = "<|im_start|>user\n"
 ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
 
-# Embedding input (SPEC §1): "USER: {image} {text} {task instruction} ASSISTANT:" + L_1..L_K
+# Embedding input (docs/readings.md §1): "USER: {image} {text} {task instruction} ASSISTANT:" + L_1..L_K
 EMBED_TEMPLATES = {
     "chat": (SYSTEM + USER, ASSISTANT),   # MVQDM++ (default)
     "plain": ("", ""),                    # VLM2Vec layout: the MMEB string alone (Table 3, MVQDM)
 }
 
-# Matching prompt (App. S7, eight views), one string per segment of SPEC §3.
+# Matching prompt (App. S7, eight views), one string per segment (docs/readings.md §3).
 MATCH_INSTRUCTION = (
     'Compare the content inside <QUERY> and <DOC>. Determine whether the information in <DOC> '
     'is relevant to the query in <QUERY>. Answer only with "Yes" or "No", and wrap your answer '
@@ -65,49 +63,117 @@ MATCH_ANSWER = ("<ANSWER>", "</ANSWER>")
 ANSWER_WORDS = ("Yes", "No")   # label l of Eq. 4: "Yes" for d⁺, "No" for d⁻
 
 # ----------------------------------------------------------------------------------
-# Built-in corpus for the tiny offline tokenizer (model.py trains a small byte-level BPE
-# on it). It holds every template above, MMEB-style instructions, the target-side
-# instructions and every string the built-in synthetic benchmark writes (make_synthetic
-# below), so those texts tokenize into short sequences.
+# MMEB task tables and the target-side instructions (paper §4: "positive target prompts
+# to disentangle different tasks"; Table 3, "task-specific target instructions").
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")   # 6 × 4 = 24 objects
-SHAPES = ("circle", "square", "triangle", "cross")
-POSITIONS = ("left", "right")                                      # halves of a pair image
-INSTRUCTIONS = (
-    "Represent the given image for classification",
-    "Represent the given image with the following question:",
-    "Represent the given image.",
-    "Represent the given image",
-    "Represent the given text.",
-    "Retrieve an image that matches the given caption:",
-    "Find a caption describing the given image.",
-    "Find an image caption describing the given image.",
-    "Select the portion of the image that isolates the object labeled as",
-    "Represent the given cropped image of the object",
-    "Represent the answer to the question",
-    "Represent the class label",
-    "What colour is the", "What shape is on the", "How many objects are in the image?",
-    "a picture of a", "on the", "and", "with", "is", "the", "of", "an", "image",
-)
+# The 20 MMEB-train subsets (exact hub config names) → meta-task.
+MMEB_TRAIN_SUBSETS = {
+    "ImageNet_1K": "Classification", "N24News": "Classification",
+    "HatefulMemes": "Classification", "VOC2007": "Classification", "SUN397": "Classification",
+    "OK-VQA": "VQA", "A-OKVQA": "VQA", "DocVQA": "VQA", "InfographicsVQA": "VQA",
+    "ChartQA": "VQA", "Visual7W": "VQA",
+    "VisDial": "Retrieval", "CIRR": "Retrieval", "VisualNews_t2i": "Retrieval",
+    "VisualNews_i2t": "Retrieval", "MSCOCO_t2i": "Retrieval", "MSCOCO_i2t": "Retrieval",
+    "NIGHTS": "Retrieval", "WebQA": "Retrieval",
+    "MSCOCO": "Grounding",
+}
+
+# The 36 MMEB-eval tasks → (meta-task, IND = the task is one of the 20 training sets).
+MMEB_EVAL_TASKS = {
+    **{t: ("Classification", True) for t in
+       ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397")},
+    **{t: ("Classification", False) for t in
+       ("Place365", "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211")},
+    **{t: ("VQA", True) for t in
+       ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W")},
+    **{t: ("VQA", False) for t in ("ScienceQA", "VizWiz", "GQA", "TextVQA")},
+    **{t: ("Retrieval", True) for t in
+       ("VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t",
+        "NIGHTS", "WebQA")},
+    **{t: ("Retrieval", False) for t in ("FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS")},
+    "MSCOCO": ("Grounding", True),
+    **{t: ("Grounding", False) for t in ("RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing")},
+}
+
+# One wording per meta-task. It is prepended to *text-only* documents (class labels,
+# answers, captions), which carry no instruction in MMEB; image documents already carry
+# their own ("<|image_1|>\nRepresent the given image.") and are left as they are. In
+# MMEB the text documents of retrieval are captions (i2t tasks; t2i/VisDial/CIRR/...
+# have image documents) and grounding documents are crops, so one wording each suffices.
+TARGET_BY_META = {
+    "Classification": "Represent the class label: ",
+    "VQA": "Represent the answer to a question about an image: ",
+    "Retrieval": "Represent the caption of an image: ",
+    "Grounding": "Represent the description of an image region: ",
+}
+
+# MMEB subset / eval task → target instruction (the wording of its meta-task)
+TARGET_INSTRUCTIONS = {
+    **{s: TARGET_BY_META[meta] for s, meta in MMEB_TRAIN_SUBSETS.items()},
+    **{t: TARGET_BY_META[meta] for t, (meta, _) in MMEB_EVAL_TASKS.items()},
+}
 
 
-def tokenizer_corpus():
-    """Deterministic list of strings the tiny BPE tokenizer is trained on."""
-    templates = [MATCH_P, *MATCH_RAW["Q"], *MATCH_RAW["D"], *MATCH_FEAT["Q"], *MATCH_FEAT["D"],
-                 MATCH_H, "".join((MATCH_ANSWER[0], "Yes", MATCH_ANSWER[1])),
-                 "".join((MATCH_ANSWER[0], "No", MATCH_ANSWER[1])), *INSTRUCTIONS,
-                 *sorted(set(TARGET_BY_META.values())), *SYNTHETIC_TEMPLATES]
-    lines = templates * 20          # as frequent as the data words, so templates get merges
-    for c in COLOURS:
-        for s in SHAPES:
-            lines.append(f"a {c} {s}")
-            for p in POSITIONS:
-                lines.append(f"What colour is the {s} on the {p}? {c}")
-                lines.append(f"a {c} {s} on the {p}")
-    lines += synthetic_texts()      # every query/document text make_synthetic writes
-    lines += [" ".join(str(i) for i in range(10)), "Yes No yes no"]
-    # image placeholders are special tokens, not text to learn merges from
-    return [s.replace(IMAGE_PLACEHOLDER, "") for s in lines]
+def with_target_instruction(text, task, meta=None):
+    """
+    The document string with its task's target instruction: instruction + text for a
+    text-only document, `text` unchanged when it holds an image (`<|image_1|>`) or already
+    starts with the instruction. The instruction is TARGET_INSTRUCTIONS[task] for MMEB's
+    names, else the wording of the task's meta-task `meta` (TARGET_BY_META), so any
+    benchmark with a task table (the demo's, your own) gets one. Neither → KeyError.
+    """
+    if task in TARGET_INSTRUCTIONS:
+        instruction = TARGET_INSTRUCTIONS[task]
+    elif meta in TARGET_BY_META:
+        instruction = TARGET_BY_META[meta]
+    else:
+        raise KeyError(f"no target instruction for task {task!r} (meta-task {meta!r}); add it to "
+                       "data.TARGET_INSTRUCTIONS or train with --no-target_instructions")
+    if IMAGE_PLACEHOLDER in text or text.startswith(instruction):
+        return text
+    return instruction + text
+
+
+def doc_id(text, image_path):
+    """Stable 63-bit id of a document (text as embedded, image path): equal documents get
+    equal ids, which info_nce uses to mask duplicates (docs/readings.md §2)."""
+    digest = hashlib.blake2b(f"{text}\x00{image_path}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+# ----------------------------------------------------------------------------------
+# Images
+
+MIN_IMAGE_SIDE = 28     # the Qwen2-VL processor needs at least one 28×28 merged patch
+
+
+class BadImageError(ValueError):
+    """An image file that PIL cannot read (named by subset/row/column and path)."""
+
+
+def load_image(path, where="image"):
+    """PIL RGB image; a side below 28 px is upscaled (aspect kept, shortest side → 28).
+    An unreadable or missing file raises BadImageError naming `where` and `path`."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(f"{where}: cannot read image {path}: {e}") from e
+    return upscale_small(im)
+
+
+def upscale_small(image):
+    """A PIL image as RGB, upscaled (aspect kept, shortest side → 28) if a side is below
+    28 px; other images unchanged."""
+    from PIL import Image
+    image = image.convert("RGB")
+    w, h = image.size
+    if min(w, h) >= MIN_IMAGE_SIDE:
+        return image
+    s = MIN_IMAGE_SIDE / min(w, h)
+    return image.resize((max(MIN_IMAGE_SIDE, round(w * s)), max(MIN_IMAGE_SIDE, round(h * s))),
+                        Image.BICUBIC)
 
 
 # ----------------------------------------------------------------------------------
@@ -168,17 +234,17 @@ def _pad_right(rows, pad_id):
 
 
 # ----------------------------------------------------------------------------------
-# Embedding batch (§3.2.1, SPEC §1)
+# Embedding batch (§3.2.1; docs/readings.md §1)
 
 def collate_embed(items, tokenizer, num_tokens, template="chat"):
     """
     items: encoded items (encode_item) of one side (queries or documents).
-    Row n = template prefix + content + template suffix + K slots for the learnable
+    Row n = template prefix + content + template suffix + K positions for the learnable
     tokens (filled with the pad id here; model.py overwrites their input embeddings).
     Right padding: a row's real tokens never see padding, so an item's embedding does
     not depend on the rest of the batch.
-    Returns input_ids (N, T), attention_mask (N, T), slots (N, max(K,1)) = positions of
-    the K learnable tokens (K = 0: the last real token, last-token pooling),
+    Returns input_ids (N, T), attention_mask (N, T), token_idx (N, max(K,1)) = positions
+    of the K learnable tokens (K = 0: the last real token, last-token pooling),
     pixel_values, image_grid_thw.
     """
     prefix, suffix = (_ids(tokenizer, s) for s in EMBED_TEMPLATES[template])
@@ -187,22 +253,23 @@ def collate_embed(items, tokenizer, num_tokens, template="chat"):
     input_ids, attention_mask = _pad_right(rows, pad_id)
     lengths = torch.tensor([len(r) for r in rows])                          # (N,)
     K = max(num_tokens, 1)
-    slots = lengths[:, None] - K + torch.arange(K)[None, :]                 # (N, K)
+    token_idx = lengths[:, None] - K + torch.arange(K)[None, :]             # (N, K)
     pixel_values, image_grid_thw = _stack_images(items)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "slots": slots,
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_idx": token_idx,
             "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
 
 
 # ----------------------------------------------------------------------------------
-# Matching batch (§3.2.3, Fig. 3, App. S7, SPEC §3)
+# Matching batch (§3.2.3, Fig. 3, App. S7; docs/readings.md §3)
 
-def collate_match(q_items, pos_items, neg_items, tokenizer, views, placement):
+def collate_match(q_items, pos_items, neg_items, tokenizer, views, pos_slot):
     """
     One packed row per instance (q, d⁺, d⁻): segments P, Q, Zq, D1, Zd1, D2, Zd2, H,
     A_1..A_V (those the view set uses; masks.segments_used), d⁺ put in slot 1 or 2 at
-    random, the other slot gets d⁻. `placement`: a seeded random.Random, or the list of
-    slots (1 or 2) of d⁺ chosen by the caller (train.py seeds each instance itself, so
-    placement does not depend on how instances are split over ranks).
+    random, the other slot gets d⁻. `pos_slot`: the slot (1 or 2) of d⁺ per instance,
+    chosen by the caller (train.py seeds each instance itself, so the placement does not
+    depend on how instances are split over ranks), or a seeded random.Random to draw them.
+    Naming: "pos" is always the positive d⁺; positions in the row are "*_idx".
     Feature segments hold one placeholder token whose input embedding model.py replaces
     by Z = MLP(E). Answer A_v = "<ANSWER>{label}</ANSWER>"; the logits at the position
     just before the label token predict it (Eq. 4).
@@ -210,9 +277,9 @@ def collate_match(q_items, pos_items, neg_items, tokenizer, views, placement):
     Returns
       input_ids (M, L) right-padded, attention_mask (M, L) (1 = real token),
       segments: per row a list of (name, length) in sequence order (masks.unified_mask),
-      feat_pos (M, 3): positions of the Zq, Zd1, Zd2 feature tokens (-1 if absent),
+      feat_idx (M, 3): positions of the Zq, Zd1, Zd2 feature tokens (-1 if absent),
       pos_slot (M,): 1 or 2, the slot holding d⁺,
-      label_pos (M, V), labels (M, V): label-predicting positions and label token ids,
+      label_idx (M, V), labels (M, V): label-predicting positions and label token ids,
       pixel_values, image_grid_thw: the raw segments' images in sequence order,
       views: the view set (masks.VIEW_SETS), for the mask.
     """
@@ -226,13 +293,13 @@ def collate_match(q_items, pos_items, neg_items, tokenizer, views, placement):
     raw_wrap = {k: tuple(_ids(tokenizer, s) for s in v) for k, v in MATCH_RAW.items()}
     feat_wrap = {k: tuple(_ids(tokenizer, s) for s in v) for k, v in MATCH_FEAT.items()}
 
-    rows, segments, feat_pos, pos_slot, label_pos, labels, images = [], [], [], [], [], [], []
-    if not isinstance(placement, (list, tuple)):
-        placement = [1 if placement.random() < 0.5 else 2 for _ in q_items]
-    for q, dp, dn, slot in zip(q_items, pos_items, neg_items, placement):
+    if not isinstance(pos_slot, (list, tuple)):                    # a random.Random: draw
+        pos_slot = [1 if pos_slot.random() < 0.5 else 2 for _ in q_items]
+    rows, segments, feat_idx, label_idx, labels, images = [], [], [], [], [], []
+    for q, dp, dn, slot in zip(q_items, pos_items, neg_items, pos_slot):
         docs = {1: dp, 2: dn} if slot == 1 else {1: dn, 2: dp}
         content = {"Q": ("Q", q), "D1": ("D", docs[1]), "D2": ("D", docs[2])}
-        ids, segs, fpos = [], [], {"Zq": -1, "Zd1": -1, "Zd2": -1}
+        ids, segs, fidx = [], [], {"Zq": -1, "Zd1": -1, "Zd2": -1}
         for name in used:
             if name == "P":
                 seg = P
@@ -244,30 +311,29 @@ def collate_match(q_items, pos_items, neg_items, tokenizer, views, placement):
                 images.append(item)
             else:                                       # feature view: one token for Z
                 kind = "Q" if name == "Zq" else "D"
-                fpos[name] = len(ids) + len(feat_wrap[kind][0])
+                fidx[name] = len(ids) + len(feat_wrap[kind][0])
                 seg = feat_wrap[kind][0] + [feat_id] + feat_wrap[kind][1]
             segs.append((name, len(seg)))
             ids += seg
-        lpos, lab = [], []
+        lidx, lab = [], []
         for v, (_, doc_seg) in enumerate(views):
             label = yes_id if doc_seg[-1] == str(slot) else no_id   # D1/Zd1 → slot 1
-            lpos.append(len(ids) + len(ans_open) - 1)
+            lidx.append(len(ids) + len(ans_open) - 1)
             lab.append(label)
             seg = ans_open + [label] + ans_close
             segs.append((answer_name(v), len(seg)))
             ids += seg
         rows.append(ids)
         segments.append(segs)
-        feat_pos.append([fpos["Zq"], fpos["Zd1"], fpos["Zd2"]])
-        pos_slot.append(slot)
-        label_pos.append(lpos)
+        feat_idx.append([fidx["Zq"], fidx["Zd1"], fidx["Zd2"]])
+        label_idx.append(lidx)
         labels.append(lab)
 
     input_ids, attention_mask = _pad_right(rows, pad_id)
     pixel_values, image_grid_thw = _stack_images(images)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "segments": segments,
-            "feat_pos": torch.tensor(feat_pos), "pos_slot": torch.tensor(pos_slot),
-            "label_pos": torch.tensor(label_pos), "labels": torch.tensor(labels),
+            "feat_idx": torch.tensor(feat_idx), "pos_slot": torch.tensor(list(pos_slot)),
+            "label_idx": torch.tensor(label_idx), "labels": torch.tensor(labels),
             "pixel_values": pixel_values, "image_grid_thw": image_grid_thw, "views": tuple(views)}
 
 
@@ -336,136 +402,21 @@ def read_rows(parquet_files, max_rows=None):
 def read_eval_task(root, task, split="test", max_rows=None):
     """
     One MMEB-eval task → rows {"qry_text", "qry_img_path", "tgt_text": list[str],
-    "tgt_img_path": list[str]} (candidate 0 is the positive; "" = no image).
+    "tgt_img_path": list[str]}: candidate 0 is the positive, "" = no image (a null image
+    column becomes "" / a list of ""). Missing columns, or candidate lists that are empty
+    or of unequal length, raise ValueError naming the task and row.
     """
     rows = read_rows(find_parquet(root, task, split), max_rows)
     missing = {"qry_text", "qry_img_path", "tgt_text", "tgt_img_path"} - set(rows[0] if rows else ())
     if rows and missing:
         raise ValueError(f"{task}: MMEB-eval columns {sorted(missing)} missing in {root}")
+    for i, r in enumerate(rows):
+        r["qry_img_path"] = r["qry_img_path"] or ""
+        r["tgt_img_path"] = [p or "" for p in (r["tgt_img_path"] or [""] * len(r["tgt_text"]))]
+        if len(r["tgt_text"]) != len(r["tgt_img_path"]) or not r["tgt_text"]:
+            raise ValueError(f"MMEB task {task} row {i}: tgt_text and tgt_img_path must be "
+                             "non-empty lists of the same length")
     return rows
-
-
-# ----------------------------------------------------------------------------------
-# MMEB task tables and the target-side instructions (paper §4: "positive target prompts
-# to disentangle different tasks"; Table 3, "task-specific target instructions").
-
-# The 20 MMEB-train subsets (exact hub config names) → meta-task.
-MMEB_TRAIN_SUBSETS = {
-    "ImageNet_1K": "Classification", "N24News": "Classification",
-    "HatefulMemes": "Classification", "VOC2007": "Classification", "SUN397": "Classification",
-    "OK-VQA": "VQA", "A-OKVQA": "VQA", "DocVQA": "VQA", "InfographicsVQA": "VQA",
-    "ChartQA": "VQA", "Visual7W": "VQA",
-    "VisDial": "Retrieval", "CIRR": "Retrieval", "VisualNews_t2i": "Retrieval",
-    "VisualNews_i2t": "Retrieval", "MSCOCO_t2i": "Retrieval", "MSCOCO_i2t": "Retrieval",
-    "NIGHTS": "Retrieval", "WebQA": "Retrieval",
-    "MSCOCO": "Grounding",
-}
-
-# The 36 MMEB-eval tasks → (meta-task, IND = the task is one of the 20 training sets).
-MMEB_EVAL_TASKS = {
-    **{t: ("Classification", True) for t in
-       ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397")},
-    **{t: ("Classification", False) for t in
-       ("Place365", "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211")},
-    **{t: ("VQA", True) for t in
-       ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W")},
-    **{t: ("VQA", False) for t in ("ScienceQA", "VizWiz", "GQA", "TextVQA")},
-    **{t: ("Retrieval", True) for t in
-       ("VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t",
-        "NIGHTS", "WebQA")},
-    **{t: ("Retrieval", False) for t in ("FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS")},
-    "MSCOCO": ("Grounding", True),
-    **{t: ("Grounding", False) for t in ("RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing")},
-}
-
-# One wording per meta-task. It is prepended to *text-only* documents (class labels,
-# answers, captions), which carry no instruction in MMEB; image documents already carry
-# their own ("<|image_1|>\nRepresent the given image.") and are left as they are. In
-# MMEB the text documents of retrieval are captions (i2t tasks; t2i/VisDial/CIRR/...
-# have image documents) and grounding documents are crops, so one wording each suffices.
-TARGET_BY_META = {
-    "Classification": "Represent the class label: ",
-    "VQA": "Represent the answer to a question about an image: ",
-    "Retrieval": "Represent the caption of an image: ",
-    "Grounding": "Represent the description of an image region: ",
-}
-
-# The built-in synthetic benchmark (make_synthetic): training subsets, and eval tasks →
-# (meta-task, IND). ShapesObjectT2I is out-of-domain: no training subset has its form
-# (a one-object caption → single-object images).
-DEMO_TRAIN_SUBSETS = ["ShapesCLS", "ShapesVQA", "ShapesT2I", "ShapesI2T", "ShapesVG"]
-DEMO_EVAL_TASKS = {
-    "ShapesCLS": ("Classification", True),
-    "ShapesVQA": ("VQA", True),
-    "ShapesT2I": ("Retrieval", True),
-    "ShapesI2T": ("Retrieval", True),
-    "ShapesObjectT2I": ("Retrieval", False),
-    "ShapesVG": ("Grounding", True),
-}
-
-# subset / eval task → target instruction (the wording of its meta-task)
-TARGET_INSTRUCTIONS = {
-    **{s: TARGET_BY_META[meta] for s, meta in MMEB_TRAIN_SUBSETS.items()},
-    **{t: TARGET_BY_META[meta] for t, (meta, _) in MMEB_EVAL_TASKS.items()},
-    **{t: TARGET_BY_META[meta] for t, (meta, _) in DEMO_EVAL_TASKS.items()},
-}
-
-
-def with_target_instruction(text, task):
-    """
-    The document string with its task's target instruction: instruction + text for a
-    text-only document, `text` unchanged when it holds an image (`<|image_1|>`) or already
-    starts with the instruction. Unknown task → KeyError naming it.
-    """
-    if task not in TARGET_INSTRUCTIONS:
-        raise KeyError(f"no target instruction for task {task!r}; add it to "
-                       "data.TARGET_INSTRUCTIONS or train with --no-target_instructions")
-    instruction = TARGET_INSTRUCTIONS[task]
-    if IMAGE_PLACEHOLDER in text or text.startswith(instruction):
-        return text
-    return instruction + text
-
-
-def doc_id(text, image_path):
-    """Stable 63-bit id of a document (text as embedded, image path): equal documents get
-    equal ids, which info_nce uses to mask duplicates (SPEC §2)."""
-    digest = hashlib.blake2b(f"{text}\x00{image_path}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
-# ----------------------------------------------------------------------------------
-# Images
-
-MIN_IMAGE_SIDE = 28     # the Qwen2-VL processor needs at least one 28×28 merged patch
-
-
-class BadImageError(ValueError):
-    """An image file that PIL cannot read (named by subset/row/column and path)."""
-
-
-def load_image(path, where="image"):
-    """PIL RGB image; a side below 28 px is upscaled (aspect kept, shortest side → 28).
-    An unreadable or missing file raises BadImageError naming `where` and `path`."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise BadImageError(f"{where}: cannot read image {path}: {e}") from e
-    return upscale_small(im)
-
-
-def upscale_small(image):
-    """A PIL image as RGB, upscaled (aspect kept, shortest side → 28) if a side is below
-    28 px; other images unchanged."""
-    from PIL import Image
-    image = image.convert("RGB")
-    w, h = image.size
-    if min(w, h) >= MIN_IMAGE_SIDE:
-        return image
-    s = MIN_IMAGE_SIDE / min(w, h)
-    return image.resize((max(MIN_IMAGE_SIDE, round(w * s)), max(MIN_IMAGE_SIDE, round(h * s))),
-                        Image.BICUBIC)
 
 
 # ----------------------------------------------------------------------------------
@@ -512,7 +463,9 @@ class TrainDataset(torch.utils.data.Dataset):
       the same columns, split "train"); image_dir: the root the image paths are relative to.
     subsets: names (default: every subset under root that has `split` files; for a hub id,
       the 20 of MMEB_TRAIN_SUBSETS). max_rows_per_subset: head slice (VLM2Vec's cap).
-    target_instructions: prepend TARGET_INSTRUCTIONS[subset] to text-only documents.
+    target_instructions: prepend the subset's target prompt to text-only documents
+      (with_target_instruction; `task_meta` maps subsets outside MMEB's table, e.g. the
+      demo's, to their meta-task).
     cache_items: keep up to this many encoded (text, image) sides in memory (LRU; 0 = off),
       for small data that repeats items (the demo); identical output, less processor work.
 
@@ -538,12 +491,13 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, image_dir, processor, subsets=None, split="original",
                  max_rows_per_subset=None, target_instructions=True, skip_bad_rows=False,
-                 cache_items=0):
+                 cache_items=0, task_meta=None):
         patterns = [p for s in (subsets or MMEB_TRAIN_SUBSETS)
                     for p in (f"{s}/{split}-*.parquet", f"{s}/{split}/*.parquet")]
         self.root = resolve_dir(root, patterns)
         self.image_dir, self.processor, self.split = image_dir, processor, split
         self.target_instructions, self.skip_bad_rows = target_instructions, skip_bad_rows
+        self.task_meta = dict(task_meta or {})
         self.subsets = list(subsets) if subsets else find_subsets(self.root, split)
         if not self.subsets:
             raise FileNotFoundError(f"no subset with '{split}' parquet files in {self.root}")
@@ -600,9 +554,10 @@ class TrainDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{where} {text_col}: {n} {IMAGE_PLACEHOLDER} placeholders "
                                  f"but {'an' if image else 'no'} image: {text[:60]!r}")
         if self.target_instructions:
-            pos = (with_target_instruction(pos[0], subset), pos[1])
+            meta = self.task_meta.get(subset)
+            pos = (with_target_instruction(pos[0], subset, meta), pos[1])
             if neg is not None:
-                neg = (with_target_instruction(neg[0], subset), neg[1])
+                neg = (with_target_instruction(neg[0], subset, meta), neg[1])
         return subset, r, q, pos, neg
 
     def __len__(self):
@@ -729,359 +684,3 @@ class TrainBatchSampler:
             for batch in self.epoch_batches(epoch)[skip:]:
                 yield batch[r * B:(r + 1) * B]
             epoch, skip = epoch + 1, 0
-
-
-# ----------------------------------------------------------------------------------
-# Built-in synthetic benchmark, written in MMEB's own schema and layout (the CPU demo)
-#
-#   root/train/<Subset>/original-00000-of-00001.parquet   MMEB-train columns + neg_*
-#   root/eval/<Task>/test-00000-of-00001.parquet          MMEB-eval columns
-#   root/images/{object,pair,scene}/*.png                 paths relative to root
-#
-# Objects are "colour shape" (6 × 4 = 24), drawn large on white: single objects and crops
-# 56×56 (4 image tokens with the tiny processor), pairs 112×56 (left/right, 8 tokens),
-# scenes 112×112 (4 quadrants, 16 tokens). A crop of a scene quadrant is pixel-identical
-# to the single-object render with the same jitter, so crops reuse the object files.
-# Held out for eval: 20% of the ordered object pairs whose colours and shapes both differ
-# (their captions, VQA questions and images never occur in training), and every eval
-# image is rendered at object size 40 px, train images at 36 or 44 px.
-
-COLOUR_RGB = {"red": (220, 30, 30), "green": (30, 150, 50), "blue": (40, 80, 220),
-              "yellow": (235, 195, 0), "purple": (140, 40, 170), "orange": (250, 130, 10)}
-CELL = 56
-JITTER = [(size, dx, dy) for size in (36, 40, 44) for dx in (-4, 0, 4) for dy in (-4, 0, 4)]
-TRAIN_JITTER = [j for j, (size, _, _) in enumerate(JITTER) if size != 40]   # 18 renders
-EVAL_JITTER = [j for j, (size, _, _) in enumerate(JITTER) if size == 40]    # 9 renders
-
-CLS_QUERY = IMAGE_PLACEHOLDER + "\nRepresent the given image for classification"
-VQA_QUERY = IMAGE_PLACEHOLDER + "\nRepresent the given image with the following question: {}"
-T2I_QUERY = "Retrieve an image that matches the given caption: {}"
-I2T_QUERY = IMAGE_PLACEHOLDER + "\nFind a caption describing the given image."
-VG_QUERY = IMAGE_PLACEHOLDER + "\nSelect the portion of the image that isolates the object labeled as '{}'"
-IMAGE_DOC = IMAGE_PLACEHOLDER + "\nRepresent the given image."
-CROP_DOC = IMAGE_PLACEHOLDER + "\nRepresent the given cropped image of the object"
-PAIR_CAPTION = "{} on the left and {} on the right"      # e.g. "a red circle on the left and ..."
-# VQA kinds: (question, asked attribute, attribute the question refers to the object by);
-# each needs binding (which colour goes with which shape / side).
-VQA_QUESTIONS = (("What colour is the {}?", "colour", "shape"),
-                 ("What colour is the object on the {}?", "colour", "pos"),
-                 ("What shape is on the {}?", "shape", "pos"),
-                 ("What shape is the {} object?", "shape", "colour"))
-VQA_ANSWERS = COLOURS + SHAPES
-SYNTHETIC_TEMPLATES = (CLS_QUERY, VQA_QUERY.format(""), T2I_QUERY.format(""), I2T_QUERY,
-                       VG_QUERY.format(""), IMAGE_DOC, CROP_DOC)
-
-
-def _objects():
-    return [(c, s) for c in COLOURS for s in SHAPES]
-
-
-def _pairs():
-    """Ordered (left, right) pairs of two different objects (552)."""
-    return [(a, b) for a in _objects() for b in _objects() if a != b]
-
-
-def _label(obj):
-    return f"{obj[0]} {obj[1]}"
-
-
-def _phrase(obj):
-    """"a red circle", "an orange square"."""
-    return f"{'an' if obj[0][0] in 'aeiou' else 'a'} {obj[0]} {obj[1]}"
-
-
-def _caption(pair):
-    return PAIR_CAPTION.format(_phrase(pair[0]), _phrase(pair[1]))
-
-
-def _twins(pair):
-    """The attribute-swapped versions of a pair (same words, other binding): colours
-    swapped, shapes swapped, sides swapped — those that differ from it."""
-    (c1, s1), (c2, s2) = a, b = pair
-    out = []
-    for t in (((c2, s1), (c1, s2)), ((c1, s2), (c2, s1)), (b, a)):
-        if t != pair and t[0] != t[1] and t not in out:
-            out.append(t)
-    return out
-
-
-def _vqa_question(pair, rng):
-    """(question, answer, binding distractor) about one object of a pair image."""
-    attrs = [{"colour": o[0], "shape": o[1], "pos": p} for o, p in zip(pair, POSITIONS)]
-    kinds = [k for k in VQA_QUESTIONS if attrs[0][k[2]] != attrs[1][k[2]]]
-    template, asked, by = rng.choice(kinds)
-    t = rng.randrange(2)
-    target, other = attrs[t], attrs[1 - t]
-    wrong = other[asked]
-    if wrong == target[asked]:                       # same attribute: any other word
-        words = COLOURS if asked == "colour" else SHAPES
-        wrong = rng.choice([w for w in words if w != target[asked]])
-    return template.format(target[by]), target[asked], wrong
-
-
-def synthetic_texts():
-    """Every query/document string make_synthetic can write (documents with their
-    target instruction), for the tiny tokenizer's corpus."""
-    labels = [_label(o) for o in _objects()]
-    captions = [_caption(p) for p in _pairs()]
-    questions = [t.format(v) for t, _, by in VQA_QUESTIONS
-                 for v in {"colour": COLOURS, "shape": SHAPES, "pos": POSITIONS}[by]]
-    return ([CLS_QUERY, I2T_QUERY, IMAGE_DOC, CROP_DOC]
-            + [VG_QUERY.format(x) for x in labels]
-            + [T2I_QUERY.format(x) for x in [_phrase(o) for o in _objects()] + captions]
-            + [VQA_QUERY.format(q) for q in questions]
-            + [with_target_instruction(x, "ShapesCLS") for x in labels]
-            + [with_target_instruction(x, "ShapesVQA") for x in VQA_ANSWERS]
-            + [with_target_instruction(x, "ShapesI2T") for x in captions])
-
-
-class _ImageWriter:
-    """Renders and writes each image once (PNG, deterministic); returns relative paths."""
-
-    def __init__(self, root):
-        self.root, self.written = root, set()
-
-    def _save(self, rel, render):
-        if rel not in self.written:
-            path = os.path.join(self.root, rel)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            render().save(path)
-            self.written.add(rel)
-        return rel
-
-    @staticmethod
-    def _cell(obj, j):
-        from PIL import Image, ImageDraw
-        (colour, shape), (size, dx, dy) = obj, JITTER[j]
-        im = Image.new("RGB", (CELL, CELL), "white")
-        draw, fill = ImageDraw.Draw(im), COLOUR_RGB[colour]
-        x0, y0 = CELL // 2 + dx - size // 2, CELL // 2 + dy - size // 2
-        x1, y1 = x0 + size - 1, y0 + size - 1
-        if shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif shape == "square":
-            draw.rectangle((x0 + 3, y0 + 3, x1 - 3, y1 - 3), fill=fill)   # area ≈ the circle's
-        elif shape == "triangle":
-            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-        else:                                                            # cross
-            w = size // 3
-            draw.rectangle((x0 + w, y0, x1 - w, y1), fill=fill)
-            draw.rectangle((x0, y0 + w, x1, y1 - w), fill=fill)
-        return im
-
-    @staticmethod
-    def _name(cells):
-        return "_".join(f"{c}-{s}-j{j:02d}" for (c, s), j in cells)
-
-    def _grid(self, cells, cols, kind):
-        from PIL import Image
-
-        def render():
-            rows = (len(cells) + cols - 1) // cols
-            im = Image.new("RGB", (cols * CELL, rows * CELL), "white")
-            for k, (obj, j) in enumerate(cells):
-                im.paste(self._cell(obj, j), ((k % cols) * CELL, (k // cols) * CELL))
-            return im
-        return self._save(f"images/{kind}/{self._name(cells)}.png", render)
-
-    def object(self, obj, j):
-        """56×56 single object (also the crop of a scene quadrant)."""
-        return self._grid([(obj, j)], 1, "object")
-
-    def pair(self, left, right):
-        """112×56: (obj, jitter) on the left and on the right."""
-        return self._grid([left, right], 2, "pair")
-
-    def scene(self, cells):
-        """112×112: four (obj, jitter) in the quadrants TL, TR, BL, BR."""
-        return self._grid(cells, 2, "scene")
-
-
-def _train_row(qry, qry_image, pos, pos_image, neg, neg_image):
-    return {"qry": qry, "qry_image_path": qry_image, "pos_text": pos, "pos_image_path": pos_image,
-            "neg_text": neg, "neg_image_path": neg_image}
-
-
-def _synthetic_train(rng, img, heldout, n):
-    """DEMO_TRAIN_SUBSETS → n MMEB-train rows each, with one hard negative per row that
-    differs from the positive in the binding or in one attribute."""
-    objects = _objects()
-    train_pairs = [p for p in _pairs() if p not in heldout]
-    in_train = set(train_pairs)
-    renders = {p: [(rng.choice(TRAIN_JITTER), rng.choice(TRAIN_JITTER)) for _ in range(4)]
-               for p in train_pairs}                       # 4 renders per pair, reused
-
-    def pair_image(p):
-        jl, jr = rng.choice(renders[p])
-        return img.pair((p[0], jl), (p[1], jr))
-
-    def twin(p):                                           # hard negative of a pair
-        twins = [t for t in _twins(p) if t in in_train]
-        return rng.choice(twins or [t for t in train_pairs if t[0] == p[0] and t != p])
-
-    def one_off(o):                                        # hard negative of an object
-        return rng.choice([x for x in objects if (x[0] == o[0]) != (x[1] == o[1])])
-
-    out = {s: [] for s in DEMO_TRAIN_SUBSETS}
-    for _ in range(n):
-        o = rng.choice(objects)
-        out["ShapesCLS"].append(_train_row(CLS_QUERY, img.object(o, rng.choice(TRAIN_JITTER)),
-                                           _label(o), "", _label(one_off(o)), ""))
-        p = rng.choice(train_pairs)
-        question, answer, wrong = _vqa_question(p, rng)
-        out["ShapesVQA"].append(_train_row(VQA_QUERY.format(question), pair_image(p),
-                                           answer, "", wrong, ""))
-        p = rng.choice(train_pairs)                         # image-only negative (VisDial style)
-        out["ShapesT2I"].append(_train_row(T2I_QUERY.format(_caption(p)), "",
-                                           IMAGE_DOC, pair_image(p), "", pair_image(twin(p))))
-        p = rng.choice(train_pairs)
-        out["ShapesI2T"].append(_train_row(I2T_QUERY, pair_image(p), _caption(p), "",
-                                           _caption(twin(p)), ""))
-    scenes = [[(o, rng.choice(TRAIN_JITTER)) for o in rng.sample(objects, 4)]
-              for _ in range((n + 3) // 4)]
-    targets = [(s, t) for s in range(len(scenes)) for t in range(4)]
-    rng.shuffle(targets)
-    for s, t in targets[:n]:
-        cells = scenes[s]
-        other = rng.choice([k for k in range(4) if k != t])
-        out["ShapesVG"].append(_train_row(VG_QUERY.format(_label(cells[t][0])), img.scene(cells),
-                                          CROP_DOC, img.object(*cells[t]),
-                                          "", img.object(*cells[other])))
-    return out
-
-
-def _synthetic_eval(rng, img, heldout, n):
-    """DEMO_EVAL_TASKS → n MMEB-eval rows each (candidate 0 = the positive, all eval
-    images rendered with EVAL_JITTER)."""
-    objects, pairs = _objects(), _pairs()
-    held = sorted(heldout)
-    rng.shuffle(held)
-
-    def ej():
-        return rng.choice(EVAL_JITTER)
-
-    def shuffled(xs):
-        xs = list(xs)
-        rng.shuffle(xs)
-        return xs
-
-    def row(qry, qry_image, texts, images):
-        return {"qry_text": qry, "qry_img_path": qry_image, "tgt_text": texts, "tgt_img_path": images}
-
-    def pair_candidates(p):                 # the positive, its 3 twins, 12 other pairs
-        twins = _twins(p)
-        rest = [x for x in pairs if x != p and x not in twins]
-        return [p] + twins + rng.sample(rest, 16 - 1 - len(twins))
-
-    def unique_rows(make):                  # n distinct rows from a row factory
-        rows, seen, k = [], set(), 0
-        while len(rows) < n:
-            key, r = make(k)
-            k += 1
-            if key not in seen:
-                seen.add(key)
-                rows.append(r)
-        return rows
-
-    out = {}
-    labels = [_label(o) for o in objects]
-    for o, j in rng.sample([(o, j) for o in objects for j in EVAL_JITTER], n):   # n <= 216
-        others = shuffled(x for x in labels if x != _label(o))
-        out.setdefault("ShapesCLS", []).append(
-            row(CLS_QUERY, img.object(o, j), [_label(o)] + others, [""] * len(labels)))
-
-    def vqa(k):
-        p, jl, jr = held[k % len(held)], ej(), ej()
-        question, answer, _ = _vqa_question(p, rng)
-        words = [answer] + shuffled(w for w in VQA_ANSWERS if w != answer)
-        return (p, jl, jr, question), row(VQA_QUERY.format(question), img.pair((p[0], jl), (p[1], jr)),
-                                          words, [""] * len(words))
-    out["ShapesVQA"] = unique_rows(vqa)
-
-    def t2i(k):
-        p, jl, jr = held[k % len(held)], ej(), ej()
-        images = [img.pair((p[0], jl), (p[1], jr))] + \
-                 [img.pair((x[0], ej()), (x[1], ej())) for x in pair_candidates(p)[1:]]
-        return (p, jl, jr), row(T2I_QUERY.format(_caption(p)), "", [IMAGE_DOC] * 16, images)
-    out["ShapesT2I"] = unique_rows(t2i)
-
-    def i2t(k):
-        p, jl, jr = held[k % len(held)], ej(), ej()
-        return (p, jl, jr), row(I2T_QUERY, img.pair((p[0], jl), (p[1], jr)),
-                                [_caption(x) for x in pair_candidates(p)], [""] * 16)
-    out["ShapesI2T"] = unique_rows(i2t)
-
-    def object_t2i(k):                      # OOD: one-object caption → single objects
-        o, j = objects[k % len(objects)], ej()
-        same_colour = [x for x in objects if x[0] == o[0] and x != o]          # 3
-        same_shape = [x for x in objects if x[1] == o[1] and x != o]           # 5
-        rest = [x for x in objects if x[0] != o[0] and x[1] != o[1]]
-        cands = [o] + same_colour + same_shape + rng.sample(rest, 3)
-        images = [img.object(o, j)] + [img.object(x, ej()) for x in cands[1:]]
-        return (o, j), row(T2I_QUERY.format(_phrase(o)), "", [IMAGE_DOC] * len(cands), images)
-    out["ShapesObjectT2I"] = unique_rows(object_t2i)
-
-    def vg(k):
-        cells = [(o, ej()) for o in rng.sample(objects, 4)]
-        t = rng.randrange(4)
-        target = cells[t][0]
-        extra = []
-        while len(extra) < 8:               # crops of other objects, never the named one
-            c = (rng.choice(objects), ej())
-            if c[0] != target and c not in cells and c not in extra:
-                extra.append(c)
-        crops = [cells[t]] + [c for k2, c in enumerate(cells) if k2 != t] + extra
-        return tuple(cells) + (t,), row(VG_QUERY.format(_label(target)), img.scene(cells),
-                                        [CROP_DOC] * len(crops), [img.object(*c) for c in crops])
-    out["ShapesVG"] = unique_rows(vg)
-    return {t: out[t] for t in DEMO_EVAL_TASKS}
-
-
-SYNTHETIC_VERSION = 1
-
-
-def make_synthetic(root, seed=0, train_rows=3000, eval_queries=150, heldout_fraction=0.2):
-    """
-    Write the built-in synthetic benchmark under `root` (deterministic in `seed`; all
-    randomness from random.Random). Tasks (see DEMO_TRAIN_SUBSETS / DEMO_EVAL_TASKS):
-      ShapesCLS   object image → its "colour shape" label among all 24 labels
-      ShapesVQA   pair image + binding question ("What shape is the red object?") → word (10)
-      ShapesT2I   caption → pair image, candidates incl. the 3 attribute-swapped images (16)
-      ShapesI2T   pair image → caption, candidates incl. the 3 attribute-swapped captions (16)
-      ShapesVG    4-object scene + "...labeled as 'red circle'" → its crop among crops (12)
-      ShapesObjectT2I (eval only, OOD)  "a red circle" → single-object image (12)
-    `train_rows` rows per training subset, `eval_queries` queries per eval task.
-    If `root` already holds a benchmark written with the same arguments it is reused.
-    Returns {"root", "train", "eval", "image_dir"} (image paths are relative to image_dir).
-    """
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    paths = {"root": root, "train": os.path.join(root, "train"), "eval": os.path.join(root, "eval"),
-             "image_dir": root}
-    params = dict(version=SYNTHETIC_VERSION, seed=seed, train_rows=train_rows,
-                  eval_queries=eval_queries, heldout_fraction=heldout_fraction)
-    marker = os.path.join(root, "synthetic.json")
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            if json.load(f) == params:
-                return paths
-        os.remove(marker)
-    rng = random.Random(seed)
-    distinct = [p for p in _pairs() if p[0][0] != p[1][0] and p[0][1] != p[1][1]]   # 360
-    heldout = set(rng.sample(distinct, round(heldout_fraction * len(distinct))))
-    img = _ImageWriter(root)
-    train = _synthetic_train(random.Random(f"{seed}-train"), img, heldout, train_rows)
-    evals = _synthetic_eval(random.Random(f"{seed}-eval"), img, heldout, eval_queries)
-
-    def write(rows, path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    for s, rows in train.items():
-        write(rows, os.path.join(paths["train"], s, "original-00000-of-00001.parquet"))
-    for t, rows in evals.items():
-        write(rows, os.path.join(paths["eval"], t, "test-00000-of-00001.parquet"))
-    with open(marker, "w") as f:                 # written last: marks a complete benchmark
-        json.dump(params, f)
-    return paths

@@ -6,7 +6,7 @@ Flickr30K, COCO, ShareGPT4V, Urban1K, SugarCrepe), plus `Encoder`, the embedding
     d* = argmax_{d ∈ {d_1..d_N}} cos(E(q), E(d))          (Eq. 1; cosine in fp32)
 
 Queries are embedded with the query tokens L_q (side "q"), candidates with L_d (side
-"d"); each distinct (text, image) is embedded once per side. Metrics (SPEC §5):
+"d"); each distinct (text, image) is embedded once per side. Metrics (docs/readings.md §5):
   Hit@1   the positive (candidate 0) scores strictly above every other candidate; a tie
           is a miss (VLM2Vec v1's argmax counted ties as hits: a constant model scored 100%).
   R@k     a query is a hit if a positive ranks in the top k; ties are pessimistic (a
@@ -33,7 +33,7 @@ are all-gathered and scored; rank 0 prints and writes. With --out, each finished
 saved at once (<out>/mmeb/<task>.json, written atomically) and a restarted run skips it;
 the tables go to <out>/mmeb_results.{json,md} and <out>/zeroshot_results.{json,md}.
 
-MMEB data (V1, 36 image tasks; notes §2). --mmeb_dir is a hub id (`TIGER-Lab/MMEB-eval`,
+MMEB data (V1, 36 image tasks; docs/readings.md §5). --mmeb_dir is a hub id (`TIGER-Lab/MMEB-eval`,
 fetched with huggingface_hub.snapshot_download, only the requested tasks) or a local copy:
 <root>/<Task>/test-00000-of-00001.parquet or <root>/<Task>/test/*.parquet with columns
 qry_text, qry_img_path, tgt_text (list), tgt_img_path (list); candidate 0 is the positive.
@@ -42,10 +42,10 @@ columns are relative to it). Images with a side below 28 px are upscaled (aspect
 shortest side 28) before the Qwen processor. A copy of the positive later in its own
 candidate list is the same document, not a negative: it is left out of that row.
 Any other benchmark in the same file format runs through the same code with its own
-task table: `tasks={name: (meta_task, is_ind)}`, --benchmark synthetic (data.DEMO_EVAL_TASKS)
+task table: `tasks={name: (meta_task, is_ind)}`, --benchmark synthetic (demo.DEMO_EVAL_TASKS)
 or --task_table FILE.json.
 
-Zero-shot data (notes §7), one folder --data_dir laid out as the sources ship it:
+Zero-shot data (docs/readings.md §5), one folder --data_dir laid out as the sources ship it:
   flickr30k/dataset_flickr30k.json       Karpathy split json (split "test": 1000 images ×
   flickr30k/flickr30k-images/<filename>    5 captions; cs.stanford.edu/people/karpathy/deepimagesent,
                                            images from the Flickr30K request form)
@@ -72,7 +72,6 @@ Embedding API (build an index; vectors are L2-normalised fp32, batch-independent
     best = (q @ docs.T).argmax(dim=1)                          # Eq. 1
 """
 import argparse
-import gc
 import glob
 import json
 import math
@@ -83,9 +82,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (DEMO_EVAL_TASKS, IMAGE_PLACEHOLDER, MMEB_EVAL_TASKS, collate_embed, encode_item,
-                  load_image, read_eval_task, resolve_dir, upscale_small)
-from model import default_device, load_rematch
+from data import (IMAGE_PLACEHOLDER, MMEB_EVAL_TASKS, collate_embed, encode_item, load_image,
+                  read_eval_task, resolve_dir, upscale_small, with_target_instruction)
+from demo import DEMO_EVAL_TASKS
+from losses import rank_world
+from model import load_rematch
+from train import print0, setup_distributed, teardown_distributed
 
 # ----------------------------------------------------------------------------------
 # Metrics (Eq. 1). Small pure functions; tests/test_evaluate.py keeps naive loops as oracle.
@@ -128,23 +130,11 @@ def recall_at_k(scores, is_pos, k):
 
 
 # ----------------------------------------------------------------------------------
-# Distributed helpers (torchrun: RANK / WORLD_SIZE; single process otherwise)
-
-def dist_info():
-    """(rank, world_size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def print0(*args, **kwargs):
-    if dist_info()[0] == 0:
-        print(*args, **kwargs, flush=True)
-
+# Distributed: set-up, rank-0 printing and (rank, world) are train.py's and losses.py's
 
 def _broadcast(obj):
     """rank 0's `obj` on every rank."""
-    if dist_info()[1] == 1:
+    if rank_world()[1] == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -170,7 +160,7 @@ def embed_items(model, processor, items, batch_size=16, progress=False, desc="em
     W contiguous shards, rank r embeds shard r, and every rank receives all rows
     (all_gather). Returns E (len(items), d) fp32 on the CPU, in item order.
     """
-    rank, world = dist_info() if distributed else (0, 1)
+    rank, world = rank_world() if distributed else (0, 1)
     n, d = len(items), model.hf.config.text_config.hidden_size
     size = math.ceil(n / world)                                  # shard size (the last may be short)
     lo, hi = min(rank * size, n), min((rank + 1) * size, n)
@@ -202,15 +192,7 @@ def embed_items(model, processor, items, batch_size=16, progress=False, desc="em
 def _target_instruction_fn(config):
     """data.with_target_instruction if the checkpoint was trained with target prompts
     (config "target_instructions": true), else None (text candidates stay raw)."""
-    if not (config or {}).get("target_instructions"):
-        return None
-    try:
-        from data import with_target_instruction
-    except ImportError as err:
-        raise ImportError("the checkpoint asks for target instructions (config "
-                          "'target_instructions': true) but data.py has no "
-                          "with_target_instruction") from err
-    return with_target_instruction
+    return with_target_instruction if (config or {}).get("target_instructions") else None
 
 
 # ----------------------------------------------------------------------------------
@@ -266,8 +248,8 @@ def _load_finished(out_dir, kind, names, config, weights):
 # MMEB (Table 1)
 
 META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
-# The 36 MMEB-eval tasks: name → (meta_task, is_ind), IND = one of the 20 MMEB-train sets
-# (notes §2.2). One table, defined in data.py next to the target instructions built from it:
+# The 36 MMEB-eval tasks: name → (meta_task, is_ind), IND = one of the 20 MMEB-train sets.
+# One table, defined in data.py next to the target instructions built from it:
 #   Classification  IND ImageNet-1K N24News HatefulMemes VOC2007 SUN397
 #                   OOD Place365 ImageNet-A ImageNet-R ObjectNet Country211
 #   VQA             IND OK-VQA A-OKVQA DocVQA InfographicsVQA ChartQA Visual7W
@@ -294,25 +276,18 @@ def task_table(tasks=None, known=None):
     return {t: known[t] for t in tasks}
 
 
-def read_mmeb_task(root, task):
-    """The task's rows (data.read_eval_task): dicts with qry_text, qry_img_path,
-    tgt_text (list), tgt_img_path (list), "" = no image, candidate 0 the positive."""
-    rows = read_eval_task(root, task)
-    for i, r in enumerate(rows):
-        r["qry_img_path"] = r["qry_img_path"] or ""
-        r["tgt_img_path"] = [p or "" for p in (r["tgt_img_path"] or [""] * len(r["tgt_text"]))]
-        if len(r["tgt_text"]) != len(r["tgt_img_path"]) or not r["tgt_text"]:
-            raise ValueError(f"MMEB task {task} row {i}: tgt_text and tgt_img_path must be "
-                             "non-empty lists of the same length")
-    return rows
+def chance_table(root, tasks):
+    """{task: expected Hit@1 of a random ranking} of the tasks' MMEB files under `root`."""
+    root = resolve_dir(root, [f"{t}/*" for t in tasks])
+    return {t: chance_hit_at_1(read_eval_task(root, t)) for t in tasks}
 
 
-def task_items(rows, task, config=None):
+def task_items(rows, task, config=None, meta=None):
     """
     The distinct items of one task: query keys and candidate keys (text, image path), each
     once, in first-seen order, and per row (query index, [candidate indices]) with the
     positive first. Text-only candidates get the task's target instruction when the
-    checkpoint asks for it.
+    checkpoint asks for it (by task name for MMEB's tasks, else by its meta-task `meta`).
     """
     target = _target_instruction_fn(config)
     q_index, d_index, pairs = {}, {}, []
@@ -321,7 +296,7 @@ def task_items(rows, task, config=None):
         cands = []
         for text, path in zip(r["tgt_text"], r["tgt_img_path"]):
             if target is not None and not path:
-                text = target(text, task)
+                text = target(text, task, meta)
             cands.append(d_index.setdefault((text, path), len(d_index)))
         pairs.append((qi, cands))
     return list(q_index), list(d_index), pairs
@@ -360,7 +335,7 @@ def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None
     Summaries: summarize(results, task_table(tasks)); the table: format_table(...).
     """
     table, config = task_table(tasks), dict(config or {})
-    rank, _ = dist_info()
+    rank, _ = rank_world()
     root = resolve_dir(mmeb_dir, [f"{t}/*" for t in table])
     weights = weights_fingerprint(model)
     finished = _broadcast(_load_finished(out_dir, "mmeb", table, config, weights) if rank == 0 else None)
@@ -370,7 +345,7 @@ def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None
         if task in finished:
             continue
         try:
-            lost = missing_images(read_mmeb_task(root, task), image_dir)
+            lost = missing_images(read_eval_task(root, task), image_dir)
         except FileNotFoundError as err:
             problems[task] = str(err)
             continue
@@ -392,8 +367,8 @@ def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None
             results[task] = None
             print0(f"{task}: missing, skipped ({problems[task]})")
             continue
-        rows = read_mmeb_task(root, task)
-        q_keys, d_keys, pairs = task_items(rows, task, config)
+        rows = read_eval_task(root, task)
+        q_keys, d_keys, pairs = task_items(rows, task, config, meta=table[task][0])
         items = ([("q", t, os.path.join(image_dir, p) if p else None) for t, p in q_keys]
                  + [("d", t, os.path.join(image_dir, p) if p else None) for t, p in d_keys])
         E = embed_items(model, processor, items, batch_size, progress, desc=task)  # (nq + nd, d)
@@ -459,17 +434,29 @@ def _render(rows, markdown):
     return "\n".join("  ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip() for r in rows)
 
 
-def format_table(results, table, name=None, markdown=False):
+def format_table(results, table, name=None, markdown=False, chance=None):
     """The Table-1 layout: per meta-task scores, then IND / OOD / Overall (Hit@1, %),
-    with the number of tasks behind each mean, followed by the per-task scores."""
+    with the number of tasks behind each mean, followed by the per-task scores.
+    chance: optional {task: chance Hit@1} (chance_table): adds a "chance" row of the same
+    means and, per task, the chance level and Hit@1 / chance."""
     table = task_table(table) if not isinstance(table, dict) else table
     s = summarize(results, table)
     groups = list(s)
-    head = [["model", *groups], [name or "model", *(_cell(**s[g]) for g in groups)],
-            ["tasks", *(str(s[g]["tasks"]) for g in groups)]]
-    per_task = [["task", "meta-task", "split", "Hit@1"]] + [
-        [t, m, "IND" if ind else "OOD", "missing" if results.get(t) is None else _cell(results[t])]
-        for g in groups[:-3] for t, (m, ind) in table.items() if m == g]
+    head = [["model", *groups], [name or "model", *(_cell(**s[g]) for g in groups)]]
+    if chance is not None:
+        c = summarize({t: chance[t] for t in table if results.get(t) is not None}, table)
+        head.append(["chance", *(_cell(**c[g]) for g in groups)])
+    head.append(["tasks", *(str(s[g]["tasks"]) for g in groups)])
+    per_task = [["task", "meta-task", "split", "Hit@1"] + (["chance", "× chance"] if chance else [])]
+    for g in groups[:-3]:
+        for t, (m, ind) in table.items():
+            if m != g:
+                continue
+            hit = results.get(t)
+            row = [t, m, "IND" if ind else "OOD", "missing" if hit is None else _cell(hit)]
+            if chance is not None:
+                row += [_cell(chance[t]), "-" if hit is None else f"{hit / chance[t]:.1f}"]
+            per_task.append(row)
     title = "Hit@1 (%) in the layout of Table 1: per meta-task score | average score (IND, OOD, Overall)"
     if markdown:
         return f"### {title}\n\n{_render(head, True)}\n\n{_render(per_task, True)}\n"
@@ -652,7 +639,7 @@ def evaluate_zeroshot(model, processor, datasets, data_dir, config=None, batch_s
     unknown = [d for d in datasets if d not in ZEROSHOT]
     if unknown:
         raise KeyError(f"unknown zero-shot dataset(s) {unknown}; choose from {list(ZEROSHOT)}")
-    rank, _ = dist_info()
+    rank, _ = rank_world()
     weights = weights_fingerprint(model)
     finished = _broadcast(_load_finished(out_dir, "zeroshot", datasets, config, weights)
                           if rank == 0 else None)
@@ -801,18 +788,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    ddp = int(os.environ.get("RANK", -1)) != -1                 # launched by torchrun?
-    if ddp:
-        use_cuda = torch.cuda.is_available() and args.device != "cpu"
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    else:
-        device = torch.device(args.device) if args.device else default_device()
+    _, _, world, device = setup_distributed(args.device)        # torchrun: one shard per rank
     model, processor, config = load_rematch(args.model, device=device, num_tokens=args.num_tokens,
                                             embed_template=args.embed_template)
-    print0(f"{args.model} on {device} × {dist_info()[1]} rank(s): K={model.num_tokens}, "
+    print0(f"{args.model} on {device} × {world} rank(s): K={model.num_tokens}, "
            f"template={model.embed_template}, batch {args.batch_size} per rank")
     out = {}
     if args.mmeb_dir:
@@ -830,11 +809,8 @@ def main(argv=None):
                                             args.batch_size, args.out, not args.no_progress,
                                             name=args.model)
         print0("\n" + format_zeroshot_table(out["zeroshot"], name=args.model))
-    if ddp:                                                      # gloo teardown (notes Q5)
-        del model
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+    del model                                                   # then leave the process group
+    teardown_distributed()
     return out
 
 

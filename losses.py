@@ -7,7 +7,8 @@
     total_loss          Eq. 5  L = L_cl + w_orth * L_orth + w_qdm * L_qdm (§3.2.4)
 
 Every loss computes in at least fp32 (`at_least_fp32` upcasts bf16/fp16 inputs; fp64 stays
-fp64), so bf16 callers get stable numbers. Conventions that the paper leaves open are fixed in SPEC.md §2.
+fp64), so bf16 callers get stable numbers. Conventions that the paper leaves open are
+written down in docs/readings.md §2.
 
 Test:  pytest tests/test_losses.py tests/test_distributed_losses.py
 """
@@ -25,8 +26,9 @@ def at_least_fp32(x):
 # distributed helpers: (rank, world size) and an all_gather that carries gradients
 
 
-def _world():
-    """(rank, world_size) of the default process group, or (0, 1) when none is set up."""
+def rank_world():
+    """(rank, world_size) of the default process group, or (0, 1) when none is set up.
+    The one place the project asks this (train.py and evaluate.py use it too)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -46,7 +48,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        rank, world_size = _world()
+        rank, world_size = rank_world()
         ctx.rank, ctx.B = rank, x.shape[0]
         parts = [torch.empty_like(x) for _ in range(world_size)]
         dist.all_gather(parts, x.contiguous())
@@ -65,7 +67,7 @@ def _gather(x):
     Float tensors keep their autograd graph; integer tensors (document ids) are gathered
     without one. Identity when there is no process group (W=1).
     """
-    _, world_size = _world()
+    _, world_size = rank_world()
     if world_size == 1:
         return x
     if x.is_floating_point():
@@ -82,7 +84,7 @@ def _check_same_batch_size(B, device):
     must have the same B. One tiny all_gather of the sizes makes a mismatch a clear error
     rather than a crash or hang inside the collective of the embeddings.
     """
-    _, world_size = _world()
+    _, world_size = rank_world()
     if world_size == 1:
         return
     sizes = _gather(torch.tensor([B], device=device))  # (W,)
@@ -133,7 +135,7 @@ def info_nce(q, d_pos, d_neg=None, tau=0.02, pos_ids=None, neg_ids=None):
     each give the same gradients as one process with W*B queries once DDP averages them.
     Every rank must hold the same B.
 
-    False-negative masking (SPEC.md §2): with ids, every column other than the target
+    False-negative masking (docs/readings.md §2): with ids, every column other than the target
     whose id equals the id of the query's own positive is left out of the denominator.
     Without ids (or with all-distinct ids) this is Eq. 3 as written.
     Returns a scalar, the mean over the B local queries.
@@ -144,7 +146,7 @@ def info_nce(q, d_pos, d_neg=None, tau=0.02, pos_ids=None, neg_ids=None):
     for name, x in (("d_pos", d_pos), ("d_neg", d_neg)):
         if x is not None and x.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
-    rank, _ = _world()
+    rank, _ = rank_world()
     _check_same_batch_size(B, q.device)
 
     E_q = F.normalize(at_least_fp32(q), dim=-1)  # (B, d), unit rows, so dot product = cosine

@@ -1,4 +1,4 @@
-"""The unified attention mask of ReMatch (paper Fig. 3, §3.2.3; SPEC §3).
+"""The unified attention mask of ReMatch (paper Fig. 3, §3.2.3; docs/readings.md §3).
 
 Multi-view query-document matching (MVQDM) asks the MLLM "is <DOC> relevant to
 <QUERY>?" for 8 views at once: the query as raw data Q or as its projected
@@ -8,7 +8,7 @@ questions share one packed sequence and one forward pass; this mask makes
 answer A_v see only the prompt, the header, its own query and its own document,
 so each answer is predicted exactly as if its view had been run alone.
 
-One packed sequence per (q, d+, d-) instance, in this order (SPEC §3):
+One packed sequence per (q, d+, d-) instance, in this order (docs/readings.md §3):
 
     | P | Q | Zq | D1 | Zd1 | D2 | Zd2 | H | A1 | A2 | ... | A8 | pad |
       P    prompt: system + user header + matching instruction (App. S7)
@@ -87,7 +87,7 @@ def _answer_index(name):
 
 
 def _keys_of(name, views):
-    """The segments that rows of segment `name` may attend to (the rules of SPEC §3)."""
+    """The segments that rows of segment `name` may attend to (the rules of readings §3)."""
     if name == "P":
         return ("P",)
     if name in SEGMENTS:  # Q, Zq, D1, Zd1, D2, Zd2, H
@@ -133,7 +133,7 @@ def unified_mask(segments, views=VIEWS):
     segments: sequence of (name, length) in sequence order; names from SEGMENTS,
         "A1".."An" (A_{i+1} answers views[i]) and "pad". Zero-length segments take
         no positions (but are still validated). The rules go by name, so any order
-        works; SPEC order is P Q Zq D1 Zd1 D2 Zd2 H A1..An pad.
+        works; the order used everywhere is P Q Zq D1 Zd1 D2 Zd2 H A1..An pad.
     views: the (query segment, document segment) pairs answered, e.g. VIEW_SETS["feat"].
     Returns mask (L, L) bool, L = sum of lengths; mask[i, j] = True means query
     position i may attend to key position j. Always causal (j <= i); every row
@@ -148,7 +148,7 @@ def unified_mask(segments, views=VIEWS):
 
 def _segment_table(names, views):
     """Segment ids (all pad segments share one) and the segment-to-segment table
-    see[a, b] = rows of segment a may attend to segment b (the rules of SPEC §3)."""
+    see[a, b] = rows of segment a may attend to segment b (the rules of readings §3)."""
     ids = {}  # name -> segment id
     for name in names:
         ids.setdefault(name, len(ids))
@@ -198,7 +198,7 @@ def additive_mask(mask, dtype=torch.float32):
     Qwen2-VL model takes (it must already contain causality: a 4D mask is used
     as given). Why not the bool mask: eager attention computes
     softmax(q k^T / sqrt(d) + mask) v, so a bool mask is silently added as 0/1 and
-    masks nothing (notes/transformers-qwen2vl.md Q3). finfo.min instead of -inf
+    masks nothing (docs/readings.md §6). finfo.min instead of -inf
     keeps a fully masked row finite (never happens here: every row sees itself).
     """
     if mask.dtype != torch.bool or mask.dim() not in (2, 3):

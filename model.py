@@ -12,8 +12,11 @@ The ReMatch model: a Qwen2-VL / Qwen2.5-VL backbone turned into an embedding mod
 
 Backbones load from a Hugging Face id or a local directory (`load_backbone`); the names
 `tiny-qwen2-vl` and `tiny-qwen2.5-vl` build a randomly initialised tiny model offline,
-with a small byte-level BPE tokenizer trained on the built-in corpus (data.py) and the
-real PIL Qwen2-VL image processor — the same code paths as the real checkpoints.
+with a small byte-level BPE tokenizer trained on the demo's corpus (demo/corpus.py) and
+the real PIL Qwen2-VL image processor — the same code paths as the real checkpoints.
+
+Naming: "pos" is always the positive document d⁺; positions in a sequence are "*_idx"
+(token_idx, feat_idx, label_idx) or position_ids (M-RoPE).
 
 Used by train.py (training) and evaluate.py (embedding); the demo: python train.py
 Tests: pytest tests/test_model.py tests/test_matching.py
@@ -27,7 +30,8 @@ from transformers import (AutoConfig, AutoTokenizer, PreTrainedTokenizerFast,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
                           Qwen2VLProcessor)
 
-from data import ANSWER_WORDS, tokenizer_corpus
+from data import ANSWER_WORDS
+from demo.corpus import tokenizer_corpus   # the tiny tokenizer learns the demo's strings (see there)
 from masks import additive_mask, unified_mask_batch
 
 # ----------------------------------------------------------------------------------
@@ -61,7 +65,7 @@ QWEN2VL_CHAT_TEMPLATE = (
 
 def build_tiny_tokenizer(vocab_size=1024):
     """
-    A Qwen-style byte-level BPE trained offline on data.tokenizer_corpus(): any text
+    A Qwen-style byte-level BPE trained offline on demo.corpus.tokenizer_corpus(): any text
     encodes (256 byte symbols), the corpus' words become short sequences, the Qwen
     special tokens and chat template are kept. Deterministic.
     """
@@ -250,7 +254,7 @@ class ReMatch(nn.Module):
         mu, sd = W.mean(0), W.std(0)                                          # (d,) each
         g = torch.Generator().manual_seed(seed)
         K = max(num_tokens, 1)
-        # initialised from the statistics of the input-embedding table (SPEC §1)
+        # initialised from the statistics of the input-embedding table (docs/readings.md §1)
         self.L_q = nn.Parameter((mu + sd * torch.randn(K, d, generator=g)).to(W.device))
         self.L_d = nn.Parameter((mu + sd * torch.randn(K, d, generator=g)).to(W.device))
         if num_tokens == 0:                                # last-token pooling: no tokens
@@ -315,16 +319,16 @@ class ReMatch(nn.Module):
         dev = self.device
         input_ids = batch["input_ids"].to(dev)                                # (N, T)
         attention_mask = batch["attention_mask"].to(dev)                      # (N, T)
-        slots = batch["slots"].to(dev)                                        # (N, K)
+        token_idx = batch["token_idx"].to(dev)                                # (N, K)
         x = self.input_embeds(input_ids, batch["pixel_values"], batch["image_grid_thw"])
-        rows = torch.arange(len(slots), device=dev)[:, None].expand_as(slots)  # (N, K)
+        rows = torch.arange(len(token_idx), device=dev)[:, None].expand_as(token_idx)  # (N, K)
         if self.num_tokens > 0:
             L = self.L_q if side == "q" else self.L_d                         # (K, d)
-            x = x.index_put((rows.reshape(-1), slots.reshape(-1)),
-                            L.to(x.dtype).repeat(len(slots), 1))              # slots ← L_1..L_K
-        pos = self.positions(input_ids, attention_mask, batch["image_grid_thw"])  # (3, N, T)
-        h = self.last_hidden(x, attention_mask, pos)                          # (N, T, d)
-        e = h[rows, slots]                                                    # (N, K, d)
+            x = x.index_put((rows.reshape(-1), token_idx.reshape(-1)),
+                            L.to(x.dtype).repeat(len(token_idx), 1))          # token_idx ← L_1..L_K
+        position_ids = self.positions(input_ids, attention_mask, batch["image_grid_thw"])  # (3, N, T)
+        h = self.last_hidden(x, attention_mask, position_ids)                 # (N, T, d)
+        e = h[rows, token_idx]                                                # (N, K, d)
         E = e.mean(dim=1)                                                     # (N, d)
         return E, e
 
@@ -346,14 +350,14 @@ class ReMatch(nn.Module):
         pos_in_1 = (mbatch["pos_slot"].to(dev) == 1)[:, None]                 # (M, 1)
         Z = torch.stack([Z_q, torch.where(pos_in_1, Z_pos, Z_neg),
                          torch.where(pos_in_1, Z_neg, Z_pos)], dim=1)         # (M, 3, d): Zq, Zd1, Zd2
-        feat_pos = mbatch["feat_pos"].to(dev)                                 # (M, 3), -1 = absent
-        present = feat_pos >= 0
-        rows = torch.arange(len(feat_pos), device=dev)[:, None].expand_as(feat_pos)
-        x = x.index_put((rows[present], feat_pos[present]), Z[present])
+        feat_idx = mbatch["feat_idx"].to(dev)                                 # (M, 3), -1 = absent
+        present = feat_idx >= 0
+        rows = torch.arange(len(feat_idx), device=dev)[:, None].expand_as(feat_idx)
+        x = x.index_put((rows[present], feat_idx[present]), Z[present])
         mask = additive_mask(unified_mask_batch(mbatch["segments"], mbatch["views"]),
                              x.dtype).to(dev)                                 # (M, 1, L, L)
-        pos = self.positions(input_ids, attention_mask, mbatch["image_grid_thw"])  # (3, M, L)
-        return x, mask, pos
+        position_ids = self.positions(input_ids, attention_mask, mbatch["image_grid_thw"])  # (3, M, L)
+        return x, mask, position_ids
 
     def match(self, mbatch, E_q, E_pos, E_neg):
         """
@@ -362,11 +366,11 @@ class ReMatch(nn.Module):
         Returns logits (M·V, vocab) at the positions that predict each answer's label
         (the LM head runs on those positions only) and labels (M·V,) for Eq. 4.
         """
-        x, mask, pos = self.match_inputs(mbatch, E_q, E_pos, E_neg)
-        h = self.last_hidden(x, mask, pos)                                    # (M, L, d)
-        label_pos = mbatch["label_pos"].to(h.device)                          # (M, V)
-        rows = torch.arange(len(label_pos), device=h.device)[:, None].expand_as(label_pos)
-        logits = self.hf.lm_head(h[rows, label_pos])                          # (M, V, vocab)
+        x, mask, position_ids = self.match_inputs(mbatch, E_q, E_pos, E_neg)
+        h = self.last_hidden(x, mask, position_ids)                           # (M, L, d)
+        label_idx = mbatch["label_idx"].to(h.device)                          # (M, V)
+        rows = torch.arange(len(label_idx), device=h.device)[:, None].expand_as(label_idx)
+        logits = self.hf.lm_head(h[rows, label_idx])                          # (M, V, vocab)
         return logits.flatten(0, 1), mbatch["labels"].to(h.device).flatten()  # (M·V, vocab), (M·V,)
 
     def forward(self, q, d, match=None, n_pos=None):

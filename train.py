@@ -22,6 +22,7 @@ Tests: pytest tests/test_train.py
 """
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -36,9 +37,10 @@ import torch
 import torch.distributed as dist
 
 from data import MMEB_TRAIN_SUBSETS, collate_embed, collate_match
-from losses import at_least_fp32, info_nce, matching_loss, orthogonality_loss, total_loss
+from losses import (at_least_fp32, info_nce, matching_loss, orthogonality_loss, rank_world,
+                    total_loss)
 from masks import VIEW_SETS
-from model import TINY, ReMatch, apply_lora, load_backbone, load_heads, save_rematch
+from model import TINY, ReMatch, apply_lora, default_device, load_backbone, load_heads, save_rematch
 
 # ----------------------------------------------------------------------------------
 # Presets: the paper's four models (§4) and the CPU demo. Explicit flags override them.
@@ -52,8 +54,8 @@ PRESETS = {
     "qwen2-vl-7b": dict(PAPER, model="Qwen/Qwen2-VL-7B-Instruct"),
     "qwen2.5-vl-3b": dict(PAPER, model="Qwen/Qwen2.5-VL-3B-Instruct"),
     "qwen2.5-vl-7b": dict(PAPER, model="Qwen/Qwen2.5-VL-7B-Instruct"),
-    # calibrated on 2 CPU cores (notes/demo-calibration.md): full fine-tuning of the
-    # random tiny model needs a larger lr and temperature than LoRA on a pretrained one
+    # calibrated on 2 CPU cores (docs/readings.md §7): full fine-tuning of the random
+    # tiny model needs a larger lr and temperature than LoRA on a pretrained one
     "demo": dict(model="tiny-qwen2-vl", steps=1500, batch_size=32, lr=1e-3, warmup_steps=20,
                  tau=0.05, num_tokens=4, weight_decay=0.01, lora=False, log_every=100,
                  save_every=500, num_workers=0, cache_items=100_000, match_instances=8),
@@ -116,7 +118,7 @@ def parse_args(argv=None):
                    help="instances per rank entering the matching pass (default: all B)")
     p.add_argument("--mask_duplicates", action=argparse.BooleanOptionalAction, default=True,
                    help="leave documents identical to a query's positive out of its Eq. 3 "
-                        "denominator (SPEC §2); --no-mask_duplicates = Eq. 3 literally")
+                        "denominator (docs/readings.md §2); --no-mask_duplicates = Eq. 3 literally")
     # optimisation
     p.add_argument("--steps", type=int, default=2500, help="optimiser steps (§4: 2500)")
     p.add_argument("--batch_size", type=int, default=128, help="queries per rank per step (§4: 128 × 8)")
@@ -173,24 +175,41 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------
-# Distributed set-up (torchrun env vars; nccl on CUDA, gloo on CPU)
+# Distributed set-up (torchrun env vars; nccl on CUDA, gloo on CPU). The one place for
+# it: evaluate.py imports these; (rank, world) comes from losses.rank_world.
 
-def setup_distributed():
+def setup_distributed(device=None):
+    """
+    Under torchrun (RANK set): join the process group, nccl on cuda:LOCAL_RANK when CUDA is
+    there (and `device` is not "cpu"), else gloo on the CPU. Alone: `device`, or the
+    default device. Returns (ddp, rank, world, device).
+    """
     ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world = (int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]),
-                               int(os.environ["WORLD_SIZE"])) if ddp else (0, 0, 1)
-    if torch.cuda.is_available():
+    if not ddp:
+        return False, 0, 1, torch.device(device) if device else default_device()
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if torch.cuda.is_available() and str(device) != "cpu":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return ddp, rank, world, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True, rank, world, device
+
+
+def teardown_distributed():
+    """Leave the process group. gloo can abort at interpreter exit while DDP state is alive
+    (docs/readings.md §6): callers `del` their DDP model and optimizer first, then this
+    collects garbage, waits for every rank and destroys the group."""
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def print0(*a, **kw):
-    if int(os.environ.get("RANK", 0)) == 0:
+    """print on rank 0 only (every process prints without a process group)."""
+    if rank_world()[0] == 0:
         print(*a, **kw, flush=True)
 
 
@@ -313,55 +332,99 @@ def load_checkpoint(path, model, opt):
 # ----------------------------------------------------------------------------------
 # The loop
 
+@dataclasses.dataclass
+class Instances:
+    """This rank's B training instances (q, d⁺, d⁻) of one step.
+    q, pos, neg: encoded items (data.encode_item), B each; pos_ids, neg_ids: document ids
+    (data.doc_id) for duplicate masking; pos_slot: the slot (1 or 2) of d⁺ for each of
+    the first M instances, those that enter the matching pass (M = 0: no matching);
+    filled: how many d⁻ were another instance's positive (rows without a hard negative)."""
+    q: list
+    pos: list
+    neg: list
+    pos_ids: list
+    neg_ids: list
+    pos_slot: list
+    filled: int
+
+    @property
+    def n_match(self):
+        """M, the number of instances that enter the matching pass."""
+        return len(self.pos_slot)
+
+    def chunk(self, lo, hi):
+        """Instances lo..hi-1; the matching ones among them keep their slots."""
+        return Instances(self.q[lo:hi], self.pos[lo:hi], self.neg[lo:hi], self.pos_ids[lo:hi],
+                         self.neg_ids[lo:hi], self.pos_slot[lo:hi], 0)
+
+
 def step_instances(examples, args, step):
-    """This rank's B instances: item lists, document ids, and d⁺'s slot for the M instances
+    """This rank's Instances: the items, document ids, and d⁺'s slot for the M instances
     that enter matching (seeded per (step, row), whatever rank or chunk the row lands on)."""
-    q_items = [ex["q"] for ex in examples]
-    pos_items = [ex["pos"] for ex in examples]
-    neg_items, neg_ids, filled = fill_negatives(
+    neg, neg_ids, filled = fill_negatives(
         examples if args.hard_negative else [dict(ex, neg=None) for ex in examples])
-    pos_ids = [ex["pos_id"] for ex in examples]
     M = min(args.match_instances or len(examples), len(examples)) if args.w_qdm > 0 else 0
-    slots = [1 if random.Random(f"{args.seed}-{step}-{ex['index']}").random() < 0.5 else 2
-             for ex in examples[:M]]
-    return q_items, pos_items, neg_items, pos_ids, neg_ids, slots, filled
+    pos_slot = [1 if random.Random(f"{args.seed}-{step}-{ex['index']}").random() < 0.5 else 2
+                for ex in examples[:M]]
+    return Instances([ex["q"] for ex in examples], [ex["pos"] for ex in examples], neg,
+                     [ex["pos_id"] for ex in examples], neg_ids, pos_slot, filled)
 
 
-def collate_step(q_items, pos_items, neg_items, slots, tok, args):
+def collate_step(inst, tok, args):
     """Model inputs: query batch, document batch [d⁺ ; d⁻], matching batch over the first
-    len(slots) instances (None without matching)."""
-    q = collate_embed(q_items, tok, args.num_tokens, args.embed_template)
-    d = collate_embed(pos_items + neg_items, tok, args.num_tokens, args.embed_template)
-    match = collate_match(q_items[:len(slots)], pos_items[:len(slots)], neg_items[:len(slots)],
-                          tok, VIEW_SETS[args.match_views], slots) if slots else None
+    M instances (None without matching)."""
+    q = collate_embed(inst.q, tok, args.num_tokens, args.embed_template)
+    d = collate_embed(inst.pos + inst.neg, tok, args.num_tokens, args.embed_template)
+    M = inst.n_match
+    match = collate_match(inst.q[:M], inst.pos[:M], inst.neg[:M], tok,
+                          VIEW_SETS[args.match_views], inst.pos_slot) if M else None
     return q, d, match
 
 
-def doc_ids(pos_ids, neg_ids, args, device):
+def doc_ids(inst, args, device):
+    """(pos_ids, neg_ids) tensors for Eq. 3's duplicate masking, (None, None) when off."""
     if not args.mask_duplicates:
         return None, None
-    return torch.tensor(pos_ids, device=device), torch.tensor(neg_ids, device=device)
+    return torch.tensor(inst.pos_ids, device=device), torch.tensor(inst.neg_ids, device=device)
+
+
+def local_terms(out, args):
+    """
+    The per-item loss terms of one forward (`ReMatch.forward` output), with their gates:
+    Eq. 2 over the queries' and documents' token states (when w_orth > 0 and K > 1) and
+    Eq. 4 over the matching answers (when the forward ran matching). Both are means over
+    items, so a chunk's share of the batch value is its mean × its fraction of the items.
+    Returns (L_orth, L_qdm, correct answers, answers); absent terms are 0.
+    """
+    zero = torch.zeros((), device=out["E_q"].device)
+    l_orth = orthogonality_loss(torch.cat([out["e_q"], out["e_d"]])) \
+        if args.w_orth > 0 and args.num_tokens > 1 else zero                          # Eq. 2
+    if "logits" not in out:
+        return l_orth, zero, zero, 0
+    l_qdm = matching_loss(out["logits"], out["labels"])                               # Eq. 4
+    correct = (out["logits"].argmax(-1) == out["labels"]).float().sum()
+    return l_orth, l_qdm, correct, len(out["labels"])
+
+
+def log_terms(l_cl, l_orth, l_qdm, correct, answers, args):
+    """The logged terms of a step (detached): Eq. 5's total, its parts, matching accuracy."""
+    loss = total_loss(l_cl, l_orth, l_qdm, args.w_orth, args.w_qdm)                   # Eq. 5
+    acc = correct / answers if answers else correct
+    return {"loss": loss.detach(), "L_cl": l_cl.detach(), "L_orth": l_orth.detach(),
+            "L_qdm": l_qdm.detach(), "match_acc": acc.detach()}
 
 
 def train_step(model, examples, tok, args, step):
-    """One step's forward and losses (Eq. 2–5) on this rank's B examples."""
+    """One step's forward and losses (Eq. 2–5) on this rank's B examples.
+    Returns (loss, logged terms, filled)."""
     B = len(examples)
-    q_items, pos_items, neg_items, pos_ids, neg_ids, slots, filled = step_instances(examples, args, step)
-    out = model(*collate_step(q_items, pos_items, neg_items, slots, tok, args), n_pos=B)
+    inst = step_instances(examples, args, step)
+    out = model(*collate_step(inst, tok, args), n_pos=B)
     E_pos, E_neg = out["E_d"][:B], out["E_d"][B:]                            # (B, d) each
-    device = E_pos.device
-    l_cl = info_nce(out["E_q"], E_pos, E_neg, args.tau,
-                    *doc_ids(pos_ids, neg_ids, args, device))                         # Eq. 3
-    zero = torch.zeros((), device=device)
-    l_orth = orthogonality_loss(torch.cat([out["e_q"], out["e_d"]])) \
-        if args.w_orth > 0 and args.num_tokens > 1 else zero                          # Eq. 2
-    l_qdm, acc = zero, zero
-    if slots:
-        l_qdm = matching_loss(out["logits"], out["labels"])                           # Eq. 4
-        acc = (out["logits"].argmax(-1) == out["labels"]).float().mean()
-    loss = total_loss(l_cl, l_orth, l_qdm, args.w_orth, args.w_qdm)                   # Eq. 5
-    return loss, {"loss": loss.detach(), "L_cl": l_cl.detach(), "L_orth": l_orth.detach(),
-                  "L_qdm": l_qdm.detach(), "match_acc": acc.detach()}, filled
+    l_cl = info_nce(out["E_q"], E_pos, E_neg, args.tau, *doc_ids(inst, args, E_pos.device))  # Eq. 3
+    l_orth, l_qdm, correct, answers = local_terms(out, args)                 # Eq. 2, Eq. 4
+    loss = total_loss(l_cl, l_orth, l_qdm, args.w_orth, args.w_qdm)          # Eq. 5
+    return loss, log_terms(l_cl, l_orth, l_qdm, correct, answers, args), inst.filled
 
 
 def _rng_state(device):
@@ -380,65 +443,62 @@ def _replayed_rng(state, device):
 
 def train_step_chunked(ddp_model, model, examples, tok, args, step, autocast):
     """
-    Cached-gradient micro-batching (GradCache; SPEC §4): the same gradients as train_step
-    on the whole per-rank batch, with activation memory of one chunk of args.chunk_size.
+    Cached-gradient micro-batching (GradCache; docs/readings.md §4): the same gradients as
+    train_step on the whole per-rank batch, with activation memory of one chunk of
+    args.chunk_size.
       phase 1  embed every chunk without a graph (RNG state kept per chunk) → E (B, d);
                Eq. 3 on the full (global) batch; keep g = ∂L_cl/∂E.
       phase 2  re-embed each chunk with a graph under the same RNG state and backpropagate
                Σ E·g (the chain rule through E) plus the chunk's share of Eq. 2 (per item)
                and of Eq. 4 (per instance: the chunk's own instances build their matching
-               rows from the re-embedded E). Chunk 0 runs last: only it synchronises DDP
-               gradients, and it holds matching instances (the first M of the batch).
-    Does the backward itself; returns (loss terms, filled) like train_step.
+               rows from the re-embedded E) — local_terms, as in train_step. Chunk 0 runs
+               last: only it synchronises DDP gradients, and it holds matching instances
+               (the first M of the batch).
+    Does the backward itself; returns (logged terms, filled) like train_step.
     """
     B, c, device = len(examples), args.chunk_size, model.device
-    q_items, pos_items, neg_items, pos_ids, neg_ids, slots, filled = step_instances(examples, args, step)
-    chunks = [range(a, min(a + c, B)) for a in range(0, B, c)]
-    pick = lambda items, ch: [items[i] for i in ch]                       # noqa: E731
+    inst = step_instances(examples, args, step)
+    chunks = [inst.chunk(a, min(a + c, B)) for a in range(0, B, c)]
 
     states, E_q, E_pos, E_neg = [], [], [], []
     with torch.no_grad(), autocast:                                           # phase 1
         for ch in chunks:
             states.append(_rng_state(device))
-            q, d, _ = collate_step(pick(q_items, ch), pick(pos_items, ch), pick(neg_items, ch),
-                                   [], tok, args)
+            q, d, _ = collate_step(dataclasses.replace(ch, pos_slot=[]), tok, args)
             E_q.append(model.embed(q, "q")[0])
             E_d = model.embed(d, "d")[0]                                      # (2c, d)
-            E_pos.append(E_d[:len(ch)])
-            E_neg.append(E_d[len(ch):])
+            E_pos.append(E_d[:len(ch.q)])
+            E_neg.append(E_d[len(ch.q):])
     E_q, E_pos, E_neg = (at_least_fp32(torch.cat(E)).requires_grad_() for E in (E_q, E_pos, E_neg))  # (B, d)
-    l_cl = info_nce(E_q, E_pos, E_neg, args.tau, *doc_ids(pos_ids, neg_ids, args, device))  # Eq. 3
+    l_cl = info_nce(E_q, E_pos, E_neg, args.tau, *doc_ids(inst, args, device))  # Eq. 3
     l_cl.backward()                                       # g = ∂L_cl/∂E, gathered over ranks
     g_q, g_d = E_q.grad, torch.stack([E_pos.grad, E_neg.grad])               # (B, d), (2, B, d)
 
-    l_orth, l_qdm, hits = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(3))
+    l_orth, l_qdm, correct = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(3))
+    starts = range(0, B, c)
     for j in reversed(range(len(chunks))):                                   # phase 2
-        ch, sync = chunks[j], j == 0
-        ch_slots = slots[ch.start:min(ch.stop, len(slots))]
-        q, d, match = collate_step(pick(q_items, ch), pick(pos_items, ch), pick(neg_items, ch),
-                                   ch_slots, tok, args)
+        ch, lo, sync = chunks[j], starts[j], j == 0
+        hi = lo + len(ch.q)
         no_sync = ddp_model.no_sync() if hasattr(ddp_model, "no_sync") and not sync \
             else contextlib.nullcontext()
         with no_sync, _replayed_rng(states[j], device):
             with autocast:
-                out = ddp_model(q, d, match, n_pos=len(ch))
-            g_dj = g_d[:, ch.start:ch.stop].reshape(-1, g_d.shape[-1])      # (2c, d): [d⁺ ; d⁻]
-            part = (at_least_fp32(out["E_q"]) * g_q[ch.start:ch.stop]).sum() \
+                out = ddp_model(*collate_step(ch, tok, args), n_pos=len(ch.q))
+            g_dj = g_d[:, lo:hi].reshape(-1, g_d.shape[-1])                   # (2c, d): [d⁺ ; d⁻]
+            part = (at_least_fp32(out["E_q"]) * g_q[lo:hi]).sum() \
                 + (at_least_fp32(out["E_d"]) * g_dj).sum()                  # Σ E·g
-            if args.w_orth > 0 and args.num_tokens > 1:                       # Eq. 2, this chunk's share
-                share = orthogonality_loss(torch.cat([out["e_q"], out["e_d"]])) * len(ch) / B
-                part = part + args.w_orth * share
-                l_orth += share.detach()
-            if match is not None:                                             # Eq. 4, this chunk's share
-                share = matching_loss(out["logits"], out["labels"]) * len(ch_slots) / len(slots)
+            orth_j, qdm_j, correct_j, answers_j = local_terms(out, args)      # Eq. 2, Eq. 4
+            share = orth_j * len(ch.q) / B                                    # this chunk's share
+            part = part + args.w_orth * share
+            l_orth += share.detach()
+            if answers_j:
+                share = qdm_j * ch.n_match / inst.n_match
                 part = part + args.w_qdm * share
                 l_qdm += share.detach()
-                hits += (out["logits"].argmax(-1) == out["labels"]).float().sum()
+                correct += correct_j
             part.backward()
-    acc = hits / (len(slots) * len(VIEW_SETS[args.match_views])) if slots else hits
-    loss = total_loss(l_cl.detach(), l_orth, l_qdm, args.w_orth, args.w_qdm)
-    return {"loss": loss, "L_cl": l_cl.detach(), "L_orth": l_orth, "L_qdm": l_qdm,
-            "match_acc": acc}, filled
+    answers = inst.n_match * len(VIEW_SETS[args.match_views])
+    return log_terms(l_cl, l_orth, l_qdm, correct, answers, args), inst.filled
 
 
 def forward_backward(ddp_model, model, examples, tok, args, step, autocast):
@@ -475,9 +535,10 @@ def main(argv=None):
         if ddp:
             dist.barrier()
 
-    eval_tasks = args.eval_tasks
-    if args.train_data is None:                  # the built-in synthetic benchmark (demo)
-        from data import DEMO_EVAL_TASKS, make_synthetic
+    eval_tasks, task_meta = args.eval_tasks, None
+    if args.train_data is None:                  # the built-in synthetic benchmark (demo/)
+        from demo import DEMO_EVAL_TASKS, DEMO_META, make_synthetic
+        task_meta = DEMO_META
         root = os.path.join(args.out_dir, "demo_data")
         if master:
             t0 = time.time()
@@ -496,7 +557,8 @@ def main(argv=None):
     dataset = TrainDataset(args.train_data, args.image_dir, processor, subsets=args.subsets,
                            split=args.split, max_rows_per_subset=args.max_rows_per_subset,
                            target_instructions=args.target_instructions,
-                           skip_bad_rows=args.skip_bad_rows, cache_items=args.cache_items)
+                           skip_bad_rows=args.skip_bad_rows, cache_items=args.cache_items,
+                           task_meta=task_meta)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = 0
@@ -595,21 +657,17 @@ def main(argv=None):
     results = None
     if args.eval_data:
         results = run_eval(model, processor, args, eval_tasks)
-    # gloo teardown (notes Q5): drop DDP state, then barrier before destroying the group
-    del ddp_model, opt, batches, loader
-    gc.collect()
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
+    del ddp_model, opt, batches, loader          # DDP state first (teardown_distributed)
+    teardown_distributed()
     return results
 
 
 def run_eval(model, processor, args, tasks):
     """MMEB-style evaluation of the trained model (the demo: the synthetic eval split),
     by the same code path as real MMEB (evaluate.py)."""
-    from evaluate import chance_hit_at_1, evaluate_mmeb, format_table, read_mmeb_task
+    from evaluate import chance_table, evaluate_mmeb, format_table, summarize, task_table
     out = os.path.join(args.out_dir, "eval")
-    if int(os.environ.get("RANK", 0)) == 0:
+    if rank_world()[0] == 0:
         shutil.rmtree(out, ignore_errors=True)           # results of these weights only
     if dist.is_initialized():
         dist.barrier()
@@ -618,19 +676,13 @@ def run_eval(model, processor, args, tasks):
         results = evaluate_mmeb(model, processor, args.eval_data, args.eval_image_dir, tasks,
                                 config=model_config(args), out_dir=out,
                                 progress=sys.stderr.isatty())
-    print0(format_table(results, tasks))
-    chance = {t: chance_hit_at_1(read_mmeb_task(args.eval_data, t)) for t in results}
-    lines = [f"{'task':<18} {'Hit@1':>6} {'chance':>7} {'× chance':>9}"]
-    for t, hit in results.items():
-        lines.append(f"{t:<18} {'missing' if hit is None else f'{hit:6.3f}':>6} {chance[t]:7.3f} "
-                     + ("" if hit is None else f"{hit / chance[t]:9.1f}"))
-    done = [t for t in results if results[t] is not None]
-    overall, overall_chance = (sum(results[t] for t in done) / len(done),
-                               sum(chance[t] for t in done) / len(done))
-    lines.append(f"{'overall':<18} {overall:6.3f} {overall_chance:7.3f} {overall / overall_chance:9.1f}")
-    print0("\n".join(lines))
+    table = task_table(tasks)
+    chance = chance_table(args.eval_data, results)
+    print0(format_table(results, table, chance=chance))
+    done = {t: chance[t] for t in results if results[t] is not None}
+    overall, overall_chance = (summarize(results, {t: table[t] for t in done})["Overall"]["mean"],
+                               summarize(done, {t: table[t] for t in done})["Overall"]["mean"])
     return {"hit_at_1": results, "chance": chance, "overall": overall, "overall_chance": overall_chance}
-
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)                         # the flat repo: model.py, data.py, ...
 
-from data import COLOURS, SHAPES, encode_item    # noqa: E402
+from data import encode_item                      # noqa: E402
+from demo.synthetic import COLOURS, SHAPES       # noqa: E402
 from model import load_backbone                  # noqa: E402
 
 # ----------------------------------------------------------------------------------

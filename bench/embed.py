@@ -45,7 +45,7 @@ def parse_args(argv=None):
 
 
 def content_tokens(items, image_token_id):
-    """Mean image / other tokens per item's content (before the template and the K slots)."""
+    """Mean image / other tokens per item's content (before the template and the K learnable tokens)."""
     n_img = sum(t == image_token_id for it in items for t in it["ids"]) / len(items)
     n_all = sum(len(it["ids"]) for it in items) / len(items)
     return f"{n_img:.0f} image + {n_all - n_img:.0f} text"

@@ -3,7 +3,7 @@ Benchmark of the deduplicating MMEB evaluation (evaluate.py: "each distinct (tex
 is embedded once per side") against a naive evaluation that embeds, for every row, its
 query and its whole candidate list, duplicates included.
 
-Data: the built-in synthetic benchmark (data.make_synthetic, MMEB's own file format)
+Data: the built-in synthetic benchmark (demo.make_synthetic, MMEB's own file format)
 written to a temporary directory, --queries rows per task. Images (56-112 px) are
 resized to about image_size² pixels, so an image costs (image_size/28)² tokens as an
 MMEB image does. Side by side in one run, per task:
@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_args, fmt, print_config, print_table, ratio, setup, time_variants  # noqa: E402
-from data import DEMO_EVAL_TASKS, make_synthetic  # noqa: E402
-from evaluate import (cosine_scores, embed_items, evaluate_mmeb, hit_at_1, read_mmeb_task,  # noqa: E402
-                      score_rows, task_items)
+from data import read_eval_task  # noqa: E402
+from demo import DEMO_EVAL_TASKS, make_synthetic  # noqa: E402
+from evaluate import cosine_scores, embed_items, evaluate_mmeb, hit_at_1, score_rows, task_items  # noqa: E402
 from model import ReMatch  # noqa: E402
 
 
@@ -54,7 +54,7 @@ class CountingReMatch(ReMatch):
 def naive_hit_at_1(model, processor, eval_dir, image_dir, task, batch_size):
     """Hit@1 and scores (rows, max candidates) of `task`, embedding every row's query and
     candidates afresh (no dedup)."""
-    rows = read_mmeb_task(eval_dir, task)
+    rows = read_eval_task(eval_dir, task)
     scores = torch.full((len(rows), max(len(r["tgt_text"]) for r in rows)), float("-inf"))
     for i, r in enumerate(rows):
         keys = [(r["qry_text"], r["qry_img_path"])] + list(zip(r["tgt_text"], r["tgt_img_path"]))
@@ -68,7 +68,7 @@ def naive_hit_at_1(model, processor, eval_dir, image_dir, task, batch_size):
 
 def dedup_scores(model, processor, eval_dir, image_dir, task, batch_size):
     """The scores evaluate_mmeb computes (its own steps, untimed), to compare with naive's."""
-    q_keys, d_keys, pairs = task_items(read_mmeb_task(eval_dir, task), task)
+    q_keys, d_keys, pairs = task_items(read_eval_task(eval_dir, task), task)
     path = lambda p: os.path.join(image_dir, p) if p else None
     items = [("q", t, path(p)) for t, p in q_keys] + [("d", t, path(p)) for t, p in d_keys]
     E = embed_items(model, processor, items, batch_size, distributed=False)   # (nq + nd, d)

@@ -73,7 +73,7 @@ def view_plans(mb, dtype):
                 sub.append((new, len(spans[name])))    # A_v becomes the only answer, A1
             keep.append(idx)
             segs.append(sub)
-            at.append(idx.index(int(mb["label_pos"][row, v])))
+            at.append(idx.index(int(mb["label_idx"][row, v])))
         l = max(len(k) for k in keep)
         valid = torch.tensor([[1] * len(k) + [0] * (l - len(k)) for k in keep], dtype=torch.bool)
         index = torch.tensor([k + [0] * (l - len(k)) for k in keep])          # (M, l)

@@ -1,5 +1,5 @@
 """
-Benchmark of one training step (paper §3.2, Eq. 5; SPEC §4) and of cached-gradient
+Benchmark of one training step (paper §3.2, Eq. 5; docs/readings.md §4) and of cached-gradient
 micro-batching (train.py --chunk_size).
 
 Table 1, step cost relative to contrastive only (forward + backward of one per-rank

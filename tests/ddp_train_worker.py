@@ -6,12 +6,10 @@ cached-gradient micro-batching) and saves, per rank,
 the rows it saw, the first step's (DDP-averaged) gradients and the final parameters.
 """
 import contextlib
-import gc
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
@@ -44,10 +42,8 @@ def main():
     torch.save({"seen": seen, "grads": first_grads,
                 "params": {n: p.detach().clone() for n, p in model.named_parameters()}},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    del ddp_model, opt                               # gloo teardown (notes Q5)
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    del ddp_model, opt                               # DDP state first (teardown_distributed)
+    train.teardown_distributed()
 
 
 if __name__ == "__main__":

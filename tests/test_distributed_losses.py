@@ -1,13 +1,12 @@
 """info_nce (Eq. 3) on 2 gloo processes with B queries each == one process with 2B queries.
 
-Run:  cd /work/main && python -m pytest -q tests/test_distributed_losses.py
+Run:  python -m pytest -q tests/test_distributed_losses.py
 
 Both ranks build the same global batch of W*B rows from a fixed seed and take their own
 rows; the reference is the same code in this (non-distributed) test process on all rows.
 The two workers run every case once (module fixture) and save their results with
 torch.save; each test then compares one case.
 """
-import gc
 import traceback
 from datetime import timedelta
 
@@ -19,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conftest import run_processes
 from losses import info_nce
+from train import teardown_distributed
 
 W, B, D_IN, D = 2, 3, 6, 5  # ranks, queries per rank, raw input size, embedding size
 TAU = 0.05
@@ -90,11 +90,8 @@ def _worker(rank, rendezvous_file, out_dir):
         except ValueError as err:
             results["unequal"] = str(err)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
-        # teardown from notes/transformers-qwen2vl.md §Q5 (gloo can abort at exit otherwise)
-        del results
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()
+        del results                               # gloo can abort at exit otherwise
+        teardown_distributed()
     except BaseException:
         with open(f"{out_dir}/rank{rank}.err", "w") as f:
             f.write(traceback.format_exc())

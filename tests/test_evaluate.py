@@ -1,6 +1,6 @@
 """evaluate.py against independent oracles.
 
-Run:  cd /work/main && python -m pytest -q tests/test_evaluate.py
+Run:  python -m pytest -q tests/test_evaluate.py
 
 - Hit@1 / R@k against naive Python loops (random scores, hand-built ties);
 - MMEB end to end on a tiny MMEB-format set written here (two tasks in the two file layouts,
@@ -11,7 +11,6 @@ Run:  cd /work/main && python -m pytest -q tests/test_evaluate.py
 - each zero-shot reader on a fixture in the dataset's own layout, metrics == naive loops;
 - Encoder: unit-norm fp32, batch-independent.
 """
-import gc
 import json
 import os
 import shutil
@@ -27,8 +26,9 @@ import torch.nn.functional as F
 
 import evaluate as ev
 from conftest import run_processes, shape_image
-from data import collate_embed, encode_item, find_parquet, load_image
+from data import collate_embed, encode_item, find_parquet, load_image, read_eval_task
 from model import ReMatch, load_backbone, save_rematch
+from train import teardown_distributed
 
 TABLE = {"TaskA": ("Classification", True), "TaskB": ("Retrieval", False)}
 TIMEOUT_S = 120
@@ -267,7 +267,7 @@ def test_mmeb_end_to_end_matches_direct_computation(bench, tiny, reference):
     assert load_image(os.path.join(bench[1], "TaskA", "q3.png")).size == (47, 28)   # 10×6 upscaled
     # finer: every (query, candidate) score of the batched path == the one-at-a-time cosine
     for task in TABLE:
-        rows = ev.read_mmeb_task(bench[0], task)
+        rows = read_eval_task(bench[0], task)
         q_keys, d_keys, pairs = ev.task_items(rows, task)
         path = lambda p: os.path.join(bench[1], p) if p else None  # noqa: E731
         items = [("q", t, path(p)) for t, p in q_keys] + [("d", t, path(p)) for t, p in d_keys]
@@ -306,9 +306,7 @@ def _dist_worker(rank, world, rendezvous, mmeb_dir, image_dir, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
         rec.restore()
         del model, rec
-        gc.collect()                               # gloo teardown (notes Q5)
-        dist.barrier()
-        dist.destroy_process_group()
+        teardown_distributed()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())

@@ -1,6 +1,6 @@
 """Losses (Eq. 2-5) against naive per-item loops and hand-worked numbers.
 
-Run:  cd /work/main && python -m pytest -q tests/test_losses.py
+Run:  python -m pytest -q tests/test_losses.py
 """
 import math
 

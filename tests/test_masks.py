@@ -1,9 +1,9 @@
-"""Tests of the unified attention mask (masks.py, paper Fig. 3, SPEC §3).
+"""Tests of the unified attention mask (masks.py, paper Fig. 3, docs/readings.md §3).
 
-Run: cd /work/main && python -m pytest -q tests/test_masks.py
+Run: python -m pytest -q tests/test_masks.py
 
 The expected key sets are computed here by a naive loop over positions from the
-SPEC rules, independently of the lookup table in masks.py.
+rules of readings §3, independently of the lookup table in masks.py.
 """
 import math
 import random
@@ -48,7 +48,7 @@ def position_names(segs):
 
 
 def visible_segments(name, views):
-    """SPEC §3: the segments a row of segment `name` may attend to (pad: handled apart)."""
+    """Readings §3: the segments a row of segment `name` may attend to (pad: handled apart)."""
     if name == "P":
         return {"P"}
     if name.startswith("A"):

@@ -1,10 +1,10 @@
 """
-The unified multi-view matching pass (§3.2.3, Fig. 3, SPEC §3), made checkable.
+The unified multi-view matching pass (§3.2.3, Fig. 3, docs/readings.md §3), made checkable.
 
 The paper's efficiency claim: one forward with the unified mask gives every view the
 answer it would get from its own pass. Oracle: for each instance and view, a separate
 decoder pass over only [P, query view, document view, H, A_v] with the same position
-ids and a mask written out here from the SPEC rules (not from masks.py).
+ids and a mask written out here from the rules of readings §3 (not from masks.py).
 
     pytest tests/test_matching.py
 """
@@ -40,7 +40,7 @@ def embeddings(rm, processor, items):
 
 
 def oracle_sub_mask(names):
-    """SPEC §3 for a sub-sequence [P, q-view, d-view, H, A]: causal, and a row sees P,
+    """Readings §3 for a sub-sequence [P, q-view, d-view, H, A]: causal, and a row sees P,
     its own segment, and (answer rows only) everything before it."""
     L = len(names)
     allowed = torch.zeros(L, L, dtype=torch.bool)
@@ -50,7 +50,7 @@ def oracle_sub_mask(names):
     return allowed
 
 
-def separate_pass_logits(rm, x, pos, segments, label_pos, views, row):
+def separate_pass_logits(rm, x, pos, segments, label_idx, views, row):
     """Label logits of every view of one row, each from its own decoder pass."""
     start, offsets = 0, {}
     for name, n in segments[row]:
@@ -66,7 +66,7 @@ def separate_pass_logits(rm, x, pos, segments, label_pos, views, row):
         keep = torch.tensor(keep)
         mask = additive_mask(oracle_sub_mask(names), x.dtype)                 # (1, 1, l, l)
         h = rm.last_hidden(x[row, keep][None], mask, pos[:, row, keep][:, None])  # (1, l, d)
-        at = (keep == label_pos[row, v]).nonzero().item()
+        at = (keep == label_idx[row, v]).nonzero().item()
         out.append(rm.hf.lm_head(h[0, at]))
     return torch.stack(out)                                                   # (V, vocab)
 
@@ -84,7 +84,7 @@ def test_unified_pass_equals_one_pass_per_view(tiny, view_set):
         logits, labels = rm.match(mb, E_q, E_pos, E_neg)                      # (M·V, vocab)
         x, _, pos = rm.match_inputs(mb, E_q, E_pos, E_neg)
         for row in range(len(q)):
-            ref = separate_pass_logits(rm, x, pos, mb["segments"], mb["label_pos"], views, row)
+            ref = separate_pass_logits(rm, x, pos, mb["segments"], mb["label_idx"], views, row)
             V = len(views)
             torch.testing.assert_close(logits[row * V:(row + 1) * V], ref, atol=1e-5, rtol=0)
     assert logits.shape == (len(q) * len(views), len(processor.tokenizer))
@@ -115,7 +115,7 @@ def test_labels_follow_the_slot_of_the_positive(tiny):
                     expected = yes if in_slot == slot else no
                     assert mb["labels"][row, v] == expected
                     # the label token sits right after the label-predicting position
-                    assert mb["input_ids"][row, mb["label_pos"][row, v] + 1] == expected
+                    assert mb["input_ids"][row, mb["label_idx"][row, v] + 1] == expected
 
 
 def test_slot_placement_is_seeded_and_balanced(tiny):

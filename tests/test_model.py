@@ -48,7 +48,7 @@ def test_answer_words_are_single_tokens_or_loading_fails():
 
 
 def test_chat_embedding_template_is_the_qwen_chat_template(tiny):
-    """SPEC §1: our MVQDM++ prefix/suffix around the MMEB string give exactly what the
+    """Readings §1: our MVQDM++ prefix/suffix around the MMEB string give exactly what the
     tokenizer's own Qwen chat template writes for [image, text] + generation prompt."""
     _, _, processor = tiny
     prefix, suffix = EMBED_TEMPLATES["chat"]
