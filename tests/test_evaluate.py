@@ -290,6 +290,24 @@ def test_format_table_layout(reference):
     assert md.count("|---") >= 2
 
 
+def test_format_table_with_chance(tmp_path):
+    # chance of a task = mean over queries of 1 / candidates: 2 queries with 4 and 2 candidates
+    rows = [{"qry_text": "q", "qry_img_path": "", "tgt_text": list("abcd"), "tgt_img_path": [""] * 4},
+            {"qry_text": "r", "qry_img_path": "", "tgt_text": list("ab"), "tgt_img_path": [""] * 2}]
+    for task in TABLE:
+        (tmp_path / task).mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / task / "test-00000-of-00001.parquet"))
+    chance = ev.chance_table(str(tmp_path), TABLE)
+    assert chance == {t: (1 / 4 + 1 / 2) / 2 for t in TABLE}
+    text = ev.format_table({"TaskA": 0.75, "TaskB": None}, TABLE, chance=chance)
+    lines = text.splitlines()
+    chance_row = next(l for l in lines if l.startswith("chance"))
+    assert chance_row.split()[1] == "37.5"                      # Classification: TaskA's chance
+    task_a = next(l for l in lines if l.startswith("TaskA")).split()
+    assert task_a[3:] == ["75.0", "37.5", "2.0"]                # Hit@1, chance, 0.75 / 0.375
+    task_b = next(l for l in lines if l.startswith("TaskB")).split()
+    assert task_b[3:] == ["missing", "37.5", "-"]
+
 # ----------------------------------------------------------------------------------
 # 2 gloo processes == 1 process
 
