@@ -94,14 +94,15 @@ class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
-def answer_token_ids(tokenizer):
+def answer_token_ids(tokenizer, where="tokenizer"):
     """(yes_id, no_id): the label tokens of Eq. 4. Each answer word must be one token."""
     ids = []
     for w in ANSWER_WORDS:
         t = tokenizer(w, add_special_tokens=False)["input_ids"]
         if len(t) != 1:
-            raise ValueError(f"answer word {w!r} is {len(t)} tokens {t} in this tokenizer; "
-                             "the matching loss (Eq. 4) needs exactly one")
+            raise ValueError(f"{where}: answer word {w!r} is {len(t)} tokens {t} in this "
+                             "tokenizer; the matching loss (Eq. 4) needs exactly one (use the "
+                             "checkpoint's own Qwen tokenizer)")
         ids.append(t[0])
     return tuple(ids)
 
@@ -148,14 +149,44 @@ def default_device():
 
 def _image_processor(path, min_pixels, max_pixels):
     """The PIL Qwen2-VL image processor (no torchvision), from `path`'s
-    preprocessor_config.json or the defaults, with optional pixel bounds."""
-    ip = Qwen2VLImageProcessorPil.from_pretrained(path) if path else Qwen2VLImageProcessorPil()
-    if min_pixels or max_pixels:
-        size = {"shortest_edge": min_pixels or ip.size.shortest_edge,
-                "longest_edge": max_pixels or ip.size.longest_edge}
-        ip = (Qwen2VLImageProcessorPil.from_pretrained(path, size=size) if path
-              else Qwen2VLImageProcessorPil(size=size))
-    return ip
+    preprocessor_config.json or the defaults, with optional pixel bounds. The bounds are
+    passed as min_pixels / max_pixels: a hub preprocessor_config.json holds those keys at
+    its top level, and they would override a `size` argument."""
+    bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+    return (Qwen2VLImageProcessorPil.from_pretrained(path, **bounds) if path
+            else Qwen2VLImageProcessorPil(**bounds))
+
+
+def _check_local_checkpoint(path):
+    """A local checkpoint directory has the files load_backbone needs; else an error that
+    names the directory, what is missing and the fix — before any weight is read."""
+    missing = [f for f in ("config.json", "preprocessor_config.json")
+               if not os.path.isfile(os.path.join(path, f))]
+    if not (os.path.isfile(os.path.join(path, "tokenizer.json"))
+            or all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))):
+        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    if missing:
+        raise FileNotFoundError(
+            f"{path}: not a complete Qwen2-VL/Qwen2.5-VL checkpoint, missing {', '.join(missing)}. "
+            "Copy these files from the base model's hub folder (e.g. Qwen/Qwen2-VL-2B-Instruct), "
+            "or save with model.save_backbone, which writes all of them")
+
+
+def _check_tokenizer(tok, config, where):
+    """The tokenizer fits the model: Qwen's vision tokens at the config's ids, every id
+    inside the embedding table, Yes/No single tokens (Eq. 4)."""
+    if len(tok) > config.text_config.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {len(tok)} tokens but the model's "
+                         f"embedding table {config.text_config.vocab_size} rows: tokenizer and "
+                         "weights come from different models")
+    for name, token in (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+                        ("vision_end_token_id", "<|vision_end|>")):
+        tid = tok.convert_tokens_to_ids(token)
+        if tid != getattr(config, name):
+            raise ValueError(f"{where}: the tokenizer maps {token} to {tid} but config.json's "
+                             f"{name} is {getattr(config, name)}: tokenizer and config come from "
+                             "different models")
+    answer_token_ids(tok, where)
 
 
 def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None, max_pixels=None):
@@ -163,25 +194,36 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
     Load (model, processor) for Qwen2-VL or Qwen2.5-VL from a hub id or a local directory,
     or build `tiny-qwen2-vl` / `tiny-qwen2.5-vl` offline (random init from `seed`).
     sdpa attention; dtype bf16 on CUDA, fp32 on CPU unless given. min/max_pixels bound
-    the image size (default: the checkpoint's own; tiny: 56² .. 112²).
+    the image size (default: the checkpoint's own; tiny: 56² .. 112²). The config, the
+    tokenizer and the image processor are checked before the weights are read.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if name_or_path in TINY:
         tok = build_tiny_tokenizer()
         model = _build_tiny(name_or_path, tok, seed)
-        image_source, min_pixels, max_pixels = None, min_pixels or TINY_PIXELS[0], max_pixels or TINY_PIXELS[1]
+        image_processor = _image_processor(None, min_pixels or TINY_PIXELS[0], max_pixels or TINY_PIXELS[1])
+        answer_token_ids(tok, name_or_path)
     else:
-        model_type = AutoConfig.from_pretrained(name_or_path).model_type
-        if model_type not in BACKBONES:
-            raise ValueError(f"{name_or_path}: model_type {model_type!r} is not supported "
+        name_or_path = str(name_or_path)
+        local = os.path.isdir(name_or_path)
+        if not local and (os.path.isabs(name_or_path) or name_or_path.startswith(".")
+                          or name_or_path.count("/") != 1):
+            raise FileNotFoundError(f"{name_or_path}: no such directory, and not a hub id of the "
+                                    "form owner/name (nor one of " + ", ".join(sorted(TINY)) + ")")
+        if local and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            _check_local_checkpoint(name_or_path)               # names every missing file
+        config = AutoConfig.from_pretrained(name_or_path)
+        if config.model_type not in BACKBONES:
+            raise ValueError(f"{name_or_path}: model_type {config.model_type!r} is not supported "
                              f"(supported: {sorted(BACKBONES)} and {sorted(TINY)})")
-        model = BACKBONES[model_type].from_pretrained(name_or_path, dtype=dtype,
-                                                      attn_implementation="sdpa")
+        if local:
+            _check_local_checkpoint(name_or_path)
         tok = AutoTokenizer.from_pretrained(name_or_path)
-        image_source = name_or_path
-    image_processor = _image_processor(image_source, min_pixels, max_pixels)
-    answer_token_ids(tok)                                    # fail early, naming the word
+        _check_tokenizer(tok, config, name_or_path)
+        image_processor = _image_processor(name_or_path, min_pixels, max_pixels)
+        model = BACKBONES[config.model_type].from_pretrained(name_or_path, dtype=dtype,
+                                                             attn_implementation="sdpa")
     processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tok,
                                          chat_template=tok.chat_template)
     return model.to(device=device, dtype=dtype), processor

@@ -95,6 +95,46 @@ def test_unknown_model_type_is_rejected(tmp_path):
         load_backbone(str(tmp_path), device="cpu")
 
 
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    """A tiny backbone written in the hub layout (save_backbone)."""
+    model, processor = load_backbone("tiny-qwen2-vl", device="cpu")
+    path = tmp_path_factory.mktemp("saved_tiny")
+    save_backbone(model, processor, path)
+    return path
+
+
+def copy_without(src, dst, drop=(), edit_config=None):
+    import json
+    import shutil
+    shutil.copytree(src, dst)
+    for f in drop:
+        (dst / f).unlink()
+    if edit_config:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg.update(edit_config)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+def test_bad_checkpoint_directories_are_named(saved_tiny, tmp_path, monkeypatch):
+    import model as model_module
+    with pytest.raises(FileNotFoundError, match="/abs/missing-dir: no such directory"):
+        load_backbone("/abs/missing-dir", device="cpu")
+    no_pre = copy_without(saved_tiny, tmp_path / "a", drop=["preprocessor_config.json"])
+    with pytest.raises(FileNotFoundError, match=f"{no_pre}.*missing preprocessor_config.json"):
+        load_backbone(no_pre, device="cpu")
+    no_tok = copy_without(saved_tiny, tmp_path / "b", drop=["tokenizer.json"])
+    with pytest.raises(FileNotFoundError, match=f"{no_tok}.*missing tokenizer.json"):
+        load_backbone(no_tok, device="cpu")
+    other_ids = copy_without(saved_tiny, tmp_path / "c", edit_config={"image_token_id": 7})
+    with pytest.raises(ValueError, match=r"<\|image_pad\|>.*image_token_id is 7"):
+        load_backbone(other_ids, device="cpu")
+    monkeypatch.setattr(model_module, "ANSWER_WORDS", ("Yes indeed", "No"))   # a multi-token answer
+    with pytest.raises(ValueError, match=f"{saved_tiny}: answer word 'Yes indeed' is [2-9] tokens"):
+        load_backbone(str(saved_tiny), device="cpu")
+
+
 # ---------------------------------------------------------------------------- positions
 
 def test_mrope_positions_equal_the_backbone_get_rope_index(tiny):

