@@ -323,22 +323,37 @@ def score_rows(Q, D, pairs):
 
 def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
                   out_dir=None, skip_missing=False, progress=True, name=None):
+    """Hit@1 of every task: {task: hit@1 (0..1), or None if skipped as missing}
+    (mmeb_report without matching accuracy; same arguments)."""
+    return mmeb_report(model, processor, mmeb_dir, image_dir, tasks, config, batch_size, out_dir,
+                       skip_missing, progress, name)["hit@1"]
+
+
+def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
+                out_dir=None, skip_missing=False, progress=True, name=None, match_queries=0):
     """
-    Hit@1 of every task: {task: hit@1 (0..1), or None if skipped as missing}.
+    {"hit@1": {task: hit@1 (0..1) or None if skipped as missing},
+     "matching": {task: matching_accuracy(...)}  (only with match_queries > 0)}.
     tasks: None (all 36), a list of task names, or {name: (meta_task, is_ind)} (task_table).
     config: the checkpoint's config (load_rematch); recorded with the results and used for
     "target_instructions". out_dir: per-task results are saved as they finish and reused
     on restart if config and weights_fingerprint match (otherwise: an error), then
     mmeb_results.json / .md (rows labelled `name`, default config["model"]). Missing task
     files or images raise an error naming them, unless skip_missing (the task is then
-    reported as missing).
+    reported as missing). match_queries: also score the trained matching head (Eq. 4) on
+    the first N queries of each task (matching_accuracy); needs a checkpoint trained with
+    matching (config w_qdm > 0).
     Summaries: summarize(results, task_table(tasks)); the table: format_table(...).
     """
     table, config = task_table(tasks), dict(config or {})
+    if match_queries:
+        require_matching(config, "matching accuracy")
     rank, _ = rank_world()
     root = resolve_dir(mmeb_dir, [f"{t}/*" for t in table])
     weights = weights_fingerprint(model)
     finished = _broadcast(_load_finished(out_dir, "mmeb", table, config, weights) if rank == 0 else None)
+    if match_queries:                              # a record without matching is not finished
+        finished = {t: r for t, r in finished.items() if r.get("match_queries") == match_queries}
 
     problems = {}                                  # check every input before the long part
     for task in table:
@@ -357,10 +372,12 @@ def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None
         raise FileNotFoundError("missing MMEB data (pass skip_missing / --skip_missing to skip "
                                 "these tasks):\n" + "\n".join(problems.values()))
 
-    results = {}
+    results, matching = {}, {}
     for task in table:
         if task in finished:
             results[task] = finished[task]["hit@1"]
+            if match_queries:
+                matching[task] = finished[task]["matching"]
             print0(f"{task}: Hit@1 {100 * results[task]:.1f} (finished earlier, skipped)")
             continue
         if task in problems:
@@ -373,23 +390,110 @@ def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None
                  + [("d", t, os.path.join(image_dir, p) if p else None) for t, p in d_keys])
         E = embed_items(model, processor, items, batch_size, progress, desc=task)  # (nq + nd, d)
         Q, D = E[:len(q_keys)], E[len(q_keys):]
-        results[task] = hit_at_1(score_rows(Q, D, pairs))       # same on every rank
-        print0(f"{task}: Hit@1 {100 * results[task]:.1f} ({len(rows)} queries, "
-               f"{len(q_keys)} query items, {len(d_keys)} candidate items)")
+        scores = score_rows(Q, D, pairs)
+        results[task] = hit_at_1(scores)                        # same on every rank
+        record = {"task": task, "meta_task": table[task][0], "is_ind": table[task][1],
+                  "hit@1": results[task], "num_queries": len(rows), "num_query_items": len(q_keys),
+                  "num_candidate_items": len(d_keys), "config": config, "weights": weights}
+        line = f"{task}: Hit@1 {100 * results[task]:.1f} ({len(rows)} queries, " \
+               f"{len(q_keys)} query items, {len(d_keys)} candidate items)"
+        if match_queries:
+            items_q = [(t, os.path.join(image_dir, p) if p else None) for t, p in q_keys]
+            items_d = [(t, os.path.join(image_dir, p) if p else None) for t, p in d_keys]
+            matching[task] = matching_accuracy(model, processor, items_q, items_d, pairs, Q, D,
+                                               scores, match_queries, batch_size, desc=task)
+            record.update(matching=matching[task], match_queries=match_queries)
+            line += "; matching " + ", ".join(f"{k} {100 * v:.1f}" for k, v in matching[task].items()
+                                              if k in MATCH_VIEW_TYPES)
+        print0(line)
         if rank == 0 and out_dir:
-            _write_json(_result_path(out_dir, "mmeb", task), {
-                "task": task, "meta_task": table[task][0], "is_ind": table[task][1],
-                "hit@1": results[task], "num_queries": len(rows), "num_query_items": len(q_keys),
-                "num_candidate_items": len(d_keys), "config": config, "weights": weights})
+            _write_json(_result_path(out_dir, "mmeb", task), record)
     if rank == 0 and out_dir:
         name = name or config.get("model")
         _write_json(os.path.join(out_dir, "mmeb_results.json"), {
             "name": name, "config": config, "summary": summarize(results, table),
-            "tasks": {t: {"meta_task": m, "is_ind": ind, "hit@1": results[t]}
+            "tasks": {t: {"meta_task": m, "is_ind": ind, "hit@1": results[t],
+                          **({"matching": matching[t]} if t in matching else {})}
                       for t, (m, ind) in table.items()}})
         _write_text(os.path.join(out_dir, "mmeb_results.md"),
-                    format_table(results, table, name=name, markdown=True))
-    return results
+                    format_table(results, table, name=name, markdown=True,
+                                 matching=matching if match_queries else None))
+    return {"hit@1": results, **({"matching": matching} if match_queries else {})}
+
+
+# ----------------------------------------------------------------------------------
+# Held-out matching accuracy: the trained matching head (Eq. 4) on eval pairs
+
+# view types of the 8 views (masks.VIEWS order): query side → document side
+MATCH_VIEW_TYPES = {"raw→raw": (0, 2), "raw→feat": (1, 3), "feat→raw": (4, 6), "feat→feat": (5, 7)}
+
+
+def require_matching(config, what):
+    """Scores from the matching head mean something only if it was trained (w_qdm > 0)."""
+    if not (config or {}).get("w_qdm"):
+        raise ValueError(f"{what} needs a checkpoint trained with the matching loss (w_qdm > 0); "
+                         f"this model has w_qdm={config.get('w_qdm') if config else None} "
+                         f"({config.get('model') if config else 'raw backbone'}): its projector and "
+                         "Yes/No answers are untrained, the scores would be meaningless")
+
+
+def _hardest_negatives(pairs, scores, n):
+    """(query, positive, hardest other candidate) item indices for the first n rows: the
+    other candidate the embeddings score highest (rows with one distinct candidate: none)."""
+    out = []
+    for i, (qi, cands) in enumerate(pairs[:n]):
+        cands = [cands[0]] + [c for c in cands[1:] if c != cands[0]]          # as score_rows
+        if len(cands) > 1:
+            j = 1 + int(scores[i, 1:len(cands)].argmax())
+            out.append((qi, cands[0], cands[j]))
+    return out
+
+
+@torch.no_grad()
+def matching_accuracy(model, processor, q_items, d_items, pairs, Q, D, scores, n, batch_size=16,
+                      desc="matching"):
+    """
+    Yes/No accuracy of the matching head (Eq. 4, p(Yes) > p(No)) on held-out pairs: for
+    each of the first `n` rows, (query, positive) should get Yes and (query, hardest other
+    candidate by embedding score) No. One unified 8-view pass per (q, d⁺, d⁻) instance
+    (d⁺'s slot seeded per row), with Z = MLP(E) from the evaluation embeddings Q, D.
+    q_items / d_items: (text, image path or None) of the distinct items; pairs and scores
+    as from task_items / score_rows. Returns {view type: accuracy over its 2·instances
+    answers (MATCH_VIEW_TYPES), "instances": count}. Sharded over ranks.
+    """
+    import random
+
+    from data import collate_match
+    from masks import VIEW_SETS
+    from model import answer_token_ids
+    rank, world = rank_world()
+    inst = _hardest_negatives(pairs, scores, n)
+    lo, hi = (len(inst) * rank) // world, (len(inst) * (rank + 1)) // world
+    yes, no = answer_token_ids(processor.tokenizer)
+    correct = torch.zeros(8, dtype=torch.float64)                           # per view
+    was_training = model.training
+    model.eval()
+    enc = lambda it, w: encode_item(processor, it[0], _as_image(it[1], w), where=w)   # noqa: E731
+    for s in range(lo, hi, batch_size):
+        chunk = range(s, min(s + batch_size, hi))
+        q = [enc(q_items[inst[i][0]], f"{desc} q-item {inst[i][0]}") for i in chunk]
+        dp = [enc(d_items[inst[i][1]], f"{desc} d-item {inst[i][1]}") for i in chunk]
+        dn = [enc(d_items[inst[i][2]], f"{desc} d-item {inst[i][2]}") for i in chunk]
+        slots = [1 if random.Random(f"{desc}-{i}").random() < 0.5 else 2 for i in chunk]
+        mb = collate_match(q, dp, dn, processor.tokenizer, VIEW_SETS["all"], slots)
+        E = [X[[inst[i][k] for i in chunk]].to(model.device) for k, X in ((0, Q), (1, D), (2, D))]
+        logits, labels = model.match(mb, *E)                                # (M·8, vocab)
+        hit = (logits[:, yes] > logits[:, no]) == (labels == yes)           # (M·8,)
+        correct += hit.reshape(len(chunk), 8).double().sum(0).cpu()
+    model.train(was_training)
+    if world > 1:
+        dev = model.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        correct = correct.to(dev)
+        dist.all_reduce(correct)
+        correct = correct.cpu()
+    m = max(len(inst), 1)
+    return {**{k: (correct[a] + correct[b]).item() / (2 * m) for k, (a, b) in MATCH_VIEW_TYPES.items()},
+            "instances": len(inst)}
 
 
 def _groups(table):
@@ -434,11 +538,13 @@ def _render(rows, markdown):
     return "\n".join("  ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip() for r in rows)
 
 
-def format_table(results, table, name=None, markdown=False, chance=None):
+def format_table(results, table, name=None, markdown=False, chance=None, matching=None):
     """The Table-1 layout: per meta-task scores, then IND / OOD / Overall (Hit@1, %),
     with the number of tasks behind each mean, followed by the per-task scores.
     chance: optional {task: chance Hit@1} (chance_table): adds a "chance" row of the same
-    means and, per task, the chance level and Hit@1 / chance."""
+    means and, per task, the chance level and Hit@1 / chance.
+    matching: optional {task: matching_accuracy(...)}: per task, the matching head's Yes/No
+    accuracy (%) per view type (query side → document side), and their mean over tasks."""
     table = task_table(table) if not isinstance(table, dict) else table
     s = summarize(results, table)
     groups = list(s)
@@ -447,7 +553,8 @@ def format_table(results, table, name=None, markdown=False, chance=None):
         c = summarize({t: chance[t] for t in table if results.get(t) is not None}, table)
         head.append(["chance", *(_cell(**c[g]) for g in groups)])
     head.append(["tasks", *(str(s[g]["tasks"]) for g in groups)])
-    per_task = [["task", "meta-task", "split", "Hit@1"] + (["chance", "× chance"] if chance else [])]
+    per_task = [["task", "meta-task", "split", "Hit@1"] + (["chance", "× chance"] if chance else [])
+                + ([f"match {v}" for v in MATCH_VIEW_TYPES] if matching else [])]
     for g in groups[:-3]:
         for t, (m, ind) in table.items():
             if m != g:
@@ -456,7 +563,13 @@ def format_table(results, table, name=None, markdown=False, chance=None):
             row = [t, m, "IND" if ind else "OOD", "missing" if hit is None else _cell(hit)]
             if chance is not None:
                 row += [_cell(chance[t]), "-" if hit is None else f"{hit / chance[t]:.1f}"]
+            if matching:
+                row += [_cell(matching[t][v]) if t in matching else "-" for v in MATCH_VIEW_TYPES]
             per_task.append(row)
+    if matching:                                   # mean over the tasks that have matching
+        done = [t for t in table if t in matching]
+        per_task.append(["mean", "", "", ""] + (["", ""] if chance else [])
+                        + [_cell(sum(matching[t][v] for t in done) / len(done)) for v in MATCH_VIEW_TYPES])
     title = "Hit@1 (%) in the layout of Table 1: per meta-task score | average score (IND, OOD, Overall)"
     if markdown:
         return f"### {title}\n\n{_render(head, True)}\n\n{_render(per_task, True)}\n"
@@ -765,6 +878,11 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the benchmark's tasks (default: all)")
     p.add_argument("--task_table", default=None, help="JSON {task: [meta_task, is_ind]}: the task "
                    "table of any other benchmark in the MMEB file format (replaces --benchmark)")
+    p.add_argument("--match_queries", type=int, default=0,
+                   help="also report the trained matching head's Yes/No accuracy per view type "
+                        "(raw/feat query → raw/feat document) on (query, positive) and (query, "
+                        "hardest other candidate) pairs of the first N queries per task (0 = off; "
+                        "needs a checkpoint trained with matching, w_qdm > 0)")
     p.add_argument("--skip_missing", action="store_true", help="skip tasks whose files or images "
                    "are missing (reported as missing; their group means as n/a) instead of failing")
     # zero-shot
@@ -783,6 +901,8 @@ def parse_args(argv=None):
         p.error("--mmeb_dir needs --image_dir")
     if args.zeroshot and not args.data_dir:
         p.error("--zeroshot needs --data_dir")
+    if args.match_queries < 0:
+        p.error(f"--match_queries must be >= 0, got {args.match_queries}")
     return args
 
 
@@ -800,10 +920,11 @@ def main(argv=None):
             with open(args.task_table) as f:
                 known = {t: tuple(v) for t, v in json.load(f).items()}
         table = task_table(args.tasks, known)
-        out["mmeb"] = evaluate_mmeb(model, processor, args.mmeb_dir, args.image_dir, table, config,
-                                    args.batch_size, args.out, args.skip_missing, not args.no_progress,
-                                    name=args.model)
-        print0("\n" + format_table(out["mmeb"], table, name=args.model))
+        report = mmeb_report(model, processor, args.mmeb_dir, args.image_dir, table, config,
+                             args.batch_size, args.out, args.skip_missing, not args.no_progress,
+                             name=args.model, match_queries=args.match_queries)
+        out["mmeb"], out["matching"] = report["hit@1"], report.get("matching")
+        print0("\n" + format_table(out["mmeb"], table, name=args.model, matching=out["matching"]))
     if args.zeroshot:
         out["zeroshot"] = evaluate_zeroshot(model, processor, args.zeroshot, args.data_dir, config,
                                             args.batch_size, args.out, not args.no_progress,

@@ -58,7 +58,8 @@ PRESETS = {
     # tiny model needs a larger lr and temperature than LoRA on a pretrained one
     "demo": dict(model="tiny-qwen2-vl", steps=1500, batch_size=32, lr=1e-3, warmup_steps=20,
                  tau=0.05, num_tokens=4, weight_decay=0.01, lora=False, log_every=100,
-                 save_every=500, num_workers=0, cache_items=100_000, match_instances=8),
+                 save_every=500, num_workers=0, cache_items=100_000, match_instances=8,
+                 eval_match_queries=150),
 }
 
 
@@ -143,6 +144,10 @@ def parse_args(argv=None):
                    help="MMEB-eval dir/hub id to evaluate after training (demo: the synthetic eval split)")
     p.add_argument("--eval_image_dir", default=None, help="image root of --eval_data")
     p.add_argument("--eval_tasks", nargs="+", default=None, help="tasks to evaluate (default: all)")
+    p.add_argument("--eval_match_queries", type=int, default=0,
+                   help="after training, also report the matching head's held-out Yes/No accuracy "
+                        "per view type on the first N queries of each eval task (0 = off; only "
+                        "when trained with matching)")
     p.add_argument("--max_minutes", type=float, default=None,
                    help="stop (and checkpoint) after this much training time")
     p.add_argument("--stop_after_steps", type=int, default=None,
@@ -165,6 +170,8 @@ def parse_args(argv=None):
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.eval_match_queries < 0:
+        p.error(f"--eval_match_queries must be >= 0, got {args.eval_match_queries}")
     if args.chunk_size is not None and args.chunk_size < 1:
         p.error(f"--chunk_size must be >= 1, got {args.chunk_size}")
     if args.num_tokens < 0 or args.tau <= 0 or args.lr <= 0:
@@ -665,7 +672,7 @@ def main(argv=None):
 def run_eval(model, processor, args, tasks):
     """MMEB-style evaluation of the trained model (the demo: the synthetic eval split),
     by the same code path as real MMEB (evaluate.py)."""
-    from evaluate import chance_table, evaluate_mmeb, format_table, summarize, task_table
+    from evaluate import chance_table, format_table, mmeb_report, summarize, task_table
     out = os.path.join(args.out_dir, "eval")
     if rank_world()[0] == 0:
         shutil.rmtree(out, ignore_errors=True)           # results of these weights only
@@ -673,16 +680,18 @@ def run_eval(model, processor, args, tasks):
         dist.barrier()
     model.eval()
     with torch.no_grad():
-        results = evaluate_mmeb(model, processor, args.eval_data, args.eval_image_dir, tasks,
-                                config=model_config(args), out_dir=out,
-                                progress=sys.stderr.isatty())
+        report = mmeb_report(model, processor, args.eval_data, args.eval_image_dir, tasks,
+                             config=model_config(args), out_dir=out, progress=sys.stderr.isatty(),
+                             match_queries=args.eval_match_queries if args.w_qdm > 0 else 0)
+    results, matching = report["hit@1"], report.get("matching")
     table = task_table(tasks)
     chance = chance_table(args.eval_data, results)
-    print0(format_table(results, table, chance=chance))
+    print0(format_table(results, table, chance=chance, matching=matching))
     done = {t: chance[t] for t in results if results[t] is not None}
     overall, overall_chance = (summarize(results, {t: table[t] for t in done})["Overall"]["mean"],
                                summarize(done, {t: table[t] for t in done})["Overall"]["mean"])
-    return {"hit_at_1": results, "chance": chance, "overall": overall, "overall_chance": overall_chance}
+    return {"hit_at_1": results, "chance": chance, "overall": overall, "overall_chance": overall_chance,
+            "matching": matching}
 
 if __name__ == "__main__":
     main()

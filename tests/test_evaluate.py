@@ -282,6 +282,50 @@ def test_mmeb_end_to_end_matches_direct_computation(bench, tiny, reference):
             assert torch.isinf(scores[i, len(keys):]).all()
 
 
+def test_matching_accuracy_matches_a_naive_loop(bench, tiny):
+    """Held-out matching accuracy: for each query, the positive and the hardest other
+    candidate (highest cosine by the Oracle's one-at-a-time embeddings), one instance per
+    forward, d+'s slot from the same seed; per view type the fraction of right Yes/No."""
+    import random
+
+    from data import collate_match
+    from masks import VIEW_SETS
+    from model import answer_token_ids
+    model, processor = tiny
+    mmeb_dir, image_dir = bench
+    config = {"w_qdm": 0.1, "model": "tiny"}
+    report = ev.mmeb_report(model, processor, mmeb_dir, image_dir, TABLE, config, batch_size=3,
+                            progress=False, match_queries=5)
+    with pytest.raises(ValueError, match="trained with the matching loss"):
+        ev.mmeb_report(model, processor, mmeb_dir, image_dir, TABLE, {"w_qdm": 0}, match_queries=5)
+    oracle, (yes, no) = Oracle(model, processor), answer_token_ids(processor.tokenizer)
+    path = lambda p: os.path.join(image_dir, p) if p else None  # noqa: E731
+    groups = {"raw→raw": (0, 2), "raw→feat": (1, 3), "feat→raw": (4, 6), "feat→feat": (5, 7)}
+    for task in TABLE:
+        rows = pq.read_table(find_parquet(mmeb_dir, task, "test")[0]).to_pylist()[:5]
+        right, n = [0] * 8, 0
+        for i, r in enumerate(rows):
+            keys = list(dict.fromkeys(zip(r["tgt_text"], r["tgt_img_path"])))   # distinct, positive first
+            if len(keys) < 2:
+                continue
+            q = oracle("q", r["qry_text"], path(r["qry_img_path"]))
+            E = [oracle("d", t, path(p)) for t, p in keys]
+            j = max(range(1, len(keys)), key=lambda k: cos(q, E[k]))
+            enc = [encode_item(processor, t, load_image(path(p)) if p else None)
+                   for t, p in [(r["qry_text"], r["qry_img_path"]), keys[0], keys[j]]]
+            slot = 1 if random.Random(f"{task}-{i}").random() < 0.5 else 2
+            mb = collate_match([enc[0]], [enc[1]], [enc[2]], processor.tokenizer, VIEW_SETS["all"], [slot])
+            with torch.no_grad():
+                logits, labels = model.match(mb, q[None], E[0][None], E[j][None])
+            for v in range(8):
+                right[v] += int(bool(logits[v, yes] > logits[v, no]) == bool(labels[v] == yes))
+            n += 1
+        got = report["matching"][task]
+        assert got["instances"] == n
+        for name, (a, b) in groups.items():
+            assert got[name] == pytest.approx((right[a] + right[b]) / (2 * n), abs=1e-12), (task, name)
+
+
 def test_format_table_layout(reference):
     text = ev.format_table(reference[0], TABLE, name="tiny")
     assert "Classification" in text and "Overall" in text and "TaskB" in text and "OOD" in text
