@@ -51,3 +51,8 @@ def run_processes(target, args_per_rank, err_dir, timeout):
     assert not hung, f"worker(s) did not finish within {timeout}s\n{errors}"
     assert [p.exitcode for p in procs] == [0] * len(procs), \
         f"worker exit codes {[p.exitcode for p in procs]}\n{errors}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test over ~30 s on 2 CPU cores "
+                                       "(deselect with -m 'not slow')")
