@@ -6,7 +6,8 @@ embedding token Zq, times two document slots, each raw (D1, D2) or embedded
 (Zd1, Zd2). d+ sits in one slot and d- in the other (chosen at random). All 8
 questions share one packed sequence and one forward pass; this mask makes
 answer A_v see only the prompt, the header, its own query and its own document,
-so each answer is predicted exactly as if its view had been run alone.
+so each answer is predicted exactly as if its view had been run alone (with the
+same position ids: docs/readings.md §3).
 
 One packed sequence per (q, d+, d-) instance, in this order (docs/readings.md §3):
 

@@ -277,6 +277,17 @@ def mrope_position_ids(input_ids, attention_mask, image_grid_thw, image_token_id
 # ----------------------------------------------------------------------------------
 # ReMatch
 
+@torch.no_grad()
+def embedding_stats(W, rows=8192):
+    """Per-dimension mean and (unbiased) std of an embedding table W (V, d), in fp64, two
+    passes over chunks of `rows` rows on W's own device: a 152k × 3584 table never needs a
+    full fp64 copy. Returns (mu, sd), each (d,) fp64 on the CPU."""
+    V = W.shape[0]
+    mu = sum(W[i:i + rows].double().sum(0) for i in range(0, V, rows)) / V          # (d,)
+    var = sum((W[i:i + rows].double() - mu).pow(2).sum(0) for i in range(0, V, rows)) / (V - 1)
+    return mu.cpu(), var.sqrt().cpu()
+
+
 class ReMatch(nn.Module):
     """
     backbone: a Qwen2-VL / Qwen2.5-VL *ForConditionalGeneration (or a peft model of one).
@@ -292,8 +303,8 @@ class ReMatch(nn.Module):
         self.tokens_processed = 0          # decoder tokens run so far (throughput logs)
         hf = self.hf
         d = hf.config.text_config.hidden_size
-        W = hf.get_input_embeddings().weight.detach().double()                # (V, d)
-        mu, sd = W.mean(0), W.std(0)                                          # (d,) each
+        W = hf.get_input_embeddings().weight.detach()                         # (V, d)
+        mu, sd = embedding_stats(W)                                           # (d,) each, CPU fp64
         g = torch.Generator().manual_seed(seed)
         K = max(num_tokens, 1)
         # initialised from the statistics of the input-embedding table (docs/readings.md §1)

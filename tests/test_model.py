@@ -214,3 +214,12 @@ def test_bad_items_raise_naming_the_item(tiny):
         encode_item(processor, Q_IMG, None, where="row 3")
     with pytest.raises(ValueError, match="row 4: an image was given but the text has 0"):
         encode_item(processor, "a red circle", shape_image("red"), where="row 4")
+
+
+def test_embedding_stats_chunked_equals_full_table():
+    from model import embedding_stats
+    W = torch.randn(1000, 24) * 0.02 + 0.01                      # 1000 rows, chunks of 64 (last short)
+    mu, sd = embedding_stats(W, rows=64)
+    assert torch.allclose(mu, W.double().mean(0), atol=1e-15, rtol=0)
+    assert torch.allclose(sd, W.double().std(0), atol=1e-15, rtol=1e-12)
+    assert mu.dtype == sd.dtype == torch.float64 and mu.device.type == "cpu"
