@@ -262,7 +262,7 @@ def collate_embed(items, tokenizer, num_tokens, template="chat"):
 # ----------------------------------------------------------------------------------
 # Matching batch (§3.2.3, Fig. 3, App. S7; docs/readings.md §3)
 
-def collate_match(q_items, pos_items, neg_items, tokenizer, views, pos_slot):
+def collate_match(q_items, pos_items, neg_items, tokenizer, views, pos_slot, prompt=MATCH_P):
     """
     One packed row per instance (q, d⁺, d⁻): segments P, Q, Zq, D1, Zd1, D2, Zd2, H,
     A_1..A_V (those the view set uses; masks.segments_used), d⁺ put in slot 1 or 2 at
@@ -270,6 +270,8 @@ def collate_match(q_items, pos_items, neg_items, tokenizer, views, pos_slot):
     chosen by the caller (train.py seeds each instance itself, so the placement does not
     depend on how instances are split over ranks), or a seeded random.Random to draw them.
     Naming: "pos" is always the positive d⁺; positions in the row are "*_idx".
+    `prompt`: the text of segment P (default MATCH_P: system + user header + App. S7's
+    instruction; tests/test_learnability.py uses a bare user header, see there).
     Feature segments hold one placeholder token whose input embedding model.py replaces
     by Z = MLP(E). Answer A_v = "<ANSWER>{label}</ANSWER>"; the logits at the position
     just before the label token predict it (Eq. 4).
@@ -287,7 +289,7 @@ def collate_match(q_items, pos_items, neg_items, tokenizer, views, pos_slot):
     feat_id = pad_id                                   # placeholder, overwritten by Z
     yes_id, no_id = (_ids(tokenizer, w)[0] for w in ANSWER_WORDS)
     used = segments_used(views)
-    P = _ids(tokenizer, MATCH_P)
+    P = _ids(tokenizer, prompt)
     H = _ids(tokenizer, MATCH_H)
     ans_open, ans_close = (_ids(tokenizer, s) for s in MATCH_ANSWER)
     raw_wrap = {k: tuple(_ids(tokenizer, s) for s in v) for k, v in MATCH_RAW.items()}
