@@ -55,9 +55,14 @@ MATCH_INSTRUCTION = (
     'in <ANSWER></ANSWER> tags.\n'
 )
 MATCH_P = SYSTEM + USER + MATCH_INSTRUCTION
-MATCH_RAW = {"Q": ("<QUERY> ", " </QUERY>\n"), "D": ("<DOC> ", " </DOC>\n")}
-MATCH_FEAT = {"Q": ("<QUERY> <feat_start>", "<feat_end> </QUERY>\n"),
-              "D": ("<DOC> <feat_start>", "<feat_end> </DOC>\n")}
+# An item is tokenized once, on its own, so each wrapper must end (and the next begin) at
+# a pre-token boundary of Qwen's BPE for the packed row to have exactly the ids that
+# tokenizing the whole prompt gives: an opening marker ends with "\n" ("<QUERY> a" would be
+# '>', 'Ġ', 'a' here but '>', 'Ġa' there), a closing one starts with a space ("?\n</"
+# would merge into '?Ċ'). tests/test_width_real.py checks this with Qwen's tokenizer.
+MATCH_RAW = {"Q": ("<QUERY>\n", " </QUERY>\n"), "D": ("<DOC>\n", " </DOC>\n")}
+MATCH_FEAT = {"Q": ("<QUERY>\n<feat_start>", "<feat_end> </QUERY>\n"),
+              "D": ("<DOC>\n<feat_start>", "<feat_end> </DOC>\n")}
 MATCH_H = ASSISTANT
 MATCH_ANSWER = ("<ANSWER>", "</ANSWER>")
 ANSWER_WORDS = ("Yes", "No")   # label l of Eq. 4: "Yes" for d⁺, "No" for d⁻
