@@ -195,6 +195,89 @@ def _target_instruction_fn(config):
     return with_target_instruction if (config or {}).get("target_instructions") else None
 
 
+def rerank_hits(model, processor, q_items, d_items, pairs, Q, D, scores, k, views="raw", n=None,
+                batch_size=16, desc="rerank"):
+    """
+    Hit@1 of the first n queries (default all) before and after reranking: the embedding
+    retrieval's top k candidates are reordered by the matching head's p(Yes)
+    (matching_p_yes); the query is a hit after reranking if its positive is among the top
+    k and gets a strictly higher p(Yes) than the other k − 1 (ties are misses, as in
+    hit_at_1). q_items / d_items: (text, image path or None) of the distinct items; pairs,
+    scores as from task_items / score_rows. Sharded over ranks.
+    Returns {"hit@1_before", "hit@1_after", "k", "views", "queries"}.
+    """
+    rank, world = rank_world()
+    n = len(pairs) if n is None else min(n, len(pairs))
+    lo, hi = (n * rank) // world, (n * (rank + 1)) // world
+    hits = torch.zeros(2, dtype=torch.float64)                             # before, after
+    enc = lambda it, w: encode_item(processor, it[0], _as_image(it[1], w), where=w)   # noqa: E731
+    for i in range(lo, hi):
+        qi, cands = pairs[i]
+        cands = [cands[0]] + [c for c in cands[1:] if c != cands[0]]      # as score_rows
+        s = scores[i, :len(cands)]
+        hits[0] += float(bool((s[1:] < s[0]).all()))
+        top = torch.argsort(s, descending=True, stable=True)[:k].tolist()  # column indices
+        if 0 not in top:
+            continue                                                       # positive not retrieved
+        docs = [cands[j] for j in top]
+        p = matching_p_yes(model, processor, enc(q_items[qi], f"{desc} q-item {qi}"), Q[qi],
+                           [enc(d_items[c], f"{desc} d-item {c}") for c in docs], D[docs],
+                           views, batch_size)                              # (k,)
+        at = top.index(0)
+        hits[1] += float(bool((torch.cat([p[:at], p[at + 1:]]) < p[at]).all()))
+    if world > 1:
+        dev = model.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        hits = hits.to(dev)
+        dist.all_reduce(hits)
+        hits = hits.cpu()
+    return {"hit@1_before": hits[0].item() / max(n, 1), "hit@1_after": hits[1].item() / max(n, 1),
+            "k": k, "views": views, "queries": n}
+
+
+# ----------------------------------------------------------------------------------
+# The matching head as a scorer (reranking): p(Yes) of Eq. 4's answer for (query, candidate)
+
+RERANK_VIEWS = ("raw", "feat", "all")
+
+
+# the views that score a candidate, all reading slot 1 (the row holds no slot 2)
+RERANK_VIEW_SETS = {"raw": (("Q", "D1"),), "feat": (("Zq", "Zd1"),),
+                    "all": (("Q", "D1"), ("Q", "Zd1"), ("Zq", "D1"), ("Zq", "Zd1"))}
+RERANK_VIEWS = tuple(RERANK_VIEW_SETS)
+
+
+@torch.no_grad()
+def matching_p_yes(model, processor, q_item, E_q, d_items, E_d, views="raw", batch_size=16):
+    """
+    p(Yes | Yes or No) = sigmoid(logit_Yes − logit_No) of the trained matching prompt for
+    one query and each of its candidates. q_item, d_items: encoded items (encode_item);
+    E_q (d,), E_d (n, d): their fused embeddings (used by the feature views). Each candidate
+    gets a row of its own holding only slot 1 — [P, Q, Zq, D1, Zd1, H, answers], the
+    segments its views use — so its score depends on nothing but (query, candidate): in
+    a row with a second document, the second one's length would shift the answers'
+    positions (readings §3). views: "raw" (Q, D1), "feat" (Zq, Zd1), or "all" (the mean
+    over the 4 views). Returns (n,) fp32.
+    """
+    from data import collate_match
+    from model import answer_token_ids
+    if views not in RERANK_VIEW_SETS:
+        raise ValueError(f"views must be one of {RERANK_VIEWS}, got {views!r}")
+    view_set = RERANK_VIEW_SETS[views]
+    yes, no = answer_token_ids(processor.tokenizer)
+    n, dev = len(d_items), model.device
+    out = torch.zeros(n)
+    for s in range(0, n, batch_size):
+        idx = list(range(s, min(s + batch_size, n)))
+        docs = [d_items[j] for j in idx]
+        mb = collate_match([q_item] * len(idx), docs, docs, processor.tokenizer, view_set,
+                           [1] * len(idx))                            # slot 2 is never used
+        E = [E_q.expand(len(idx), -1), E_d[idx], E_d[idx]]
+        logits, _ = model.match(mb, *(e.to(dev) for e in E))          # (R·V, vocab)
+        p = torch.sigmoid((logits[:, yes] - logits[:, no]).float())   # (R·V,)
+        out[idx] = p.reshape(len(idx), len(view_set)).mean(1).cpu()   # (R,)
+    return out
+
+
 # ----------------------------------------------------------------------------------
 # Results on disk: atomic writes, resume
 
@@ -330,10 +413,12 @@ def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None
 
 
 def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
-                out_dir=None, skip_missing=False, progress=True, name=None, match_queries=0):
+                out_dir=None, skip_missing=False, progress=True, name=None, match_queries=0,
+                rerank_top_k=0, rerank_views="raw", rerank_queries=None):
     """
     {"hit@1": {task: hit@1 (0..1) or None if skipped as missing},
-     "matching": {task: matching_accuracy(...)}  (only with match_queries > 0)}.
+     "matching": {task: matching_accuracy(...)}  (only with match_queries > 0),
+     "rerank": {task: rerank_hits(...)}  (only with rerank_top_k > 0)}.
     tasks: None (all 36), a list of task names, or {name: (meta_task, is_ind)} (task_table).
     config: the checkpoint's config (load_rematch); recorded with the results and used for
     "target_instructions". out_dir: per-task results are saved as they finish and reused
@@ -342,18 +427,23 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
     files or images raise an error naming them, unless skip_missing (the task is then
     reported as missing). match_queries: also score the trained matching head (Eq. 4) on
     the first N queries of each task (matching_accuracy); needs a checkpoint trained with
-    matching (config w_qdm > 0).
+    matching (config w_qdm > 0). rerank_top_k: also rerank each query's top k candidates by
+    the matching head (rerank_hits; the first rerank_queries queries, default all).
     Summaries: summarize(results, task_table(tasks)); the table: format_table(...).
     """
     table, config = task_table(tasks), dict(config or {})
     if match_queries:
         require_matching(config, "matching accuracy")
+    if rerank_top_k:
+        require_matching(config, "reranking")
     rank, _ = rank_world()
     root = resolve_dir(mmeb_dir, [f"{t}/*" for t in table])
     weights = weights_fingerprint(model)
     finished = _broadcast(_load_finished(out_dir, "mmeb", table, config, weights) if rank == 0 else None)
-    if match_queries:                              # a record without matching is not finished
-        finished = {t: r for t, r in finished.items() if r.get("match_queries") == match_queries}
+    extras = {"match_queries": match_queries, "rerank": [rerank_top_k, rerank_views, rerank_queries]}
+    if match_queries or rerank_top_k:              # a record without them is not finished
+        finished = {t: r for t, r in finished.items()
+                    if all(r.get(k) == v for k, v in extras.items())}
 
     problems = {}                                  # check every input before the long part
     for task in table:
@@ -372,12 +462,14 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
         raise FileNotFoundError("missing MMEB data (pass skip_missing / --skip_missing to skip "
                                 "these tasks):\n" + "\n".join(problems.values()))
 
-    results, matching = {}, {}
+    results, matching, rerank = {}, {}, {}
     for task in table:
         if task in finished:
             results[task] = finished[task]["hit@1"]
             if match_queries:
                 matching[task] = finished[task]["matching"]
+            if rerank_top_k:
+                rerank[task] = finished[task]["reranked"]
             print0(f"{task}: Hit@1 {100 * results[task]:.1f} (finished earlier, skipped)")
             continue
         if task in problems:
@@ -397,14 +489,20 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
                   "num_candidate_items": len(d_keys), "config": config, "weights": weights}
         line = f"{task}: Hit@1 {100 * results[task]:.1f} ({len(rows)} queries, " \
                f"{len(q_keys)} query items, {len(d_keys)} candidate items)"
+        items_q = [(t, os.path.join(image_dir, p) if p else None) for t, p in q_keys]
+        items_d = [(t, os.path.join(image_dir, p) if p else None) for t, p in d_keys]
         if match_queries:
-            items_q = [(t, os.path.join(image_dir, p) if p else None) for t, p in q_keys]
-            items_d = [(t, os.path.join(image_dir, p) if p else None) for t, p in d_keys]
             matching[task] = matching_accuracy(model, processor, items_q, items_d, pairs, Q, D,
                                                scores, match_queries, batch_size, desc=task)
             record.update(matching=matching[task], match_queries=match_queries)
             line += "; matching " + ", ".join(f"{k} {100 * v:.1f}" for k, v in matching[task].items()
                                               if k in MATCH_VIEW_TYPES)
+        if rerank_top_k:
+            rerank[task] = rerank_hits(model, processor, items_q, items_d, pairs, Q, D, scores,
+                                       rerank_top_k, rerank_views, rerank_queries, batch_size, desc=task)
+            record.update(reranked=rerank[task], rerank=extras["rerank"])
+            line += (f"; reranked top {rerank_top_k} ({rerank_views}): Hit@1 "
+                     f"{100 * rerank[task]['hit@1_before']:.1f} → {100 * rerank[task]['hit@1_after']:.1f}")
         print0(line)
         if rank == 0 and out_dir:
             _write_json(_result_path(out_dir, "mmeb", task), record)
@@ -413,12 +511,14 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
         _write_json(os.path.join(out_dir, "mmeb_results.json"), {
             "name": name, "config": config, "summary": summarize(results, table),
             "tasks": {t: {"meta_task": m, "is_ind": ind, "hit@1": results[t],
-                          **({"matching": matching[t]} if t in matching else {})}
+                          **({"matching": matching[t]} if t in matching else {}),
+                          **({"reranked": rerank[t]} if t in rerank else {})}
                       for t, (m, ind) in table.items()}})
         _write_text(os.path.join(out_dir, "mmeb_results.md"),
                     format_table(results, table, name=name, markdown=True,
                                  matching=matching if match_queries else None))
-    return {"hit@1": results, **({"matching": matching} if match_queries else {})}
+    return {"hit@1": results, **({"matching": matching} if match_queries else {}),
+            **({"rerank": rerank} if rerank_top_k else {})}
 
 
 # ----------------------------------------------------------------------------------
@@ -574,6 +674,18 @@ def format_table(results, table, name=None, markdown=False, chance=None, matchin
     if markdown:
         return f"### {title}\n\n{_render(head, True)}\n\n{_render(per_task, True)}\n"
     return f"{title}\n{_render(head, False)}\n\n{_render(per_task, False)}"
+
+
+def format_rerank_table(rerank):
+    """Per task: Hit@1 (%) of the embedding retrieval and after reranking its top k with the
+    matching head, on the same queries; then the mean over tasks."""
+    rows = [["task", "queries", "k", "views", "Hit@1 embedding", "Hit@1 reranked"]]
+    for t, r in rerank.items():
+        rows.append([t, str(r["queries"]), str(r["k"]), r["views"], _cell(r["hit@1_before"]),
+                     _cell(r["hit@1_after"])])
+    mean = lambda key: sum(r[key] for r in rerank.values()) / len(rerank)   # noqa: E731
+    rows.append(["mean", "", "", "", _cell(mean("hit@1_before")), _cell(mean("hit@1_after"))])
+    return "Reranking the embedding's top k with the matching head (Eq. 4)\n" + _render(rows, False)
 
 
 # ----------------------------------------------------------------------------------
@@ -852,6 +964,40 @@ class Encoder:
                         distributed=False)                                  # (N, d)
         return F.normalize(E.float(), dim=-1)
 
+    def rerank(self, query, candidates, views="raw", query_instruction=None, instruction=None,
+               batch_size=16):
+        """
+        Score candidates with the trained matching head (Eq. 4's chat prompt, App. S7) —
+        the same weights that embed, used as a cross-encoder. query and each candidate: a
+        text (str), an image (PIL image or pathlib.Path), or an (image, text) pair (the
+        image may be a str path there); the instructions as for encode(). views: "raw" (the raw query and candidate, default), "feat" (their
+        embeddings fed back as feature tokens) or "all" (mean of the 4 views).
+        Returns p(Yes) per candidate, (n,) fp32 — higher is more relevant. Needs a
+        checkpoint trained with matching (w_qdm > 0); others raise ValueError.
+        """
+        require_matching(self.config, "rerank")
+        q_text, q_image = _split_input(query)
+        pairs = [_split_input(c) for c in candidates]
+        q = [("q", format_input(q_text, q_image is not None, query_instruction), q_image)]
+        d = [("d", format_input(t, im is not None, instruction), im) for t, im in pairs]
+        E = embed_items(self.model, self.processor, q + d, batch_size, desc="rerank",
+                        distributed=False)                                  # (1 + n, d)
+        enc = [encode_item(self.processor, text, _as_image(im, f"rerank item {i}"), where=f"rerank item {i}")
+               for i, (_, text, im) in enumerate(q + d)]
+        return matching_p_yes(self.model, self.processor, enc[0], E[0], enc[1:], E[1:], views,
+                              batch_size)
+
+
+def _split_input(x):
+    """A text (str), an image (PIL image or pathlib.Path), or an (image, text) pair whose
+    image may also be a str path → (text, image)."""
+    if isinstance(x, tuple):
+        image, text = x
+        return text, image
+    if isinstance(x, str):
+        return x, None
+    return None, x
+
 
 # ----------------------------------------------------------------------------------
 # CLI
@@ -883,6 +1029,13 @@ def parse_args(argv=None):
                         "(raw/feat query → raw/feat document) on (query, positive) and (query, "
                         "hardest other candidate) pairs of the first N queries per task (0 = off; "
                         "needs a checkpoint trained with matching, w_qdm > 0)")
+    p.add_argument("--rerank_top_k", type=int, default=0,
+                   help="also rerank each query's top K candidates (by embedding) with the trained "
+                        "matching head and report Hit@1 before and after (0 = off; needs w_qdm > 0)")
+    p.add_argument("--rerank_views", choices=RERANK_VIEWS, default="raw",
+                   help="matching views that score a candidate: raw (default), feat, or all (mean of 4)")
+    p.add_argument("--rerank_queries", type=int, default=None,
+                   help="rerank only the first N queries of each task (default: all)")
     p.add_argument("--skip_missing", action="store_true", help="skip tasks whose files or images "
                    "are missing (reported as missing; their group means as n/a) instead of failing")
     # zero-shot
@@ -903,6 +1056,10 @@ def parse_args(argv=None):
         p.error("--zeroshot needs --data_dir")
     if args.match_queries < 0:
         p.error(f"--match_queries must be >= 0, got {args.match_queries}")
+    if args.rerank_top_k < 0 or args.rerank_top_k == 1:
+        p.error(f"--rerank_top_k must be 0 (off) or >= 2, got {args.rerank_top_k}")
+    if args.rerank_queries is not None and args.rerank_queries < 1:
+        p.error(f"--rerank_queries must be >= 1, got {args.rerank_queries}")
     return args
 
 
@@ -922,9 +1079,14 @@ def main(argv=None):
         table = task_table(args.tasks, known)
         report = mmeb_report(model, processor, args.mmeb_dir, args.image_dir, table, config,
                              args.batch_size, args.out, args.skip_missing, not args.no_progress,
-                             name=args.model, match_queries=args.match_queries)
-        out["mmeb"], out["matching"] = report["hit@1"], report.get("matching")
+                             name=args.model, match_queries=args.match_queries,
+                             rerank_top_k=args.rerank_top_k, rerank_views=args.rerank_views,
+                             rerank_queries=args.rerank_queries)
+        out["mmeb"], out["matching"], out["rerank"] = (report["hit@1"], report.get("matching"),
+                                                       report.get("rerank"))
         print0("\n" + format_table(out["mmeb"], table, name=args.model, matching=out["matching"]))
+        if out["rerank"]:
+            print0("\n" + format_rerank_table(out["rerank"]))
     if args.zeroshot:
         out["zeroshot"] = evaluate_zeroshot(model, processor, args.zeroshot, args.data_dir, config,
                                             args.batch_size, args.out, not args.no_progress,

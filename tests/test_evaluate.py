@@ -629,3 +629,82 @@ def test_encoder_unit_norm_and_batch_independent(tiny, tmp_path):
     assert ev.format_input("a cat", True, "Find:") == "<|image_1|>\nFind: a cat"
     assert ev.format_input("a cat", False, None) == "a cat"
     assert ev.format_input(None, True, None) == "<|image_1|>"
+
+
+# ----------------------------------------------------------------------------------
+# The matching head as a reranker
+
+def single_p_yes(model, processor, q_item, E_q, d_item, E_d, views):
+    """Oracle: p(Yes) of one candidate, in slot 1 of a row of its own, from one decoder pass
+    per view (tests/test_matching.py's separate passes, same position ids), mean over views."""
+    from data import collate_match
+    from model import answer_token_ids
+    from test_matching import separate_pass_logits
+    yes, no = answer_token_ids(processor.tokenizer)
+    views = {"raw": (("Q", "D1"),), "feat": (("Zq", "Zd1"),),
+             "all": (("Q", "D1"), ("Q", "Zd1"), ("Zq", "D1"), ("Zq", "Zd1"))}[views]
+    mb = collate_match([q_item], [d_item], [d_item], processor.tokenizer, views, [1])
+    with torch.no_grad():
+        x, _, pos = model.match_inputs(mb, E_q[None], E_d[None], E_d[None])
+        logits = separate_pass_logits(model, x, pos, mb["segments"], mb["label_idx"], views, 0)
+    return torch.sigmoid(logits[:, yes] - logits[:, no]).mean().item()
+
+
+@pytest.mark.parametrize("views", ["raw", "feat", "all"])
+def test_matching_p_yes_equals_one_row_per_candidate(tiny, views):
+    model, processor = tiny
+    texts = ["a red circle", "a blue square", "a green cross", "a red square", "an orange circle"]
+    items = [encode_item(processor, t) for t in texts]
+    q_item = encode_item(processor, "<|image_1|>\nWhat is it?", shape_image("red"))
+    g = torch.Generator().manual_seed(0)
+    E_q, E_d = torch.randn(64, generator=g), torch.randn(5, 64, generator=g)
+    p = ev.matching_p_yes(model, processor, q_item, E_q, items, E_d, views, batch_size=2)
+    assert p.shape == (5,) and ((p > 0) & (p < 1)).all()
+    for j in range(5):
+        ref = single_p_yes(model, processor, q_item, E_q, items[j], E_d[j], views)
+        assert p[j].item() == pytest.approx(ref, abs=1e-5), (views, j)
+
+
+def test_rerank_hits_and_encoder_rerank(bench, tiny, tmp_path):
+    model, processor = tiny
+    mmeb_dir, image_dir = bench
+    config = {"w_qdm": 0.1, "model": "tiny"}
+    k = 3
+    report = ev.mmeb_report(model, processor, mmeb_dir, image_dir, TABLE, config, batch_size=3,
+                            progress=False, rerank_top_k=k, rerank_queries=4)
+    with pytest.raises(ValueError, match="trained with the matching loss"):
+        ev.mmeb_report(model, processor, mmeb_dir, image_dir, TABLE, {"w_qdm": 0}, rerank_top_k=k)
+    oracle = Oracle(model, processor)
+    path = lambda p: os.path.join(image_dir, p) if p else None  # noqa: E731
+    enc = lambda t, p: encode_item(processor, t, load_image(path(p)) if p else None)  # noqa: E731
+    for task in TABLE:
+        rows = pq.read_table(find_parquet(mmeb_dir, task, "test")[0]).to_pylist()[:4]
+        before = after = 0
+        for r in rows:
+            keys = list(zip(r["tgt_text"], r["tgt_img_path"]))
+            keys = [keys[0]] + [x for x in keys[1:] if x != keys[0]]
+            q = oracle("q", r["qry_text"], path(r["qry_img_path"]))
+            E = [oracle("d", t, path(p)) for t, p in keys]
+            s = [cos(q, e) for e in E]
+            before += all(x < s[0] for x in s[1:])
+            top = sorted(range(len(keys)), key=lambda j: -s[j])[:k]
+            if 0 not in top:
+                continue
+            q_item = enc(r["qry_text"], r["qry_img_path"])
+            p = {j: single_p_yes(model, processor, q_item, q, enc(*keys[j]), E[j], "raw")
+                 for j in top}
+            after += all(p[j] < p[0] for j in top if j != 0)
+        got = report["rerank"][task]
+        assert (got["queries"], got["k"], got["views"]) == (4, k, "raw")
+        assert got["hit@1_before"] == pytest.approx(before / 4) and got["hit@1_after"] == pytest.approx(after / 4)
+    # Encoder.rerank: the same p(Yes) as the core, whatever the batch; refuses untrained heads
+    ckpt = str(tmp_path / "ckpt")
+    save_rematch(model, processor, ckpt, {"model": "tiny-qwen2-vl", "num_tokens": 4,
+                                          "embed_template": "chat", "w_qdm": 0.1})
+    enc_ = ev.Encoder(ckpt, device="cpu")
+    cands = ["a red circle", "a blue square", (shape_image("green"), "a green circle")]
+    p1 = enc_.rerank("a red circle", cands, batch_size=1)
+    p2 = enc_.rerank("a red circle", cands, batch_size=8)
+    assert p1.shape == (3,) and torch.allclose(p1, p2, atol=1e-5)
+    with pytest.raises(ValueError, match="trained with the matching loss"):
+        ev.Encoder("tiny-qwen2-vl", device="cpu").rerank("a red circle", cands)
