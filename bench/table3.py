@@ -1,0 +1,120 @@
+"""
+Table 3 and Table 5 of the paper, on the CPU demo: does matching help here, and by how much?
+
+Trains the demo (`python train.py`: the tiny model on the synthetic benchmark, demo preset)
+once per (row, seed) with the flags of Table 3 rows 3–7 and, for Table 5, row 4 with each
+matching view set; prints the mean ± std over seeds of the overall Hit@1 and of the held-out
+matching accuracy (p(Yes) > p(No) on (query, positive) and (query, hardest other candidate)
+pairs, raw→raw and feat→feat), and writes every run's numbers as JSON.
+
+    python bench/table3.py                         # all rows, seeds 0 1 2 (about 3–4 min a run)
+    python bench/table3.py --rows 3 7 --seeds 0 --steps 300     # a quick look
+    python bench/table3.py --table 5 --json runs/table5.json
+
+Rows (the demo preset supplies K = 4, lr, τ; each row changes only what the paper's does):
+  3  + hard negative (baseline)  --num_tokens 0 --embed_template plain --w_orth 0 --w_qdm 0
+  4  Exp3 + MVQDM                 --num_tokens 0 --embed_template plain --w_orth 0
+  5  Exp3 + MVQDM++               --num_tokens 0 --w_orth 0
+  6  Exp3 + MEF                   --embed_template plain --w_qdm 0
+  7  ReMatch                      (the demo as it is)
+Table 5: row 4 with --match_views all | feat | raw | raw2feat | feat2raw.
+
+The demo's benchmark depends on --seed; it is written once per seed and shared by every run
+with that seed (each run's out_dir/demo_data links to it).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+
+ROWS = {
+    "3": ("+ hard negative", ["--num_tokens", "0", "--embed_template", "plain", "--w_orth", "0", "--w_qdm", "0"]),
+    "4": ("Exp3 + MVQDM", ["--num_tokens", "0", "--embed_template", "plain", "--w_orth", "0"]),
+    "5": ("Exp3 + MVQDM++", ["--num_tokens", "0", "--w_orth", "0"]),
+    "6": ("Exp3 + MEF", ["--embed_template", "plain", "--w_qdm", "0"]),
+    "7": ("ReMatch", []),
+}
+VIEWS = ("all", "feat", "raw", "raw2feat", "feat2raw")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--table", choices=("3", "5", "both"), default="both", help="which table to run")
+    p.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=sorted(ROWS),
+                   help="Table 3 rows to run (default: 3 4 5 6 7)")
+    p.add_argument("--views", nargs="+", choices=VIEWS, default=list(VIEWS),
+                   help="Table 5 view sets to run (row 4 flags)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per row")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's 1500)")
+    p.add_argument("--out_dir", default=None, help="where runs go (default: a temporary directory)")
+    p.add_argument("--json", default=None, help="write every run's numbers here")
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    return args
+
+
+def one_run(flags, seed, steps, out_dir, data_root):
+    """Train and evaluate the demo with `flags`; → overall Hit@1 and mean matching accuracy."""
+    os.makedirs(out_dir, exist_ok=True)
+    link = os.path.join(out_dir, "demo_data")
+    os.makedirs(data_root, exist_ok=True)
+    if not os.path.exists(link):
+        os.symlink(data_root, link)                  # train.py writes it once, then reuses it
+    argv = flags + ["--seed", str(seed), "--out_dir", out_dir, "--overwrite", "--log_every", "500"]
+    if steps is not None:
+        argv += ["--steps", str(steps)]
+    res = train.main(argv)
+    out = {"hit@1": res["overall"], "chance": res["overall_chance"]}
+    for kind in ("raw→raw", "feat→feat"):
+        if res.get("matching"):
+            vals = [m[kind] for m in res["matching"].values()]
+            out[f"match {kind}"] = sum(vals) / len(vals)
+    return out
+
+
+def mean_std(xs):
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * sd:.1f}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    work = args.out_dir or tempfile.mkdtemp(prefix="table3-")
+    configs = []
+    if args.table in ("3", "both"):
+        configs += [(f"Table 3 row {r}: {ROWS[r][0]}", ROWS[r][1]) for r in args.rows]
+    if args.table in ("5", "both"):
+        configs += [(f"Table 5: {v}", ROWS["4"][1] + ["--match_views", v]) for v in args.views]
+    runs = []
+    for name, flags in configs:
+        for seed in args.seeds:
+            slug = "".join(c if c.isalnum() else "_" for c in name) + f"_seed{seed}"
+            data_root = os.path.abspath(os.path.join(work, f"demo_data_seed{seed}"))
+            r = one_run(flags, seed, args.steps, os.path.join(work, slug), data_root)
+            runs.append({"config": name, "flags": flags, "seed": seed, **r})
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+    cols = ["hit@1", "match raw→raw", "match feat→feat"]
+    lines = [f"{'config':<34} " + " ".join(f"{c:>16}" for c in cols) + "   (mean ± std over seeds, %)"]
+    for name, _ in configs:
+        mine = [r for r in runs if r["config"] == name]
+        lines.append(f"{name:<34} " + " ".join(f"{mean_std([r[c] for r in mine if c in r]):>16}"
+                                                for c in cols))
+    print("\n".join(lines))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"seeds": args.seeds, "steps": args.steps, "runs": runs}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
