@@ -64,6 +64,9 @@ MATCH_RAW = {"Q": ("<QUERY>\n", " </QUERY>\n"), "D": ("<DOC>\n", " </DOC>\n")}
 MATCH_FEAT = {"Q": ("<QUERY>\n<feat_start>", "<feat_end> </QUERY>\n"),
               "D": ("<DOC>\n<feat_start>", "<feat_end> </DOC>\n")}
 MATCH_H = ASSISTANT
+# segment P by name (train.py --match_prompt, saved in the checkpoint's config): "paper" is
+# App. S7's; "header" the bare user header, for tiny random models (docs/readings.md §8)
+MATCH_PROMPTS = {"paper": MATCH_P, "header": USER}
 MATCH_ANSWER = ("<ANSWER>", "</ANSWER>")
 ANSWER_WORDS = ("Yes", "No")   # label l of Eq. 4: "Yes" for d⁺, "No" for d⁻
 

@@ -82,8 +82,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (IMAGE_PLACEHOLDER, MMEB_EVAL_TASKS, collate_embed, encode_item, load_image,
-                  read_eval_task, resolve_dir, upscale_small, with_target_instruction)
+from data import (IMAGE_PLACEHOLDER, MATCH_PROMPTS, MMEB_EVAL_TASKS, collate_embed, encode_item,
+                  load_image, read_eval_task, resolve_dir, upscale_small, with_target_instruction)
 from demo import DEMO_EVAL_TASKS
 from losses import rank_world
 from model import load_rematch
@@ -196,7 +196,7 @@ def _target_instruction_fn(config):
 
 
 def rerank_hits(model, processor, q_items, d_items, pairs, Q, D, scores, k, views="raw", n=None,
-                batch_size=16, desc="rerank"):
+                batch_size=16, desc="rerank", prompt=None):
     """
     Hit@1 of the first n queries (default all) before and after reranking: the embedding
     retrieval's top k candidates are reordered by the matching head's p(Yes)
@@ -222,7 +222,7 @@ def rerank_hits(model, processor, q_items, d_items, pairs, Q, D, scores, k, view
         docs = [cands[j] for j in top]
         p = matching_p_yes(model, processor, enc(q_items[qi], f"{desc} q-item {qi}"), Q[qi],
                            [enc(d_items[c], f"{desc} d-item {c}") for c in docs], D[docs],
-                           views, batch_size)                              # (k,)
+                           views, batch_size, prompt)                      # (k,)
         at = top.index(0)
         hits[1] += float(bool((torch.cat([p[:at], p[at + 1:]]) < p[at]).all()))
     if world > 1:
@@ -247,7 +247,8 @@ RERANK_VIEWS = tuple(RERANK_VIEW_SETS)
 
 
 @torch.no_grad()
-def matching_p_yes(model, processor, q_item, E_q, d_items, E_d, views="raw", batch_size=16):
+def matching_p_yes(model, processor, q_item, E_q, d_items, E_d, views="raw", batch_size=16,
+                   prompt=None):
     """
     p(Yes | Yes or No) = sigmoid(logit_Yes − logit_No) of the trained matching prompt for
     one query and each of its candidates. q_item, d_items: encoded items (encode_item);
@@ -256,7 +257,7 @@ def matching_p_yes(model, processor, q_item, E_q, d_items, E_d, views="raw", bat
     segments its views use — so its score depends on nothing but (query, candidate): in
     a row with a second document, the second one's length would shift the answers'
     positions (readings §3). views: "raw" (Q, D1), "feat" (Zq, Zd1), or "all" (the mean
-    over the 4 views). Returns (n,) fp32.
+    over the 4 views). prompt: segment P as trained (match_prompt(config)). Returns (n,) fp32.
     """
     from data import collate_match
     from model import answer_token_ids
@@ -270,7 +271,7 @@ def matching_p_yes(model, processor, q_item, E_q, d_items, E_d, views="raw", bat
         idx = list(range(s, min(s + batch_size, n)))
         docs = [d_items[j] for j in idx]
         mb = collate_match([q_item] * len(idx), docs, docs, processor.tokenizer, view_set,
-                           [1] * len(idx))                            # slot 2 is never used
+                           [1] * len(idx), prompt=prompt or MATCH_PROMPTS["paper"])   # no slot 2
         E = [E_q.expand(len(idx), -1), E_d[idx], E_d[idx]]
         logits, _ = model.match(mb, *(e.to(dev) for e in E))          # (R·V, vocab)
         p = torch.sigmoid((logits[:, yes] - logits[:, no]).float())   # (R·V,)
@@ -493,13 +494,15 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
         items_d = [(t, os.path.join(image_dir, p) if p else None) for t, p in d_keys]
         if match_queries:
             matching[task] = matching_accuracy(model, processor, items_q, items_d, pairs, Q, D,
-                                               scores, match_queries, batch_size, desc=task)
+                                               scores, match_queries, batch_size, desc=task,
+                                               prompt=match_prompt(config))
             record.update(matching=matching[task], match_queries=match_queries)
             line += "; matching " + ", ".join(f"{k} {100 * v:.1f}" for k, v in matching[task].items()
                                               if k in MATCH_VIEW_TYPES)
         if rerank_top_k:
             rerank[task] = rerank_hits(model, processor, items_q, items_d, pairs, Q, D, scores,
-                                       rerank_top_k, rerank_views, rerank_queries, batch_size, desc=task)
+                                       rerank_top_k, rerank_views, rerank_queries, batch_size, desc=task,
+                                       prompt=match_prompt(config))
             record.update(reranked=rerank[task], rerank=extras["rerank"])
             line += (f"; reranked top {rerank_top_k} ({rerank_views}): Hit@1 "
                      f"{100 * rerank[task]['hit@1_before']:.1f} → {100 * rerank[task]['hit@1_after']:.1f}")
@@ -528,6 +531,11 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
 MATCH_VIEW_TYPES = {"raw→raw": (0, 2), "raw→feat": (1, 3), "feat→raw": (4, 6), "feat→feat": (5, 7)}
 
 
+def match_prompt(config):
+    """Segment P of the matching rows as the checkpoint was trained (train.py --match_prompt)."""
+    return MATCH_PROMPTS[(config or {}).get("match_prompt") or "paper"]
+
+
 def require_matching(config, what):
     """Scores from the matching head mean something only if it was trained (w_qdm > 0)."""
     if not (config or {}).get("w_qdm"):
@@ -551,15 +559,16 @@ def _hardest_negatives(pairs, scores, n):
 
 @torch.no_grad()
 def matching_accuracy(model, processor, q_items, d_items, pairs, Q, D, scores, n, batch_size=16,
-                      desc="matching"):
+                      desc="matching", prompt=None):
     """
     Yes/No accuracy of the matching head (Eq. 4, p(Yes) > p(No)) on held-out pairs: for
     each of the first `n` rows, (query, positive) should get Yes and (query, hardest other
     candidate by embedding score) No. One unified 8-view pass per (q, d⁺, d⁻) instance
     (d⁺'s slot seeded per row), with Z = MLP(E) from the evaluation embeddings Q, D.
     q_items / d_items: (text, image path or None) of the distinct items; pairs and scores
-    as from task_items / score_rows. Returns {view type: accuracy over its 2·instances
-    answers (MATCH_VIEW_TYPES), "instances": count}. Sharded over ranks.
+    as from task_items / score_rows; prompt: segment P as trained (match_prompt(config)).
+    Returns {view type: accuracy over its 2·instances answers (MATCH_VIEW_TYPES),
+    "instances": count}. Sharded over ranks.
     """
     import random
 
@@ -580,7 +589,8 @@ def matching_accuracy(model, processor, q_items, d_items, pairs, Q, D, scores, n
         dp = [enc(d_items[inst[i][1]], f"{desc} d-item {inst[i][1]}") for i in chunk]
         dn = [enc(d_items[inst[i][2]], f"{desc} d-item {inst[i][2]}") for i in chunk]
         slots = [1 if random.Random(f"{desc}-{i}").random() < 0.5 else 2 for i in chunk]
-        mb = collate_match(q, dp, dn, processor.tokenizer, VIEW_SETS["all"], slots)
+        mb = collate_match(q, dp, dn, processor.tokenizer, VIEW_SETS["all"], slots,
+                           prompt=prompt or MATCH_PROMPTS["paper"])
         E = [X[[inst[i][k] for i in chunk]].to(model.device) for k, X in ((0, Q), (1, D), (2, D))]
         logits, labels = model.match(mb, *E)                                # (M·8, vocab)
         hit = (logits[:, yes] > logits[:, no]) == (labels == yes)           # (M·8,)
@@ -985,7 +995,7 @@ class Encoder:
         enc = [encode_item(self.processor, text, _as_image(im, f"rerank item {i}"), where=f"rerank item {i}")
                for i, (_, text, im) in enumerate(q + d)]
         return matching_p_yes(self.model, self.processor, enc[0], E[0], enc[1:], E[1:], views,
-                              batch_size)
+                              batch_size, match_prompt(self.config))
 
 
 def _split_input(x):

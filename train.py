@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import MMEB_TRAIN_SUBSETS, collate_embed, collate_match
+from data import MATCH_PROMPTS, MMEB_TRAIN_SUBSETS, collate_embed, collate_match
 from losses import (at_least_fp32, info_nce, matching_loss, orthogonality_loss, rank_world,
                     total_loss)
 from masks import VIEW_SETS
@@ -115,6 +115,11 @@ def parse_args(argv=None):
     p.add_argument("--w_qdm", type=float, default=0.1, help="weight of Eq. 4 in Eq. 5 (0.1); 0 = no matching")
     p.add_argument("--match_views", choices=sorted(VIEW_SETS), default="all",
                    help="matching views (Table 5): all, feat (lightweight), raw, raw2feat, feat2raw")
+    p.add_argument("--match_prompt", choices=sorted(MATCH_PROMPTS), default="paper",
+                   help="segment P of the matching rows: paper = system prompt + App. S7's "
+                        "instruction (default); header = the bare user header, for tiny random "
+                        "models whose near-uniform attention the long prompt dilutes "
+                        "(docs/readings.md §8)")
     p.add_argument("--match_instances", type=int, default=None,
                    help="instances per rank entering the matching pass (default: all B)")
     p.add_argument("--mask_duplicates", action=argparse.BooleanOptionalAction, default=True,
@@ -384,7 +389,8 @@ def collate_step(inst, tok, args):
     d = collate_embed(inst.pos + inst.neg, tok, args.num_tokens, args.embed_template)
     M = inst.n_match
     match = collate_match(inst.q[:M], inst.pos[:M], inst.neg[:M], tok,
-                          VIEW_SETS[args.match_views], inst.pos_slot) if M else None
+                          VIEW_SETS[args.match_views], inst.pos_slot,
+                          prompt=MATCH_PROMPTS[args.match_prompt]) if M else None
     return q, d, match
 
 

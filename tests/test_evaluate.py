@@ -634,7 +634,7 @@ def test_encoder_unit_norm_and_batch_independent(tiny, tmp_path):
 # ----------------------------------------------------------------------------------
 # The matching head as a reranker
 
-def single_p_yes(model, processor, q_item, E_q, d_item, E_d, views):
+def single_p_yes(model, processor, q_item, E_q, d_item, E_d, views, prompt=None):
     """Oracle: p(Yes) of one candidate, in slot 1 of a row of its own, from one decoder pass
     per view (tests/test_matching.py's separate passes, same position ids), mean over views."""
     from data import collate_match
@@ -643,7 +643,8 @@ def single_p_yes(model, processor, q_item, E_q, d_item, E_d, views):
     yes, no = answer_token_ids(processor.tokenizer)
     views = {"raw": (("Q", "D1"),), "feat": (("Zq", "Zd1"),),
              "all": (("Q", "D1"), ("Q", "Zd1"), ("Zq", "D1"), ("Zq", "Zd1"))}[views]
-    mb = collate_match([q_item], [d_item], [d_item], processor.tokenizer, views, [1])
+    mb = collate_match([q_item], [d_item], [d_item], processor.tokenizer, views, [1],
+                       **({"prompt": prompt} if prompt else {}))
     with torch.no_grad():
         x, _, pos = model.match_inputs(mb, E_q[None], E_d[None], E_d[None])
         logits = separate_pass_logits(model, x, pos, mb["segments"], mb["label_idx"], views, 0)
@@ -663,6 +664,12 @@ def test_matching_p_yes_equals_one_row_per_candidate(tiny, views):
     for j in range(5):
         ref = single_p_yes(model, processor, q_item, E_q, items[j], E_d[j], views)
         assert p[j].item() == pytest.approx(ref, abs=1e-5), (views, j)
+    # a checkpoint trained with --match_prompt header is scored with that prompt
+    from data import USER
+    assert ev.match_prompt({"match_prompt": "header"}) == USER and ev.match_prompt({}) == ev.MATCH_PROMPTS["paper"]
+    p_h = ev.matching_p_yes(model, processor, q_item, E_q, items, E_d, views, prompt=USER)
+    ref = single_p_yes(model, processor, q_item, E_q, items[0], E_d[0], views, prompt=USER)
+    assert p_h[0].item() == pytest.approx(ref, abs=1e-5) and not torch.allclose(p_h, p)
 
 
 def test_rerank_hits_and_encoder_rerank(bench, tiny, tmp_path):

@@ -29,7 +29,7 @@ import random
 import pytest
 import torch
 
-from data import USER, collate_match, encode_item
+from data import MATCH_PROMPTS, collate_match, encode_item
 from demo.synthetic import COLOURS, SHAPES
 from losses import matching_loss
 from masks import VIEW_SETS
@@ -55,7 +55,7 @@ def identity_task(views, steps, seed=0, lr=3e-3, M=32, warmup=50):
         qs = rng.choices(OBJECTS, k=n)
         negs = [rng.choice([o for o in OBJECTS if o != q]) for q in qs]
         mb = collate_match([items[q] for q in qs], [items[q] for q in qs], [items[o] for o in negs],
-                           tok, VIEW_SETS[views], rng, prompt=USER)
+                           tok, VIEW_SETS[views], rng, prompt=MATCH_PROMPTS["header"])
         E = [torch.stack([code[o] for o in objs]) for objs in (qs, qs, negs)]   # E_q = E_d⁺
         return mb, E
 
