@@ -132,6 +132,20 @@ def recall_at_k(scores, is_pos, k):
 # ----------------------------------------------------------------------------------
 # Distributed: set-up, rank-0 printing and (rank, world) are train.py's and losses.py's
 
+def _collective_device(model):
+    """Where tensors for a collective must live: the GPU under nccl, the CPU under gloo."""
+    return model.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _sum_over_ranks(t, model):
+    """A CPU tensor summed over all ranks (itself without a process group)."""
+    if rank_world()[1] == 1:
+        return t
+    t = t.to(_collective_device(model))
+    dist.all_reduce(t)
+    return t.cpu()
+
+
 def _broadcast(obj):
     """rank 0's `obj` on every rank."""
     if rank_world()[1] == 1:
@@ -183,7 +197,7 @@ def embed_items(model, processor, items, batch_size=16, progress=False, desc="em
     model.train(was_training)
     if world == 1:
         return local[:n]
-    dev = model.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev = _collective_device(model)
     parts = [torch.empty(size, d, device=dev) for _ in range(world)]
     dist.all_gather(parts, local.to(dev))                        # W × (size, d)
     return torch.cat([p[:max(0, min(size, n - r * size))] for r, p in enumerate(parts)]).cpu()
@@ -213,7 +227,7 @@ def rerank_hits(model, processor, q_items, d_items, pairs, Q, D, scores, k, view
     enc = lambda it, w: encode_item(processor, it[0], _as_image(it[1], w), where=w)   # noqa: E731
     for i in range(lo, hi):
         qi, cands = pairs[i]
-        cands = [cands[0]] + [c for c in cands[1:] if c != cands[0]]      # as score_rows
+        cands = distinct_candidates(cands)                                 # score_rows' columns
         s = scores[i, :len(cands)]
         hits[0] += float(bool((s[1:] < s[0]).all()))
         top = torch.argsort(s, descending=True, stable=True)[:k].tolist()  # column indices
@@ -225,11 +239,7 @@ def rerank_hits(model, processor, q_items, d_items, pairs, Q, D, scores, k, view
                            views, batch_size, prompt)                      # (k,)
         at = top.index(0)
         hits[1] += float(bool((torch.cat([p[:at], p[at + 1:]]) < p[at]).all()))
-    if world > 1:
-        dev = model.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        hits = hits.to(dev)
-        dist.all_reduce(hits)
-        hits = hits.cpu()
+    hits = _sum_over_ranks(hits, model)
     return {"hit@1_before": hits[0].item() / max(n, 1), "hit@1_after": hits[1].item() / max(n, 1),
             "k": k, "views": views, "queries": n}
 
@@ -392,6 +402,12 @@ def missing_images(rows, image_dir):
     return sorted(p for p in paths - {""} if not os.path.isfile(os.path.join(image_dir, p)))
 
 
+def distinct_candidates(cands):
+    """A row's candidate indices with later copies of the positive (cands[0]) left out: the
+    same document, not a negative. score_rows' columns follow this order."""
+    return [cands[0]] + [c for c in cands[1:] if c != cands[0]]
+
+
 def score_rows(Q, D, pairs):
     """
     Q (nq, d), D (nd, d) distinct query / candidate embeddings; pairs [(qi, [ci...])].
@@ -400,7 +416,7 @@ def score_rows(Q, D, pairs):
     """
     scores = torch.full((len(pairs), max(len(c) for _, c in pairs)), float("-inf"))
     for i, (qi, cands) in enumerate(pairs):
-        cands = [cands[0]] + [c for c in cands[1:] if c != cands[0]]
+        cands = distinct_candidates(cands)
         scores[i, :len(cands)] = cosine_scores(Q[qi:qi + 1], D[cands])[0]   # (n_cand,)
     return scores
 
@@ -550,7 +566,7 @@ def _hardest_negatives(pairs, scores, n):
     other candidate the embeddings score highest (rows with one distinct candidate: none)."""
     out = []
     for i, (qi, cands) in enumerate(pairs[:n]):
-        cands = [cands[0]] + [c for c in cands[1:] if c != cands[0]]          # as score_rows
+        cands = distinct_candidates(cands)                                     # score_rows' columns
         if len(cands) > 1:
             j = 1 + int(scores[i, 1:len(cands)].argmax())
             out.append((qi, cands[0], cands[j]))
@@ -596,11 +612,7 @@ def matching_accuracy(model, processor, q_items, d_items, pairs, Q, D, scores, n
         hit = (logits[:, yes] > logits[:, no]) == (labels == yes)           # (M·8,)
         correct += hit.reshape(len(chunk), 8).double().sum(0).cpu()
     model.train(was_training)
-    if world > 1:
-        dev = model.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        correct = correct.to(dev)
-        dist.all_reduce(correct)
-        correct = correct.cpu()
+    correct = _sum_over_ranks(correct, model)
     m = max(len(inst), 1)
     return {**{k: (correct[a] + correct[b]).item() / (2 * m) for k, (a, b) in MATCH_VIEW_TYPES.items()},
             "instances": len(inst)}
