@@ -147,7 +147,7 @@ def default_device():
         else torch.device("cpu")
 
 
-def _image_processor(path, min_pixels, max_pixels):
+def image_processor_for(path, min_pixels, max_pixels):
     """The PIL Qwen2-VL image processor (no torchvision), from `path`'s
     preprocessor_config.json or the defaults, with optional pixel bounds. The bounds are
     passed as min_pixels / max_pixels: a hub preprocessor_config.json holds those keys at
@@ -202,7 +202,7 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
     if name_or_path in TINY:
         tok = build_tiny_tokenizer()
         model = _build_tiny(name_or_path, tok, seed)
-        image_processor = _image_processor(None, min_pixels or TINY_PIXELS[0], max_pixels or TINY_PIXELS[1])
+        image_processor = image_processor_for(None, min_pixels or TINY_PIXELS[0], max_pixels or TINY_PIXELS[1])
         answer_token_ids(tok, name_or_path)
     else:
         name_or_path = str(name_or_path)
@@ -221,7 +221,7 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
             _check_local_checkpoint(name_or_path)
         tok = AutoTokenizer.from_pretrained(name_or_path)
         _check_tokenizer(tok, config, name_or_path)
-        image_processor = _image_processor(name_or_path, min_pixels, max_pixels)
+        image_processor = image_processor_for(name_or_path, min_pixels, max_pixels)
         model = BACKBONES[config.model_type].from_pretrained(name_or_path, dtype=dtype,
                                                              attn_implementation="sdpa")
     processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tok,

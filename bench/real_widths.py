@@ -58,7 +58,7 @@ Tables:
     time_variants: warm-up, interleaved repetitions, medians; ratio of medians) on a
     depth-reduced width-real decoder built in memory from
     tools.width_real.build_config(preset, num_layers=1, vision_depth=1), random init
-    (tools.width_real._random_model), fp32 on CPU, --threads (1). The decoder is fed
+    (tools.width_real.random_model), fp32 on CPU, --threads (1). The decoder is fed
     directly with inputs_embeds of the right shapes: random N(0, 0.02²) vectors at every
     position stand in for the token embeddings, the vision tower's image features and Z
     (the vision tower is not run: it is shared by both designs). Both designs get the code's
@@ -96,7 +96,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import fmt, image, peak_mib, print_table, time_variants  # noqa: E402
 from data import IMAGE_PLACEHOLDER, collate_embed, collate_match, content_text, encode_item  # noqa: E402
 from masks import VIEW_SETS, additive_mask, unified_mask_batch  # noqa: E402
-from model import ImageOnlyQwenVLProcessor, _image_processor, mrope_position_ids  # noqa: E402
+from model import ImageOnlyQwenVLProcessor, image_processor_for, mrope_position_ids  # noqa: E402
 from tools import width_real  # noqa: E402
 from tools.width_real import ARCH, build_config  # noqa: E402
 
@@ -160,8 +160,8 @@ def real_tokenizer(model_type="qwen2_vl"):
     if model_type not in _TOKENIZERS:
         from transformers import AutoTokenizer
         with tempfile.TemporaryDirectory() as d:
-            width_real._write_tokenizer(width_real.tokenizer_source(), Path(d),
-                                        width_real._FAMILY[model_type])
+            width_real.write_tokenizer(width_real.tokenizer_source(), Path(d),
+                                        width_real.FAMILY[model_type])
             _TOKENIZERS[model_type] = AutoTokenizer.from_pretrained(d)
     return _TOKENIZERS[model_type]
 
@@ -192,7 +192,7 @@ def make_items(tok, n_img, scenario, args, rows):
     """rows × (q, d⁺, d⁻) encoded items (data.encode_item, real image processor)."""
     q_img, d_img, _ = SCENARIOS[scenario]
     side = image_side(n_img)
-    proc = ImageOnlyQwenVLProcessor(image_processor=_image_processor(None, side * side, side * side),
+    proc = ImageOnlyQwenVLProcessor(image_processor=image_processor_for(None, side * side, side * side),
                                     tokenizer=tok, chat_template=tok.chat_template)
     qt = fit_text(tok, QUERY_IMAGE_BASE if q_img else QUERY_TEXT_BASE, args.query_text_tokens, q_img)
     dt = fit_text(tok, DOC_IMAGE_BASE if d_img else DOC_TEXT_BASE, args.doc_text_tokens, d_img)
@@ -316,9 +316,9 @@ def build_decoder(preset, seed, dtype=torch.float32, init="transformers"):
     Returns its language model (the decoder ReMatch.last_hidden calls)."""
     cfg = build_config(preset, num_layers=1, vision_depth=1)
     cfg.text_config.vocab_size = 16
-    cls = width_real._FAMILY[ARCH[preset]["model_type"]]["model"]
+    cls = width_real.FAMILY[ARCH[preset]["model_type"]]["model"]
     if init == "transformers":
-        model = width_real._random_model(cls, cfg, seed).to(dtype)
+        model = width_real.random_model(cls, cfg, seed).to(dtype)
     else:                                       # values irrelevant (saved-tensor accounting)
         from transformers import initialization
         with initialization.no_init_weights():

@@ -121,7 +121,7 @@ ARCH = {
                           vision_config=_vision_qwen25(3584)),
 }
 
-_FAMILY = {   # per model_type: classes, the tokenizer's last added-token id, its max length,
+FAMILY = {   # per model_type: classes, the tokenizer's last added-token id, its max length,
     #           the processor_class the hub's preprocessor_config.json names
     "qwen2_vl": dict(config=Qwen2VLConfig, model=Qwen2VLForConditionalGeneration,
                      last_added_id=151656, model_max_length=32768,
@@ -180,7 +180,7 @@ def build_config(preset, num_layers=2, vision_depth=1):
     _check_args(preset, num_layers, vision_depth)
     arch = copy.deepcopy(ARCH[preset])
     arch.pop("hub_id")
-    family = _FAMILY[arch.pop("model_type")]
+    family = FAMILY[arch.pop("model_type")]
     arch["text_config"]["num_hidden_layers"] = num_layers
     arch["vision_config"]["depth"] = vision_depth
     if "fullatt_block_indexes" in arch["vision_config"]:
@@ -196,7 +196,7 @@ def _check_args(preset, num_layers, vision_depth):
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
 
 
-def _write_tokenizer(src, dst, family):
+def write_tokenizer(src, dst, family):
     """Qwen's BPE files with the family's added tokens only and Qwen2-VL's chat template."""
     last = family["last_added_id"]
     tj = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
@@ -239,7 +239,7 @@ def _verify_tokenizer(path):
                            f"Yes/No {words}, pad {tok.pad_token!r}, eos {tok.eos_token!r}")
 
 
-def _random_model(model_cls, cfg, seed):
+def random_model(model_cls, cfg, seed):
     """model_cls._from_config(cfg) in fp32 with transformers' own random init (normal(0, 0.02)
     linears / embeddings, unit norms, zero biases, computed rotary buffers) from
     torch.manual_seed(seed), without the caller's RNG state changing. torch's default
@@ -296,16 +296,16 @@ def write_checkpoint(preset, path, num_layers=2, vision_depth=1, seed=0):
         raise FileExistsError(f"{path} exists and was not written by write_checkpoint with "
                               f"{spec}; remove it or choose another directory")
     src = tokenizer_source()
-    family = _FAMILY[ARCH[preset]["model_type"]]
+    family = FAMILY[ARCH[preset]["model_type"]]
     cfg = build_config(preset, num_layers, vision_depth)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        model = _random_model(family["model"], cfg, seed)
+        model = random_model(family["model"], cfg, seed)
         model.save_pretrained(tmp)              # 5.x: always safetensors (model.safetensors)
         del model
-        _write_tokenizer(src, tmp, family)
+        write_tokenizer(src, tmp, family)
         pre = dict(PREPROCESSOR, processor_class=family["processor_class"])
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         _verify_tokenizer(tmp)
