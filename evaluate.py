@@ -604,8 +604,8 @@ def matching_accuracy(model, processor, q_items, d_items, pairs, Q, D, scores, n
         q = [enc(q_items[inst[i][0]], f"{desc} q-item {inst[i][0]}") for i in chunk]
         dp = [enc(d_items[inst[i][1]], f"{desc} d-item {inst[i][1]}") for i in chunk]
         dn = [enc(d_items[inst[i][2]], f"{desc} d-item {inst[i][2]}") for i in chunk]
-        slots = [1 if random.Random(f"{desc}-{i}").random() < 0.5 else 2 for i in chunk]
-        mb = collate_match(q, dp, dn, processor.tokenizer, VIEW_SETS["all"], slots,
+        pos_slot = [1 if random.Random(f"{desc}-{i}").random() < 0.5 else 2 for i in chunk]
+        mb = collate_match(q, dp, dn, processor.tokenizer, VIEW_SETS["all"], pos_slot,
                            prompt=prompt or MATCH_PROMPTS["paper"])
         E = [X[[inst[i][k] for i in chunk]].to(model.device) for k, X in ((0, Q), (1, D), (2, D))]
         logits, labels = model.match(mb, *E)                                # (M·8, vocab)
@@ -1042,7 +1042,7 @@ def parse_args(argv=None):
                    "(TIGER-Lab/MMEB-eval); <root>/<Task>/test-*.parquet or <root>/<Task>/test/*.parquet")
     p.add_argument("--image_dir", default=None, help="folder the *_img_path columns are relative to")
     p.add_argument("--benchmark", default="mmeb", choices=sorted(BENCHMARKS),
-                   help="task table: mmeb = the 36 MMEB tasks, synthetic = data.make_synthetic's eval split")
+                   help="task table: mmeb = the 36 MMEB tasks, synthetic = demo.make_synthetic's eval split")
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the benchmark's tasks (default: all)")
     p.add_argument("--task_table", default=None, help="JSON {task: [meta_task, is_ind]}: the task "
                    "table of any other benchmark in the MMEB file format (replaces --benchmark)")
