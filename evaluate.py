@@ -164,6 +164,11 @@ def _as_image(x, where):
     return load_image(x, where) if isinstance(x, (str, os.PathLike)) else upscale_small(x)
 
 
+def _encode(processor, text, image, where):
+    """encode_item of an MMEB string and an image given as None, a path or a PIL image."""
+    return encode_item(processor, text, _as_image(image, where), where=where)
+
+
 @torch.no_grad()
 def embed_items(model, processor, items, batch_size=16, progress=False, desc="embed",
                 distributed=True):
@@ -187,7 +192,7 @@ def embed_items(model, processor, items, batch_size=16, progress=False, desc="em
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
             where = [f"{desc} {side}-item {i}" for i in chunk]
-            enc = [encode_item(processor, items[i][1], _as_image(items[i][2], w), where=w)
+            enc = [_encode(processor, items[i][1], items[i][2], w)
                    for i, w in zip(chunk, where)]
             batch = collate_embed(enc, processor.tokenizer, model.num_tokens, model.embed_template)
             E, _ = model.embed(batch, side)                      # (b, d)
@@ -224,7 +229,7 @@ def rerank_hits(model, processor, q_items, d_items, pairs, Q, D, scores, k, view
     n = len(pairs) if n is None else min(n, len(pairs))
     lo, hi = (n * rank) // world, (n * (rank + 1)) // world
     hits = torch.zeros(2, dtype=torch.float64)                             # before, after
-    enc = lambda it, w: encode_item(processor, it[0], _as_image(it[1], w), where=w)   # noqa: E731
+    enc = lambda it, w: _encode(processor, *it, w)                        # noqa: E731
     for i in range(lo, hi):
         qi, cands = pairs[i]
         cands = distinct_candidates(cands)                                 # score_rows' columns
@@ -598,7 +603,7 @@ def matching_accuracy(model, processor, q_items, d_items, pairs, Q, D, scores, n
     correct = torch.zeros(8, dtype=torch.float64)                           # per view
     was_training = model.training
     model.eval()
-    enc = lambda it, w: encode_item(processor, it[0], _as_image(it[1], w), where=w)   # noqa: E731
+    enc = lambda it, w: _encode(processor, *it, w)                        # noqa: E731
     for s in range(lo, hi, batch_size):
         chunk = range(s, min(s + batch_size, hi))
         q = [enc(q_items[inst[i][0]], f"{desc} q-item {inst[i][0]}") for i in chunk]
@@ -1004,7 +1009,7 @@ class Encoder:
         d = [("d", format_input(t, im is not None, instruction), im) for t, im in pairs]
         E = embed_items(self.model, self.processor, q + d, batch_size, desc="rerank",
                         distributed=False)                                  # (1 + n, d)
-        enc = [encode_item(self.processor, text, _as_image(im, f"rerank item {i}"), where=f"rerank item {i}")
+        enc = [_encode(self.processor, text, im, f"rerank item {i}")
                for i, (_, text, im) in enumerate(q + d)]
         return matching_p_yes(self.model, self.processor, enc[0], E[0], enc[1:], E[1:], views,
                               batch_size, match_prompt(self.config))
