@@ -291,6 +291,8 @@ def collate_match(q_items, pos_items, neg_items, tokenizer, views, pos_slot, pro
       pos_slot (M,): 1 or 2, the slot holding d⁺,
       label_idx (M, V), labels (M, V): label-predicting positions and label token ids,
       pixel_values, image_grid_thw: the raw segments' images in sequence order,
+      image_src: per image, (part, m): the image of instance m's "q", "pos" or "neg" item
+        (ReMatch.forward reuses that item's vision features from the embedding pass),
       views: the view set (masks.VIEW_SETS), for the mask.
     """
     pad_id = tokenizer.pad_token_id
@@ -305,10 +307,10 @@ def collate_match(q_items, pos_items, neg_items, tokenizer, views, pos_slot, pro
 
     if not isinstance(pos_slot, (list, tuple)):                    # a random.Random: draw
         pos_slot = [1 if pos_slot.random() < 0.5 else 2 for _ in q_items]
-    rows, segments, feat_idx, label_idx, labels, images = [], [], [], [], [], []
-    for q, dp, dn, slot in zip(q_items, pos_items, neg_items, pos_slot):
-        docs = {1: dp, 2: dn} if slot == 1 else {1: dn, 2: dp}
-        content = {"Q": ("Q", q), "D1": ("D", docs[1]), "D2": ("D", docs[2])}
+    rows, segments, feat_idx, label_idx, labels, images, image_src = [], [], [], [], [], [], []
+    for m, (q, dp, dn, slot) in enumerate(zip(q_items, pos_items, neg_items, pos_slot)):
+        docs = {1: (dp, "pos"), 2: (dn, "neg")} if slot == 1 else {1: (dn, "neg"), 2: (dp, "pos")}
+        content = {"Q": ("Q", q, "q"), "D1": ("D", *docs[1]), "D2": ("D", *docs[2])}
         ids, segs, fidx = [], [], {"Zq": -1, "Zd1": -1, "Zd2": -1}
         for name in used:
             if name == "P":
@@ -316,9 +318,11 @@ def collate_match(q_items, pos_items, neg_items, tokenizer, views, pos_slot, pro
             elif name == "H":
                 seg = H
             elif name in content:                       # raw view: wrapper + item content
-                kind, item = content[name]
+                kind, item, part = content[name]
                 seg = raw_wrap[kind][0] + item["ids"] + raw_wrap[kind][1]
                 images.append(item)
+                if item["pixel_values"] is not None:
+                    image_src.append((part, m))
             else:                                       # feature view: one token for Z
                 kind = "Q" if name == "Zq" else "D"
                 fidx[name] = len(ids) + len(feat_wrap[kind][0])
@@ -344,7 +348,8 @@ def collate_match(q_items, pos_items, neg_items, tokenizer, views, pos_slot, pro
     return {"input_ids": input_ids, "attention_mask": attention_mask, "segments": segments,
             "feat_idx": torch.tensor(feat_idx), "pos_slot": torch.tensor(list(pos_slot)),
             "label_idx": torch.tensor(label_idx), "labels": torch.tensor(labels),
-            "pixel_values": pixel_values, "image_grid_thw": image_grid_thw, "views": tuple(views)}
+            "pixel_values": pixel_values, "image_grid_thw": image_grid_thw, "views": tuple(views),
+            "image_src": image_src}
 
 
 # ----------------------------------------------------------------------------------

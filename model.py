@@ -224,9 +224,25 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
         image_processor = image_processor_for(name_or_path, min_pixels, max_pixels)
         model = BACKBONES[config.model_type].from_pretrained(name_or_path, dtype=dtype,
                                                              attn_implementation="sdpa")
+    patch_embed_as_matmul(model.model.visual.patch_embed)
     processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tok,
                                          chat_template=tok.chat_template)
     return model.to(device=device, dtype=dtype), processor
+
+
+def patch_embed_as_matmul(patch_embed):
+    """The vision tower's patch embedding is a Conv3d whose kernel equals its stride and
+    its input (C × t × p × p per patch): one matmul with the flattened weight, computed
+    the same way. On the CPU the Conv3d's backward is about 5× slower than the matmul's
+    (and bf16 Conv3d is slow on some CUDA/cuDNN versions). The weights stay the Conv3d's,
+    so checkpoints are unchanged."""
+    proj = patch_embed.proj
+
+    def forward(hidden_states):
+        W = proj.weight                                                       # (E, C, t, p, p)
+        x = hidden_states.to(W.dtype).reshape(-1, W[0].numel())               # (n_patch, C·t·p·p)
+        return torch.nn.functional.linear(x, W.reshape(W.shape[0], -1))       # (n_patch, E)
+    patch_embed.forward = forward
 
 
 def save_backbone(model, processor, path):
@@ -245,33 +261,30 @@ def mrope_position_ids(input_ids, attention_mask, image_grid_thw, image_token_id
     """
     input_ids, attention_mask (N, T) right- or left-padded; image_grid_thw (n_img, 3) of
     the images in row-major token order. Text token: t = h = w = p, p += 1. Image of
-    merged grid (1, h, w): p + (0, row, col) for each patch, then p += max(h, w).
-    Returns (3, N, T) long; padding positions are 0.
+    merged grid (gt, h, w): p + (frame, row, col) for each patch, then p += max(h, w).
+    Returns (3, N, T) long on input_ids' device; padding positions are 0.
+    Vectorised: p before each token is an exclusive cumulative sum of per-token advances
+    (1 per text token, max(h, w) at an image's last token, 0 elsewhere).
     """
-    N, T = input_ids.shape
-    position_ids = torch.zeros(3, N, T, dtype=torch.long)
-    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
-    for n in range(N):
-        real = attention_mask[n].bool().cpu()
-        is_img = (input_ids[n].cpu()[real] == image_token_id).tolist()
-        chunks, p, t = [], 0, 0
-        while t < len(is_img):
-            if is_img[t]:
-                gt, gh, gw = next(grids)
-                h, w = gh // merge, gw // merge
-                thw = torch.stack(torch.meshgrid(torch.arange(gt), torch.arange(h),
-                                                 torch.arange(w), indexing="ij"))  # (3, gt, h, w)
-                chunks.append(thw.reshape(3, -1) + p)                              # (3, gt·h·w)
-                p, t = p + max(h, w), t + gt * h * w
-            else:
-                j = t
-                while j < len(is_img) and not is_img[j]:
-                    j += 1
-                chunks.append(torch.arange(p, p + j - t).expand(3, -1))            # (3, j-t)
-                p, t = p + j - t, j
-        if chunks:
-            position_ids[:, n, real] = torch.cat(chunks, dim=1)
-    return position_ids.to(input_ids.device)
+    dev = input_ids.device
+    real = attention_mask.to(dev).bool()                                    # (N, T)
+    is_img = (input_ids == image_token_id) & real                          # (N, T)
+    advance = real.long()                                                   # (N, T)
+    offset = torch.zeros(3, *input_ids.shape, dtype=torch.long, device=dev)  # (3, N, T)
+    n_img_tok = int(is_img.sum())
+    if n_img_tok:
+        g = image_grid_thw.to(dev).long()                                   # (n_img, 3)
+        h, w = g[:, 1] // merge, g[:, 2] // merge                           # (n_img,)
+        n = g[:, 0] * h * w                                                 # tokens per image
+        if int(n.sum()) != n_img_tok:
+            raise ValueError(f"{n_img_tok} image tokens but image_grid_thw describes {int(n.sum())}")
+        img = torch.repeat_interleave(torch.arange(len(g), device=dev), n)  # (n_img_tok,) image of each
+        k = torch.arange(n_img_tok, device=dev) - (n.cumsum(0) - n)[img]    # index within its image
+        hi, wi = h[img], w[img]
+        offset[:, is_img] = torch.stack([k // (hi * wi), (k // wi) % hi, k % wi])  # (3, n_img_tok)
+        advance[is_img] = torch.where(k == n[img] - 1, torch.maximum(hi, wi), 0)
+    p = advance.cumsum(1) - advance                                         # (N, T) p before each token
+    return (p[None] + offset) * real[None]                                  # (3, N, T)
 
 
 # ----------------------------------------------------------------------------------
@@ -332,15 +345,25 @@ class ReMatch(nn.Module):
         return self.L_q.device
 
     # -- backbone pieces -------------------------------------------------------------
-    def input_embeds(self, input_ids, pixel_values=None, image_grid_thw=None):
-        """Token embeddings with the vision tower's features scattered into the
-        <|image_pad|> positions. (N, T) → (N, T, d)."""
+    def image_features(self, pixel_values, image_grid_thw):
+        """The vision tower's merged features of each image: a list of (n_i, d), one per
+        row of image_grid_thw ([] without images)."""
+        if pixel_values is None:
+            return []
+        dev = self.device
+        return list(self.hf.model.get_image_features(pixel_values.to(dev), image_grid_thw.to(dev),
+                                                     return_dict=True).pooler_output)
+
+    def input_embeds(self, input_ids, pixel_values=None, image_grid_thw=None, images=None):
+        """Token embeddings with the images' features scattered into the <|image_pad|>
+        positions. (N, T) → (N, T, d). `images`: the per-image features (image_features)
+        when already computed, else the vision tower runs on pixel_values."""
         hf = self.hf
         x = hf.get_input_embeddings()(input_ids)                              # (N, T, d)
-        if pixel_values is not None:
-            feats = hf.model.get_image_features(pixel_values.to(x.device),
-                                                image_grid_thw.to(x.device), return_dict=True)
-            img = torch.cat(feats.pooler_output, dim=0).to(x.dtype)           # (n_img_tok, d)
+        if images is None:
+            images = self.image_features(pixel_values, image_grid_thw)
+        if images:
+            img = torch.cat(images, dim=0).to(x.dtype)                        # (n_img_tok, d)
             is_img = input_ids == hf.config.image_token_id                    # (N, T)
             if int(is_img.sum()) != img.shape[0]:
                 raise ValueError(f"{int(is_img.sum())} image tokens but {img.shape[0]} image "
@@ -363,9 +386,10 @@ class ReMatch(nn.Module):
                                             use_cache=False).last_hidden_state
 
     # -- §3.2.1 embeddings -------------------------------------------------------------
-    def embed(self, batch, side):
+    def embed(self, batch, side, images=None):
         """
-        batch: data.collate_embed output; side: "q" (uses L_q) or "d" (uses L_d).
+        batch: data.collate_embed output; side: "q" (uses L_q) or "d" (uses L_d);
+        images: the batch's per-image features if already computed (image_features).
         Returns E (N, d), the fused embedding (mean of the K states), and
         e (N, K, d), the K learnable-token states for Eq. 2 (K = 0: the last token, K=1).
         """
@@ -373,7 +397,7 @@ class ReMatch(nn.Module):
         input_ids = batch["input_ids"].to(dev)                                # (N, T)
         attention_mask = batch["attention_mask"].to(dev)                      # (N, T)
         token_idx = batch["token_idx"].to(dev)                                # (N, K)
-        x = self.input_embeds(input_ids, batch["pixel_values"], batch["image_grid_thw"])
+        x = self.input_embeds(input_ids, batch["pixel_values"], batch["image_grid_thw"], images)
         rows = torch.arange(len(token_idx), device=dev)[:, None].expand_as(token_idx)  # (N, K)
         if self.num_tokens > 0:
             L = self.L_q if side == "q" else self.L_d                         # (K, d)
@@ -386,17 +410,18 @@ class ReMatch(nn.Module):
         return E, e
 
     # -- §3.2.3 matching -------------------------------------------------------------
-    def match_inputs(self, mbatch, E_q, E_pos, E_neg):
+    def match_inputs(self, mbatch, E_q, E_pos, E_neg, images=None):
         """
         The packed matching rows ready for the decoder: input embeddings with images and
         Z = MLP(E) injected at the feature tokens (Zq; Zd1/Zd2 from d⁺/d⁻ by slot), the
         additive unified mask (M, 1, L, L) and M-RoPE positions (3, M, L) of each row
-        computed as for an ordinary sequence.
+        computed as for an ordinary sequence. `images`: the raw segments' per-image
+        features when already computed (forward reuses the embedding passes').
         """
         dev = self.device
         input_ids = mbatch["input_ids"].to(dev)                               # (M, L)
         attention_mask = mbatch["attention_mask"].to(dev)                     # (M, L)
-        x = self.input_embeds(input_ids, mbatch["pixel_values"], mbatch["image_grid_thw"])
+        x = self.input_embeds(input_ids, mbatch["pixel_values"], mbatch["image_grid_thw"], images)
         head_dtype = self.L_q.dtype
         Z_q, Z_pos, Z_neg = (self.projector(E.to(head_dtype)).to(x.dtype)
                              for E in (E_q, E_pos, E_neg))                   # (M, d) each
@@ -412,38 +437,55 @@ class ReMatch(nn.Module):
         position_ids = self.positions(input_ids, attention_mask, mbatch["image_grid_thw"])  # (3, M, L)
         return x, mask, position_ids
 
-    def match(self, mbatch, E_q, E_pos, E_neg):
+    def match(self, mbatch, E_q, E_pos, E_neg, images=None):
         """
         The unified 8-view matching pass (Fig. 3): one decoder forward for all views.
         E_q, E_pos, E_neg: (M, d) fused embeddings of the instances' query, d⁺ and d⁻.
         Returns logits (M·V, vocab) at the positions that predict each answer's label
         (the LM head runs on those positions only) and labels (M·V,) for Eq. 4.
         """
-        x, mask, position_ids = self.match_inputs(mbatch, E_q, E_pos, E_neg)
+        x, mask, position_ids = self.match_inputs(mbatch, E_q, E_pos, E_neg, images)
         h = self.last_hidden(x, mask, position_ids)                           # (M, L, d)
         label_idx = mbatch["label_idx"].to(h.device)                          # (M, V)
         rows = torch.arange(len(label_idx), device=h.device)[:, None].expand_as(label_idx)
         logits = self.hf.lm_head(h[rows, label_idx])                          # (M, V, vocab)
         return logits.flatten(0, 1), mbatch["labels"].to(h.device).flatten()  # (M·V, vocab), (M·V,)
 
-    def forward(self, q, d, match=None, n_pos=None):
+    def forward(self, q, d, match=None, n_pos=None, reuse_images=True):
         """
         One training forward (a single call, so DistributedDataParallel sees one forward
         per step): q, d are collate_embed batches of the queries and of the documents
         (positives first, then the hard negatives, n_pos = number of positives);
         `match` an optional collate_match batch over the first M instances.
+        The vision tower runs once per image: the matching rows' raw segments reuse the
+        features of the same items from the embedding passes (reuse_images=False runs
+        the tower again on them; same values, and the same gradients as a sum).
         Returns E_q (B, d), e_q (B, K, d), E_d (B+B', d), e_d, and for matching the
         label logits (M·V, vocab) and labels (M·V,).
         """
-        E_q, e_q = self.embed(q, "q")
-        E_d, e_d = self.embed(d, "d")
+        img_q = self.image_features(q["pixel_values"], q["image_grid_thw"])
+        img_d = self.image_features(d["pixel_values"], d["image_grid_thw"])
+        E_q, e_q = self.embed(q, "q", img_q)
+        E_d, e_d = self.embed(d, "d", img_d)
         out = {"E_q": E_q, "e_q": e_q, "E_d": E_d, "e_d": e_d}
         if match is not None:
             M = len(match["input_ids"])
             n_pos = len(E_q) if n_pos is None else n_pos
             E_pos, E_neg = E_d[:n_pos], E_d[n_pos:]
-            out["logits"], out["labels"] = self.match(match, E_q[:M], E_pos[:M], E_neg[:M])
+            images = None
+            if reuse_images and "image_src" in match:
+                of_q, of_d = self._image_of_row(q, img_q), self._image_of_row(d, img_d)
+                row = {"q": lambda m: of_q[m], "pos": lambda m: of_d[m],
+                       "neg": lambda m: of_d[n_pos + m]}
+                images = [row[part](m) for part, m in match["image_src"]]
+            out["logits"], out["labels"] = self.match(match, E_q[:M], E_pos[:M], E_neg[:M], images)
         return out
+
+    def _image_of_row(self, batch, images):
+        """{row: its image's features} for a collate_embed batch (at most one image per
+        item; rows in order, as collate_embed stacks them)."""
+        has = (batch["input_ids"] == self.hf.config.image_token_id).any(1)   # (N,)
+        return dict(zip(has.nonzero().flatten().tolist(), images))
 
 
 # ----------------------------------------------------------------------------------

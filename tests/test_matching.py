@@ -8,6 +8,7 @@ ids and a mask written out here from the rules of readings §3 (not from masks.p
 
     pytest tests/test_matching.py
 """
+import copy
 import random
 
 import pytest
@@ -157,3 +158,35 @@ def test_matching_gradients_reach_projector_and_learnable_tokens(tiny):
     for p in (rm.L_q, rm.L_d, *rm.projector.parameters()):
         assert p.grad is not None and p.grad.abs().sum() > 0
     rm.zero_grad(set_to_none=True)
+
+
+def test_forward_reuses_image_features_with_the_same_outputs_and_gradients(tiny):
+    """ReMatch.forward runs the vision tower once per image: the matching rows' raw
+    segments take the embedding passes' features (collate_match's image_src). Oracle:
+    the same forward with the tower run again on the matching rows (reuse_images=False):
+    equal logits, embeddings and gradients of every parameter (fp64). One negative is
+    text-only, so the d batch's image rows are not its row numbers."""
+    _, model, processor = tiny
+    rm = ReMatch(copy.deepcopy(model), num_tokens=4).double()
+    q, pos_items, neg_items = instances(processor)
+    neg_items[0] = encode_item(processor, "a green circle")
+    tok = processor.tokenizer
+    qb, db = collate_embed(q, tok, 4), collate_embed(pos_items + neg_items, tok, 4)
+    mb = collate_match(q, pos_items, neg_items, tok, VIEW_SETS["all"], [2, 1])
+    assert mb["image_src"] == [("q", 0), ("pos", 0), ("q", 1), ("pos", 1), ("neg", 1)]
+    grads, outs = [], []
+    for reuse in (True, False):
+        rm.zero_grad(set_to_none=True)
+        out = rm(qb, db, mb, n_pos=2, reuse_images=reuse)
+        (torch.nn.functional.cross_entropy(out["logits"], out["labels"])
+         + out["E_q"].sum() + out["E_d"].square().sum()).backward()
+        outs.append(out)
+        grads.append({n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None})
+    for k in ("logits", "E_q", "E_d"):
+        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=0, atol=1e-12)
+    assert grads[0].keys() == grads[1].keys() and any("visual" in n for n in grads[0])
+    for n in grads[0]:
+        # the sum of two backward passes vs one: only rounding differs, and the vision
+        # rotary embedding runs in fp32 even in an fp64 model (≈1e-8 relative here)
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-6,
+                                   atol=1e-6 * grads[1][n].abs().max().item(), msg=n)

@@ -135,6 +135,25 @@ def test_bad_checkpoint_directories_are_named(saved_tiny, tmp_path, monkeypatch)
         load_backbone(str(saved_tiny), device="cpu")
 
 
+def test_patch_embedding_as_matmul_equals_the_conv3d(tiny):
+    """load_backbone runs the vision tower's patch Conv3d as one matmul: same output as
+    the Conv3d itself (fp64), and gradients reach its weight."""
+    _, model, _ = tiny
+    pe = model.model.visual.patch_embed
+    W = pe.proj.weight.detach().double()                                     # (E, C, t, p, p)
+    x = torch.randn(5, W[0].numel(), dtype=torch.float64)
+    conv = torch.nn.functional.conv3d(x.view(-1, *W.shape[1:]), W, stride=W.shape[2:]).flatten(1)
+    with torch.no_grad():
+        pe.proj.weight.data = pe.proj.weight.data.double()
+        try:
+            torch.testing.assert_close(pe(x), conv, rtol=1e-12, atol=1e-12)
+        finally:
+            pe.proj.weight.data = pe.proj.weight.data.float()
+    pe(x.float()).sum().backward()
+    assert pe.proj.weight.grad is not None and pe.proj.weight.grad.abs().sum() > 0
+    pe.proj.weight.grad = None
+
+
 # ---------------------------------------------------------------------------- positions
 
 def test_mrope_positions_equal_the_backbone_get_rope_index(tiny):
@@ -149,6 +168,53 @@ def test_mrope_positions_equal_the_backbone_get_rope_index(tiny):
                                            image_grid_thw=grid, attention_mask=am)
     real = am.bool()
     assert torch.equal(ours[:, real], theirs[:, real])
+
+
+def naive_mrope(input_ids, attention_mask, image_grid_thw, image_token_id, merge):
+    """Token-by-token oracle of the M-RoPE rule (Qwen2-VL §2.1): a text token takes
+    (p, p, p) and advances p by 1; an image of merged grid (gt, h, w) takes p + (frame,
+    row, col) for its gt·h·w tokens, then p advances by max(h, w); padding stays 0."""
+    N, T = input_ids.shape
+    out = torch.zeros(3, N, T, dtype=torch.long)
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    for n in range(N):
+        p, left = 0, []                                    # left: (t, r, c) still to place
+        for t in range(T):
+            if not attention_mask[n, t]:
+                continue
+            if input_ids[n, t] != image_token_id:
+                out[:, n, t] = p
+                p += 1
+                continue
+            if not left:
+                gt, gh, gw = next(grids)
+                h, w = gh // merge, gw // merge
+                left = [(f, r, c) for f in range(gt) for r in range(h) for c in range(w)]
+                start, adv = p, max(h, w)
+            f, r, c = left.pop(0)
+            out[:, n, t] = torch.tensor([start + f, start + r, start + c])
+            if not left:
+                p = start + adv
+    return out
+
+
+def test_mrope_positions_equal_a_naive_loop_on_hard_layouts():
+    """Left padding, two images in a row (one right after the other), frames > 1 and a
+    text-only row, against the token-by-token oracle."""
+    img, merge = 9, 2
+    ids = torch.tensor([[0, 0, 5] + [9] * 12 + [6, 7],                     # left-padded; 3 images back to back
+                        [5, 9, 9, 9, 6, 9, 9, 9, 9, 7, 7, 7, 0, 0, 0, 0, 0],  # 2 images, text between
+                        [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 0, 0, 0, 0]])  # text only
+    am = (ids != 0).long()
+    grid = torch.tensor([[1, 4, 4],       # row 0: 2×2 = 4 tokens,
+                         [2, 2, 4],       #        2 frames of 1×2 = 4 tokens,
+                         [1, 4, 4],       #        2×2 = 4 tokens
+                         [1, 2, 6],       # row 1: 1×3 = 3 tokens,
+                         [1, 4, 4]])      #        2×2 = 4 tokens
+    ours = mrope_position_ids(ids, am, grid, img, merge)
+    torch.testing.assert_close(ours, naive_mrope(ids, am, grid, img, merge), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="image tokens but image_grid_thw"):
+        mrope_position_ids(ids, am, grid[:4], img, merge)
 
 
 # ---------------------------------------------------------------------------- embeddings

@@ -240,7 +240,7 @@ def test_demo_learns_shortened(tmp_path):
     res = train.main(["--out_dir", out, "--steps", "250", "--save_every", "250"])
     with open(os.path.join(out, "log.jsonl")) as f:
         L_cl = [json.loads(line)["L_cl"] for line in f]
-    assert sum(L_cl[-50:]) / 50 < 0.8 * sum(L_cl[:50]) / 50       # ln(64) ≈ 4.2 at the start
+    assert sum(L_cl[-50:]) / 50 < sum(L_cl[:50]) / 50 - 0.5       # nats; ln(64) ≈ 4.2 at the start
     assert res["overall"] >= 2 * res["overall_chance"], res
     assert set(res["hit_at_1"]) == {"ShapesCLS", "ShapesVQA", "ShapesT2I", "ShapesI2T",
                                     "ShapesObjectT2I", "ShapesVG"}
