@@ -122,24 +122,44 @@ TARGET_INSTRUCTIONS = {
 }
 
 
-def with_target_instruction(text, task, meta=None):
+def target_prompt(task, meta=None, prompts=None):
+    """The target instruction of a task, or None if it has none. Looked up in order:
+    `prompts` (the user's --target_prompts file: {subset or task: prompt} and/or
+    {meta-task: prompt}) by task name, MMEB's TARGET_INSTRUCTIONS, `prompts` by meta-task,
+    then the built-in wording of the meta-task (TARGET_BY_META)."""
+    prompts = prompts or {}
+    for table, key in ((prompts, task), (TARGET_INSTRUCTIONS, task), (prompts, meta), (TARGET_BY_META, meta)):
+        if key in table:
+            return table[key]
+    return None
+
+
+def with_target_instruction(text, task, meta=None, prompts=None):
     """
-    The document string with its task's target instruction: instruction + text for a
-    text-only document, `text` unchanged when it holds an image (`<|image_1|>`) or already
-    starts with the instruction. The instruction is TARGET_INSTRUCTIONS[task] for MMEB's
-    names, else the wording of the task's meta-task `meta` (TARGET_BY_META), so any
-    benchmark with a task table (the demo's, your own) gets one. Neither → KeyError.
+    The document string with its task's target instruction (target_prompt): instruction
+    + text for a text-only document; `text` unchanged when it holds an image
+    (`<|image_1|>`), already starts with the instruction, or the task has none.
     """
-    if task in TARGET_INSTRUCTIONS:
-        instruction = TARGET_INSTRUCTIONS[task]
-    elif meta in TARGET_BY_META:
-        instruction = TARGET_BY_META[meta]
-    else:
-        raise KeyError(f"no target instruction for task {task!r} (meta-task {meta!r}); add it to "
-                       "data.TARGET_INSTRUCTIONS or train with --no-target_instructions")
-    if IMAGE_PLACEHOLDER in text or text.startswith(instruction):
+    instruction = target_prompt(task, meta, prompts)
+    if instruction is None or IMAGE_PLACEHOLDER in text or text.startswith(instruction):
         return text
     return instruction + text
+
+
+def read_target_prompts(path):
+    """--target_prompts FILE.json → {subset, task or meta-task: prompt}; ValueError naming
+    the file on a bad file or entry."""
+    import json
+    try:
+        with open(path) as f:
+            prompts = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--target_prompts {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                for k, v in prompts.items()):
+        raise ValueError(f"--target_prompts {path}: expected {{\"subset, task or meta-task\": "
+                         f"\"prompt\"}} with non-empty strings, got {str(prompts)[:80]}")
+    return prompts
 
 
 def doc_id(text, image_path):
@@ -155,8 +175,12 @@ def doc_id(text, image_path):
 MIN_IMAGE_SIDE = 28     # the Qwen2-VL processor needs at least one 28×28 merged patch
 
 
-class BadImageError(ValueError):
-    """An image file that PIL cannot read (named by subset/row/column and path)."""
+class BadItemError(ValueError):
+    """An item found bad only when it is loaded (named by subset/row/column or path)."""
+
+
+class BadImageError(BadItemError):
+    """An image file that PIL cannot read, or too large to decode safely."""
 
 
 def load_image(path, where="image"):
@@ -166,6 +190,8 @@ def load_image(path, where="image"):
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
+    except Image.DecompressionBombError as e:      # a header claiming e.g. 20000 × 20000
+        raise BadImageError(f"{where}: image {path} is too large to decode safely: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(f"{where}: cannot read image {path}: {e}") from e
     return upscale_small(im)
@@ -421,11 +447,19 @@ def read_eval_task(root, task, split="test", max_rows=None):
     column becomes "" / a list of ""). Missing columns, or candidate lists that are empty
     or of unequal length, raise ValueError naming the task and row.
     """
-    rows = read_rows(find_parquet(root, task, split), max_rows)
-    missing = {"qry_text", "qry_img_path", "tgt_text", "tgt_img_path"} - set(rows[0] if rows else ())
-    if rows and missing:
+    files = find_parquet(root, task, split)
+    rows = read_rows(files, max_rows)
+    if not rows:
+        raise ValueError(f"MMEB task {task}: no rows in {', '.join(files)}")
+    missing = {"qry_text", "qry_img_path", "tgt_text", "tgt_img_path"} - set(rows[0])
+    if missing:
         raise ValueError(f"{task}: MMEB-eval columns {sorted(missing)} missing in {root}")
     for i, r in enumerate(rows):
+        if not isinstance(r["tgt_text"], list) or not all(isinstance(t, str) for t in r["tgt_text"]):
+            raise ValueError(f"MMEB task {task} row {i} tgt_text: expected a list of strings, "
+                             f"got {r['tgt_text']!r:.80}")
+        if not isinstance(r["qry_text"], str):
+            raise ValueError(f"MMEB task {task} row {i} qry_text: expected a string, got {r['qry_text']!r:.80}")
         r["qry_img_path"] = r["qry_img_path"] or ""
         r["tgt_img_path"] = [p or "" for p in (r["tgt_img_path"] or [""] * len(r["tgt_text"]))]
         if len(r["tgt_text"]) != len(r["tgt_img_path"]) or not r["tgt_text"]:
@@ -440,26 +474,43 @@ def read_eval_task(root, task, split="test", max_rows=None):
 TRAIN_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 
 
+def _is_list_literal(v):
+    """A parquet list, or a string that is (or starts like) a Python list of strings."""
+    if isinstance(v, (list, tuple)):
+        return True
+    if not isinstance(v, str) or not v.lstrip().startswith("["):
+        return False
+    if v.lstrip()[1:2] in ("'", '"'):
+        return True
+    try:
+        parsed = ast.literal_eval(v.strip())
+    except (ValueError, SyntaxError):
+        return False
+    return isinstance(parsed, list) and bool(parsed) and all(isinstance(x, str) for x in parsed)
+
+
 def list_columns(rows):
-    """The neg_* columns of a subset that hold mmE5 list literals: every non-empty value is
-    a "[...]" string (or a parquet list). MMEB-train's plain-string columns are read as is,
-    so an answer that happens to start with "[" is never parsed."""
-    out = set()
-    for col in ("neg_text", "neg_image_path"):
-        values = [r.get(col) for r in rows if r.get(col)]
-        if values and all(isinstance(v, list) or v.lstrip().startswith("[") for v in values):
-            out.add(col)
-    return out
+    """The neg_* columns of a subset that hold mmE5 lists: some value is a parquet list or
+    a string list literal of strings ("['a', 'b']"). In such a column every value is read
+    on its own (first_negative: a list gives its first element, a plain string is
+    itself); in the other columns (MMEB-train's plain strings) nothing is parsed, so an
+    answer like "[2019, 2020]" stays as it is."""
+    return {col for col in ("neg_text", "neg_image_path")
+            if any(_is_list_literal(r.get(col)) for r in rows if r.get(col))}
 
 
 def first_negative(value, where):
     """
     One mmE5 hard-negative field → its first element: a string holding a Python list
-    literal ("['a', 'b']"), parsed with ast.literal_eval (never eval), or a parquet list.
-    None, "" and [] → "". Anything but a list of strings raises ValueError naming `where`.
+    literal ("['a', 'b']"), parsed with ast.literal_eval (never eval), or a parquet list;
+    a plain string (one negative, not a list) is returned as it is. None, "" and [] → "".
+    A "[...]" that does not parse, or a list of anything but strings, raises ValueError
+    naming `where`.
     """
     if not value:
         return ""
+    if isinstance(value, str) and not value.lstrip().startswith("["):
+        return value                                   # one plain negative among lists
     if isinstance(value, str):
         try:
             value = ast.literal_eval(value.strip())
@@ -479,8 +530,10 @@ class TrainDataset(torch.utils.data.Dataset):
     subsets: names (default: every subset under root that has `split` files; for a hub id,
       the 20 of MMEB_TRAIN_SUBSETS). max_rows_per_subset: head slice (VLM2Vec's cap).
     target_instructions: prepend the subset's target prompt to text-only documents
-      (with_target_instruction; `task_meta` maps subsets outside MMEB's table, e.g. the
-      demo's, to their meta-task).
+      (with_target_instruction): `target_prompts` {subset or meta-task: prompt} from the
+      user's file first, then MMEB's tables; `task_meta` maps subsets outside MMEB's
+      table (the demo's) to their meta-task. A subset with no prompt anywhere trains
+      without one and is listed in `no_target_prompt`.
     cache_items: keep up to this many encoded (text, image) sides in memory (LRU; 0 = off),
       for small data that repeats items (the demo); identical output, less processor work.
 
@@ -497,8 +550,12 @@ class TrainDataset(torch.utils.data.Dataset):
     An image PIL cannot decode is only found at load time: it raises BadImageError, or
     with skip_bad_rows the row is recorded in `skipped` and the item is replaced by the
     next readable row of the same subset (cyclically, in file order) — deterministic, and
-    the batch keeps its size and its single subset. (Load-time records are made in the
-    process that loads: with DataLoader workers they stay in the worker.)
+    the batch keeps its size and its single subset. Load-time records travel with the
+    example (its "skipped"), and train.py adds them up in the main process with
+    record_skipped, so DataLoader workers lose none. check_images() decodes every image
+    up front. Also refused by name: a text column holding a number or NaN, an image path
+    leaving image_dir (absolute or with "..", unless allow_outside_image_dir), a text
+    longer than max_text_tokens tokens (found when encoded, like a corrupt image).
 
     dataset[i] = {"q", "pos", "neg" (encode_item outputs; neg may be None), "pos_id",
     "neg_id" (doc_id; -1 without negative), "subset", "index": i, "row": the file row used}.
@@ -506,13 +563,15 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, image_dir, processor, subsets=None, split="original",
                  max_rows_per_subset=None, target_instructions=True, skip_bad_rows=False,
-                 cache_items=0, task_meta=None):
+                 cache_items=0, task_meta=None, max_text_tokens=None, allow_outside_image_dir=False,
+                 target_prompts=None):
         patterns = [p for s in (subsets or MMEB_TRAIN_SUBSETS)
                     for p in (f"{s}/{split}-*.parquet", f"{s}/{split}/*.parquet")]
         self.root = resolve_dir(root, patterns)
         self.image_dir, self.processor, self.split = image_dir, processor, split
         self.target_instructions, self.skip_bad_rows = target_instructions, skip_bad_rows
-        self.task_meta = dict(task_meta or {})
+        self.max_text_tokens, self.allow_outside_image_dir = max_text_tokens, allow_outside_image_dir
+        self.task_meta, self.target_prompts = dict(task_meta or {}), dict(target_prompts or {})
         self.subsets = list(subsets) if subsets else find_subsets(self.root, split)
         if not self.subsets:
             raise FileNotFoundError(f"no subset with '{split}' parquet files in {self.root}")
@@ -537,6 +596,8 @@ class TrainDataset(torch.utils.data.Dataset):
             self.indices_by_subset[s] = list(range(start, len(self.rows)))
             self.no_negative[s] = sum(row[4] is None for row in self.rows[start:])
         self._subset_start = {s: ix[0] for s, ix in self.indices_by_subset.items() if ix}
+        self.no_target_prompt = [s for s in self.subsets if target_instructions and target_prompt(
+            s, self.task_meta.get(s), self.target_prompts) is None]   # trained without one
         self.pos_ids = [doc_id(*row[3]) for row in self.rows]
         self.neg_ids = [doc_id(*row[4]) if row[4] else -1 for row in self.rows]
         self._bad = set()              # dataset indices found unreadable at load time
@@ -547,6 +608,10 @@ class TrainDataset(torch.utils.data.Dataset):
         """Row dict → (subset, r, q, pos, neg); ValueError naming the first problem.
         `lists`: the neg_* columns holding mmE5 list literals (list_columns)."""
         where = f"{subset} row {r}"
+        for col in TRAIN_COLUMNS + ("neg_text", "neg_image_path"):
+            v = row.get(col)
+            if not (v is None or isinstance(v, str) or (col in lists and isinstance(v, (list, tuple)))):
+                raise ValueError(f"{where} {col}: expected text or null, got {type(v).__name__} {v!r:.60}")
         q = (row["qry"] or "", row["qry_image_path"] or "")
         pos = (row["pos_text"] or "", row["pos_image_path"] or "")
         neg_text, neg_image = (first_negative(row.get(c), f"{where} {c}") if c in lists
@@ -559,6 +624,10 @@ class TrainDataset(torch.utils.data.Dataset):
             if not text.strip() and not image:
                 raise ValueError(f"{where} {text_col}: no text and no image")
             if image:
+                if not self.allow_outside_image_dir and (
+                        os.path.isabs(image) or os.path.normpath(image).split(os.sep)[0] == ".."):
+                    raise ValueError(f"{where} {image_col}: image path {image!r} leaves --image_dir "
+                                     f"{self.image_dir} (allow with --allow_outside_image_dir)")
                 path = os.path.join(self.image_dir, image)
                 if path not in self._exists:
                     self._exists[path] = os.path.exists(path)
@@ -570,9 +639,9 @@ class TrainDataset(torch.utils.data.Dataset):
                                  f"but {'an' if image else 'no'} image: {text[:60]!r}")
         if self.target_instructions:
             meta = self.task_meta.get(subset)
-            pos = (with_target_instruction(pos[0], subset, meta), pos[1])
+            pos = (with_target_instruction(pos[0], subset, meta, self.target_prompts), pos[1])
             if neg is not None:
-                neg = (with_target_instruction(neg[0], subset, meta), neg[1])
+                neg = (with_target_instruction(neg[0], subset, meta, self.target_prompts), neg[1])
         return subset, r, q, pos, neg
 
     def __len__(self):
@@ -596,30 +665,85 @@ class TrainDataset(torch.utils.data.Dataset):
             where = f"{subset} row {r} {name}"
             im = load_image(os.path.join(self.image_dir, image), where) if image else None
             items.append(encode_item(self.processor, text, im, where=where))
+            n_text = sum(t != self.image_token_id for t in items[-1]["ids"])
+            if self.max_text_tokens and n_text > self.max_text_tokens:
+                raise BadItemError(f"{where}: the text is {n_text} tokens, more than "
+                                   f"--max_text_tokens {self.max_text_tokens}: {text[:60]!r}...")
             if self.cache_items:
                 self._cache[side] = items[-1]
                 if len(self._cache) > self.cache_items:
                     self._cache.popitem(last=False)
         return items
 
+    @property
+    def image_token_id(self):
+        return self.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
     def __getitem__(self, i):
         subset, j = self.rows[i][0], i
         start, n = self._subset_start[subset], len(self.indices_by_subset[subset])
+        skipped = []                                   # (subset, row, reason) found now
         for _ in range(n):
             if j not in self._bad:
                 try:
                     q, pos, neg = self._encode(j)
                     break
-                except BadImageError as e:
+                except BadItemError as e:
                     if not self.skip_bad_rows:
                         raise
                     self._bad.add(j)
-                    self.skipped[subset].append((self.rows[j][1], str(e)))
+                    skipped.append((subset, self.rows[j][1], str(e)))
             j = start + (j - start + 1) % n            # next row of the same subset
         else:
-            raise BadImageError(f"{subset}: no row with readable images left")
+            raise BadItemError(f"{subset}: no readable row left (all {n} skipped)")
         return {"q": q, "pos": pos, "neg": neg, "pos_id": self.pos_ids[j],
-                "neg_id": self.neg_ids[j], "subset": subset, "index": i, "row": self.rows[j][1]}
+                "neg_id": self.neg_ids[j], "subset": subset, "index": i, "row": self.rows[j][1],
+                "skipped": skipped}
+
+    def record_skipped(self, examples):
+        """Count the load-time skips that came with a batch. They travel in the examples
+        because a DataLoader worker's own records would stay in the worker process."""
+        for ex in examples:
+            for subset, r, reason in ex["skipped"]:
+                self.skipped[subset].append((r, reason))
+
+    def check_images(self, progress=False):
+        """Decode every image the rows name, once each, before training (--check_images):
+        a bad one raises BadImageError naming subset, row, column and path, or with
+        skip_bad_rows its rows are dropped and recorded. Returns the number checked."""
+        from tqdm import tqdm
+        uses = collections.defaultdict(list)           # path → [(dataset index, column)]
+        for i, (subset, r, *sides) in enumerate(self.rows):
+            for col, side in zip(("qry_image_path", "pos_image_path", "neg_image_path"), sides):
+                if side is not None and side[1]:
+                    uses[os.path.join(self.image_dir, side[1])].append((i, col))
+        bad = set()
+        for path, at in tqdm(uses.items(), desc="checking images", disable=not progress):
+            i, col = at[0]
+            subset, r = self.rows[i][:2]
+            try:
+                load_image(path, f"{subset} row {r} {col}")
+            except BadImageError as e:
+                if not self.skip_bad_rows:
+                    raise
+                for i, _ in at:
+                    if i not in bad:
+                        bad.add(i)
+                        self.skipped[self.rows[i][0]].append((self.rows[i][1], str(e)))
+        if bad:
+            keep = [row for i, row in enumerate(self.rows) if i not in bad]
+            self._reindex(keep)
+        return len(uses)
+
+    def _reindex(self, rows):
+        """Rebuild the per-subset indices and document ids after dropping rows."""
+        self.rows, self.indices_by_subset = rows, {}
+        for s in self.subsets:
+            self.indices_by_subset[s] = [i for i, row in enumerate(rows) if row[0] == s]
+            self.no_negative[s] = sum(rows[i][4] is None for i in self.indices_by_subset[s])
+        self._subset_start = {s: ix[0] for s, ix in self.indices_by_subset.items() if ix}
+        self.pos_ids = [doc_id(*row[3]) for row in rows]
+        self.neg_ids = [doc_id(*row[4]) if row[4] else -1 for row in rows]
 
     def report(self):
         """Human-readable summary: rows, rows without a hard negative and skipped rows

@@ -82,7 +82,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (IMAGE_PLACEHOLDER, MATCH_PROMPTS, MMEB_EVAL_TASKS, collate_embed, encode_item,
+from data import (IMAGE_PLACEHOLDER, MATCH_PROMPTS, MMEB_EVAL_TASKS, collate_embed, encode_item, find_subsets,
                   load_image, read_eval_task, resolve_dir, upscale_small, with_target_instruction)
 from demo import DEMO_EVAL_TASKS
 from losses import rank_world
@@ -210,8 +210,13 @@ def embed_items(model, processor, items, batch_size=16, progress=False, desc="em
 
 def _target_instruction_fn(config):
     """data.with_target_instruction if the checkpoint was trained with target prompts
-    (config "target_instructions": true), else None (text candidates stay raw)."""
-    return with_target_instruction if (config or {}).get("target_instructions") else None
+    (config "target_instructions": true), with the prompts of the run's --target_prompts
+    file (config "target_prompt_table"), else None (text candidates stay raw)."""
+    config = config or {}
+    if not config.get("target_instructions"):
+        return None
+    prompts = config.get("target_prompt_table")
+    return lambda text, task, meta=None: with_target_instruction(text, task, meta, prompts)
 
 
 def rerank_hits(model, processor, q_items, d_items, pairs, Q, D, scores, k, views="raw", n=None,
@@ -373,6 +378,24 @@ def task_table(tasks=None, known=None):
     if unknown:
         raise KeyError(f"unknown task(s) {unknown}; known tasks: {list(known)}")
     return {t: known[t] for t in tasks}
+
+
+def discovered_task_table(root, tasks=None, table_file=None):
+    """The tasks to evaluate in any MMEB-format directory: `tasks` (names), else every
+    folder of `root` with test parquet files; each with its (meta_task, is_ind) from
+    `table_file` (--task_table format), else MMEB's or the demo's table, else
+    ("Other", True). A hub id without `tasks` means MMEB's 36 tasks."""
+    known = {**MMEB_TASKS, **DEMO_EVAL_TASKS}
+    if table_file:
+        known.update(read_task_table(table_file, "--eval_task_table"))
+    if tasks is None:
+        if not os.path.isdir(str(root)):
+            return dict(MMEB_TASKS)
+        tasks = find_subsets(root, "test")
+        if not tasks:
+            raise FileNotFoundError(f"{root}: no task folder with test parquet files "
+                                    "(<Task>/test-*.parquet or <Task>/test/*.parquet)")
+    return {t: tuple(known.get(t, ("Other", True))) for t in tasks}
 
 
 def chance_table(root, tasks):
@@ -1083,11 +1106,37 @@ def parse_args(argv=None):
         p.error("--zeroshot needs --data_dir")
     if args.match_queries < 0:
         p.error(f"--match_queries must be >= 0, got {args.match_queries}")
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.task_table:
+        try:
+            args.task_table_entries = read_task_table(args.task_table)
+        except ValueError as err:
+            p.error(str(err))
     if args.rerank_top_k < 0 or args.rerank_top_k == 1:
         p.error(f"--rerank_top_k must be 0 (off) or >= 2, got {args.rerank_top_k}")
     if args.rerank_queries is not None and args.rerank_queries < 1:
         p.error(f"--rerank_queries must be >= 1, got {args.rerank_queries}")
     return args
+
+
+def read_task_table(path, flag="--task_table"):
+    """--task_table FILE.json → {task: (meta_task, is_ind)}; ValueError naming the flag, the
+    file (and the entry) on a missing file, bad JSON or a bad entry."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} {path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{flag} {path}: expected an object {{task: [meta_task, is_ind]}}, "
+                         f"got {type(raw).__name__}")
+    for t, v in raw.items():
+        if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], bool)):
+            raise ValueError(f"{flag} {path}: entry {t!r} must be [meta_task, true/false], got {v!r}")
+    return {t: tuple(v) for t, v in raw.items()}
 
 
 def main(argv=None):
@@ -1101,8 +1150,7 @@ def main(argv=None):
     if args.mmeb_dir:
         known = BENCHMARKS[args.benchmark]
         if args.task_table:
-            with open(args.task_table) as f:
-                known = {t: tuple(v) for t, v in json.load(f).items()}
+            known = args.task_table_entries
         table = task_table(args.tasks, known)
         report = mmeb_report(model, processor, args.mmeb_dir, args.image_dir, table, config,
                              args.batch_size, args.out, args.skip_missing, not args.no_progress,

@@ -27,6 +27,7 @@ import gc
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -96,6 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--subsets", nargs="+", default=None, help="training subsets (default: all)")
     p.add_argument("--split", default="original", help="MMEB-train split (original | diverse_instruction)")
     p.add_argument("--max_rows_per_subset", type=int, default=None, help="cap rows per subset (head)")
+    p.add_argument("--target_prompts", default=None,
+                   help="JSON {subset, task or meta-task: prompt}: target prompts for your own "
+                        "subsets (or to replace MMEB's); a subset with none trains without one")
     p.add_argument("--target_instructions", action=argparse.BooleanOptionalAction, default=True,
                    help="prepend the per-subset target prompt to text documents (Table 3 row 2)")
     p.add_argument("--hard_negative", action=argparse.BooleanOptionalAction, default=True,
@@ -106,6 +110,15 @@ def parse_args(argv=None):
     p.add_argument("--skip_bad_rows", action="store_true",
                    help="drop rows with missing/corrupt images or no content, count and report "
                         "them (default: stop with an error naming the row)")
+    p.add_argument("--check_images", action="store_true",
+                   help="decode every training image before the first step (a progress bar), so a "
+                        "corrupt file stops the run (or, with --skip_bad_rows, is counted) at once, "
+                        "not when its batch comes")
+    p.add_argument("--max_text_tokens", type=int, default=1024,
+                   help="longest text (tokens, image tokens not counted) of a query or document; a "
+                        "longer one is an error naming its row (or skipped with --skip_bad_rows)")
+    p.add_argument("--allow_outside_image_dir", action="store_true",
+                   help="accept image paths that are absolute or leave --image_dir with '..'")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (image decoding)")
     p.add_argument("--cache_items", type=int, default=0,
                    help="keep up to N encoded (text, image) items in memory (small data; 0 = off)")
@@ -138,7 +151,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed (model init, data order, slot placement)")
     # run
     p.add_argument("--out_dir", default="runs/demo", help="checkpoints, log.jsonl, eval results")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in out_dir (an error if there is none)")
+    p.add_argument("--resume_if_exists", action="store_true",
+                   help="continue from the latest checkpoint in out_dir if there is one, else start "
+                        "afresh (for job scripts that are restarted)")
+    p.add_argument("--allow_changed", nargs="+", default=None, metavar="FLAG",
+                   help="resume although these flags (names without --) differ from the "
+                        "checkpoint's; without it any such difference stops the run")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an out_dir that holds checkpoints, deleting them "
                         "(without it such a run stops, so no checkpoint is lost by accident)")
@@ -148,7 +168,12 @@ def parse_args(argv=None):
     p.add_argument("--eval_data", default=None,
                    help="MMEB-eval dir/hub id to evaluate after training (demo: the synthetic eval split)")
     p.add_argument("--eval_image_dir", default=None, help="image root of --eval_data")
-    p.add_argument("--eval_tasks", nargs="+", default=None, help="tasks to evaluate (default: all)")
+    p.add_argument("--eval_tasks", nargs="+", default=None,
+                   help="tasks to evaluate (default: every task folder of a local --eval_data; "
+                        "MMEB's 36 for a hub id)")
+    p.add_argument("--eval_task_table", default=None,
+                   help="JSON {task: [meta_task, is_ind]} for tasks outside MMEB's table (their "
+                        "category and IND/OOD means); without it they count as 'Other', IND")
     p.add_argument("--eval_match_queries", type=int, default=0,
                    help="after training, also report the matching head's held-out Yes/No accuracy "
                         "per view type on the first N queries of each eval task (0 = off; only "
@@ -172,15 +197,34 @@ def parse_args(argv=None):
         args.preset = preset
     if args.lora is None:
         args.lora = args.model not in TINY
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "batch_size", "save_every", "log_every", "keep_checkpoints", "max_text_tokens",
+                 "chunk_size", "match_instances", "max_rows_per_subset", "stop_after_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.eval_match_queries < 0:
-        p.error(f"--eval_match_queries must be >= 0, got {args.eval_match_queries}")
-    if args.chunk_size is not None and args.chunk_size < 1:
-        p.error(f"--chunk_size must be >= 1, got {args.chunk_size}")
-    if args.num_tokens < 0 or args.tau <= 0 or args.lr <= 0:
-        p.error("--num_tokens must be >= 0, --tau and --lr > 0")
+    for name in ("eval_match_queries", "num_workers", "cache_items", "warmup_steps", "num_tokens",
+                 "weight_decay", "grad_clip", "w_orth", "w_qdm"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("lr", "max_minutes"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            p.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not 1e-3 <= args.tau <= 10:       # logits are cos/τ: τ = 1e-12 gives losses of 1e10
+        p.error(f"--tau must be in [1e-3, 10] (the paper uses 0.02), got {args.tau}")
+    if args.resume and args.overwrite:
+        p.error("--resume and --overwrite contradict each other: pick one")
+    args.target_prompt_table = None           # the file's contents go into the checkpoint config
+    if args.target_prompts:
+        from data import read_target_prompts
+        try:
+            args.target_prompt_table = read_target_prompts(args.target_prompts)
+        except ValueError as e:
+            p.error(str(e))
+    if args.eval_task_table:
+        from evaluate import read_task_table
+        try:
+            read_task_table(args.eval_task_table, "--eval_task_table")
+        except ValueError as e:
+            p.error(str(e))
     if args.train_data is not None and args.image_dir is None:
         p.error("--train_data needs --image_dir (the root of the rows' relative image paths)")
     return args
@@ -302,16 +346,37 @@ def checkpoint_dirs(out_dir):
     return [os.path.join(out_dir, f"checkpoint-{s}") for s in sorted(steps)]
 
 
-def save_checkpoint(model, processor, opt, step, args):
+TRAIN_STATE = "train_state.pt"
+
+
+def rng_state():
+    """Every RNG the loop draws from, as tensors and plain values only (so that
+    torch.load(weights_only=True) reads it back and never runs code)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(model, processor, opt, step, args, world=1):
     final = os.path.join(args.out_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_rematch(model, processor, tmp, model_config(args))
-    torch.save({"step": step, "optimizer": opt.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               os.path.join(tmp, "train_state.pt"))
+    save_rematch(model, processor, tmp, dict(model_config(args), world_size=world))
+    torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng_state()},
+               os.path.join(tmp, TRAIN_STATE))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in checkpoint_dirs(args.out_dir)[:-args.keep_checkpoints]:
@@ -319,9 +384,24 @@ def save_checkpoint(model, processor, opt, step, args):
     return final
 
 
+def read_train_state(path):
+    """train_state.pt with weights_only=True: tensors and plain containers only, so a
+    planted pickle payload is refused instead of run."""
+    file = os.path.join(path, TRAIN_STATE)
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{file}: refusing to load: it holds objects other than tensors and plain values "
+            f"(an older rematch checkpoint with numpy's RNG state, or a tampered file); loading "
+            f"it could run code. Start afresh (--overwrite) or from its weights (--resume is "
+            f"not possible). Loader said: {str(e).splitlines()[0]}") from None
+
+
 def load_checkpoint(path, model, opt):
     """Restore weights, optimizer and RNG state into the freshly built model; → step."""
     from safetensors.torch import load_file
+    state = read_train_state(path)                        # first: refuse before touching anything
     if os.path.isdir(os.path.join(path, "adapter")):
         from peft import set_peft_model_state_dict
         adapter = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"))
@@ -331,14 +411,58 @@ def load_checkpoint(path, model, opt):
                                  dtype=model.hf.dtype)       # from_pretrained maps the key names
         model.hf.load_state_dict(saved.state_dict(), strict=True)
     load_heads(model, path)
-    state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
     opt.load_state_dict(state["optimizer"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    set_rng_state(state["rng"])
     return state["step"]
+
+
+# Flags that may change between a run and its resumption: where things go, how often to
+# log/save, evaluation, time limits, data locations and loading, and ways of computing
+# the same step (chunks, activation checkpointing). Every other flag defines the run.
+RESUME_FREE = {"out_dir", "resume", "resume_if_exists", "allow_changed", "overwrite",
+               "save_every", "keep_checkpoints", "log_every", "eval_data", "eval_image_dir",
+               "eval_tasks", "eval_task_table", "eval_match_queries", "max_minutes", "stop_after_steps",
+               "peak_tflops", "find_unused_parameters", "num_workers", "cache_items",
+               "skip_bad_rows", "check_images", "allow_outside_image_dir", "train_data", "image_dir", "chunk_size", "grad_checkpointing",
+               "preset", "resumed_with_changes"}
+
+
+def resume_changes(path, args, world):
+    """{flag: (checkpoint value, this run's value)} for the flags that define the run
+    (all but RESUME_FREE) and the number of ranks."""
+    with open(os.path.join(path, "rematch_config.json")) as f:
+        saved = json.load(f)
+    now = dict(model_config(args), world_size=world)
+    keys = (set(saved) | set(now)) - RESUME_FREE
+    return {k: (saved.get(k, "(absent)"), now.get(k, "(absent)")) for k in sorted(keys)
+            if saved.get(k, "(absent)") != now.get(k, "(absent)")}
+
+
+def check_resume(path, args, world):
+    """Stop when this run's flags differ from the checkpoint's, naming every difference,
+    unless --allow_changed names them all (then they are printed and kept in the
+    checkpoint config's `resumed_with_changes`)."""
+    changes = resume_changes(path, args, world)
+    allowed = set(args.allow_changed or [])
+    refused = {k: v for k, v in changes.items() if k not in allowed}
+    listing = "; ".join(f"--{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in refused.items())
+    if refused:
+        raise SystemExit(f"--resume from {path}: this run's flags differ from the checkpoint's: "
+                         f"{listing}. Use the checkpoint's values, or, if the change is intended, "
+                         f"pass --allow_changed {' '.join(refused)} (it is logged)")
+    return changes
+
+
+def cut_log(out_dir, step):
+    """Keep only the log.jsonl records up to `step` (a resumed run rewrites the rest)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 # ----------------------------------------------------------------------------------
@@ -536,7 +660,17 @@ def main(argv=None):
     master = rank == 0
     os.makedirs(args.out_dir, exist_ok=True)
     existing = checkpoint_dirs(args.out_dir)
-    if existing and not args.resume:
+    if args.resume and not existing:
+        raise SystemExit(f"--resume: no checkpoint in {args.out_dir} (checkpoint-<step> folders); "
+                         "check --out_dir, or use --resume_if_exists to start afresh when there is none")
+    resume = bool(existing) and (args.resume or args.resume_if_exists)
+    if resume:          # before building anything: a changed flag stops here, naming it
+        changes = check_resume(existing[-1], args, world)
+        if changes:
+            args.resumed_with_changes = {k: list(v) for k, v in changes.items()}
+            print0("resuming with changed flags (--allow_changed): " + "; ".join(
+                f"--{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    if existing and not resume:
         if not args.overwrite:
             raise SystemExit(f"{args.out_dir} already holds {', '.join(map(os.path.basename, existing))}: "
                              "pass --resume to continue, --overwrite to start over, or another --out_dir")
@@ -571,13 +705,23 @@ def main(argv=None):
                            split=args.split, max_rows_per_subset=args.max_rows_per_subset,
                            target_instructions=args.target_instructions,
                            skip_bad_rows=args.skip_bad_rows, cache_items=args.cache_items,
-                           task_meta=task_meta)
+                           task_meta=task_meta, max_text_tokens=args.max_text_tokens,
+                           allow_outside_image_dir=args.allow_outside_image_dir,
+                           target_prompts=args.target_prompt_table)
+    if dataset.no_target_prompt:
+        print0(f"no target prompt for subset(s) {', '.join(dataset.no_target_prompt)}: they train "
+               "without one (give them one with --target_prompts FILE.json)")
+    if args.check_images:
+        n = dataset.check_images(progress=master and sys.stderr.isatty())
+        print0(f"checked {n:,} images")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = 0
-    if args.resume and existing:
+    if resume:
         latest = existing[-1]
         start = load_checkpoint(latest, model, opt)
+        if master:
+            cut_log(args.out_dir, start)                 # steps after the checkpoint run again
         print0(f"resumed from {latest} at step {start}")
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=args.find_unused_parameters) if ddp else model
@@ -593,7 +737,7 @@ def main(argv=None):
            f"w_orth={args.w_orth:g} w_qdm={args.w_qdm:g} views={args.match_views} | "
            f"{device.type} × {world}")
 
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+    log_path = os.path.join(args.out_dir, "log.jsonl")
     bar = tqdm(total=args.steps, initial=start, dynamic_ncols=True,   # no bar in log files
                disable=not master or not sys.stderr.isatty())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -603,6 +747,7 @@ def main(argv=None):
     for step in range(start, args.steps):
         t0 = time.time()
         examples = next(batches)
+        dataset.record_skipped(examples)
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -622,6 +767,12 @@ def main(argv=None):
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
                 + f"); stopping. Last checkpoint: {last[-1] if last else 'none'} (intact).")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        if not math.isfinite(float(grad_norm)):  # DDP: gradients are all-reduced, every rank sees it
+            last = checkpoint_dirs(args.out_dir)
+            raise FloatingPointError(
+                f"step {step}: finite loss ({stats[0].item():.4g}) but non-finite gradient norm "
+                f"({float(grad_norm)}); stopping before the optimizer step, so no NaN reaches the "
+                f"weights. Last checkpoint: {last[-1] if last else 'none'} (intact).")
         opt.step()
 
         dt = time.time() - t0
@@ -634,8 +785,8 @@ def main(argv=None):
         if peak:   # MFU ≈ 6·N·tokens/s / peak (forward + backward; frozen LoRA weights make it an upper bound)
             record["mfu"] = round(6 * n_params * tokens / dt / (world * peak * 1e12), 4)
         if master:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            with open(log_path, "a") as log:                 # closed at once, whatever happens next
+                log.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
             if (step + 1) % args.log_every == 0 or step == start:
@@ -649,7 +800,7 @@ def main(argv=None):
             out_of_time = bool(flag.item())
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps or out_of_time:
             if master:
-                path = save_checkpoint(model, processor, opt, step + 1, args)
+                path = save_checkpoint(model, processor, opt, step + 1, args, world)
                 bar.write(f"saved {path}")
             if ddp:
                 dist.barrier()
@@ -664,8 +815,6 @@ def main(argv=None):
         print0(f"{filled_total} instances had no hard negative: d- was the next instance's positive")
     if args.skip_bad_rows:
         print0(dataset.report())
-    if log is not None:
-        log.close()
 
     results = None
     if args.eval_data:
@@ -678,19 +827,19 @@ def main(argv=None):
 def run_eval(model, processor, args, tasks):
     """MMEB-style evaluation of the trained model (the demo: the synthetic eval split),
     by the same code path as real MMEB (evaluate.py)."""
-    from evaluate import chance_table, format_table, mmeb_report, summarize, task_table
+    from evaluate import chance_table, discovered_task_table, format_table, mmeb_report, summarize
     out = os.path.join(args.out_dir, "eval")
     if rank_world()[0] == 0:
         shutil.rmtree(out, ignore_errors=True)           # results of these weights only
     if dist.is_initialized():
         dist.barrier()
     model.eval()
+    table = discovered_task_table(args.eval_data, tasks, args.eval_task_table)
     with torch.no_grad():
-        report = mmeb_report(model, processor, args.eval_data, args.eval_image_dir, tasks,
+        report = mmeb_report(model, processor, args.eval_data, args.eval_image_dir, table,
                              config=model_config(args), out_dir=out, progress=sys.stderr.isatty(),
                              match_queries=args.eval_match_queries if args.w_qdm > 0 else 0)
     results, matching = report["hit@1"], report.get("matching")
-    table = task_table(tasks)
     chance = chance_table(args.eval_data, results)
     print0(format_table(results, table, chance=chance, matching=matching))
     done = {t: chance[t] for t in results if results[t] is not None}

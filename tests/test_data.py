@@ -6,10 +6,12 @@ Run: python -m pytest -q tests/test_data.py
 """
 import itertools
 import os
+import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 import data
@@ -139,8 +141,12 @@ def test_target_instruction_tables():
     assert with_target_instruction(IMG_DOC, "MSCOCO_t2i") == IMG_DOC
     once = with_target_instruction("a cat", "MSCOCO_i2t")
     assert with_target_instruction(once, "MSCOCO_i2t") == once
-    with pytest.raises(KeyError, match="NoSuchTask"):
-        with_target_instruction("x", "NoSuchTask")
+    assert with_target_instruction("x", "NoSuchTask") == "x"                  # none: unchanged
+    mine = {"Digits": "Represent the digit: ", "VQA": "Answer: "}
+    assert with_target_instruction("7", "Digits", None, mine) == "Represent the digit: 7"
+    assert with_target_instruction("7", "Mine", "VQA", mine) == "Answer: 7"          # by meta-task
+    assert with_target_instruction("7", "Mine", "Retrieval", mine) == "Represent the caption of an image: 7"
+    assert with_target_instruction("7", "ImageNet-1K", None, {"ImageNet-1K": "Label: "}) == "Label: 7"
 
 
 # ----------------------------------------------------------------------------------
@@ -183,8 +189,76 @@ def test_corrupt_image_at_load_time(tmp_path, processor):
     ex = ds[1]
     assert ex["row"] == 2 and ex["index"] == 1 and ex["subset"] == "WebQA"   # next valid row
     assert ex["pos"]["ids"] == text_ids(processor, "Represent the caption of an image: z")
-    assert ds[1]["row"] == 2 and len(ds.skipped["WebQA"]) == 1              # counted once
-    assert "bad.jpg" in ds.report()
+    assert [(s, r) for s, r, _ in ex["skipped"]] == [("WebQA", 1)]           # travels with it
+    again = ds[1]
+    assert again["row"] == 2 and again["skipped"] == []                      # found once
+    ds.record_skipped([ex, again])
+    assert len(ds.skipped["WebQA"]) == 1 and "bad.jpg" in ds.report()
+
+
+def test_skips_found_in_dataloader_workers_are_counted(tmp_path, processor):
+    """A truncated PNG under --skip_bad_rows with a worker process: the skip reaches the
+    main process's report (it travels in the batch), and --check_images finds it up front."""
+    root, imgs = str(tmp_path / "train"), str(tmp_path)
+    a = write_image(imgs, "images/a.png")
+    with open(os.path.join(imgs, a), "rb") as f:
+        good = f.read()
+    with open(os.path.join(imgs, "images/cut.png"), "wb") as f:
+        f.write(good[:len(good) // 2])                                   # a truncated PNG
+    write_subset(root, "WebQA", [row(IMG_Q, a, "x", ""), row(IMG_Q, "images/cut.png", "y", ""),
+                                 row(IMG_Q, a, "z", "")])
+    ds = TrainDataset(root, imgs, processor, subsets=["WebQA"], skip_bad_rows=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=list, num_workers=1)
+    for batch in loader:
+        ds.record_skipped(batch)
+    assert [r for r, _ in ds.skipped["WebQA"]] == [1] and "cut.png" in ds.report()
+
+    strict = TrainDataset(root, imgs, processor, subsets=["WebQA"])
+    with pytest.raises(BadImageError, match=r"WebQA row 1 qry_image_path: cannot read image .*cut.png"):
+        strict.check_images()
+    checked = TrainDataset(root, imgs, processor, subsets=["WebQA"], skip_bad_rows=True)
+    assert checked.check_images() == 2                                   # distinct images
+    assert len(checked) == 2 and [checked[i]["row"] for i in range(2)] == [0, 2]
+    assert [r for r, _ in checked.skipped["WebQA"]] == [1]
+
+
+def test_values_that_must_not_pass_silently(tmp_path, processor):
+    """A number or NaN in a text column, a path leaving image_dir, an image whose header
+    claims 20000 × 20000, a text over max_text_tokens: each named by row and column."""
+    root, imgs = str(tmp_path / "train"), str(tmp_path / "imgs")
+    a = write_image(imgs, "images/a.png")
+    write_subset(root, "A", [row(IMG_Q, a, float("nan"), "")])        # a float column
+    with pytest.raises(ValueError, match=r"A row 0 pos_text: expected text or null, got float nan"):
+        TrainDataset(root, imgs, processor, subsets=["A"])
+    write_subset(root, "B", [row(7, "", "y", "")])                    # an int column
+    with pytest.raises(ValueError, match=r"B row 0 qry: expected text or null, got int 7"):
+        TrainDataset(root, imgs, processor, subsets=["B"])
+
+    write_image(str(tmp_path), "outside.png")
+    for path in ("../outside.png", os.path.join(str(tmp_path), "outside.png")):
+        write_subset(root, "C", [row(IMG_Q, path, "x", "")])
+        with pytest.raises(ValueError, match=r"C row 0 qry_image_path: image path .* leaves --image_dir"):
+            TrainDataset(root, imgs, processor, subsets=["C"])
+        assert len(TrainDataset(root, imgs, processor, subsets=["C"], allow_outside_image_dir=True)) == 1
+
+    Image.new("RGB", (1, 1)).save(os.path.join(imgs, "images/bomb.png"))
+    with open(os.path.join(imgs, "images/bomb.png"), "r+b") as f:        # IHDR: width, height, CRC
+        png = bytearray(f.read())
+        png[16:24] = (20000).to_bytes(4, "big") * 2
+        png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
+        f.seek(0)
+        f.write(png)
+    write_subset(root, "D", [row(IMG_Q, "images/bomb.png", "x", "")])
+    with pytest.raises(BadImageError, match=r"D row 0 qry: image .*bomb.png is too large to decode"):
+        TrainDataset(root, imgs, processor, subsets=["D"])[0]
+
+    write_subset(root, "E", [row("word " * 40, "", "x", ""), row("short", "", "y", "")])
+    ds = TrainDataset(root, imgs, processor, subsets=["E"], max_text_tokens=20)
+    assert ds[1]["row"] == 1
+    n = len(text_ids(processor, "word " * 40))                        # the tiny tokenizer's count
+    with pytest.raises(data.BadItemError, match=f"E row 0 qry: the text is {n} tokens, more than "
+                                                r"--max_text_tokens 20"):
+        ds[0]
 
 
 def test_missing_subset_and_bad_list_literals(tmp_path, processor):
@@ -205,6 +279,12 @@ def test_missing_subset_and_bad_list_literals(tmp_path, processor):
         TrainDataset(root, imgs, processor, subsets=["DocVQA"])
     ds = TrainDataset(root, imgs, processor, subsets=["DocVQA"], skip_bad_rows=True)
     assert len(ds) == 1 and ds.skipped["DocVQA"][0][0] == 1
+    # mixed: one plain string among list literals is itself; the lists give their first
+    write_subset(root, "DocVQA", [row(IMG_Q, a, "x", "", neg_text="['blue square', 'other']"),
+                                  row(IMG_Q, a, "x", "", neg_text="red circle")])
+    ds = TrainDataset(root, imgs, processor, subsets=["DocVQA"], target_instructions=False)
+    assert [ds[i]["neg"]["ids"] for i in range(2)] == [text_ids(processor, "blue square"),
+                                                       text_ids(processor, "red circle")]
     # a plain-string (MMEB) column is never parsed, even where a value starts with "["
     write_subset(root, "ChartQA", [row(IMG_Q, a, "x", "", neg_text="[2019, 2020]", neg_image_path=""),
                                    row(IMG_Q, a, "x", "", neg_text="2021", neg_image_path="")])

@@ -470,6 +470,41 @@ def test_cli_main(bench, tmp_path):
     assert sorted(os.listdir(out / "mmeb")) == ["TaskA.json", "TaskB.json"]
 
 
+def test_bad_eval_inputs_are_named(bench, tmp_path, capsys):
+    """An empty task file, a null tgt_text, a malformed or missing --task_table, --batch_size 0
+    and a missing absolute --model directory: each a message naming the file, row or flag."""
+    from data import read_eval_task
+    root = tmp_path / "mmeb"
+    os.makedirs(root / "Empty")
+    schema = pa.schema([("qry_text", pa.string()), ("qry_img_path", pa.string()),
+                        ("tgt_text", pa.list_(pa.string())), ("tgt_img_path", pa.list_(pa.string()))])
+    pq.write_table(schema.empty_table(), root / "Empty" / "test-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match=r"MMEB task Empty: no rows in .*Empty"):
+        read_eval_task(str(root), "Empty")
+    os.makedirs(root / "Nulls")
+    pq.write_table(pa.Table.from_pylist([dict(qry_text="q", qry_img_path="", tgt_text=["a"], tgt_img_path=[""]),
+                                         dict(qry_text="q", qry_img_path="", tgt_text=None, tgt_img_path=None)],
+                                        schema=schema), root / "Nulls" / "test-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match=r"MMEB task Nulls row 1 tgt_text: expected a list of strings"):
+        read_eval_task(str(root), "Nulls")
+
+    base = ["--model", "tiny-qwen2-vl", "--mmeb_dir", bench[0], "--image_dir", bench[1]]
+    bad_json = tmp_path / "table.json"
+    bad_json.write_text('{"TaskA": ["Classification", true],')
+    bad_entry = tmp_path / "entry.json"
+    bad_entry.write_text('{"TaskA": ["Classification", "yes"]}')
+    for extra, message in [(["--task_table", str(bad_json)], f"--task_table {bad_json}: not valid JSON"),
+                           (["--task_table", str(bad_entry)], "entry 'TaskA' must be [meta_task, true/false]"),
+                           (["--task_table", str(tmp_path / "none.json")], "none.json: cannot read it"),
+                           (["--batch_size", "0"], "--batch_size must be >= 1")]:
+        with pytest.raises(SystemExit):
+            ev.parse_args(base + extra)
+        assert message in capsys.readouterr().err
+    missing = str(tmp_path / "no" / "such-checkpoint")
+    with pytest.raises(FileNotFoundError, match=f"{missing}: no such directory"):
+        ev.main(["--model", missing, "--mmeb_dir", bench[0], "--image_dir", bench[1], "--device", "cpu"])
+
+
 # ----------------------------------------------------------------------------------
 # Zero-shot readers and metrics
 

@@ -182,6 +182,59 @@ def test_lora_checkpoint_round_trip(fixture_dir, tmp_path):
         assert torch.equal(m1.embed(b, "q")[0], m2.embed(b, "q")[0])
 
 
+def test_own_data_trains_and_evaluates_without_code_edits(tmp_path, capsys):
+    """A subset unknown to every table trains without a target prompt (named once in the
+    log) or with one from --target_prompts; --eval_data takes any MMEB-format directory
+    (tasks found from its folders, categories from --eval_task_table)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import train
+    root = tmp_path / "own"
+    for i in range(6):
+        shape_image(COLOURS[i % 4], 56).save(tmp_path / f"{i}.png")
+    rows = [dict(qry="<|image_1|>\nWhich digit?", qry_image_path=f"{i}.png", pos_text=str(i),
+                 pos_image_path="", neg_text=str(i + 1), neg_image_path="") for i in range(6)]
+    os.makedirs(root / "Digits")
+    pq.write_table(pa.Table.from_pylist(rows), root / "Digits" / "original-00000-of-00001.parquet")
+    ev_root = tmp_path / "own_eval"
+    os.makedirs(ev_root / "DigitsEval")
+    pq.write_table(pa.Table.from_pylist([dict(qry_text="<|image_1|>\nWhich digit?", qry_img_path=f"{i}.png",
+                                              tgt_text=[str(i), str(i + 1), str(i + 2)],
+                                              tgt_img_path=["", "", ""]) for i in range(4)]),
+                   ev_root / "DigitsEval" / "test-00000-of-00001.parquet")
+    base = ["--train_data", str(root), "--image_dir", str(tmp_path), "--batch_size", "3", "--steps", "1",
+            "--num_tokens", "2", "--num_workers", "0", "--eval_data", str(ev_root),
+            "--eval_image_dir", str(tmp_path)]
+    res = train.main(base + ["--out_dir", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert out.count("no target prompt for subset(s) Digits") == 1
+    assert set(res["hit_at_1"]) == {"DigitsEval"} and "Other" in out
+
+    prompts, table = tmp_path / "prompts.json", tmp_path / "tasks.json"
+    prompts.write_text(json.dumps({"Digits": "Represent the digit: "}))
+    table.write_text(json.dumps({"DigitsEval": ["Classification", False]}))
+    res = train.main(base + ["--out_dir", str(tmp_path / "b"), "--target_prompts", str(prompts),
+                             "--eval_task_table", str(table)])
+    out = capsys.readouterr().out
+    assert "no target prompt" not in out and "Classification" in out
+    with open(tmp_path / "b" / "checkpoint-1" / "rematch_config.json") as f:
+        assert json.load(f)["target_prompt_table"] == {"Digits": "Represent the digit: "}
+    from data import TrainDataset
+    from evaluate import _target_instruction_fn
+    from model import load_backbone
+    _, processor = load_backbone("tiny-qwen2-vl", device="cpu")
+    ds = TrainDataset(str(root), str(tmp_path), processor, target_prompts=json.loads(prompts.read_text()))
+    assert ds[0]["pos"]["ids"] == processor.tokenizer("Represent the digit: 0", add_special_tokens=False)["input_ids"]
+    target = _target_instruction_fn({"target_instructions": True,
+                                     "target_prompt_table": {"DigitsEval": "Represent the digit: "}})
+    assert target("3", "DigitsEval") == "Represent the digit: 3"       # evaluation: same prompt
+    prompts.write_text("{not json")
+    with pytest.raises(SystemExit):
+        train.parse_args(base + ["--target_prompts", str(prompts)])
+    assert "--target_prompts" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- bad input
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(fixture_dir, tmp_path, monkeypatch):
@@ -202,12 +255,94 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(fixture_dir, tmp_path, m
     load_rematch(os.path.join(out, "checkpoint-2"), device="cpu")     # still loads
 
 
+def test_finite_loss_with_non_finite_gradients_stops_before_the_update(fixture_dir, tmp_path, monkeypatch):
+    """A loss that is finite but whose gradient is not (sqrt at 0) must not reach the
+    weights: the run stops before opt.step() and the last checkpoint holds finite weights."""
+    import train
+    from safetensors.torch import load_file
+
+    real, calls = train.info_nce, {"n": 0}
+
+    def inf_grad_on_third_step(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out + torch.sqrt(out - out.detach()) if calls["n"] == 3 else out   # + 0, d/dx = inf
+
+    monkeypatch.setattr(train, "info_nce", inf_grad_on_third_step)
+    out = str(tmp_path / "nangrad")
+    with pytest.raises(FloatingPointError, match=r"step 2: finite loss .* non-finite gradient norm"
+                                                 r".*checkpoint-2 \(intact\)"):
+        train.main(flags(fixture_dir, out, "--steps", "5", "--save_every", "2"))
+    w = load_file(os.path.join(out, "checkpoint-2", "rematch_heads.safetensors"))
+    assert all(torch.isfinite(t).all() for t in w.values())
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [1, 2]
+
+
+class Payload:
+    """Unpickling this runs os.system: what a planted train_state.pt would do."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_never_unpickles_code(fixture_dir, tmp_path):
+    """A train_state.pt with a pickle payload, or with numpy objects (older checkpoints),
+    is refused by name; the payload never runs."""
+    import numpy as np
+
+    import train
+    out = str(tmp_path / "run")
+    train.main(flags(fixture_dir, out, "--steps", "2"))
+    state = os.path.join(out, "checkpoint-2", "train_state.pt")
+    genuine = torch.load(state, weights_only=True)                  # what the code writes loads safely
+    assert genuine["step"] == 2 and isinstance(genuine["rng"]["numpy"]["keys"], torch.Tensor)
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "optimizer": Payload(marker), "rng": genuine["rng"]}, state)
+    with pytest.raises(ValueError, match=r"train_state.pt: refusing to load"):
+        train.main(flags(fixture_dir, out, "--steps", "2", "--resume"))
+    assert not marker.exists()
+    torch.save(dict(genuine, rng=dict(genuine["rng"], numpy=np.random.get_state())), state)
+    with pytest.raises(ValueError, match=r"refusing to load.*older rematch checkpoint"):
+        train.main(flags(fixture_dir, out, "--steps", "2", "--resume"))
+
+
+def test_resume_guards(fixture_dir, tmp_path, capsys):
+    """--resume without a checkpoint stops (--resume_if_exists starts afresh); changed flags
+    stop with every difference named unless --allow_changed names them (then printed and
+    kept in the config); the log is cut back to the checkpoint, so no step appears twice."""
+    import train
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
+        train.main(flags(fixture_dir, out, "--steps", "4", "--resume"))
+    train.main(flags(fixture_dir, out, "--steps", "4", "--save_every", "2", "--resume_if_exists"))
+    with pytest.raises(SystemExit, match=r"--lr: 0.001 in the checkpoint, 0.002 now; --num_tokens: 2 "
+                                         r"in the checkpoint, 3 now.*--allow_changed lr num_tokens"):
+        train.main(flags(fixture_dir, out, "--steps", "4", "--resume", "--lr", "2e-3", "--num_tokens", "3"))
+
+    import shutil
+    shutil.rmtree(os.path.join(out, "checkpoint-4"))                # as if killed before saving step 4
+    train.main(flags(fixture_dir, out, "--steps", "4", "--resume", "--lr", "2e-3", "--allow_changed", "lr"))
+    assert "resuming with changed flags (--allow_changed): --lr 0.001 -> 0.002" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert steps == [1, 2, 3, 4]
+    with open(os.path.join(out, "checkpoint-4", "rematch_config.json")) as f:
+        assert json.load(f)["resumed_with_changes"] == {"lr": [0.001, 0.002]}
+
+
 @pytest.mark.parametrize("bad,message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--train_data", "x"], "--train_data needs --image_dir"),
     (["--chunk_size", "0"], "--chunk_size must be >= 1"),
     (["--tau", "0"], "--tau"),
     (["--match_views", "everything"], "invalid choice"),
+    (["--save_every", "0"], "--save_every must be >= 1"),
+    (["--log_every", "0"], "--log_every must be >= 1"),
+    (["--keep_checkpoints", "0"], "--keep_checkpoints must be >= 1"),
+    (["--tau", "1e-12"], "--tau must be in [1e-3, 10]"),
+    (["--num_workers", "-1"], "--num_workers must be >= 0"),
+    (["--resume", "--overwrite"], "--resume and --overwrite contradict"),
 ])
 def test_bad_flags_are_rejected_by_name(bad, message, capsys):
     import train
