@@ -22,6 +22,7 @@ Used by train.py (training) and evaluate.py (embedding); the demo: python train.
 Tests: pytest tests/test_model.py tests/test_matching.py
 """
 import os
+import types
 
 import torch
 import torch.nn as nn
@@ -235,14 +236,14 @@ def patch_embed_as_matmul(patch_embed):
     its input (C × t × p × p per patch): one matmul with the flattened weight, computed
     the same way. On the CPU the Conv3d's backward is about 5× slower than the matmul's
     (and bf16 Conv3d is slow on some CUDA/cuDNN versions). The weights stay the Conv3d's,
-    so checkpoints are unchanged."""
-    proj = patch_embed.proj
+    so checkpoints are unchanged. Bound as a method, so copies of the model keep their own."""
+    patch_embed.forward = types.MethodType(_patch_embed_forward, patch_embed)
 
-    def forward(hidden_states):
-        W = proj.weight                                                       # (E, C, t, p, p)
-        x = hidden_states.to(W.dtype).reshape(-1, W[0].numel())               # (n_patch, C·t·p·p)
-        return torch.nn.functional.linear(x, W.reshape(W.shape[0], -1))       # (n_patch, E)
-    patch_embed.forward = forward
+
+def _patch_embed_forward(self, hidden_states):
+    W = self.proj.weight                                                      # (E, C, t, p, p)
+    x = hidden_states.to(W.dtype).reshape(-1, W[0].numel())                   # (n_patch, C·t·p·p)
+    return torch.nn.functional.linear(x, W.reshape(W.shape[0], -1))           # (n_patch, E)
 
 
 def save_backbone(model, processor, path):

@@ -3,6 +3,8 @@ Backbone loading, the tiny tokenizer, M-RoPE positions and the §3.2.1 embedding
 
     pytest tests/test_model.py
 """
+import copy
+
 import pytest
 import torch
 
@@ -152,6 +154,8 @@ def test_patch_embedding_as_matmul_equals_the_conv3d(tiny):
     pe(x.float()).sum().backward()
     assert pe.proj.weight.grad is not None and pe.proj.weight.grad.abs().sum() > 0
     pe.proj.weight.grad = None
+    twin = copy.deepcopy(pe).double()                      # a copy computes with its own weight
+    torch.testing.assert_close(twin(x), conv, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- positions

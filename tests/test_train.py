@@ -278,6 +278,25 @@ def test_finite_loss_with_non_finite_gradients_stops_before_the_update(fixture_d
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [1, 2]
 
 
+def test_skips_in_a_dataloader_worker_reach_the_report(tmp_path, capsys):
+    """The issue's case: --skip_bad_rows --num_workers 1 and a truncated PNG. The report at
+    the end of training counts it (the worker's own record used to be lost)."""
+    import shutil
+
+    import train
+    root = write_train_fixture(str(tmp_path / "fx"), n=6)
+    png = os.path.join(root, "ImageNet_1K", "0.png")
+    with open(png, "rb") as f:
+        data = f.read()
+    with open(png, "wb") as f:
+        f.write(data[:len(data) // 2])
+    shutil.rmtree(os.path.join(root, "MSCOCO_t2i"))
+    train.main(flags(root, str(tmp_path / "out"), "--steps", "2", "--batch_size", "6",
+                     "--skip_bad_rows", "--num_workers", "1"))
+    report = capsys.readouterr().out
+    assert "ImageNet_1K" in report and "skipped ImageNet_1K row 0: ImageNet_1K row 0 qry: cannot read image" in report
+
+
 class Payload:
     """Unpickling this runs os.system: what a planted train_state.pt would do."""
     def __init__(self, marker):
