@@ -1,0 +1,80 @@
+"""
+The merged export (tools/export_merged.py): a standard Qwen2-VL checkpoint directory with the
+LoRA merged and the learnable tokens as special tokens. Oracle: ReMatch.embed on the training
+checkpoint. The plain-transformers script (tools/plain_embed.py) runs in a subprocess from
+another directory with no path to this repository, so it can import nothing from it.
+
+    pytest tests/test_export.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import shape_image
+from test_train import flags, write_train_fixture
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INPUTS = [("query", "a red circle", None),                                   # text
+          ("document", "<|image_1|>\nRepresent the given image.", "blue.png"),   # image
+          ("query", "<|image_1|>\nWhat colour is the circle? Answer in one word.", "red.png"),  # image + text
+          ("document", "Represent the class label: a green square", None),
+          ("document", "a red circle", None)]                                  # input 0, other side
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory):
+    return write_train_fixture(str(tmp_path_factory.mktemp("export_train")), n=6)
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora", "--lora_r", "4", "--lora_alpha", "8"]],
+                         ids=["full", "lora"])
+def test_plain_transformers_reproduces_the_embeddings(fixture_dir, tmp_path, extra):
+    import train
+    from data import collate_embed, encode_item
+    from model import load_rematch
+    from tools.export_merged import export_merged
+
+    out = str(tmp_path / "run")
+    train.main(flags(fixture_dir, out, "--steps", "2", "--num_tokens", "3", *extra))
+    ckpt, merged = os.path.join(out, "checkpoint-2"), str(tmp_path / "merged")
+    spec = export_merged(ckpt, merged)
+    assert spec["num_tokens"] == 3 and spec["query_tokens"][0] == "<|rematch_q_0|>"
+
+    shape_image("blue", 84, "square").save(tmp_path / "blue.png")
+    shape_image("red", (56, 112)).save(tmp_path / "red.png")
+    rows = [{"text": t, "image": str(tmp_path / im) if im else None, "side": s} for s, t, im in INPUTS]
+    (tmp_path / "inputs.json").write_text(json.dumps(rows))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    subprocess.run([sys.executable, "-I", os.path.join(REPO, "tools", "plain_embed.py"), merged,
+                    str(tmp_path / "inputs.json"), str(tmp_path / "E.pt")],
+                   cwd=work, env=env, check=True, capture_output=True)
+    plain = torch.load(tmp_path / "E.pt", weights_only=True)                     # (N, d)
+
+    model, processor, _ = load_rematch(ckpt, device="cpu")
+    from PIL import Image
+    for n, (side, text, im) in enumerate(INPUTS):
+        image = Image.open(tmp_path / im).convert("RGB") if im else None
+        batch = collate_embed([encode_item(processor, text, image)], processor.tokenizer, 3,
+                              model.embed_template)
+        with torch.no_grad():
+            E, _ = model.embed(batch, "q" if side == "query" else "d")
+        torch.testing.assert_close(plain[n], F.normalize(E[0], dim=-1), rtol=0, atol=1e-5,
+                                   msg=lambda m: f"{side} {text!r}: {m}")
+    # queries and documents use different tokens: the same input differs by side
+    assert (plain[0] - plain[4]).abs().max() > 1e-3
+
+
+def test_export_refuses_a_non_empty_directory(tmp_path, capsys):
+    from tools.export_merged import main
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("")
+    with pytest.raises(SystemExit):
+        main(["ckpt", str(tmp_path / "x")])
+    assert "exists and is not empty" in capsys.readouterr().err
