@@ -384,28 +384,41 @@ def collate_match(q_items, pos_items, neg_items, tokenizer, views, pos_slot, pro
 #   MMEB-eval:  <root>/<Task>/test-00000-of-00001.parquet
 # both also as <root>/<name>/<split>/*.parquet (the hub's parquet-converter layout).
 
-def resolve_dir(name_or_dir, allow_patterns=None):
+def looks_like_hub_id(name):
+    """owner/name, not a path (no leading . or /, exactly one /)."""
+    name = str(name)
+    return not name.startswith((".", os.sep, "~")) and name.count("/") == 1
+
+
+def rank0_first(fn):
+    """fn() on rank 0 first, then on the other ranks (which reuse its download cache);
+    just fn() without torch.distributed."""
+    import torch.distributed as dist
+    ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if ranks and dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        return fn()
+    finally:
+        if ranks and dist.get_rank() == 0:
+            dist.barrier()
+
+
+def resolve_dir(name_or_dir, allow_patterns=None, repo_type="dataset"):
     """
-    A local directory as is; otherwise a Hugging Face dataset id (e.g. "TIGER-Lab/MMEB-train"),
-    downloaded with `huggingface_hub.snapshot_download(repo_type="dataset")`, only the files
+    A local directory as is; otherwise a Hugging Face repo id (e.g. "TIGER-Lab/MMEB-train"),
+    downloaded with `huggingface_hub.snapshot_download(repo_type=...)`, only the files
     matching `allow_patterns` (e.g. ["VisDial/original-*.parquet"]); under torch.distributed
     rank 0 downloads first and the other ranks then reuse its cache. Returns the local dir.
     """
     name_or_dir = os.path.expanduser(str(name_or_dir))
     if os.path.isdir(name_or_dir):
         return name_or_dir
-    looks_local = name_or_dir.startswith((".", os.sep)) or name_or_dir.count("/") != 1
-    if looks_local:
+    if not looks_like_hub_id(name_or_dir):
         raise FileNotFoundError(f"{name_or_dir}: no such directory (and not a hub id owner/name)")
     from huggingface_hub import snapshot_download
-    import torch.distributed as dist
-    ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if ranks and dist.get_rank() != 0:
-        dist.barrier()                              # rank 0 downloads first, the others reuse
-    path = snapshot_download(name_or_dir, repo_type="dataset", allow_patterns=allow_patterns)
-    if ranks and dist.get_rank() == 0:
-        dist.barrier()
-    return path
+    return rank0_first(lambda: snapshot_download(name_or_dir, repo_type=repo_type,
+                                                 allow_patterns=allow_patterns))
 
 
 def find_parquet(root, name, split):

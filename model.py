@@ -31,7 +31,7 @@ from transformers import (AutoConfig, AutoTokenizer, PreTrainedTokenizerFast,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
                           Qwen2VLProcessor)
 
-from data import ANSWER_WORDS
+from data import ANSWER_WORDS, looks_like_hub_id, rank0_first, resolve_dir
 from demo.corpus import tokenizer_corpus   # the tiny tokenizer learns the demo's strings (see there)
 from masks import additive_mask, unified_mask_batch
 
@@ -528,17 +528,98 @@ def save_rematch(model, processor, path, config):
     save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, os.path.join(path, HEADS_FILE))
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+    write_model_card(path, config)
+
+
+CARD_KEYS = ("model", "lora", "lora_r", "lora_alpha", "num_tokens", "embed_template", "tau",
+             "w_orth", "w_qdm", "match_views", "steps", "batch_size", "world_size", "lr",
+             "train_data", "subsets", "split", "hard_negative", "target_instructions", "seed")
+
+
+def write_model_card(path, config, results=None):
+    """README.md of a checkpoint folder: what it is (base model, the training arguments
+    that define it), the measured results when given ({"overall": …, "hit_at_1": {task:
+    …}} as train.py's evaluation returns them), and how to use it."""
+    import json
+    rows = "\n".join(f"| `{k}` | `{json.dumps(config[k])}` |" for k in CARD_KEYS if k in config)
+    if results and results.get("hit_at_1"):
+        measured = "\n".join(f"| {t} | {'n/a' if v is None else f'{v:.3f}'} |"
+                              for t, v in results["hit_at_1"].items())
+        measured = (f"Hit@1 on the evaluation run after training (`eval_data` = "
+                    f"`{config.get('eval_data')}`), overall {results['overall']:.3f}:\n\n"
+                    f"| task | Hit@1 |\n|---|---|\n{measured}")
+    else:
+        measured = "No evaluation was run with this checkpoint."
+    card = f"""---
+base_model: {config.get("model")}
+library_name: rematch
+tags: [rematch, multimodal-embedding, retrieval, qwen2-vl]
+---
+# ReMatch checkpoint
+
+A [ReMatch](https://arxiv.org/abs/2511.19278) embedding model: `{config.get("model")}`
+fine-tuned with K = {config.get("num_tokens")} learnable tokens per side (Eq. 2),
+InfoNCE with hard negatives (Eq. 3) and the generative matching loss (Eq. 4,
+w_qdm = {config.get("w_qdm")}). Written by the rematch reference implementation
+(`train.py`); every argument of the run is in `rematch_config.json`.
+
+## Training arguments
+
+| argument | value |
+|---|---|
+{rows}
+
+## Results
+
+{measured}
+
+## Use
+
+With the rematch repository (this folder's path, or its hub id once uploaded):
+
+```python
+from evaluate import Encoder
+enc = Encoder("<this folder or its hub id>")
+E = enc.encode(texts=["a dog on a beach"], side="q")       # L2-normalised (1, d)
+```
+
+```bash
+python evaluate.py --model <this folder or its hub id> --mmeb_dir TIGER-Lab/MMEB-eval --image_dir eval_images
+python tools/export_merged.py <this folder> merged/        # plain-transformers checkpoint
+```
+"""
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write(card)
+
+
+def resolve_checkpoint(name_or_path):
+    """A local directory as is; a hub id of a ReMatch checkpoint folder (one holding
+    rematch_config.json) → its local copy, downloaded once (rank 0 first, then the other
+    ranks reuse the cache; no code from the repo is ever run); anything else (a raw
+    backbone's hub id such as Qwen/Qwen2-VL-2B-Instruct, tiny-*) unchanged."""
+    name = str(name_or_path)
+    if os.path.isdir(name) or name in TINY or not looks_like_hub_id(name):
+        return name
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    try:
+        rank0_first(lambda: hf_hub_download(name, CONFIG_FILE))
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return name                                   # no rematch_config.json: a raw backbone
+    return resolve_dir(name, repo_type="model")
 
 
 def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_template="plain"):
     """
     (ReMatch, processor, config) from a directory written by save_rematch (train.py's
-    checkpoints), or a raw backbone (hub id, local directory, tiny-*) evaluated as the
-    single-vector baseline: `num_tokens` (default 0 = last-token pooling) and
-    `embed_template` (default "plain", VLM2Vec's layout) apply only to raw backbones.
+    checkpoints) or such a folder's hub id (resolve_checkpoint), or a raw backbone (hub
+    id, local directory, tiny-*) evaluated as the single-vector baseline: `num_tokens`
+    (default 0 = last-token pooling) and `embed_template` (default "plain", VLM2Vec's
+    layout) apply only to raw backbones.
     """
     import json
 
+    name_or_path = resolve_checkpoint(name_or_path)
     config_path = os.path.join(str(name_or_path), CONFIG_FILE)
     if not os.path.isfile(config_path):
         backbone, processor = load_backbone(name_or_path, device=device, dtype=dtype)

@@ -41,7 +41,8 @@ from data import MATCH_PROMPTS, MMEB_TRAIN_SUBSETS, collate_embed, collate_match
 from losses import (at_least_fp32, info_nce, matching_loss, orthogonality_loss, rank_world,
                     total_loss)
 from masks import VIEW_SETS
-from model import TINY, ReMatch, apply_lora, default_device, load_backbone, load_heads, save_rematch
+from model import (TINY, ReMatch, apply_lora, default_device, load_backbone, load_heads,
+                   resolve_checkpoint, save_rematch, write_model_card)
 
 # ----------------------------------------------------------------------------------
 # Presets: the paper's four models (§4) and the CPU demo. Explicit flags override them.
@@ -156,6 +157,9 @@ def parse_args(argv=None):
     p.add_argument("--resume_if_exists", action="store_true",
                    help="continue from the latest checkpoint in out_dir if there is one, else start "
                         "afresh (for job scripts that are restarted)")
+    p.add_argument("--resume_from", default=None,
+                   help="continue from this checkpoint folder (a path, or the hub id of a checkpoint "
+                        "folder: downloaded once, rank 0 first) into an --out_dir without checkpoints")
     p.add_argument("--allow_changed", nargs="+", default=None, metavar="FLAG",
                    help="resume although these flags (names without --) differ from the "
                         "checkpoint's; without it any such difference stops the run")
@@ -419,7 +423,7 @@ def load_checkpoint(path, model, opt):
 # Flags that may change between a run and its resumption: where things go, how often to
 # log/save, evaluation, time limits, data locations and loading, and ways of computing
 # the same step (chunks, activation checkpointing). Every other flag defines the run.
-RESUME_FREE = {"out_dir", "resume", "resume_if_exists", "allow_changed", "overwrite",
+RESUME_FREE = {"out_dir", "resume", "resume_if_exists", "resume_from", "allow_changed", "overwrite",
                "save_every", "keep_checkpoints", "log_every", "eval_data", "eval_image_dir",
                "eval_tasks", "eval_task_table", "eval_match_queries", "max_minutes", "stop_after_steps",
                "peak_tflops", "find_unused_parameters", "num_workers", "cache_items",
@@ -664,12 +668,25 @@ def main(argv=None):
         raise SystemExit(f"--resume: no checkpoint in {args.out_dir} (checkpoint-<step> folders); "
                          "check --out_dir, or use --resume_if_exists to start afresh when there is none")
     resume = bool(existing) and (args.resume or args.resume_if_exists)
+    source = existing[-1] if resume else None
+    if args.resume_from:
+        if existing:
+            raise SystemExit(f"--resume_from: {args.out_dir} already holds checkpoints; continue "
+                             "them with --resume, or pick an empty --out_dir")
+        source, resume = resolve_checkpoint(args.resume_from), True
+        if not os.path.isfile(os.path.join(source, TRAIN_STATE)):
+            raise SystemExit(f"--resume_from {args.resume_from}: {source} has no {TRAIN_STATE} "
+                             "(not a train.py checkpoint folder, or uploaded without it)")
     if resume:          # before building anything: a changed flag stops here, naming it
-        changes = check_resume(existing[-1], args, world)
+        changes = check_resume(source, args, world)
         if changes:
             args.resumed_with_changes = {k: list(v) for k, v in changes.items()}
             print0("resuming with changed flags (--allow_changed): " + "; ".join(
                 f"--{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if not existing and not resume and master and os.path.exists(log_path):
+        print0(f"{log_path}: left by a run without checkpoints; starting a new one")
+        os.remove(log_path)
     if existing and not resume:
         if not args.overwrite:
             raise SystemExit(f"{args.out_dir} already holds {', '.join(map(os.path.basename, existing))}: "
@@ -718,7 +735,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = 0
     if resume:
-        latest = existing[-1]
+        latest = source
         start = load_checkpoint(latest, model, opt)
         if master:
             cut_log(args.out_dir, start)                 # steps after the checkpoint run again
@@ -737,7 +754,6 @@ def main(argv=None):
            f"w_orth={args.w_orth:g} w_qdm={args.w_qdm:g} views={args.match_views} | "
            f"{device.type} × {world}")
 
-    log_path = os.path.join(args.out_dir, "log.jsonl")
     bar = tqdm(total=args.steps, initial=start, dynamic_ncols=True,   # no bar in log files
                disable=not master or not sys.stderr.isatty())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -845,8 +861,13 @@ def run_eval(model, processor, args, tasks):
     done = {t: chance[t] for t in results if results[t] is not None}
     overall, overall_chance = (summarize(results, {t: table[t] for t in done})["Overall"]["mean"],
                                summarize(done, {t: table[t] for t in done})["Overall"]["mean"])
-    return {"hit_at_1": results, "chance": chance, "overall": overall, "overall_chance": overall_chance,
-            "matching": matching}
+    out = {"hit_at_1": results, "chance": chance, "overall": overall, "overall_chance": overall_chance,
+           "matching": matching}
+    last = checkpoint_dirs(args.out_dir)
+    if rank_world()[0] == 0 and last:                 # the final checkpoint's card gets the results
+        with open(os.path.join(last[-1], "rematch_config.json")) as f:
+            write_model_card(last[-1], json.load(f), out)
+    return out
 
 if __name__ == "__main__":
     main()

@@ -72,7 +72,8 @@ def main():
             med = {name: [] for name in trees}
             for r in range(a.reps):
                 for name, tree in trees.items():
-                    times = step_times(tree, os.path.join(tmp, f"run{r}"), a.steps, a.skip, a.extra)
+                    out = os.path.join(tmp, f"run-{len(med[name])}-{name.split()[0]}")   # fresh per run
+                    times = step_times(tree, out, a.steps, a.skip, a.extra)
                     med[name].append(statistics.median(times))                # s / step
                     print(f"rep {r} {name}: median {1e3 * med[name][-1]:.1f} ms/step", flush=True)
         finally:

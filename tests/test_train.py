@@ -220,6 +220,8 @@ def test_own_data_trains_and_evaluates_without_code_edits(tmp_path, capsys):
     assert "no target prompt" not in out and "Classification" in out
     with open(tmp_path / "b" / "checkpoint-1" / "rematch_config.json") as f:
         assert json.load(f)["target_prompt_table"] == {"Digits": "Represent the digit: "}
+    card = (tmp_path / "b" / "checkpoint-1" / "README.md").read_text()       # results in the card
+    assert f"overall {res['overall']:.3f}" in card and f"| DigitsEval | {res['hit_at_1']['DigitsEval']:.3f} |" in card
     from data import TrainDataset
     from evaluate import _target_instruction_fn
     from model import load_backbone
@@ -233,6 +235,51 @@ def test_own_data_trains_and_evaluates_without_code_edits(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(base + ["--target_prompts", str(prompts)])
     assert "--target_prompts" in capsys.readouterr().err
+
+
+def fake_hub(tmp_path, monkeypatch, repo_id, folder):
+    """An offline Hugging Face cache holding `folder` as model repo `repo_id` (the layout
+    huggingface_hub reads: refs/main → snapshots/<commit>/files), and offline mode on."""
+    import shutil
+
+    from huggingface_hub import constants
+    cache, commit = tmp_path / "hf_cache", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    os.makedirs(repo / "refs")
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return str(repo / "snapshots" / commit)
+
+
+def test_checkpoints_by_hub_id_and_model_card(fixture_dir, tmp_path, monkeypatch):
+    """A checkpoint folder named by hub id (an offline cache stands in for the hub) loads in
+    Encoder and continues training with --resume_from exactly like the folder itself; a raw
+    backbone's id passes through unchanged; the folder carries a model card."""
+    import train
+    from evaluate import Encoder
+    from model import resolve_checkpoint
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train.main(flags(fixture_dir, a, "--steps", "4", "--save_every", "2", "--keep_checkpoints", "2"))
+    card = open(os.path.join(a, "checkpoint-2", "README.md")).read()
+    assert "base_model: tiny-qwen2-vl" in card and "| `num_tokens` | `2` |" in card
+    assert "No evaluation was run" in card and 'Encoder("' in card
+
+    snapshot = fake_hub(tmp_path, monkeypatch, "someone/rematch-tiny", os.path.join(a, "checkpoint-2"))
+    assert resolve_checkpoint("someone/rematch-tiny") == snapshot
+    assert resolve_checkpoint("Qwen/Qwen2-VL-2B-Instruct") == "Qwen/Qwen2-VL-2B-Instruct"  # not cached: a backbone id
+    texts = ["a red circle 1", "a blue square 2"]
+    E_hub = Encoder("someone/rematch-tiny").encode(texts=texts, side="d")
+    E_dir = Encoder(os.path.join(a, "checkpoint-2")).encode(texts=texts, side="d")
+    assert torch.equal(E_hub, E_dir)
+
+    train.main(flags(fixture_dir, b, "--steps", "4", "--save_every", "2", "--resume_from", "someone/rematch-tiny"))
+    assert [json.loads(line)["step"] for line in open(os.path.join(b, "log.jsonl"))] == [3, 4]
+    assert last_log(a)["loss"] == last_log(b)["loss"]
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        train.main(flags(fixture_dir, b, "--steps", "4", "--resume_from", "someone/rematch-tiny"))
 
 
 # ---------------------------------------------------------------------------- bad input
