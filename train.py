@@ -189,7 +189,7 @@ def parse_args(argv=None):
                         "job time limit; continue later with --resume (the schedule stays --steps)")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="accelerator peak TFLOP/s for the MFU estimate in the logs (CUDA only; "
-                        "default: from the GPU name for A100/H100/H800, else no MFU)")
+                        "default: from the GPU name for A100/H100/H200/H800/L40S, else no MFU)")
     p.add_argument("--find_unused_parameters", action="store_true",
                    help="DDP find_unused_parameters (needed when some trainable weights get no "
                         "gradient in a step, e.g. a fully trained vision tower on text-only batches)")
@@ -273,7 +273,7 @@ def print0(*a, **kw):
         print(*a, **kw, flush=True)
 
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
 
 def peak_tflops(args, device):

@@ -1,0 +1,192 @@
+"""
+GPU kit: the paper preset's training step on width-real checkpoints, one command.
+
+For each preset (default qwen2-vl-2b and qwen2-vl-7b) it writes a width-real random-init
+checkpoint in the hub layout (tools/width_real.py: real widths, heads, vocabulary, vision
+tower and tokenizer; --layers decoder layers, default the real depth) and, in bf16 with
+the preset's flags (LoRA r=32, K=16, all 8 views, τ=0.02), measures one training step
+(forward + backward, no optimizer step) at --batch queries per GPU (the paper's 128) for
+each --chunk_sizes value (cached-gradient micro-batches):
+  step time (median of --reps after --warmup), decoder tokens/s, MFU (6·N·tokens/s over
+  the GPU's bf16 peak; frozen LoRA weights make it an upper bound), peak memory
+  (torch.cuda.max_memory_allocated above the start), or "OOM";
+and, once per preset, the agreement of the unified 8-view pass with 8 separate passes in
+bf16 (max |Δ| of the label logits, and whether every argmax agrees). Unified attention is
+the dense SDPA path; the block-sparse (flex) path is not implemented yet and is reported
+as such. One table with the GPU's name is printed and written as JSON (--out).
+
+    python bench/gpu_kit.py                                   # on a CUDA machine
+    python bench/gpu_kit.py --presets qwen2-vl-2b --chunk_sizes 8 16 32 --reps 3
+    python bench/gpu_kit.py --device cpu --presets qwen2-vl-2b --layers 1 --vision_depth 1 \\
+        --batch 2 --chunk_sizes 1 2 --image_size 56 --reps 1 --warmup 0   # a dry run of the code path
+
+Without CUDA (and without --device cpu) it says so and exits 0. MMEB-like inputs: an
+image query with a ~30-token instruction, an image positive, a text hard negative, images
+resized to --image_size² pixels ((image_size/28)² merged tokens: 448 → 256).
+"""
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import make_item, print_table  # noqa: E402
+from matching import separate_logits, view_plans  # noqa: E402
+import train  # noqa: E402
+from data import collate_embed, collate_match  # noqa: E402
+from masks import VIEW_SETS  # noqa: E402
+from tools.width_real import ARCH, write_checkpoint  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="+", default=["qwen2-vl-2b", "qwen2-vl-7b"], choices=sorted(ARCH))
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the real depth)")
+    p.add_argument("--vision_depth", type=int, default=None, help="vision blocks (default: the real depth)")
+    p.add_argument("--batch", type=int, default=128, help="queries per GPU (§4: 128)")
+    p.add_argument("--chunk_sizes", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--image_size", type=int, default=448, help="images resized to about this² px")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
+    p.add_argument("--out", default="gpu_kit.json", help="JSON results")
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def instances(processor, n, size):
+    """n MMEB-like training instances, in the format train.forward_backward takes."""
+    return [{"q": make_item(processor, "query", i, size), "pos": make_item(processor, "doc_image", i, size),
+             "neg": make_item(processor, "doc_text", i, size), "pos_id": 2 * i, "neg_id": 2 * i + 1,
+             "index": i} for i in range(n)]
+
+
+def build(ckpt, device, chunk, size):
+    pixels = str(size * size)
+    flags = ["--preset", "qwen2-vl-2b", "--model", ckpt, "--train_data", "-", "--image_dir", "-",
+             "--min_pixels", pixels, "--max_pixels", pixels, "--dtype",
+             "bfloat16" if device.type == "cuda" else "float32", "--no-grad_checkpointing"]
+    args = train.parse_args(flags + (["--chunk_size", str(chunk)] if chunk else []))
+    args.grad_checkpointing = device.type == "cuda"             # the preset's setting, on GPU
+    model, processor = train.build_model(args, device)
+    return args, model.train(), processor
+
+
+def measure_step(args, model, processor, batch, device, reps, warmup):
+    """Median step time (s), decoder tokens per step, peak memory (MiB) above the start."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        train.forward_backward(model, model, batch, processor.tokenizer, args, 0, autocast)
+
+    for _ in range(warmup):
+        step()
+    times, tokens = [], 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start_mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    for _ in range(reps):
+        before = model.tokens_processed
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+        tokens = model.tokens_processed - before
+    peak = (torch.cuda.max_memory_allocated(device) - start_mem) / 2 ** 20 if device.type == "cuda" else None
+    return statistics.median(times), tokens, peak
+
+
+@torch.no_grad()
+def logit_agreement(model, processor, device, size, M=4):
+    """Unified vs 8 separate passes on M instances in the model's dtype: max |Δ| of the
+    label logits and the fraction of answers whose Yes/No argmax agrees."""
+    tok = processor.tokenizer
+    q = [make_item(processor, "query", i, size) for i in range(M)]
+    pos = [make_item(processor, "doc_image", 2 * i, size) for i in range(M)]
+    neg = [make_item(processor, "doc_image", 2 * i + 1, size) for i in range(M)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        E = [model.embed(collate_embed(items, tok, model.num_tokens), side)[0]
+             for items, side in ((q, "q"), (pos, "d"), (neg, "d"))]
+        mb = collate_match(q, pos, neg, tok, VIEW_SETS["all"], [1, 2] * (M // 2) + [1] * (M % 2))
+        unified, _ = model.match(mb, *E)
+        separate = separate_logits(model, mb, E, view_plans(mb, model.hf.dtype))
+    yes_no = [tok.convert_tokens_to_ids(w) for w in ("Yes", "No")]
+    u, s = unified.float()[:, yes_no], separate.float()[:, yes_no]
+    return (unified.float() - separate.float()).abs().max().item(), (u.argmax(1) == s.argmax(1)).float().mean().item()
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench/gpu_kit.py: no CUDA device here; nothing measured (use a GPU machine, or "
+              "--device cpu for a dry run of the code path).")
+        return None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
+    peak = train.peak_tflops(argparse.Namespace(peak_tflops=None), device)    # None on CPU / unknown GPU
+    tmp = contextlib.nullcontext(a.workdir) if a.workdir else tempfile.TemporaryDirectory()
+    results = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               "batch": a.batch, "image_size": a.image_size, "rows": []}
+    with tmp as work:
+        for preset in a.presets:
+            ckpt = os.path.join(work, preset)
+            write_checkpoint(preset, ckpt, num_layers=a.layers or ARCH[preset]["text_config"]["num_hidden_layers"],
+                             vision_depth=a.vision_depth or ARCH[preset]["vision_config"]["depth"])
+            delta = agree = None
+            for chunk in a.chunk_sizes:
+                row = {"preset": preset, "chunk_size": chunk, "attention": "dense (SDPA)"}
+                try:
+                    args, model, processor = build(ckpt, device, chunk, a.image_size)
+                    if delta is None:
+                        delta, agree = logit_agreement(model, processor, device, a.image_size)
+                    batch = instances(processor, a.batch, a.image_size)
+                    t, tokens, mib = measure_step(args, model, processor, batch, device, a.reps, a.warmup)
+                    n = sum(p.numel() for p in model.parameters())
+                    row.update(step_s=t, tokens_per_s=tokens / t, peak_mib=mib,
+                               mfu=6 * n * tokens / t / (peak * 1e12) if peak else None)
+                except torch.OutOfMemoryError:
+                    row.update(step_s=None, error="OOM")
+                finally:
+                    model = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                results["rows"].append(row)
+            results["rows"].append({"preset": preset, "chunk_size": None, "attention": "flex",
+                                    "error": "not implemented yet"})
+            results[f"{preset}_unified_vs_separate_bf16"] = {"max_abs_logit_diff": delta,
+                                                             "yes_no_argmax_agreement": agree}
+    print(f"GPU kit: {gpu}, {results['date']}, torch {torch.__version__}, {a.batch} queries per GPU, "
+          f"{a.image_size}² images, bf16 peak {peak or 'unknown'} TFLOP/s")
+    print_table(["preset", "chunk", "attention", "step s", "tokens/s", "MFU", "peak MiB"],
+                [[r["preset"], str(r["chunk_size"] or "-"), r["attention"],
+                  r.get("error") or f"{r['step_s']:.3f}",
+                  f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-",
+                  f"{r['mfu']:.3f}" if r.get("mfu") else "-",
+                  f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-"] for r in results["rows"]])
+    for preset in a.presets:
+        d = results[f"{preset}_unified_vs_separate_bf16"]
+        print(f"{preset}: unified vs 8 separate passes in {'bf16' if device.type == 'cuda' else 'fp32'}: "
+              f"max |Δ logit| {d['max_abs_logit_diff']:.3g}, Yes/No argmax agreement {d['yes_no_argmax_agreement']:.3f}")
+    with open(a.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {a.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
