@@ -1056,8 +1056,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a ReMatch checkpoint (or a raw backbone) on "
                                 "MMEB (Table 1) and zero-shot retrieval (Table 2).")
     # model
-    p.add_argument("--model", required=True, help="train.py checkpoint dir, hub id / local dir of "
-                   "a raw Qwen2-VL/Qwen2.5-VL (baseline), or tiny-qwen2-vl / tiny-qwen2.5-vl")
+    p.add_argument("--model", required=True, help="train.py checkpoint dir or the hub id of an "
+                   "uploaded one, hub id / local dir of a raw Qwen2-VL/Qwen2.5-VL (baseline), or "
+                   "tiny-qwen2-vl / tiny-qwen2.5-vl")
     p.add_argument("--num_tokens", type=int, default=0,
                    help="raw backbones only: K learnable tokens (0 = last-token pooling)")
     p.add_argument("--embed_template", default="plain", choices=("plain", "chat"),
