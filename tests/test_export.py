@@ -1,13 +1,15 @@
 """
 The merged export (tools/export_merged.py): a standard Qwen2-VL checkpoint directory with the
 LoRA merged and the learnable tokens as special tokens. Oracle: ReMatch.embed on the training
-checkpoint. The plain-transformers script (tools/plain_embed.py) runs in a subprocess from
-another directory with no path to this repository, so it can import nothing from it.
+checkpoint. The plain-transformers script (tools/plain_embed.py) is copied alone to another
+directory and run there in a subprocess without PYTHONPATH: it can import nothing from this
+repository.
 
     pytest tests/test_export.py
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -50,11 +52,11 @@ def test_plain_transformers_reproduces_the_embeddings(fixture_dir, tmp_path, ext
     rows = [{"text": t, "image": str(tmp_path / im) if im else None, "side": s} for s, t, im in INPUTS]
     (tmp_path / "inputs.json").write_text(json.dumps(rows))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    work = tmp_path / "elsewhere"
-    work.mkdir()
-    subprocess.run([sys.executable, "-I", os.path.join(REPO, "tools", "plain_embed.py"), merged,
-                    str(tmp_path / "inputs.json"), str(tmp_path / "E.pt")],
-                   cwd=work, env=env, check=True, capture_output=True)
+    work = tmp_path / "elsewhere"                   # the script alone, run from there:
+    work.mkdir()                                    # nothing of the repository on sys.path
+    shutil.copy(os.path.join(REPO, "tools", "plain_embed.py"), work)
+    subprocess.run([sys.executable, "plain_embed.py", merged, str(tmp_path / "inputs.json"),
+                    str(tmp_path / "E.pt")], cwd=work, env=env, check=True, capture_output=True)
     plain = torch.load(tmp_path / "E.pt", weights_only=True)                     # (N, d)
 
     model, processor, _ = load_rematch(ckpt, device="cpu")
