@@ -584,6 +584,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.image_dir, self.processor, self.split = image_dir, processor, split
         self.target_instructions, self.skip_bad_rows = target_instructions, skip_bad_rows
         self.max_text_tokens, self.allow_outside_image_dir = max_text_tokens, allow_outside_image_dir
+        self._image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.task_meta, self.target_prompts = dict(task_meta or {}), dict(target_prompts or {})
         self.subsets = list(subsets) if subsets else find_subsets(self.root, split)
         if not self.subsets:
@@ -678,19 +679,16 @@ class TrainDataset(torch.utils.data.Dataset):
             where = f"{subset} row {r} {name}"
             im = load_image(os.path.join(self.image_dir, image), where) if image else None
             items.append(encode_item(self.processor, text, im, where=where))
-            n_text = sum(t != self.image_token_id for t in items[-1]["ids"])
-            if self.max_text_tokens and n_text > self.max_text_tokens:
-                raise BadItemError(f"{where}: the text is {n_text} tokens, more than "
-                                   f"--max_text_tokens {self.max_text_tokens}: {text[:60]!r}...")
+            if self.max_text_tokens and len(items[-1]["ids"]) > self.max_text_tokens:
+                n_text = sum(t != self._image_token_id for t in items[-1]["ids"])
+                if n_text > self.max_text_tokens:
+                    raise BadItemError(f"{where}: the text is {n_text} tokens, more than "
+                                       f"--max_text_tokens {self.max_text_tokens}: {text[:60]!r}...")
             if self.cache_items:
                 self._cache[side] = items[-1]
                 if len(self._cache) > self.cache_items:
                     self._cache.popitem(last=False)
         return items
-
-    @property
-    def image_token_id(self):
-        return self.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
     def __getitem__(self, i):
         subset, j = self.rows[i][0], i
