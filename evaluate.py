@@ -257,9 +257,6 @@ def rerank_hits(model, processor, q_items, d_items, pairs, Q, D, scores, k, view
 # ----------------------------------------------------------------------------------
 # The matching head as a scorer (reranking): p(Yes) of Eq. 4's answer for (query, candidate)
 
-RERANK_VIEWS = ("raw", "feat", "all")
-
-
 # the views that score a candidate, all reading slot 1 (the row holds no slot 2)
 RERANK_VIEW_SETS = {"raw": (("Q", "D1"),), "feat": (("Zq", "Zd1"),),
                     "all": (("Q", "D1"), ("Q", "Zd1"), ("Zq", "D1"), ("Zq", "Zd1"))}
