@@ -86,7 +86,7 @@ from data import (IMAGE_PLACEHOLDER, MATCH_PROMPTS, MMEB_EVAL_TASKS, collate_emb
                   load_image, read_eval_task, resolve_dir, upscale_small, with_target_instruction)
 from demo import DEMO_EVAL_TASKS
 from losses import rank_world
-from model import load_rematch
+from model import load_rematch, set_attention
 from train import print0, setup_distributed, teardown_distributed
 
 # ----------------------------------------------------------------------------------
@@ -993,10 +993,11 @@ class Encoder:
     task) as the texts (and no instruction), as evaluate_mmeb does.
     """
 
-    def __init__(self, path_or_hub, device=None, dtype=None, num_tokens=0, embed_template="plain"):
+    def __init__(self, path_or_hub, device=None, dtype=None, num_tokens=0, embed_template="plain",
+                 attn="sdpa"):
         self.model, self.processor, self.config = load_rematch(
             path_or_hub, device=device, dtype=dtype, num_tokens=num_tokens, embed_template=embed_template)
-        self.model.eval()
+        set_attention(self.model.eval(), attn)                  # rerank's matching pass: sdpa | flex
 
     def encode(self, texts=None, images=None, instruction=None, side="q", batch_size=32, progress=False):
         if texts is None and images is None:
@@ -1063,6 +1064,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available; "
                    "under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--batch_size", type=int, default=16, help="items per embedding forward (per rank)")
+    p.add_argument("--attn", choices=("sdpa", "flex"), default="sdpa",
+                   help="attention of the matching passes (--match_queries, --rerank): sdpa = dense "
+                        "mask (default), flex = FlexAttention block mask (model.set_attention)")
     # MMEB
     p.add_argument("--mmeb_dir", default=None, help="MMEB-eval: local dir or hub id "
                    "(TIGER-Lab/MMEB-eval); <root>/<Task>/test-*.parquet or <root>/<Task>/test/*.parquet")
@@ -1142,6 +1146,7 @@ def main(argv=None):
     _, _, world, device = setup_distributed(args.device)        # torchrun: one shard per rank
     model, processor, config = load_rematch(args.model, device=device, num_tokens=args.num_tokens,
                                             embed_template=args.embed_template)
+    set_attention(model, args.attn)                             # forward only: flex runs on the CPU too
     print0(f"{args.model} on {device} × {world} rank(s): K={model.num_tokens}, "
            f"template={model.embed_template}, batch {args.batch_size} per rank")
     out = {}

@@ -166,29 +166,90 @@ def _lift(see, seg, pad_id):
     the table lifted to positions, intersected with causality, pad rows see their own
     position only."""
     L = seg.shape[1]
-    causal = torch.tril(torch.ones(L, L, dtype=torch.bool))  # (L, L) key <= query
+    causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=seg.device))  # (L, L) key <= query
     mask = see[seg[:, :, None], seg[:, None, :]] & causal  # (B, L, 1) x (B, 1, L) -> (B, L, L)
     return mask | torch.diag_embed(seg == pad_id)  # (B, L, L); pad rows: own position only
 
 
-def unified_mask_batch(rows, views=VIEWS):
-    """Masks of rows of different lengths, right-padded with a "pad" segment.
+def segment_ids(rows, views=VIEWS):
+    """Segment id per position of rows of different lengths, right-padded with "pad".
 
-    rows: list of segment lists (as for unified_mask). Returns (B, L, L) bool with
-    L = the longest row; row b equals unified_mask(rows[b] + [("pad", L - len_b)]).
-    Built for the whole batch at once (one table over all rows' segment names).
+    rows: list of segment lists (as for unified_mask). Returns seg (B, L) long with
+    L = the longest row, the segment table see (S, S) bool over all rows' segment
+    names (_segment_table), and the pad segment's id. Position (i, j) of row b may
+    attend iff see[seg[b, i], seg[b, j]] and j <= i, or i == j (_lift).
     """
-    if not rows:
-        return torch.zeros(0, 0, 0, dtype=torch.bool)
     checked = [_check(row, views) for row in rows]  # [(names, lengths)] per row
     totals = [sum(lengths) for _, lengths in checked]
-    L = max(totals)
+    L = max(totals, default=0)
     ids, see = _segment_table([PAD] + [n for names, _ in checked for n in names], views)
     seg = torch.full((len(rows), L), ids[PAD], dtype=torch.long)  # (B, L), pad by default
     for b, (names, lengths) in enumerate(checked):
         seg[b, :totals[b]] = torch.repeat_interleave(torch.tensor([ids[n] for n in names]),
                                                      torch.tensor(lengths, dtype=torch.long))
-    return _lift(see, seg, ids[PAD])  # (B, L, L)
+    return seg, see, ids[PAD]
+
+
+def unified_mask_batch(rows, views=VIEWS, device=None):
+    """Masks of rows of different lengths, right-padded with a "pad" segment.
+
+    rows: list of segment lists (as for unified_mask). Returns (B, L, L) bool with
+    L = the longest row; row b equals unified_mask(rows[b] + [("pad", L - len_b)]).
+    Built for the whole batch at once (one table over all rows' segment names), on
+    `device`: only the (B, L) segment ids travel, never the (B, L, L) mask.
+    """
+    if not rows:
+        return torch.zeros(0, 0, 0, dtype=torch.bool, device=device)
+    seg, see, pad_id = segment_ids(rows, views)
+    return _lift(see.to(device), seg.to(device), pad_id)  # (B, L, L)
+
+
+def unified_block_mask(rows, views=VIEWS, block_size=128, device=None):
+    """The same mask as unified_mask_batch, as a FlexAttention BlockMask (`--attn flex`),
+    built from the segment table without materialising the (B, L, L) mask.
+
+    FlexAttention tiles the (L, L) score matrix into block_size² blocks and skips a
+    block that the mask empties entirely; a "full" block (all True) runs without
+    calling mask_mod; a "partial" block applies mask_mod per position. Which segments
+    occur in each block is a (B, n, S) table (n = ceil(L / block_size)), so
+        allowed[b, i, j]   = Σ_{s in block i, t in block j} see[s, t]     (B, n, n)
+        forbidden[b, i, j] = Σ_{s in block i, t in block j} ¬see[s, t]
+    and, since every key of an earlier block precedes every query of a later one,
+    block j < i is full iff forbidden = 0, empty iff allowed = 0; j > i is empty
+    (causal); the diagonal block is partial. Pad never sees or is seen through the
+    table (its diagonal is mask_mod's q == kv), so blocks holding pad are never full.
+    Returns a BlockMask of shape (B, 1, L, L), heads broadcast.
+    """
+    from torch.nn.attention.flex_attention import BlockMask   # noqa: PLC0415 (torch ≥ 2.5)
+
+    if not rows:
+        raise ValueError("unified_block_mask: no rows")
+    seg, see, pad_id = segment_ids(rows, views)                    # (B, L), (S, S)
+    B, L = seg.shape
+    S = see.shape[0]
+    n = -(-L // block_size)                                         # blocks per side
+    seg = torch.nn.functional.pad(seg, (0, n * block_size - L), value=pad_id)   # (B, n·bs)
+    member = torch.nn.functional.one_hot(seg.view(B, n, block_size), S).amax(2).float()  # (B, n, S)
+    see_f = see.float()                                             # (S, S)
+    allowed = member @ see_f @ member.transpose(1, 2)               # (B,n,S)(S,S)(B,S,n) → (B, n, n)
+    forbidden = member @ (1 - see_f) @ member.transpose(1, 2)       # (B, n, n)
+    i = torch.arange(n)
+    below = i[None, :] < i[:, None]                                 # (n, n): kv block j < q block i
+    full = below & (forbidden == 0)                                 # (B, n, n)
+    partial = (below & (allowed > 0) & ~full) | torch.eye(n, dtype=torch.bool)  # (B, n, n)
+
+    def kv_blocks(m):                                               # (B, n, n) bool
+        num = m.sum(-1, dtype=torch.int32)[:, None]                 # (B, 1, n)
+        idx = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True)  # Trues first
+        return num.to(device), idx.to(torch.int32)[:, None].to(device)   # (B, 1, n, n)
+
+    seg, see = seg.to(device), see.to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):                              # one position pair
+        return ((kv_idx <= q_idx) & see[seg[b, q_idx], seg[b, kv_idx]]) | (q_idx == kv_idx)
+
+    return BlockMask.from_kv_blocks(*kv_blocks(partial), *kv_blocks(full), BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod, seq_lengths=(L, L))
 
 
 def additive_mask(mask, dtype=torch.float32):

@@ -33,7 +33,7 @@ from transformers import (AutoConfig, AutoTokenizer, PreTrainedTokenizerFast,
 
 from data import ANSWER_WORDS, looks_like_hub_id, rank0_first, resolve_dir
 from demo.corpus import tokenizer_corpus   # the tiny tokenizer learns the demo's strings (see there)
-from masks import additive_mask, unified_mask_batch
+from masks import additive_mask, unified_block_mask, unified_mask_batch
 
 # ----------------------------------------------------------------------------------
 # Tokenizer and processor
@@ -302,6 +302,86 @@ def embedding_stats(W, rows=8192):
     return mu.cpu(), var.sqrt().cpu()
 
 
+# ----------------------------------------------------------------------------------
+# Attention of the decoder: dense SDPA (the default and the oracle) or block-sparse
+# FlexAttention for the unified matching mask (--attn flex; bench/matching.py)
+
+ATTENTION = ("sdpa", "flex")
+FLEX_NAME = "rematch_flex"          # registered with transformers' attention interfaces
+_FLEX_COMPILED = {}
+
+
+def flex_unavailable(device, training):
+    """Why `--attn flex` cannot run here (a message naming the flag and the fallback),
+    or None when it can."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401,PLC0415
+    except ImportError:
+        return (f"--attn flex: torch {torch.__version__} has no FlexAttention "
+                "(torch.nn.attention.flex_attention, torch >= 2.5); use --attn sdpa (the default)")
+    if device.type not in ("cpu", "cuda"):
+        return f"--attn flex: FlexAttention does not run on {device.type}; use --attn sdpa (the default)"
+    if training and device.type == "cpu":
+        return (f"--attn flex: torch {torch.__version__}'s FlexAttention has no backward on the CPU; "
+                "train with --attn sdpa (the default) on the CPU, or on a CUDA device")
+    return None
+
+
+def _flex_kernel(device):
+    """flex_attention, compiled on CUDA (fused kernels that skip empty blocks); on the CPU
+    the uncompiled reference (forward only, dense inside: correct, not fast)."""
+    from torch.nn.attention.flex_attention import flex_attention  # noqa: PLC0415
+    if device.type != "cuda":
+        return flex_attention
+    if "cuda" not in _FLEX_COMPILED:
+        _FLEX_COMPILED["cuda"] = torch.compile(flex_attention, dynamic=True)
+    return _FLEX_COMPILED["cuda"]
+
+
+def flex_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function "rematch_flex". A BlockMask (the unified matching
+    mask, masks.unified_block_mask) runs through FlexAttention; any other mask (the
+    embedding passes' padding masks) through transformers' own SDPA, unchanged.
+    query (N, H, L, hd), key/value (N, H_kv, L, hd) → output (N, L, H, hd), no weights."""
+    from torch.nn.attention.flex_attention import BlockMask  # noqa: PLC0415
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: PLC0415
+    if not isinstance(attention_mask, BlockMask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError(f"--attn flex: attention dropout {dropout} is not supported; use --attn sdpa")
+    if tuple(attention_mask.shape[-2:]) != (query.shape[2], key.shape[2]):
+        raise ValueError(f"--attn flex: a block mask for {tuple(attention_mask.shape[-2:])} positions but "
+                         f"{query.shape[2]} queries and {key.shape[2]} keys (a cache or a cropped "
+                         "sequence cannot use it); use --attn sdpa")
+    group = query.shape[1] // key.shape[1]                          # query heads per kv head (GQA)
+    if group & (group - 1):                  # as transformers' flex path: GQA groups of 2^k only
+        key, value = (t.repeat_interleave(group, dim=1) for t in (key, value))   # (N, H, L, hd)
+        group = 1
+    out = _flex_kernel(query.device)(query, key, value, block_mask=attention_mask, scale=scaling,
+                                     enable_gqa=group > 1)          # (N, H, L, hd)
+    return out.transpose(1, 2).contiguous(), None                   # (N, L, H, hd)
+
+
+def set_attention(model, attn, training=False):
+    """Switch a ReMatch model's decoder to "sdpa" or "flex" (FLEX_NAME, registered here).
+    The vision tower keeps its own attention. Raises with the flag and the fallback
+    where flex cannot run (flex_unavailable)."""
+    if attn not in ATTENTION:
+        raise ValueError(f"--attn {attn!r}: choose from {', '.join(ATTENTION)}")
+    if attn == "flex":
+        why = flex_unavailable(model.device, training)
+        if why:
+            raise RuntimeError(why)
+        from transformers import AttentionInterface  # noqa: PLC0415
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface  # noqa: PLC0415
+        AttentionInterface.register(FLEX_NAME, flex_attention_forward)
+        AttentionMaskInterface.register(FLEX_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # padding masks
+    model.hf.model.language_model.config._attn_implementation = "sdpa" if attn == "sdpa" else FLEX_NAME
+    model.attn = attn
+    return model
+
+
 class ReMatch(nn.Module):
     """
     backbone: a Qwen2-VL / Qwen2.5-VL *ForConditionalGeneration (or a peft model of one).
@@ -315,6 +395,7 @@ class ReMatch(nn.Module):
         self.num_tokens = num_tokens
         self.embed_template = embed_template
         self.tokens_processed = 0          # decoder tokens run so far (throughput logs)
+        self.attn = "sdpa"                 # unified mask: dense additive (sdpa) or BlockMask (flex)
         hf = self.hf
         d = hf.config.text_config.hidden_size
         W = hf.get_input_embeddings().weight.detach()                         # (V, d)
@@ -415,8 +496,8 @@ class ReMatch(nn.Module):
         """
         The packed matching rows ready for the decoder: input embeddings with images and
         Z = MLP(E) injected at the feature tokens (Zq; Zd1/Zd2 from d⁺/d⁻ by slot), the
-        additive unified mask (M, 1, L, L) and M-RoPE positions (3, M, L) of each row
-        computed as for an ordinary sequence. `images`: the raw segments' per-image
+        unified mask (M, 1, L, L: additive, or a BlockMask with --attn flex) and M-RoPE
+        positions (3, M, L) of each row computed as for an ordinary sequence. `images`: the raw segments' per-image
         features when already computed (forward reuses the embedding passes').
         """
         dev = self.device
@@ -433,8 +514,11 @@ class ReMatch(nn.Module):
         present = feat_idx >= 0
         rows = torch.arange(len(feat_idx), device=dev)[:, None].expand_as(feat_idx)
         x = x.index_put((rows[present], feat_idx[present]), Z[present])
-        mask = additive_mask(unified_mask_batch(mbatch["segments"], mbatch["views"]),
-                             x.dtype).to(dev)                                 # (M, 1, L, L)
+        if self.attn == "flex":                                               # set_attention
+            mask = unified_block_mask(mbatch["segments"], mbatch["views"], device=dev)  # (M, 1, L, L) blocks
+        else:
+            mask = additive_mask(unified_mask_batch(mbatch["segments"], mbatch["views"], dev),
+                                 x.dtype)                                     # (M, 1, L, L), on dev
         position_ids = self.positions(input_ids, attention_mask, mbatch["image_grid_thw"])  # (3, M, L)
         return x, mask, position_ids
 

@@ -41,8 +41,9 @@ from data import MATCH_PROMPTS, MMEB_TRAIN_SUBSETS, collate_embed, collate_match
 from losses import (at_least_fp32, info_nce, matching_loss, orthogonality_loss, rank_world,
                     total_loss)
 from masks import VIEW_SETS
-from model import (TINY, ReMatch, apply_lora, default_device, load_backbone, load_heads,
-                   resolve_checkpoint, save_rematch, write_model_card)
+from model import (ATTENTION, TINY, ReMatch, apply_lora, default_device, flex_unavailable,
+                   load_backbone, load_heads, resolve_checkpoint, save_rematch, set_attention,
+                   write_model_card)
 
 # ----------------------------------------------------------------------------------
 # Presets: the paper's four models (§4) and the CPU demo. Explicit flags override them.
@@ -90,6 +91,10 @@ def parse_args(argv=None):
                    help="backbone weights: auto = bf16 on CUDA, fp32 on CPU (float64: exact checks)")
     p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="non-reentrant activation checkpointing of the decoder (and vision) layers")
+    p.add_argument("--attn", choices=ATTENTION, default="sdpa",
+                   help="attention of the unified matching pass: sdpa = the dense additive mask "
+                        "(default; the oracle), flex = FlexAttention's block mask, which skips "
+                        "the empty blocks (CUDA: no CPU backward in torch; bench/matching.py)")
     # data
     p.add_argument("--train_data", default=None,
                    help="MMEB-train (hub id or dir of <Subset>/original-*.parquet) or mmE5 "
@@ -216,6 +221,10 @@ def parse_args(argv=None):
         p.error(f"--tau must be in [1e-3, 10] (the paper uses 0.02), got {args.tau}")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite contradict each other: pick one")
+    if args.attn == "flex":                        # before any data or model is loaded
+        why = flex_unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=True)
+        if why:
+            p.error(why)
     args.target_prompt_table = None           # the file's contents go into the checkpoint config
     if args.target_prompts:
         from data import read_target_prompts
@@ -304,6 +313,7 @@ def build_model(args, device):
     if args.lora:
         backbone = apply_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
     model = ReMatch(backbone, args.num_tokens, args.embed_template, seed=args.seed)
+    set_attention(model, args.attn, training=True)
     if args.w_qdm == 0:                        # no matching: projector and LM head get no gradient
         model.projector.requires_grad_(False)
         model.hf.lm_head.requires_grad_(False)
@@ -428,7 +438,8 @@ RESUME_FREE = {"out_dir", "resume", "resume_if_exists", "resume_from", "allow_ch
                "eval_data", "eval_image_dir", "eval_tasks", "eval_task_table", "eval_match_queries",
                "max_minutes", "stop_after_steps", "peak_tflops", "find_unused_parameters",
                "num_workers", "cache_items", "skip_bad_rows", "check_images",
-               "allow_outside_image_dir", "train_data", "image_dir", "chunk_size", "grad_checkpointing"}
+               "allow_outside_image_dir", "train_data", "image_dir", "chunk_size", "grad_checkpointing",
+               "attn"}
 
 
 def resume_changes(path, args, world):

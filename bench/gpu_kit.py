@@ -11,12 +11,15 @@ each --chunk_sizes value (cached-gradient micro-batches):
   the GPU's bf16 peak; frozen LoRA weights make it an upper bound), peak memory
   (torch.cuda.max_memory_allocated above the start), or "OOM";
 and, once per preset, the agreement of the unified 8-view pass with 8 separate passes in
-bf16 (max |Δ| of the label logits, and whether every argmax agrees). Unified attention is
-the dense SDPA path; the block-sparse (flex) path is not implemented yet and is reported
-as such. One table with the GPU's name is printed and written as JSON (--out).
+bf16 (max |Δ| of the label logits, and whether every argmax agrees). Each step is timed
+with every --attn value: sdpa (the dense additive unified mask) and flex (the same mask as
+a FlexAttention block mask, masks.unified_block_mask), side by side on the same model and
+inputs; the flex pass's label logits are compared with the dense pass's too. One table
+with the GPU's name is printed and written as JSON (--out).
 
     python bench/gpu_kit.py                                   # on a CUDA machine
     python bench/gpu_kit.py --presets qwen2-vl-2b --chunk_sizes 8 16 32 --reps 3
+    python bench/gpu_kit.py --presets qwen2-vl-7b --chunk_sizes 16 --attn sdpa flex
     python bench/gpu_kit.py --device cpu --presets qwen2-vl-2b --layers 1 --vision_depth 1 \\
         --batch 2 --chunk_sizes 1 2 --image_size 56 --reps 1 --warmup 0   # a dry run of the code path
 
@@ -42,6 +45,7 @@ from matching import separate_logits, view_plans  # noqa: E402
 import train  # noqa: E402
 from data import collate_embed, collate_match  # noqa: E402
 from masks import VIEW_SETS  # noqa: E402
+from model import ATTENTION, flex_unavailable, set_attention  # noqa: E402
 from tools.width_real import ARCH, write_checkpoint  # noqa: E402
 
 
@@ -52,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--vision_depth", type=int, default=None, help="vision blocks (default: the real depth)")
     p.add_argument("--batch", type=int, default=128, help="queries per GPU (§4: 128)")
     p.add_argument("--chunk_sizes", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--attn", nargs="+", choices=ATTENTION, default=list(ATTENTION),
+                   help="unified-mask attention paths to time (train.py --attn)")
     p.add_argument("--image_size", type=int, default=448, help="images resized to about this² px")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -73,12 +79,12 @@ def instances(processor, n, size):
              "index": i} for i in range(n)]
 
 
-def build(ckpt, device, chunk, size):
+def build(ckpt, device, size):
     pixels = str(size * size)
     flags = ["--preset", "qwen2-vl-2b", "--model", ckpt, "--train_data", "-", "--image_dir", "-",
              "--min_pixels", pixels, "--max_pixels", pixels, "--dtype",
              "bfloat16" if device.type == "cuda" else "float32", "--no-grad_checkpointing"]
-    args = train.parse_args(flags + (["--chunk_size", str(chunk)] if chunk else []))
+    args = train.parse_args(flags)
     args.grad_checkpointing = device.type == "cuda"             # the preset's setting, on GPU
     model, processor = train.build_model(args, device)
     return args, model.train(), processor
@@ -123,11 +129,22 @@ def logit_agreement(model, processor, device, size, M=4):
         E = [model.embed(collate_embed(items, tok, model.num_tokens), side)[0]
              for items, side in ((q, "q"), (pos, "d"), (neg, "d"))]
         mb = collate_match(q, pos, neg, tok, VIEW_SETS["all"], [1, 2] * (M // 2) + [1] * (M % 2))
+        set_attention(model, "sdpa")
         unified, _ = model.match(mb, *E)
         separate = separate_logits(model, mb, E, view_plans(mb, model.hf.dtype))
+        flex = None
+        if flex_unavailable(device, training=False) is None:
+            set_attention(model, "flex")
+            flex, _ = model.match(mb, *E)
+            set_attention(model, "sdpa")
     yes_no = [tok.convert_tokens_to_ids(w) for w in ("Yes", "No")]
-    u, s = unified.float()[:, yes_no], separate.float()[:, yes_no]
-    return (unified.float() - separate.float()).abs().max().item(), (u.argmax(1) == s.argmax(1)).float().mean().item()
+
+    def agreement(a, b):
+        return {"max_abs_logit_diff": (a.float() - b.float()).abs().max().item(),
+                "yes_no_argmax_agreement": (a.float()[:, yes_no].argmax(1) == b.float()[:, yes_no].argmax(1))
+                .float().mean().item()}
+    return {"unified_vs_separate": agreement(unified, separate),
+            "flex_vs_dense": agreement(flex, unified) if flex is not None else None}
 
 
 def main(argv=None):
@@ -147,29 +164,35 @@ def main(argv=None):
             ckpt = os.path.join(work, preset)
             write_checkpoint(preset, ckpt, num_layers=a.layers or ARCH[preset]["text_config"]["num_hidden_layers"],
                              vision_depth=a.vision_depth or ARCH[preset]["vision_config"]["depth"])
-            delta = agree = None
+            args, model, processor = build(ckpt, device, a.image_size)
+            agreement = logit_agreement(model, processor, device, a.image_size)
+            batch = instances(processor, a.batch, a.image_size)
+            n = sum(p.numel() for p in model.parameters())
             for chunk in a.chunk_sizes:
-                row = {"preset": preset, "chunk_size": chunk, "attention": "dense (SDPA)"}
-                try:
-                    args, model, processor = build(ckpt, device, chunk, a.image_size)
-                    if delta is None:
-                        delta, agree = logit_agreement(model, processor, device, a.image_size)
-                    batch = instances(processor, a.batch, a.image_size)
-                    t, tokens, mib = measure_step(args, model, processor, batch, device, a.reps, a.warmup)
-                    n = sum(p.numel() for p in model.parameters())
-                    row.update(step_s=t, tokens_per_s=tokens / t, peak_mib=mib,
-                               mfu=6 * n * tokens / t / (peak * 1e12) if peak else None)
-                except torch.OutOfMemoryError:
-                    row.update(step_s=None, error="OOM")
-                finally:
-                    model = None
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                results["rows"].append(row)
-            results["rows"].append({"preset": preset, "chunk_size": None, "attention": "flex",
-                                    "error": "not implemented yet"})
-            results[f"{preset}_unified_vs_separate_bf16"] = {"max_abs_logit_diff": delta,
-                                                             "yes_no_argmax_agreement": agree}
+                args.chunk_size = chunk                           # train.py --chunk_size
+                for attn in a.attn:
+                    row = {"preset": preset, "chunk_size": chunk, "attention": attn}
+                    why = flex_unavailable(device, training=True) if attn == "flex" else None
+                    if why:                                       # e.g. no CPU backward
+                        row.update(step_s=None, error="n/a", why=why)
+                        results["rows"].append(row)
+                        continue
+                    try:
+                        set_attention(model, attn, training=True)
+                        t, tokens, mib = measure_step(args, model, processor, batch, device, a.reps, a.warmup)
+                        row.update(step_s=t, tokens_per_s=tokens / t, peak_mib=mib,
+                                   mfu=6 * n * tokens / t / (peak * 1e12) if peak else None)
+                    except (torch.OutOfMemoryError, RuntimeError) as e:   # one row fails, the kit goes on
+                        oom = isinstance(e, torch.OutOfMemoryError)
+                        row.update(step_s=None, error="OOM" if oom else "error", why=f"{type(e).__name__}: {e}"[:500])
+                        model.zero_grad(set_to_none=True)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    results["rows"].append(row)
+            model = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            results[f"{preset}_bf16_agreement"] = agreement
     print(f"GPU kit: {gpu}, {results['date']}, torch {torch.__version__}, {a.batch} queries per GPU, "
           f"{a.image_size}² images, bf16 peak {peak or 'unknown'} TFLOP/s")
     print_table(["preset", "chunk", "attention", "step s", "tokens/s", "MFU", "peak MiB"],
@@ -178,10 +201,15 @@ def main(argv=None):
                   f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-",
                   f"{r['mfu']:.3f}" if r.get("mfu") else "-",
                   f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "-"] for r in results["rows"]])
+    for r in results["rows"]:
+        if r.get("why"):
+            print(f"{r['preset']}, chunk {r['chunk_size']}, {r['attention']}: {r['why']}")
+    precision = "bf16" if device.type == "cuda" else "fp32"
     for preset in a.presets:
-        d = results[f"{preset}_unified_vs_separate_bf16"]
-        print(f"{preset}: unified vs 8 separate passes in {'bf16' if device.type == 'cuda' else 'fp32'}: "
-              f"max |Δ logit| {d['max_abs_logit_diff']:.3g}, Yes/No argmax agreement {d['yes_no_argmax_agreement']:.3f}")
+        for what, d in (results[f"{preset}_bf16_agreement"] or {}).items():
+            if d is not None:
+                print(f"{preset}: {what.replace('_', ' ')} ({precision}): max |Δ logit| "
+                      f"{d['max_abs_logit_diff']:.3g}, Yes/No argmax agreement {d['yes_no_argmax_agreement']:.3f}")
     with open(a.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {a.out}")

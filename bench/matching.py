@@ -11,11 +11,18 @@ side by side in one run:
             [P, query view, doc view, H, A_v] of every row (batched over the M rows),
             with the packed row's position ids and that view's own mask (the idea of
             tests/test_matching.py; the mask from masks.unified_mask with one view);
-  feat      ReMatch.match with the `feat` view set (Zq × {Zd1, Zd2}, Table 5).
-Both `all` paths call ReMatch.match_inputs once per call (vision tower, projector Z, the
-unified mask, M-RoPE positions; the table's "shared" row times it alone): the separate
-baseline shares the image features instead of re-encoding each raw view, so its cost is
-a lower bound of truly separate forwards; "decoder only" subtracts the shared time from
+  feat      ReMatch.match with the `feat` view set (Zq × {Zd1, Zd2}, Table 5);
+  flex      `unified` with --attn flex (model.set_attention): the same mask as a
+            FlexAttention BlockMask (masks.unified_block_mask) whose empty blocks are
+            skipped. Compiled on CUDA; on the CPU torch runs flex uncompiled (dense
+            inside, correct but not fast) and has no backward, so fwd+bwd is "n/a" there.
+Both `all` paths call ReMatch.match_inputs once per call (projector Z, the unified mask,
+M-RoPE positions; the table's "shared" row times it alone). The images' features are
+computed once beforehand and passed in, as in training, where ReMatch.forward hands the
+matching rows the features of the embedding passes (--no-reuse_images: run the vision
+tower inside every call instead, as a matching pass on its own would). The separate
+baseline shares the features instead of re-encoding each raw view, so its cost is a
+lower bound of truly separate forwards; "decoder only" subtracts the shared time from
 both forwards. The separate path's gather indices and per-view masks are built once
 beforehand, like a collate (so it pays for building the packed row's mask, inside
 match_inputs, instead of its own eight). Forward+backward: cross-entropy on the label logits,
@@ -28,6 +35,7 @@ the unified vs separate label logits (fp32, i.e. CPU or --dtype float32: expect 
     python bench/matching.py                                  # M=4, 224² images (64 tokens)
     python bench/matching.py --batch 8 --image_size 448 --reps 10
     python bench/matching.py --reps 2 --batch 2 --image_size 112    # smoke run
+    python bench/matching.py --image_size 896 --no-flex              # 1024 tokens per image, dense only
 """
 import argparse
 import os
@@ -42,13 +50,17 @@ from common import (add_common_args, fmt, make_item, peak_mib, print_config, pri
                     ratio, setup, time_variants)
 from data import collate_embed, collate_match  # noqa: E402
 from masks import VIEW_SETS, additive_mask, unified_mask_batch  # noqa: E402
-from model import ReMatch  # noqa: E402
+from model import ReMatch, flex_unavailable, set_attention  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Unified 8-view matching pass vs 8 separate passes.")
     p.add_argument("--batch", type=int, default=4, help="M instances (q, d+, d-) in the matching batch")
     p.add_argument("--num_tokens", type=int, default=16, help="K learnable tokens for E_q, E_d")
+    p.add_argument("--reuse_images", action=argparse.BooleanOptionalAction, default=True,
+                   help="image features computed once and passed in, as in training (default)")
+    p.add_argument("--flex", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the --attn flex row (FlexAttention block mask)")
     return add_common_args(p).parse_args(argv)
 
 
@@ -83,9 +95,9 @@ def view_plans(mb, dtype):
     return plans
 
 
-def separate_logits(model, mb, E, plans):
+def separate_logits(model, mb, E, plans, images=None):
     """Label logits (M·V, vocab) in ReMatch.match's order, from one decoder pass per view."""
-    x, mask, pos = model.match_inputs(mb, *E)                   # (M, L, d), (M, 1, L, L), (3, M, L)
+    x, mask, pos = model.match_inputs(mb, *E, images=images)   # (M, L, d), (M, 1, L, L), (3, M, L)
     del mask                                                    # the packed row's mask: unused here
     dev = x.device
     rows = torch.arange(x.shape[0], device=dev)[:, None]        # (M, 1)
@@ -118,52 +130,91 @@ def main(argv=None):
     print_config(args, image_tokens_per_image=n_img // (3 * M),
                  packed_row_length=mb["all"]["input_ids"].shape[1])
 
+    images = {"all": None, "feat": None}
+    if args.reuse_images:                                       # as ReMatch.forward does in training
+        with torch.no_grad():
+            images = {k: model.image_features(m["pixel_values"], m["image_grid_thw"]) for k, m in mb.items()}
+
+    def logits_of(name):
+        if name == "separate":
+            return separate_logits(model, mb["all"], E, plans, images["all"])
+        if name == "flex":                                      # the same pass, block-sparse
+            set_attention(model, "flex", training=torch.is_grad_enabled())
+            try:
+                return model.match(mb["all"], *E, images=images["all"])[0]
+            finally:
+                set_attention(model, "sdpa")
+        which = "feat" if name == "feat" else "all"
+        return model.match(mb[which], *E, images=images[which])[0]
+
     def fwd(name):
-        def run():
-            with torch.no_grad():
-                if name == "separate":
-                    return separate_logits(model, mb["all"], E, plans)
-                return model.match(mb["feat" if name == "feat" else "all"], *E)[0]
-        return run
+        return torch.no_grad()(lambda: logits_of(name))
 
     def fwd_bwd(name):
         def run():
-            m = mb["feat" if name == "feat" else "all"]
-            logits = separate_logits(model, m, E, plans) if name == "separate" else model.match(m, *E)[0]
-            F.cross_entropy(logits.float(), m["labels"].flatten().to(logits.device)).backward()
+            logits = logits_of(name)
+            labels = mb["feat" if name == "feat" else "all"]["labels"].flatten().to(logits.device)
+            F.cross_entropy(logits.float(), labels).backward()
             model.zero_grad(set_to_none=True)             # grads freed: every call starts alike
         return run
 
+    device = torch.device(args.device)
+    flex = args.flex and flex_unavailable(device, training=False) is None
+    flex_bwd = flex and flex_unavailable(device, training=True) is None
     with torch.no_grad():                                       # parity: one pass per view
-        delta = (model.match(mb["all"], *E)[0] - separate_logits(model, mb["all"], E, plans)).abs().max().item()
-    names = ("unified", "separate", "feat")
-    fns = {**{(n, "fwd"): fwd(n) for n in names}, **{(n, "fwd+bwd"): fwd_bwd(n) for n in names}}
-    fns["inputs", "fwd"] = torch.no_grad()(lambda: model.match_inputs(mb["all"], *E))  # shared part
+        dense = logits_of("unified")
+        delta = (dense - logits_of("separate")).abs().max().item()
+        delta_flex = (dense - logits_of("flex")).abs().max().item() if flex else None
+    names = ("unified", "separate", "feat") + (("flex",) if flex else ())
+    fns = {**{(n, "fwd"): fwd(n) for n in names},
+           **{(n, "fwd+bwd"): fwd_bwd(n) for n in names if n != "flex" or flex_bwd}}
+    fns["inputs", "fwd"] = torch.no_grad()(lambda: model.match_inputs(mb["all"], *E, images=images["all"]))
+
+    @torch.no_grad()
+    def flex_inputs():                                          # flex's shared part: the BlockMask
+        set_attention(model, "flex")
+        try:
+            return model.match_inputs(mb["all"], *E, images=images["all"])
+        finally:
+            set_attention(model, "sdpa")
+    if flex:
+        fns["inputs_flex", "fwd"] = flex_inputs
     t = time_variants(fns, args.reps, args.warmup, args.device)
     mem = {k: peak_mib(fn, args.device) for k, fn in fns.items()}         # after all timings
     tokens = {"unified": int(mb["all"]["attention_mask"].sum()),
               "separate": sum(p["tokens"] for p in plans),
               "feat": int(mb["feat"]["attention_mask"].sum())}
-    passes = {"unified": "1 (8 views)", "separate": "8 (1 view each)", "feat": "1 (2 views)"}
+    tokens["flex"] = tokens["unified"]
+    passes = {"unified": "1 (8 views)", "separate": "8 (1 view each)", "feat": "1 (2 views)",
+              "flex": "1 (8 views)"}
+    label = {"unified": "unified (all)", "separate": "separate (all)", "feat": "feat (feat)",
+             "flex": "unified, --attn flex (all)"}
+    na = "n/a (no CPU backward)"
+    get = lambda d, k: fmt(d[k] * 1e3 if d is t else d[k]) if k in d else na
+    ratio_of = lambda d, a, b, phase: ratio(d[a, phase], d[b, phase]) if (a, phase) in d and (b, phase) in d else ""
 
     header = ["", "decoder passes", "tokens", "fwd ms", "fwd+bwd ms", "fwd peak MiB", "fwd+bwd peak MiB"]
-    rows = [[f"{n} ({'feat' if n == 'feat' else 'all'})", passes[n], tokens[n],
-             fmt(1e3 * t[n, "fwd"]), fmt(1e3 * t[n, "fwd+bwd"]),
-             fmt(mem[n, "fwd"]), fmt(mem[n, "fwd+bwd"])] for n in names]
+    rows = [[label[n], passes[n], tokens[n], get(t, (n, "fwd")), get(t, (n, "fwd+bwd")),
+             get(mem, (n, "fwd")), get(mem, (n, "fwd+bwd"))] for n in names]
     rows.append(["  shared: match_inputs (all)", "-", "", fmt(1e3 * t["inputs", "fwd"]), "",
                  fmt(mem["inputs", "fwd"]), ""])
-    for a, b in (("separate", "unified"), ("feat", "unified")):
-        label = "separate / unified" if a == "separate" else "feat / all (unified)"
-        rows.append([label, "", ratio(tokens[a], tokens[b]), ratio(t[a, "fwd"], t[b, "fwd"]),
-                     ratio(t[a, "fwd+bwd"], t[b, "fwd+bwd"]),
-                     ratio(mem[a, "fwd"], mem[b, "fwd"]), ratio(mem[a, "fwd+bwd"], mem[b, "fwd+bwd"])])
-    dec = lambda n: t[n, "fwd"] - t["inputs", "fwd"]
-    rows.append(["separate / unified, decoder only", "", "", ratio(dec("separate"), dec("unified")),
-                 "", "", ""])
+    if flex:
+        rows.append(["  shared, flex: match_inputs (all)", "-", "", fmt(1e3 * t["inputs_flex", "fwd"]), "",
+                     fmt(mem["inputs_flex", "fwd"]), ""])
+    pairs = [("separate", "unified", "separate / unified"), ("feat", "unified", "feat / all (unified)")]
+    if flex:
+        pairs += [("separate", "flex", "separate / flex"), ("unified", "flex", "unified sdpa / flex")]
+    for a, b, name in pairs:
+        rows.append([name, "", ratio(tokens[a], tokens[b]), ratio_of(t, a, b, "fwd"),
+                     ratio_of(t, a, b, "fwd+bwd"), ratio_of(mem, a, b, "fwd"), ratio_of(mem, a, b, "fwd+bwd")])
+    dec = lambda n: t[n, "fwd"] - t["inputs_flex" if n == "flex" else "inputs", "fwd"]
+    for n in ("unified",) + (("flex",) if flex else ()):
+        rows.append([f"separate / {n}, decoder only", "", "", ratio(dec("separate"), dec(n)), "", "", ""])
     print(f"\nmedian of {args.reps} (after {args.warmup} warm-up), M={M}; "
-          f"max |Δ| label logits unified vs separate: {delta:.2e}")
+          f"max |Δ| label logits unified vs separate: {delta:.2e}"
+          + (f", flex vs dense unified: {delta_flex:.2e}" if flex else ""))
     print_table(header, rows)
-    return {"time": t, "tokens": tokens, "memory": mem, "max_abs_diff": delta}
+    return {"time": t, "tokens": tokens, "memory": mem, "max_abs_diff": delta, "max_abs_diff_flex": delta_flex}
 
 
 if __name__ == "__main__":

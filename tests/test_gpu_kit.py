@@ -1,7 +1,7 @@
 """
 bench/gpu_kit.py: without CUDA it says so and exits 0; a CPU dry run of its code path on a
 1-layer width-real Qwen2-VL-2B (real tokenizer, widths and processor) fills every column
-it can and agrees with 8 separate passes.
+it can and agrees with 8 separate passes (and, forward only, the flex path with the dense).
 
     pytest tests/test_gpu_kit.py
 """
@@ -32,7 +32,10 @@ def test_cpu_dry_run_of_the_kit(tmp_path):
                         "--workdir", str(tmp_path / "ckpt"), "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))
-    dense = saved["rows"][0]
-    assert dense["chunk_size"] == 1 and dense["step_s"] > 0 and dense["tokens_per_s"] > 0
-    agree = saved["qwen2-vl-2b_unified_vs_separate_bf16"]
-    assert agree["max_abs_logit_diff"] < 1e-4 and agree["yes_no_argmax_agreement"] == 1.0
+    dense, flex = saved["rows"]
+    assert dense["attention"] == "sdpa" and dense["chunk_size"] == 1
+    assert dense["step_s"] > 0 and dense["tokens_per_s"] > 0
+    assert flex["attention"] == "flex" and flex["error"] == "n/a" and "no backward on the CPU" in flex["why"]
+    agree = saved["qwen2-vl-2b_bf16_agreement"]               # fp32 on the CPU
+    for what in ("unified_vs_separate", "flex_vs_dense"):      # flex's forward runs on the CPU
+        assert agree[what]["max_abs_logit_diff"] < 1e-4 and agree[what]["yes_no_argmax_agreement"] == 1.0
