@@ -990,7 +990,8 @@ class Encoder:
     Returns L2-normalised fp32 (N, d) on the CPU; a vector does not depend on its batch.
     side "q" for queries (L_q), "d" for the documents of an index (L_d). Text documents of
     a checkpoint trained with target instructions: pass data.with_target_instruction(text,
-    task) as the texts (and no instruction), as evaluate_mmeb does.
+    task) as the texts (and no instruction), as evaluate_mmeb does. attn: the attention of
+    rerank's matching pass ("sdpa", or "flex": model.set_attention).
     """
 
     def __init__(self, path_or_hub, device=None, dtype=None, num_tokens=0, embed_template="plain",

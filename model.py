@@ -497,8 +497,9 @@ class ReMatch(nn.Module):
         The packed matching rows ready for the decoder: input embeddings with images and
         Z = MLP(E) injected at the feature tokens (Zq; Zd1/Zd2 from d⁺/d⁻ by slot), the
         unified mask (M, 1, L, L: additive, or a BlockMask with --attn flex) and M-RoPE
-        positions (3, M, L) of each row computed as for an ordinary sequence. `images`: the raw segments' per-image
-        features when already computed (forward reuses the embedding passes').
+        positions (3, M, L) of each row computed as for an ordinary sequence. `images`: the
+        raw segments' per-image features when already computed (forward reuses the
+        embedding passes').
         """
         dev = self.device
         input_ids = mbatch["input_ids"].to(dev)                               # (M, L)

@@ -25,6 +25,9 @@ from masks import (PAD, VIEW_SETS, answer_name, segments_used, unified_block_mas
 from model import ReMatch, flex_unavailable, set_attention
 from test_matching import embeddings, instances
 
+# on the CPU flex runs uncompiled on purpose (the reference forward), and torch warns so
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
 
 def lift(block_mask, L):
     """The position-level (B, L, L) mask a BlockMask stands for, block by block."""
