@@ -26,7 +26,9 @@ lower bound of truly separate forwards; "decoder only" subtracts the shared time
 both forwards. The separate path's gather indices and per-view masks are built once
 beforehand, like a collate (so it pays for building the packed row's mask, inside
 match_inputs, instead of its own eight). Forward+backward: cross-entropy on the label logits,
-backward into every weight (full fine-tuning) and the projector; E_q, E_d⁺, E_d⁻ are
+backward into every decoder weight (full fine-tuning) and the projector (and into the
+vision tower only with --no-reuse_images: in training its gradient arrives through the
+embedding passes whose features are reused); E_q, E_d⁺, E_d⁻ are
 computed once (K=16) and held fixed. Reported: median wall time, tokens (real,
 unpadded: Σ sequence lengths), peak memory above the start of the call (bench/common.py;
 with the tiny model the forward peak is set by the shared match_inputs), and max |Δ| of
@@ -38,6 +40,7 @@ the unified vs separate label logits (fp32, i.e. CPU or --dtype float32: expect 
     python bench/matching.py --image_size 896 --no-flex              # 1024 tokens per image, dense only
 """
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -135,15 +138,20 @@ def main(argv=None):
         with torch.no_grad():
             images = {k: model.image_features(m["pixel_values"], m["image_grid_thw"]) for k, m in mb.items()}
 
+    @contextlib.contextmanager
+    def flex_attention():                                       # --attn flex for one call
+        set_attention(model, "flex", training=torch.is_grad_enabled())
+        try:
+            yield
+        finally:
+            set_attention(model, "sdpa")
+
     def logits_of(name):
         if name == "separate":
             return separate_logits(model, mb["all"], E, plans, images["all"])
         if name == "flex":                                      # the same pass, block-sparse
-            set_attention(model, "flex", training=torch.is_grad_enabled())
-            try:
+            with flex_attention():
                 return model.match(mb["all"], *E, images=images["all"])[0]
-            finally:
-                set_attention(model, "sdpa")
         which = "feat" if name == "feat" else "all"
         return model.match(mb[which], *E, images=images[which])[0]
 
@@ -172,11 +180,8 @@ def main(argv=None):
 
     @torch.no_grad()
     def flex_inputs():                                          # flex's shared part: the BlockMask
-        set_attention(model, "flex")
-        try:
+        with flex_attention():
             return model.match_inputs(mb["all"], *E, images=images["all"])
-        finally:
-            set_attention(model, "sdpa")
     if flex:
         fns["inputs_flex", "fwd"] = flex_inputs
     t = time_variants(fns, args.reps, args.warmup, args.device)
