@@ -86,7 +86,7 @@ from data import (IMAGE_PLACEHOLDER, MATCH_PROMPTS, MMEB_EVAL_TASKS, collate_emb
                   load_image, read_eval_task, resolve_dir, upscale_small, with_target_instruction)
 from demo import DEMO_EVAL_TASKS
 from losses import rank_world
-from model import load_rematch, set_attention
+from model import ATTENTION, load_rematch, set_attention
 from train import print0, setup_distributed, teardown_distributed
 
 # ----------------------------------------------------------------------------------
@@ -1065,7 +1065,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available; "
                    "under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--batch_size", type=int, default=16, help="items per embedding forward (per rank)")
-    p.add_argument("--attn", choices=("sdpa", "flex"), default="sdpa",
+    p.add_argument("--attn", choices=ATTENTION, default="sdpa",
                    help="attention of the matching passes (--match_queries, --rerank): sdpa = dense "
                         "mask (default), flex = FlexAttention block mask (model.set_attention)")
     # MMEB
