@@ -218,29 +218,47 @@ def content_text(text):
     return text.replace(IMAGE_PLACEHOLDER, IMAGE_BLOCK)
 
 
-def encode_item(processor, text, image=None, where="item"):
+def encode_image(processor, image):
+    """The image processor's output for one PIL image: {"pixel_values": (n_patch, C·p·p),
+    "image_grid_thw": (1, 3)}. Fixed per image: TrainDataset keeps it per image file."""
+    out = processor.image_processor(images=[image], return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+
+def encode_item(processor, text, image=None, where="item", image_inputs=None):
     """
     Encode one query or document once. `text` is the MMEB string (instruction included,
     `<|image_1|>` where the image goes), `image` a PIL image or None, `where` names the
-    item in error messages (e.g. "VisDial row 17 qry").
+    item in error messages (e.g. "VisDial row 17 qry"); `image_inputs`: that image's
+    encode_image output if already computed (it is then not processed again).
+    What processor(text=, images=) returns, computed in its two parts: the image processor
+    (encode_image), and the tokenizer on the text whose image pad the processor's own
+    replace_image_token has expanded to one pad per merged patch (tests/test_data.py
+    checks equality with the processor call, for the tiny and the real Qwen tokenizer).
     Returns {"ids": list[int], "pixel_values": (n_patch, C·p·p) or None,
              "image_grid_thw": (1, 3) or None}.
     """
     text = text or ""
     n_placeholders = text.count(IMAGE_PLACEHOLDER)
-    if image is None and not text.strip():
+    if image is None and image_inputs is None and not text.strip():
         raise ValueError(f"{where}: empty text and no image")
-    if image is None and n_placeholders:
+    has_image = image is not None or image_inputs is not None
+    if not has_image and n_placeholders:
         raise ValueError(f"{where}: text has {IMAGE_PLACEHOLDER} but no image was given")
-    if image is not None and n_placeholders != 1:
+    if has_image and n_placeholders != 1:
         raise ValueError(f"{where}: an image was given but the text has {n_placeholders} "
                          f"{IMAGE_PLACEHOLDER} placeholders (expected exactly 1): {text[:80]!r}")
-    out = processor(text=[content_text(text)], images=[image] if image is not None else None,
-                    return_tensors="pt")
-    has_image = image is not None
-    return {"ids": out["input_ids"][0].tolist(),
-            "pixel_values": out["pixel_values"] if has_image else None,
-            "image_grid_thw": out["image_grid_thw"] if has_image else None}
+    text = content_text(text)
+    if text.count(processor.image_token) != int(has_image):
+        raise ValueError(f"{where}: the text holds {processor.image_token} itself: {text[:80]!r}")
+    if has_image:
+        image_inputs = image_inputs or encode_image(processor, image)
+        pads = processor.replace_image_token(image_inputs, 0)              # n merged patches × pad
+        text = text.replace(processor.image_token, pads)
+    ids = processor.tokenizer(text)["input_ids"]
+    return {"ids": list(ids),
+            "pixel_values": image_inputs["pixel_values"] if has_image else None,
+            "image_grid_thw": image_inputs["image_grid_thw"] if has_image else None}
 
 
 def _ids(tokenizer, s):
@@ -547,8 +565,9 @@ class TrainDataset(torch.utils.data.Dataset):
       user's file first, then MMEB's tables; `task_meta` maps subsets outside MMEB's
       table (the demo's) to their meta-task. A subset with no prompt anywhere trains
       without one and is listed in `no_target_prompt`.
-    cache_items: keep up to this many encoded (text, image) sides in memory (LRU; 0 = off),
-      for small data that repeats items (the demo); identical output, less processor work.
+    cache_items: keep up to this many encoded (text, image) sides, and as many processed
+      images (an image recurs under other texts), in memory (LRU; 0 = off), for small data
+      that repeats items (the demo); identical output, less processor work.
 
     Hard negative: the row's neg_text/neg_image_path — plain strings (MMEB-train), or, in
     mmE5's hard-negative files, list literals of which element 0 is taken (list_columns,
@@ -617,6 +636,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self._bad = set()              # dataset indices found unreadable at load time
         self.cache_items = cache_items # LRU of encoded (text, image) sides; 0 = off
         self._cache = collections.OrderedDict()
+        self._images = collections.OrderedDict()   # LRU: image path → encode_image output
 
     def _check_row(self, subset, r, row, lists):
         """Row dict → (subset, r, q, pos, neg); ValueError naming the first problem.
@@ -677,8 +697,18 @@ class TrainDataset(torch.utils.data.Dataset):
                 items.append(self._cache[side])
                 continue
             where = f"{subset} row {r} {name}"
-            im = load_image(os.path.join(self.image_dir, image), where) if image else None
-            items.append(encode_item(self.processor, text, im, where=where))
+            pixels = None
+            if image and image in self._images:         # the same image under another text
+                self._images.move_to_end(image)
+                pixels = self._images[image]
+            elif image:
+                im = load_image(os.path.join(self.image_dir, image), where)
+                pixels = encode_image(self.processor, im)
+                if self.cache_items:
+                    self._images[image] = pixels
+                    if len(self._images) > self.cache_items:
+                        self._images.popitem(last=False)
+            items.append(encode_item(self.processor, text, where=where, image_inputs=pixels))
             if self.max_text_tokens and len(items[-1]["ids"]) > self.max_text_tokens:
                 n_text = sum(t != self._image_token_id for t in items[-1]["ids"])
                 if n_text > self.max_text_tokens:

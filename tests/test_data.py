@@ -360,3 +360,79 @@ def test_sampler_epoch_proportional_and_resume():
         assert steps(TrainBatchSampler(GROUPS, G, start_step=k), 50 - k) == full[k:]
     with pytest.raises(ValueError, match=r"C \(30 rows\)"):
         TrainBatchSampler(GROUPS, 16, world_size=2)
+
+
+# ----------------------------------------------------------------------------------
+# encode_item: image processor and tokenizer called apart == the processor's own call
+
+def real_qwen_processor(tmp_path):
+    """Qwen2VLProcessor with Qwen's real tokenizer and preprocessor_config.json (the files
+    tools/width_real.py writes for a checkpoint, without the weights)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from model import ImageOnlyQwenVLProcessor, image_processor_for
+    from tools import width_real
+    family = width_real.FAMILY["qwen2_vl"]
+    width_real.write_tokenizer(width_real.tokenizer_source(), tmp_path, family)
+    pre = dict(width_real.PREPROCESSOR, processor_class=family["processor_class"])
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
+    return ImageOnlyQwenVLProcessor(image_processor=image_processor_for(str(tmp_path), None, None),
+                                    tokenizer=AutoTokenizer.from_pretrained(tmp_path))   # as load_backbone
+
+
+@pytest.mark.parametrize("which", ["tiny", "real-qwen"])
+def test_encode_item_equals_the_processor_call(which, processor, tmp_path):
+    """The ids, pixel values and grid of encode_item (image processor + tokenizer on the
+    text whose image pad is expanded) equal processor(text=, images=) exactly, for images
+    of several shapes, text-only items, and an image passed as a precomputed
+    encode_image output (TrainDataset's per-image cache)."""
+    from conftest import shape_image
+    proc = processor if which == "tiny" else real_qwen_processor(tmp_path)
+    cases = [(IMG_Q, shape_image("red")), (IMG_DOC, shape_image("blue", (112, 56), "square")),
+             ("<|image_1|> a question after the image?", shape_image("green", (84, 140))),
+             ("a text-only query: red circle left of a blue square.", None),
+             ("Représente ce texte — 日本語も", None)]
+    for text, image in cases:
+        want = proc(text=[data.content_text(text)], images=[image] if image else None,
+                    return_tensors="pt")
+        for got in [data.encode_item(proc, text, image)] + (
+                [data.encode_item(proc, text, image_inputs=data.encode_image(proc, image))]
+                if image else []):
+            assert got["ids"] == want["input_ids"][0].tolist()
+            if image is None:
+                assert got["pixel_values"] is None and got["image_grid_thw"] is None
+            else:
+                assert torch.equal(got["pixel_values"], want["pixel_values"])
+                assert torch.equal(got["image_grid_thw"], want["image_grid_thw"])
+    n_pad = data.encode_item(proc, IMG_DOC, shape_image("red", (112, 56)))["ids"].count(
+        proc.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    assert n_pad == (112 // 28) * (56 // 28)                    # one pad per merged 28×28 patch
+    with pytest.raises(ValueError, match="row 3 qry: the text holds <\\|image_pad\\|>"):
+        data.encode_item(proc, "<|image_pad|> sneaked in", where="row 3 qry")
+    with pytest.raises(ValueError, match="row 4 pos: text has <\\|image_1\\|> but no image"):
+        data.encode_item(proc, IMG_DOC, where="row 4 pos")
+
+
+def test_dataset_processes_each_image_file_once(tmp_path, processor, monkeypatch):
+    """An image that recurs under other texts goes through the image processor once with
+    the item cache on (every time with it off), and the items are the same either way."""
+    root, imgs = str(tmp_path / "train"), str(tmp_path)
+    a = write_image(imgs, "images/a.png", colour="red")
+    b = write_image(imgs, "images/b.png", (112, 56), colour="blue")
+    write_subset(root, "VQA", [row(f"<|image_1|>\nquestion {i}?", a if i % 2 else b, f"answer {i}", "")
+                               for i in range(6)])
+    calls = []
+    real = data.encode_image
+    monkeypatch.setattr(data, "encode_image", lambda p, im: calls.append(im.size) or real(p, im))
+    items = {}
+    for cache in (0, 100):
+        calls.clear()
+        ds = TrainDataset(root, imgs, processor, cache_items=cache, target_instructions=False)
+        items[cache] = [ds[i] for i in range(len(ds))]
+        assert sorted(calls) == (sorted([(56, 56), (112, 56)]) if cache else
+                                 sorted([(56, 56)] * 3 + [(112, 56)] * 3))
+    for x, y in zip(items[0], items[100]):
+        assert x["q"]["ids"] == y["q"]["ids"] and x["pos"]["ids"] == y["pos"]["ids"]
+        assert torch.equal(x["q"]["pixel_values"], y["q"]["pixel_values"])
