@@ -28,6 +28,7 @@ import glob
 import hashlib
 import os
 import random
+import weakref
 
 import torch
 
@@ -261,8 +262,18 @@ def encode_item(processor, text, image=None, where="item", image_inputs=None):
             "image_grid_thw": image_inputs["image_grid_thw"] if has_image else None}
 
 
+_TEMPLATE_IDS = weakref.WeakKeyDictionary()      # tokenizer → {template string: ids}
+
+
 def _ids(tokenizer, s):
-    return tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
+    """Token ids of a fixed template string (no special tokens added), tokenised once per
+    tokenizer: collation asks for the same few strings every step. A copy is returned."""
+    if not s:
+        return []
+    known = _TEMPLATE_IDS.setdefault(tokenizer, {})
+    if s not in known:
+        known[s] = tuple(tokenizer(s, add_special_tokens=False)["input_ids"])
+    return list(known[s])
 
 
 def _stack_images(parts):
@@ -277,11 +288,9 @@ def _stack_images(parts):
 def _pad_right(rows, pad_id):
     """list of id lists → input_ids (N, T) right-padded, attention_mask (N, T)."""
     T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for n, r in enumerate(rows):
-        input_ids[n, :len(r)] = torch.tensor(r, dtype=torch.long)
-        attention_mask[n, :len(r)] = 1
+    input_ids = torch.tensor([r + [pad_id] * (T - len(r)) for r in rows], dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows])                          # (N,)
+    attention_mask = (torch.arange(T)[None, :] < lengths[:, None]).long()  # (N, T)
     return input_ids, attention_mask
 
 

@@ -85,7 +85,8 @@ def main():
     dataset = TrainDataset(paths["train"], paths["image_dir"], processor,
                            cache_items=args.cache_items, task_meta=__import__("demo").DEMO_META)
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                            fused=True)
     batches = iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=TrainBatchSampler(dataset, args.batch_size, 1, 0, args.seed),
         collate_fn=list, num_workers=0))
