@@ -21,6 +21,8 @@ Naming: "pos" is always the positive document d⁺; positions in a sequence are 
 Used by train.py (training) and evaluate.py (embedding); the demo: python train.py
 Tests: pytest tests/test_model.py tests/test_matching.py
 """
+import functools
+import importlib
 import os
 import types
 
@@ -226,6 +228,8 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
         model = BACKBONES[config.model_type].from_pretrained(name_or_path, dtype=dtype,
                                                              attn_implementation="sdpa")
     patch_embed_as_matmul(model.model.visual.patch_embed)
+    for block in model.model.visual.blocks:
+        vision_attention_by_size(block.attn)
     processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tok,
                                          chat_template=tok.chat_template)
     return model.to(device=device, dtype=dtype), processor
@@ -244,6 +248,44 @@ def _patch_embed_forward(self, hidden_states):
     W = self.proj.weight                                                      # (E, C, t, p, p)
     x = hidden_states.to(W.dtype).reshape(-1, W[0].numel())                   # (n_patch, C·t·p·p)
     return torch.nn.functional.linear(x, W.reshape(W.shape[0], -1))           # (n_patch, E)
+
+
+def vision_attention_by_size(attn):
+    """
+    The vision tower attends within each image (or, in Qwen2.5-VL's windowed blocks,
+    each window): cu_seqlens cuts the packed patch sequence into segments. transformers'
+    SDPA path makes one attention call per segment, 30-100 calls a demo step. This forward
+    computes the same with one call per distinct segment length: segments of one length
+    are stacked as a batch (a permutation puts them side by side, its inverse restores the
+    order). Everything else is transformers' forward: qkv, the vision rotary embedding,
+    proj. Bound as a method on each block's attention; flash-attention implementations
+    (already one varlen call) keep theirs. tests/test_model.py checks outputs and
+    gradients against the original forward for both families.
+    """
+    if "flash" in str(attn.config._attn_implementation):
+        return
+    rope = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb_vision
+    attn.forward = types.MethodType(functools.partial(_vision_attention_forward, rope=rope), attn)
+
+
+def _vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None,
+                              rope=None, **kwargs):
+    n, h = hidden_states.shape[0], self.num_heads
+    q, k, v = self.qkv(hidden_states).reshape(n, 3, h, -1).permute(1, 0, 2, 3).unbind(0)  # (n, h, hd) each
+    q, k = rope(q, k, *position_embeddings)
+    bounds = cu_seqlens.tolist()
+    segs = sorted(zip((b - a for a, b in zip(bounds, bounds[1:])), bounds))   # (length, start), by length
+    order = torch.cat([torch.arange(a, a + ln) for ln, a in segs]).to(q.device)  # (n,) grouped positions
+    q, k, v = (t.index_select(0, order) for t in (q, k, v))                   # (n, h, hd), grouped
+    outs, at = [], 0
+    for ln in sorted({ln for ln, _ in segs}):
+        g = sum(1 for x, _ in segs if x == ln)                                # segments of this length
+        qg, kg, vg = (t[at:at + g * ln].reshape(g, ln, h, -1).transpose(1, 2) for t in (q, k, v))  # (g, h, ln, hd)
+        o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, scale=self.scaling)  # (g, h, ln, hd)
+        outs.append(o.transpose(1, 2).reshape(g * ln, h, -1))                 # (g·ln, h, hd)
+        at += g * ln
+    out = torch.empty_like(q).index_copy(0, order, torch.cat(outs))          # (n, h, hd), packed order
+    return self.proj(out.reshape(n, -1))
 
 
 def save_backbone(model, processor, path):

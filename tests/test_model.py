@@ -158,6 +158,56 @@ def test_patch_embedding_as_matmul_equals_the_conv3d(tiny):
     torch.testing.assert_close(twin(x), conv, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_attention_by_size_equals_the_per_image_loop(family, monkeypatch):
+    """load_backbone binds vision_attention_by_size to every vision block: one attention
+    call per distinct segment length instead of one per image. Outputs and all weight
+    gradients equal transformers' own forward (fp64), for images of mixed and repeated
+    sizes out of order, and for Qwen2.5-VL's windowed block (block 0: windows of 4×4
+    patches cut the larger images) as well as its full block."""
+    from transformers import (Qwen2_5_VLVisionConfig, Qwen2VLVisionConfig)
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    import model as model_py
+    if family == "qwen2_vl":
+        cfg = Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        cls = Qwen2VisionTransformerPretrainedModel
+    else:
+        cfg = Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                     out_hidden_size=64, window_size=56, fullatt_block_indexes=[1],
+                                     patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        cls = Qwen2_5_VisionTransformerPretrainedModel
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    ref = cls._from_config(cfg).double()
+    by_size = copy.deepcopy(ref)
+    for block in by_size.blocks:
+        model_py.vision_attention_by_size(block.attn)
+    grid = torch.tensor([[1, 4, 4], [1, 8, 4], [1, 4, 4], [1, 8, 8], [1, 4, 8], [1, 8, 4]])
+    x = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, dtype=torch.float64)
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: calls.append(tuple(q.shape)) or real_sdpa(q, *a, **k))
+    outs = []
+    for tower in (ref, by_size):
+        calls.clear()
+        out = tower(x, grid_thw=grid).pooler_output                           # (n merged, d)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outs.append((out.detach(), {n: p.grad for n, p in tower.named_parameters()}, list(calls)))
+    (o_ref, g_ref, c_ref), (o, g, c) = outs
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-9, atol=1e-10, msg=name)
+    lengths = {16, 32, 64} if family == "qwen2_vl" else {16}                 # 2.5 block 0: 4×4 windows
+    full = {16, 32, 64}
+    assert len(c) == (2 * len(lengths) if family == "qwen2_vl" else len(lengths) + len(full))
+    assert len(c_ref) > len(c)                                                # one per image / window
+
+
 # ---------------------------------------------------------------------------- positions
 
 def test_mrope_positions_equal_the_backbone_get_rope_index(tiny):
