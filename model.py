@@ -274,7 +274,7 @@ def _vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddin
     q, k, v = self.qkv(hidden_states).reshape(n, 3, h, -1).permute(1, 0, 2, 3).unbind(0)  # (n, h, hd) each
     q, k = rope(q, k, *position_embeddings)
     bounds = cu_seqlens.tolist()
-    segs = sorted(zip((b - a for a, b in zip(bounds, bounds[1:])), bounds))   # (length, start), by length
+    segs = sorted((b - a, a) for a, b in zip(bounds, bounds[1:]) if b > a)  # (length, start), by length
     order = torch.cat([torch.arange(a, a + ln) for ln, a in segs]).to(q.device)  # (n,) grouped positions
     q, k, v = (t.index_select(0, order) for t in (q, k, v))                   # (n, h, hd), grouped
     outs, at = [], 0
