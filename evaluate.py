@@ -446,6 +446,22 @@ def score_rows(Q, D, pairs):
     return scores
 
 
+def embed_task(model, processor, rows, task, image_dir, config=None, meta=None, batch_size=16,
+               progress=False):
+    """
+    One eval task's rows embedded, each distinct item once (task_items, embed_items):
+    items_q, items_d ((text, image path or None) of the distinct queries / candidates),
+    pairs, Q (nq, d), D (nd, d) and scores (rows, max candidates; score_rows).
+    """
+    q_keys, d_keys, pairs = task_items(rows, task, config, meta=meta)
+    items_q = [(t, os.path.join(image_dir, p) if p else None) for t, p in q_keys]
+    items_d = [(t, os.path.join(image_dir, p) if p else None) for t, p in d_keys]
+    E = embed_items(model, processor, [("q", *x) for x in items_q] + [("d", *x) for x in items_d],
+                    batch_size, progress, desc=task)                       # (nq + nd, d)
+    Q, D = E[:len(items_q)], E[len(items_q):]
+    return items_q, items_d, pairs, Q, D, score_rows(Q, D, pairs)
+
+
 def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
                   out_dir=None, skip_missing=False, progress=True, name=None):
     """Hit@1 of every task: {task: hit@1 (0..1), or None if skipped as missing}
@@ -519,20 +535,14 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
             print0(f"{task}: missing, skipped ({problems[task]})")
             continue
         rows = read_eval_task(root, task)
-        q_keys, d_keys, pairs = task_items(rows, task, config, meta=table[task][0])
-        items = ([("q", t, os.path.join(image_dir, p) if p else None) for t, p in q_keys]
-                 + [("d", t, os.path.join(image_dir, p) if p else None) for t, p in d_keys])
-        E = embed_items(model, processor, items, batch_size, progress, desc=task)  # (nq + nd, d)
-        Q, D = E[:len(q_keys)], E[len(q_keys):]
-        scores = score_rows(Q, D, pairs)
+        items_q, items_d, pairs, Q, D, scores = embed_task(
+            model, processor, rows, task, image_dir, config, table[task][0], batch_size, progress)
         results[task] = hit_at_1(scores)                        # same on every rank
         record = {"task": task, "meta_task": table[task][0], "is_ind": table[task][1],
-                  "hit@1": results[task], "num_queries": len(rows), "num_query_items": len(q_keys),
-                  "num_candidate_items": len(d_keys), "config": config, "weights": weights}
+                  "hit@1": results[task], "num_queries": len(rows), "num_query_items": len(items_q),
+                  "num_candidate_items": len(items_d), "config": config, "weights": weights}
         line = f"{task}: Hit@1 {100 * results[task]:.1f} ({len(rows)} queries, " \
-               f"{len(q_keys)} query items, {len(d_keys)} candidate items)"
-        items_q = [(t, os.path.join(image_dir, p) if p else None) for t, p in q_keys]
-        items_d = [(t, os.path.join(image_dir, p) if p else None) for t, p in d_keys]
+               f"{len(items_q)} query items, {len(items_d)} candidate items)"
         if match_queries:
             matching[task] = matching_accuracy(model, processor, items_q, items_d, pairs, Q, D,
                                                scores, match_queries, batch_size, desc=task,

@@ -76,14 +76,9 @@ def held_out_sets(embedder, processor, config, data, n):
     table = evaluate.discovered_task_table(root)
     sets = {}
     for task, (meta, _) in table.items():
-        rows = evaluate.read_eval_task(root, task)
-        qk, dk, pairs = evaluate.task_items(rows, task, config, meta=meta)
-        iq = [(t, os.path.join(data, p) if p else None) for t, p in qk]
-        idd = [(t, os.path.join(data, p) if p else None) for t, p in dk]
-        E = evaluate.embed_items(embedder, processor, [("q", *x) for x in iq] + [("d", *x) for x in idd])
-        Q, D = E[:len(qk)], E[len(qk):]
-        scores = evaluate.score_rows(Q, D, pairs)[:n]                          # (n, cands), positive first
-        sets[task] = (iq, idd, pairs, Q, D, scores)
+        *items, scores = evaluate.embed_task(embedder, processor, evaluate.read_eval_task(root, task),
+                                             task, data, config, meta)
+        sets[task] = (*items, scores[:n])                                     # (n, cands), positive first
     return sets
 
 
