@@ -13,7 +13,7 @@ MMEB image does. Side by side in one run, per task:
 Reported: embedded items and ReMatch.embed calls (batches) of each, median wall time
 (reading the parquet file and loading images included in both), their ratios, whether
 both give the same Hit@1, and the largest score difference (evaluate_mmeb's scores
-recomputed untimed with its own steps: task_items, embed_items, score_rows). The model
+recomputed untimed with its own evaluate.embed_task). The model
 is the untrained tiny backbone with K learnable tokens: its Hit@1 is near chance, which
 is fine for a cost comparison.
 
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_args, fmt, print_config, print_table, ratio, setup, time_variants  # noqa: E402
 from data import read_eval_task  # noqa: E402
 from demo import DEMO_EVAL_TASKS, make_synthetic  # noqa: E402
-from evaluate import cosine_scores, embed_items, evaluate_mmeb, hit_at_1, score_rows, task_items  # noqa: E402
+from evaluate import cosine_scores, embed_items, embed_task, evaluate_mmeb, hit_at_1  # noqa: E402
 from model import ReMatch  # noqa: E402
 
 
@@ -67,12 +67,9 @@ def naive_hit_at_1(model, processor, eval_dir, image_dir, task, batch_size):
 
 
 def dedup_scores(model, processor, eval_dir, image_dir, task, batch_size):
-    """The scores evaluate_mmeb computes (its own steps, untimed), to compare with naive's."""
-    q_keys, d_keys, pairs = task_items(read_eval_task(eval_dir, task), task)
-    path = lambda p: os.path.join(image_dir, p) if p else None
-    items = [("q", t, path(p)) for t, p in q_keys] + [("d", t, path(p)) for t, p in d_keys]
-    E = embed_items(model, processor, items, batch_size, distributed=False)   # (nq + nd, d)
-    return score_rows(E[:len(q_keys)], E[len(q_keys):], pairs)
+    """The scores evaluate_mmeb computes (its own embed_task, untimed), to compare with naive's."""
+    return embed_task(model, processor, read_eval_task(eval_dir, task), task, image_dir,
+                      batch_size=batch_size)[-1]                          # (rows, max candidates)
 
 
 def parse_args(argv=None):
