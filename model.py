@@ -21,6 +21,7 @@ Naming: "pos" is always the positive document d⁺; positions in a sequence are 
 Used by train.py (training) and evaluate.py (embedding); the demo: python train.py
 Tests: pytest tests/test_model.py tests/test_matching.py
 """
+import collections
 import functools
 import importlib
 import os
@@ -278,8 +279,7 @@ def _vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddin
     order = torch.cat([torch.arange(a, a + ln) for ln, a in segs]).to(q.device)  # (n,) grouped positions
     q, k, v = (t.index_select(0, order) for t in (q, k, v))                   # (n, h, hd), grouped
     outs, at = [], 0
-    for ln in sorted({ln for ln, _ in segs}):
-        g = sum(1 for x, _ in segs if x == ln)                                # segments of this length
+    for ln, g in sorted(collections.Counter(ln for ln, _ in segs).items()):  # length, segments of it
         qg, kg, vg = (t[at:at + g * ln].reshape(g, ln, h, -1).transpose(1, 2) for t in (q, k, v))  # (g, h, ln, hd)
         o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, scale=self.scaling)  # (g, h, ln, hd)
         outs.append(o.transpose(1, 2).reshape(g * ln, h, -1))                 # (g·ln, h, hd)

@@ -70,6 +70,14 @@ def threshold_ceiling(pos, neg):
     return float(((tp + tn) / 2).max())
 
 
+def positive_and_hardest(scores):
+    """(pos, neg): the positive's score and the hardest other candidate's, for the rows of
+    score_rows' `scores` (rows, candidates; -inf padding) that have another candidate —
+    the rows evaluate.matching_accuracy judges."""
+    keep = torch.isfinite(scores[:, 1:]).any(1)                               # (rows,)
+    return scores[keep, 0], scores[keep, 1:].max(1).values
+
+
 def held_out_sets(embedder, processor, config, data, n):
     """Per eval task: items, pairs, frozen Q / D embeddings and their scores."""
     root = os.path.join(data, "eval")
@@ -115,13 +123,12 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
 
     sets = held_out_sets(embedder, processor, config, a.data, a.eval_queries)
-    pos = torch.cat([s[-1][:, 0] for s in sets.values()])
-    neg = torch.cat([s[-1][:, 1:].max(1).values for s in sets.values()])
+    pairs = {t: positive_and_hardest(s[-1]) for t, s in sets.items()}       # (pos, neg) per task
+    pos, neg = (torch.cat([p[k] for p in pairs.values()]) for k in (0, 1))
     print(f"checkpoint {a.checkpoint}: views {a.views}, P = {a.prompt}, {a.instances} instances a step, "
           f"lr {a.lr}; held-out: {a.eval_queries} queries x {len(sets)} tasks")
     print(f"one threshold on cos(E_q, E_d), best possible: {threshold_ceiling(pos, neg):.3f} "
-          f"(per task: " + ", ".join(f"{t} {threshold_ceiling(s[-1][:, 0], s[-1][:, 1:].max(1).values):.2f}"
-                                     for t, s in sets.items()) + ")")
+          f"(per task: " + ", ".join(f"{t} {threshold_ceiling(*p):.2f}" for t, p in pairs.items()) + ")")
     print("| step | train Yes/No (last steps) | " + " | ".join(evaluate.MATCH_VIEW_TYPES) + " | s |")
     print("|---|---|" + "---|" * (len(evaluate.MATCH_VIEW_TYPES) + 1))
     t0, hits = time.time(), []

@@ -90,3 +90,12 @@ def test_bad_data_directory_and_flags_are_named(small, tmp_path, capsys):
     with pytest.raises(SystemExit):
         matching_head.parse_args(["--checkpoint", ckpt, "--steps", "0"])
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_positive_and_hardest_skips_rows_without_another_candidate():
+    """The ceiling is taken over the rows evaluate.matching_accuracy judges: a row whose only
+    candidate is its positive (the rest -inf padding) has no hardest other candidate."""
+    inf = float("inf")
+    scores = torch.tensor([[0.9, 0.2, 0.7], [0.5, -inf, -inf], [0.1, 0.4, -inf]])
+    pos, neg = matching_head.positive_and_hardest(scores)
+    assert pos.tolist() == pytest.approx([0.9, 0.1]) and neg.tolist() == pytest.approx([0.7, 0.4])
