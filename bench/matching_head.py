@@ -45,12 +45,12 @@ def parse_args(argv=None):
     p.add_argument("--views", choices=sorted(VIEW_SETS), default="feat", help="view set trained")
     p.add_argument("--prompt", choices=sorted(MATCH_PROMPTS), default="paper", help="segment P")
     p.add_argument("--instances", type=int, default=32, help="(q, d⁺, d⁻) instances per step")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=600, help="training steps of the head")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (50 warm-up steps, then flat)")
-    p.add_argument("--eval_every", type=int, default=300)
+    p.add_argument("--eval_every", type=int, default=300, help="held-out evaluation every N steps")
     p.add_argument("--eval_queries", type=int, default=60, help="held-out queries per task")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0, help="torch seed, batch order and slots of d⁺")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if present)")
     a = p.parse_args(argv)
     for flag in ("instances", "steps", "eval_every", "eval_queries"):
         if getattr(a, flag) < 1:
