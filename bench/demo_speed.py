@@ -7,7 +7,13 @@ forward, backward, optimiser). Per run: the median step time over steps > --skip
 ratio reported is that of the medians over runs.
 
     python bench/demo_speed.py --against 244a7d4              # 3 runs each, steps 100-400
+    python bench/demo_speed.py --against 244a7d4 --reps 2 --steps 1500 --skip 0   # whole demo
     python bench/demo_speed.py --against HEAD~5 --reps 5 --steps 600 --skip 200
+
+The window matters: the data phase is large until the item cache has seen every
+distinct item and near zero afterwards, so a change to data loading shows a larger
+ratio early than over the whole run. What a user waits for is the whole run (--steps
+1500 --skip 0, about 13 minutes for 2 runs per tree).
 
 The other commit is checked out with `git worktree` under a temporary directory (removed
 afterwards). Take numbers on a quiet machine: both trees use every core.

@@ -208,6 +208,33 @@ def test_vision_attention_by_size_equals_the_per_image_loop(family, monkeypatch)
     assert len(c_ref) > len(c)                                                # one per image / window
 
 
+def test_vision_position_ids_once_per_size_equal_the_per_image_loop(tiny):
+    """vision_position_ids computes transformers' per-image ids once per distinct (t, h, w):
+    a hand-worked grid (block-major over 2×2 merge blocks), then the library's own loop on
+    mixed, repeated and out-of-order grids (t = 2 included), then ReMatch.image_features
+    (which hands the ids to the tower) against the tower computing them itself."""
+    from transformers.vision_utils import get_vision_position_ids
+
+    from model import vision_position_ids
+    # one image of 2×4 patches: blocks (rows 0-1, cols 0-1) then (rows 0-1, cols 2-3)
+    hand = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]])
+    assert torch.equal(vision_position_ids(torch.tensor([[1, 2, 4]]), 2), hand)
+    grid = torch.tensor([[1, 4, 4], [2, 8, 4], [1, 4, 4], [1, 2, 4], [2, 8, 4], [1, 4, 8]])
+    assert torch.equal(vision_position_ids(grid, 2), get_vision_position_ids(grid, 2))
+    assert torch.equal(vision_position_ids(grid[3:4], 2), hand)
+
+    _, backbone, processor = tiny
+    items = mixed_items(processor)
+    batch = collate_embed(items + items[::-1], processor.tokenizer, 4)        # sizes repeat
+    model = ReMatch(backbone, num_tokens=4)
+    ours = model.image_features(batch["pixel_values"], batch["image_grid_thw"])
+    theirs = backbone.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
+                                               return_dict=True).pooler_output
+    assert len(ours) == len(theirs) == 6
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------- positions
 
 def test_mrope_positions_equal_the_backbone_get_rope_index(tiny):
