@@ -280,7 +280,10 @@ def _vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddin
     q, k = rope(q, k, *position_embeddings)
     bounds = cu_seqlens.tolist()
     segs = sorted((b - a, a) for a, b in zip(bounds, bounds[1:]) if b > a)  # (length, start), by length
-    order = torch.cat([torch.arange(a, a + ln) for ln, a in segs]).to(q.device)  # (n,) grouped positions
+    lens, starts = torch.tensor(segs, device=q.device).T                      # (S,) each
+    grouped_start = torch.cumsum(lens, 0) - lens                              # (S,) start once grouped
+    order = (torch.repeat_interleave(starts - grouped_start, lens)
+             + torch.arange(n, device=q.device))                              # (n,) grouped positions
     q, k, v = (t.index_select(0, order) for t in (q, k, v))                   # (n, h, hd), grouped
     outs, at = [], 0
     for ln, g in sorted(collections.Counter(ln for ln, _ in segs).items()):  # length, segments of it
@@ -300,9 +303,9 @@ def vision_position_ids(grid_thw, merge):
     computed here once per distinct (t, h, w) and gathered. grid_thw (N, 3) → (Σ t·h·w, 2);
     passed to the tower as its precomputed position_ids (ReMatch.image_features).
     """
-    uniq, inv = torch.unique(grid_thw, dim=0, return_inverse=True)             # (U, 3), (N,)
-    per = [get_vision_position_ids(g[None], merge) for g in uniq]             # U × (t·h·w, 2)
-    return torch.cat([per[i] for i in inv.tolist()])                          # (Σ t·h·w, 2)
+    grids = [tuple(g) for g in grid_thw.tolist()]
+    per = {g: get_vision_position_ids(grid_thw.new_tensor([g]), merge) for g in set(grids)}  # (t·h·w, 2) each
+    return torch.cat([per[g] for g in grids])                                 # (Σ t·h·w, 2)
 
 
 def save_backbone(model, processor, path):
