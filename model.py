@@ -299,7 +299,7 @@ def vision_position_ids(grid_thw, merge):
     """
     The vision rotary embedding's (h, w) index of every patch, block-major over the
     merge × merge blocks: transformers' get_vision_position_ids, which loops over the
-    images (about 15 small operators each, 3-4 ms for the 64 images of a demo step),
+    images (about 15 small operators each: 4.6 ms for 64 images of 3 sizes, 0.35 here),
     computed here once per distinct (t, h, w) and gathered. grid_thw (N, 3) → (Σ t·h·w, 2);
     passed to the tower as its precomputed position_ids (ReMatch.image_features).
     """
