@@ -208,11 +208,12 @@ def test_vision_attention_by_size_equals_the_per_image_loop(family, monkeypatch)
     assert len(c_ref) > len(c)                                                # one per image / window
 
 
-def test_vision_position_ids_once_per_size_equal_the_per_image_loop(tiny):
+def test_vision_position_ids_once_per_size_equal_the_per_image_loop(tiny, monkeypatch):
     """vision_position_ids computes transformers' per-image ids once per distinct (t, h, w):
     a hand-worked grid (block-major over 2×2 merge blocks), then the library's own loop on
     mixed, repeated and out-of-order grids (t = 2 included), then ReMatch.image_features
-    (which hands the ids to the tower) against the tower computing them itself."""
+    (which hands the ids to the tower) against the tower computing them itself, also
+    with the fallback for a transformers without precomputed ids."""
     from transformers.vision_utils import get_vision_position_ids
 
     from model import vision_position_ids
@@ -230,9 +231,11 @@ def test_vision_position_ids_once_per_size_equal_the_per_image_loop(tiny):
     ours = model.image_features(batch["pixel_values"], batch["image_grid_thw"])
     theirs = backbone.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
                                                return_dict=True).pooler_output
-    assert len(ours) == len(theirs) == 6
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a, b)
+    monkeypatch.setattr("model.get_vision_position_ids", None)                # older transformers
+    fallback = model.image_features(batch["pixel_values"], batch["image_grid_thw"])
+    assert len(ours) == len(theirs) == len(fallback) == 6
+    for a, b, c in zip(ours, theirs, fallback):
+        assert torch.equal(a, b) and torch.equal(c, b)
 
 
 # ---------------------------------------------------------------------------- positions
