@@ -33,10 +33,11 @@ from transformers import (AutoConfig, AutoTokenizer, PreTrainedTokenizerFast,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
                           Qwen2VLProcessor)
-try:   # transformers ≥ 5.x whose vision towers accept precomputed position_ids (vision_position_ids)
-    from transformers.vision_utils import get_vision_position_ids
+try:   # transformers ≥ 5.x whose vision towers accept precomputed position_ids and window
+    # indices (vision_position_ids, vision_window_index)
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 except ImportError:
-    get_vision_position_ids = None
+    get_vision_position_ids = get_vision_window_index = None
 
 from data import ANSWER_WORDS, looks_like_hub_id, rank0_first, resolve_dir
 from demo.corpus import tokenizer_corpus   # the tiny tokenizer learns the demo's strings (see there)
@@ -299,13 +300,40 @@ def vision_position_ids(grid_thw, merge):
     """
     The vision rotary embedding's (h, w) index of every patch, block-major over the
     merge × merge blocks: transformers' get_vision_position_ids, which loops over the
-    images (about 15 small operators each: 4.6 ms for 64 images of 3 sizes, 0.35 here),
+    images (about 15 small operators each: 4.6 ms for 64 images of 3 sizes, 0.35 here;
+    32 against 0.75 ms for one paper-preset step's 384: bench/vision_indices.py),
     computed here once per distinct (t, h, w) and gathered. grid_thw (N, 3) → (Σ t·h·w, 2);
     passed to the tower as its precomputed position_ids (ReMatch.image_features).
     """
     grids = [tuple(g) for g in grid_thw.tolist()]
     per = {g: get_vision_position_ids(grid_thw.new_tensor([g]), merge) for g in set(grids)}  # (t·h·w, 2) each
     return torch.cat([per[g] for g in grids])                                 # (Σ t·h·w, 2)
+
+
+def vision_window_index(grid_thw, merge, window_size, patch_size):
+    """
+    Qwen2.5-VL's windowed attention: the order that groups each image's merged tokens
+    window by window, and the windows' cumulative lengths in patches. transformers'
+    get_vision_window_index loops over the images (35 ms for the 384 images of one
+    paper-preset step on a CPU core, 1 ms here: bench/vision_indices.py); here it runs
+    once per distinct (t, h, w), and each image's indices are shifted by the merged
+    tokens of the images before it.
+    grid_thw (N, 3) → window_index (Σ t·h·w / merge², ) long, cu_window_seqlens
+    (n_windows + 1, ) int32, both on grid_thw's device; the tower's precomputed
+    window_index / cu_window_seqlens (ReMatch.image_features).
+    """
+    grids = [tuple(g) for g in grid_thw.tolist()]
+    per = {}
+    for g in set(grids):
+        index, cu = get_vision_window_index(grid_thw.new_tensor([g]), spatial_merge_size=merge,
+                                            window_size=window_size, patch_size=patch_size)
+        per[g] = (index.to(grid_thw.device), cu.to(grid_thw.device).diff())  # (n_g,), (w_g,)
+    n = grid_thw.prod(-1) // merge ** 2                                      # (N,) merged tokens
+    start = torch.repeat_interleave(n.cumsum(0) - n, n)                      # (Σ n,) image's first
+    index = torch.cat([per[g][0] for g in grids]) + start                    # (Σ n,)
+    lengths = torch.cat([per[g][1] for g in grids])                          # (n_windows,)
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).int()          # (n_windows + 1,)
+    return index, cu
 
 
 def save_backbone(model, processor, path):
@@ -495,10 +523,21 @@ class ReMatch(nn.Module):
         if pixel_values is None:
             return []
         dev, grid = self.device, image_grid_thw.to(self.device)
-        pos = {} if get_vision_position_ids is None else \
-            {"position_ids": vision_position_ids(grid, self.hf.config.vision_config.spatial_merge_size)}
         return list(self.hf.model.get_image_features(pixel_values.to(dev), grid, return_dict=True,
-                                                     **pos).pooler_output)
+                                                     **self.vision_indices(grid)).pooler_output)
+
+    def vision_indices(self, grid):
+        """The tower's per-image index work done once per distinct image size: rotary
+        position ids and, for Qwen2.5-VL, the window order ({} on a transformers whose
+        towers take no precomputed indices: the tower then loops over the images)."""
+        if get_vision_position_ids is None:
+            return {}
+        vc = self.hf.config.vision_config
+        out = {"position_ids": vision_position_ids(grid, vc.spatial_merge_size)}
+        if getattr(vc, "window_size", None):                                 # Qwen2.5-VL
+            out["window_index"], out["cu_window_seqlens"] = vision_window_index(
+                grid, vc.spatial_merge_size, vc.window_size, vc.patch_size)
+        return out
 
     def input_embeds(self, input_ids, pixel_values=None, image_grid_thw=None, images=None):
         """Token embeddings with the images' features scattered into the <|image_pad|>

@@ -4,6 +4,7 @@ Backbone loading, the tiny tokenizer, M-RoPE positions and the §3.2.1 embedding
     pytest tests/test_model.py
 """
 import copy
+import os
 
 import pytest
 import torch
@@ -236,6 +237,51 @@ def test_vision_position_ids_once_per_size_equal_the_per_image_loop(tiny, monkey
     assert len(ours) == len(theirs) == len(fallback) == 6
     for a, b, c in zip(ours, theirs, fallback):
         assert torch.equal(a, b) and torch.equal(c, b)
+
+
+def test_vision_window_index_once_per_size_equals_the_per_image_loop(tiny):
+    """vision_window_index (Qwen2.5-VL's window order and window lengths) computes
+    transformers' per-image loop once per distinct (t, h, w): a hand-worked case, the
+    library's loop on mixed, repeated and out-of-order grids (t = 2, sizes a multiple of
+    the window and not, an image smaller than one window), and the tiny Qwen2.5-VL
+    tower's features, which receive these indices from ReMatch.image_features, against
+    the tower computing them itself (test above)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    from model import vision_window_index
+    kw = dict(merge=2, window_size=112, patch_size=14)                         # 4×4 merged tokens
+    # image 0: 2×2 merged tokens, one window of 4·4 patches; image 1: 2×6 merged tokens,
+    # windows of 2×4 and 2×2 tokens (row-major inside each), shifted by image 0's 4 tokens
+    index, cu = vision_window_index(torch.tensor([[1, 4, 4], [1, 4, 12]]), **kw)
+    assert index.tolist() == [0, 1, 2, 3] + [4 + i for i in (0, 1, 2, 3, 6, 7, 8, 9, 4, 5, 10, 11)]
+    assert cu.tolist() == [0, 16, 48, 64] and cu.dtype == torch.int32
+    grid = torch.tensor([[1, 4, 4], [2, 16, 8], [1, 4, 4], [1, 12, 20], [2, 16, 8], [1, 8, 8]])
+    ref_index, ref_cu = get_vision_window_index(grid, spatial_merge_size=2, window_size=112,
+                                                patch_size=14)
+    index, cu = vision_window_index(grid, **kw)
+    assert torch.equal(index, ref_index) and torch.equal(cu, ref_cu) and cu.dtype == ref_cu.dtype
+    name, backbone, _ = tiny
+    if name == "tiny-qwen2.5-vl":                                              # windowed tower
+        indices = ReMatch(backbone, num_tokens=4).vision_indices(grid)
+        assert torch.equal(indices["window_index"], ref_index)
+    else:                                                                      # no windows
+        assert "window_index" not in ReMatch(backbone, num_tokens=4).vision_indices(grid)
+
+
+def test_bench_vision_indices_checks_equality_and_prints_its_table(capsys):
+    """bench/vision_indices.py runs (a small grid), prints one row per index, and names
+    the flag of a size the patch grid cannot take."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "bench", "vision_indices.py")
+    spec = importlib.util.spec_from_file_location("bench_vision_indices", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--queries", "3", "--sizes", "56", "112", "--reps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "images=9" in out and "| position ids |" in out and "| window index |" in out
+    with pytest.raises(SystemExit, match="--sizes \\[30\\]"):
+        bench.main(["--sizes", "30"])
 
 
 # ---------------------------------------------------------------------------- positions
