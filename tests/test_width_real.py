@@ -183,6 +183,28 @@ def test_written_dir_is_reused_and_protected(ckpt):
         width_real.write_checkpoint(preset, path, num_layers=2, vision_depth=1)
 
 
+def test_bfloat16_checkpoint_holds_the_float32_weights_rounded(ckpt, tmp_path):
+    """dtype="bfloat16" stores the same random draw as the fp32 checkpoint, rounded to
+    bf16 (what a hub checkpoint holds), in about half the bytes; a bad dtype is named."""
+    from safetensors import safe_open
+    preset, path = ckpt
+    if preset != "qwen2-vl-2b":
+        pytest.skip("one preset suffices: the dtype path is preset-independent")
+    half = width_real.write_checkpoint(preset, tmp_path / "bf16", num_layers=1, vision_depth=1,
+                                       seed=0, dtype="bfloat16")
+    with safe_open(str(path / "model.safetensors"), "pt") as f32, \
+            safe_open(str(half / "model.safetensors"), "pt") as b16:
+        assert sorted(f32.keys()) == sorted(b16.keys())
+        for name in f32.keys():
+            a, b = f32.get_tensor(name), b16.get_tensor(name)
+            assert b.dtype == (torch.bfloat16 if a.is_floating_point() else a.dtype), name
+            assert torch.equal(a.to(b.dtype), b), name
+    size = lambda d: (d / "model.safetensors").stat().st_size               # noqa: E731
+    assert 0.45 < size(half) / size(path) < 0.55
+    with pytest.raises(ValueError, match="dtype 'float16'"):
+        width_real.write_checkpoint(preset, tmp_path / "x", dtype="float16")
+
+
 def test_config_has_real_widths(ckpt):
     preset, path = ckpt
     real = REAL[preset]

@@ -10,6 +10,8 @@ real checkpoint (loading, tokenization, image-pad expansion, pixel bounds, memor
 without downloading anything.
 
     python -m tools.width_real --preset qwen2-vl-2b --out DIR --layers 2 --vision_depth 1
+    python -m tools.width_real --preset qwen2-vl-7b --out DIR --layers 28 --vision_depth 32 \
+        --dtype bfloat16                     # the full depth, stored in bf16 as on the hub
 
 writes DIR with config.json, generation_config.json, model.safetensors, tokenizer.json,
 vocab.json, merges.txt, tokenizer_config.json, chat_template.json, preprocessor_config.json
@@ -274,22 +276,29 @@ def _is_complete(path, spec):
         return False
 
 
-def write_checkpoint(preset, path, num_layers=2, vision_depth=1, seed=0):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def write_checkpoint(preset, path, num_layers=2, vision_depth=1, seed=0, dtype="float32"):
     """
     Write a width-real `preset` checkpoint (ARCH) to directory `path` in the hub layout:
-    num_layers decoder layers, vision_depth vision blocks, random fp32 weights
-    (torch.manual_seed(seed); the caller's RNG state is left untouched), the real Qwen
+    num_layers decoder layers, vision_depth vision blocks, random weights drawn in fp32
+    (torch.manual_seed(seed); the caller's RNG state is left untouched) and stored as
+    `dtype` ("bfloat16", as Qwen's hub checkpoints are, halves the file: 17 instead of
+    33 GB for the full-depth 7B, which bench/gpu_kit.py writes and reads), the real Qwen
     tokenizer, Qwen2-VL's chat template, the real preprocessor_config.json. Nothing is
     downloaded. Built in a temporary sibling directory and renamed into place; a `path`
     already written with the same arguments is reused. Returns `path` (a Path).
-    Raises ValueError for an unknown preset or num_layers / vision_depth < 1,
+    Raises ValueError for an unknown preset or dtype, or num_layers / vision_depth < 1,
     FileExistsError if `path` is a non-empty directory not written with these arguments,
     ImportError if the tokenizer package is missing.
     """
     _check_args(preset, num_layers, vision_depth)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     path = Path(path)
     spec = {"tool": "tools.width_real", "format": _FORMAT, "preset": preset,
-            "num_layers": num_layers, "vision_depth": vision_depth, "seed": seed}
+            "num_layers": num_layers, "vision_depth": vision_depth, "seed": seed, "dtype": dtype}
     if _is_complete(path, spec):
         return path
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -302,7 +311,7 @@ def write_checkpoint(preset, path, num_layers=2, vision_depth=1, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        model = random_model(family["model"], cfg, seed)
+        model = random_model(family["model"], cfg, seed).to(DTYPES[dtype])
         model.save_pretrained(tmp)              # 5.x: always safetensors (model.safetensors)
         del model
         write_tokenizer(src, tmp, family)
@@ -348,10 +357,12 @@ def main(argv=None):
                          "(default 1)")
     ap.add_argument("--seed", type=int, default=0,
                     help="torch.manual_seed for the random weights (default 0)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                    help="stored weight type (default float32; bfloat16 as on the hub, half the size)")
     args = ap.parse_args(argv)
     try:
         out = write_checkpoint(args.preset, args.out, num_layers=args.layers,
-                               vision_depth=args.vision_depth, seed=args.seed)
+                               vision_depth=args.vision_depth, seed=args.seed, dtype=args.dtype)
     except (ValueError, FileExistsError, ImportError) as e:
         ap.exit(2, f"error: {e}\n")
     print(out)
