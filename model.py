@@ -314,10 +314,10 @@ def vision_window_index(grid_thw, merge, window_size, patch_size):
     """
     Qwen2.5-VL's windowed attention: the order that groups each image's merged tokens
     window by window, and the windows' cumulative lengths in patches. transformers'
-    get_vision_window_index loops over the images (35 ms for the 384 images of one
-    paper-preset step on a CPU core, 1 ms here: bench/vision_indices.py); here it runs
-    once per distinct (t, h, w), and each image's indices are shifted by the merged
-    tokens of the images before it.
+    get_vision_window_index loops over the images; here it runs once per distinct
+    (t, h, w), and each image's indices are shifted by the merged tokens of the images
+    before it (the 384 images of one paper-preset step: 35 against 1 ms on a CPU core,
+    bench/vision_indices.py).
     grid_thw (N, 3) → window_index (Σ t·h·w / merge², ) long, cu_window_seqlens
     (n_windows + 1, ) int32, both on grid_thw's device; the tower's precomputed
     window_index / cu_window_seqlens (ReMatch.image_features).

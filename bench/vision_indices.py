@@ -1,8 +1,8 @@
 """
 The vision tower's per-image index work at the paper's batch size: transformers'
 per-image loops against model.vision_position_ids / model.vision_window_index, which run
-them once per distinct image size (the issue's "never rebuild per step what is fixed per
-item"). Both are host work that runs before the tower's first kernel, at every step.
+them once per distinct image size (the indices depend on the size alone). Both are host
+work that runs before the tower's first kernel, at every step.
 
   position ids   the rotary (h, w) index of every patch (both families):
                  transformers.vision_utils.get_vision_position_ids vs vision_position_ids
