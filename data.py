@@ -66,7 +66,7 @@ MATCH_FEAT = {"Q": ("<QUERY>\n<feat_start>", "<feat_end> </QUERY>\n"),
               "D": ("<DOC>\n<feat_start>", "<feat_end> </DOC>\n")}
 MATCH_H = ASSISTANT
 # segment P by name (train.py --match_prompt, saved in the checkpoint's config): "paper" is
-# App. S7's; "header" the bare user header, for tiny random models (docs/readings.md §8)
+# App. S7's; "header" the bare user header, for tiny random models (docs/demo.md §3)
 MATCH_PROMPTS = {"paper": MATCH_P, "header": USER}
 MATCH_ANSWER = ("<ANSWER>", "</ANSWER>")
 ANSWER_WORDS = ("Yes", "No")   # label l of Eq. 4: "Yes" for d⁺, "No" for d⁻
@@ -323,13 +323,26 @@ def collate_embed(items, tokenizer, num_tokens, template="chat"):
 # ----------------------------------------------------------------------------------
 # Matching batch (§3.2.3, Fig. 3, App. S7; docs/readings.md §3)
 
+def draw_pos_slot(rng):
+    """The slot (1 or 2) of d⁺ in a matching row, each with probability 1/2, from `rng`
+    (a random.Random); the other slot gets d⁻."""
+    return 1 if rng.random() < 0.5 else 2
+
+
+def pos_slot_of(*key):
+    """d⁺'s slot for the instance named by `key` (e.g. seed, step, row index), seeded by the
+    key alone: the placement does not depend on how instances are split over ranks or
+    chunks, or on what else was drawn."""
+    return draw_pos_slot(random.Random("-".join(map(str, key))))
+
+
 def collate_match(q_items, pos_items, neg_items, tokenizer, views, pos_slot, prompt=MATCH_P):
     """
     One packed row per instance (q, d⁺, d⁻): segments P, Q, Zq, D1, Zd1, D2, Zd2, H,
     A_1..A_V (those the view set uses; masks.segments_used), d⁺ put in slot 1 or 2 at
     random, the other slot gets d⁻. `pos_slot`: the slot (1 or 2) of d⁺ per instance,
-    chosen by the caller (train.py seeds each instance itself, so the placement does not
-    depend on how instances are split over ranks), or a seeded random.Random to draw them.
+    chosen by the caller (pos_slot_of: train.py seeds each instance by its key), or a
+    seeded random.Random to draw them (draw_pos_slot).
     Naming: "pos" is always the positive d⁺; positions in the row are "*_idx".
     `prompt`: the text of segment P (default MATCH_P: system + user header + App. S7's
     instruction; tests/test_learnability.py uses a bare user header, see there).
@@ -359,7 +372,7 @@ def collate_match(q_items, pos_items, neg_items, tokenizer, views, pos_slot, pro
     feat_wrap = {k: tuple(_ids(tokenizer, s) for s in v) for k, v in MATCH_FEAT.items()}
 
     if not isinstance(pos_slot, (list, tuple)):                    # a random.Random: draw
-        pos_slot = [1 if pos_slot.random() < 0.5 else 2 for _ in q_items]
+        pos_slot = [draw_pos_slot(pos_slot) for _ in q_items]
     rows, segments, feat_idx, label_idx, labels, images, image_src = [], [], [], [], [], [], []
     for m, (q, dp, dn, slot) in enumerate(zip(q_items, pos_items, neg_items, pos_slot)):
         docs = {1: (dp, "pos"), 2: (dn, "neg")} if slot == 1 else {1: (dn, "neg"), 2: (dp, "pos")}

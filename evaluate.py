@@ -1,12 +1,14 @@
 """
 Evaluation of ReMatch: retrieval by cosine similarity (paper §3.1, Eq. 1) on MMEB (§4,
 Table 1: Hit@1 on 36 tasks) and zero-shot cross-modal retrieval (§4.2, Table 2:
-Flickr30K, COCO, ShareGPT4V, Urban1K, SugarCrepe), plus `Encoder`, the embedding API.
+Flickr30K, COCO, ShareGPT4V, Urban1K, SugarCrepe); the matching head after training
+(Eq. 4: held-out Yes/No accuracy, p(Yes) as a scorer); `Encoder`, the embedding API.
 
     d* = argmax_{d ∈ {d_1..d_N}} cos(E(q), E(d))          (Eq. 1; cosine in fp32)
 
 Queries are embedded with the query tokens L_q (side "q"), candidates with L_d (side
-"d"); each distinct (text, image) is embedded once per side. Metrics (docs/readings.md §5):
+"d"); each distinct (text, image) is encoded and embedded once per side, and the
+matching passes reuse those encodings. Metrics (docs/readings.md §5):
   Hit@1   the positive (candidate 0) scores strictly above every other candidate; a tie
           is a miss (VLM2Vec v1's argmax counted ties as hits: a constant model scored 100%).
   R@k     a query is a hit if a positive ranks in the top k; ties are pessimistic (a
@@ -22,56 +24,19 @@ Commands
   python evaluate.py --model CKPT --zeroshot flickr30k coco sharegpt4v urban1k sugarcrepe --data_dir DATA
   python evaluate.py --model runs/demo/checkpoint-STEP --benchmark synthetic \\
       --mmeb_dir runs/demo/demo_data/eval --image_dir runs/demo/demo_data   # train.py's demo data
-  Tests: python -m pytest -q tests/test_evaluate.py
+  Reranking with the matching head: tools/rerank.py.   Tests: pytest tests/test_evaluate.py
 
---model: a train.py checkpoint directory (has rematch_config.json), a hub id or local
-directory of a raw Qwen2-VL / Qwen2.5-VL (the single-vector baseline: last-token pooling,
-VLM2Vec layout; see --num_tokens / --embed_template), or tiny-qwen2-vl / tiny-qwen2.5-vl.
-Under torchrun the embedding work of each task is cut into one contiguous shard per rank
-(gloo on CPU, nccl on CUDA), every item is embedded by exactly one rank, the embeddings
-are all-gathered and scored; rank 0 prints and writes. With --out, each finished task is
-saved at once (<out>/mmeb/<task>.json, written atomically) and a restarted run skips it;
-the tables go to <out>/mmeb_results.{json,md} and <out>/zeroshot_results.{json,md}.
-
-MMEB data (V1, 36 image tasks; docs/readings.md §5). --mmeb_dir is a hub id (`TIGER-Lab/MMEB-eval`,
-fetched with huggingface_hub.snapshot_download, only the requested tasks) or a local copy:
-<root>/<Task>/test-00000-of-00001.parquet or <root>/<Task>/test/*.parquet with columns
-qry_text, qry_img_path, tgt_text (list), tgt_img_path (list); candidate 0 is the positive.
-Images: unzip the dataset's images.zip and pass that folder as --image_dir (the *_img_path
-columns are relative to it). Images with a side below 28 px are upscaled (aspect kept,
-shortest side 28) before the Qwen processor. A copy of the positive later in its own
-candidate list is the same document, not a negative: it is left out of that row.
-Any other benchmark in the same file format runs through the same code with its own
-task table: `tasks={name: (meta_task, is_ind)}`, --benchmark synthetic (demo.DEMO_EVAL_TASKS)
-or --task_table FILE.json.
-
-Zero-shot data (docs/readings.md §5), one folder --data_dir laid out as the sources ship it:
-  flickr30k/dataset_flickr30k.json       Karpathy split json (split "test": 1000 images ×
-  flickr30k/flickr30k-images/<filename>    5 captions; cs.stanford.edu/people/karpathy/deepimagesent,
-                                           images from the Flickr30K request form)
-  coco/dataset_coco.json                 Karpathy split json (split "test": 5000 images, the
-  coco/<filepath>/<filename>               first 5 captions each; images coco/val2014/*.jpg)
-  sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json   first 1000 entries (hub
-  sharegpt4v/<entry["image"]>              Lin-Chen/ShareGPT4V; images as in its data/ folder)
-  Urban1k/image/<name>.jpg, Urban1k/caption/<name>.txt      (hub BeichenZhang/Urban1k; first line)
-  sugarcrepe/{add_obj,add_att,replace_obj,replace_att,replace_rel,swap_obj,swap_att}.json
-                                           {id: {filename, caption, negative_caption}}
-                                           (github RAIVNLab/sugar-crepe data/), images coco/val2017/
-Prompts (MMEB's MSCOCO_t2i / MSCOCO_i2t wording, fixed): text→image query
-ZS_T2I_QUERY.format(caption), image candidate ZS_IMAGE_CANDIDATE; image→text query
-ZS_I2T_QUERY, text candidate the raw caption. Identical captions (or images) are one item,
-a positive for every image they belong to. SugarCrepe: the image (ZS_I2T_QUERY) must score
-the true caption strictly above the negative one; Replace/Swap/Add = mean of the subsets.
-
-Embedding API (build an index; vectors are L2-normalised fp32, batch-independent):
-    from evaluate import Encoder
-    enc = Encoder("runs/rematch-2b/checkpoint-2500")           # loaded once
-    docs = enc.encode(images=["a.jpg", "b.jpg"], instruction="Represent the given image.", side="d")
-    q = enc.encode(texts=["a dog on a beach"],
-                   instruction="Find me an everyday image that matches the given caption:")
-    best = (q @ docs.T).argmax(dim=1)                          # Eq. 1
+--model: a train.py checkpoint directory (has rematch_config.json) or its hub id, a hub
+id or local directory of a raw Qwen2-VL / Qwen2.5-VL (the single-vector baseline:
+last-token pooling, VLM2Vec layout; see --num_tokens / --embed_template), or
+tiny-qwen2-vl / tiny-qwen2.5-vl. Under torchrun each task's embedding work is cut into
+one contiguous shard per rank, the embeddings are all-gathered and scored; rank 0 prints
+and writes. With --out, each finished task is saved at once (<out>/mmeb/<task>.json) and
+a restarted run skips it; the tables go to <out>/mmeb_results.{json,md} and
+<out>/zeroshot_results.{json,md}. Data layouts: the MMEB and zero-shot sections below.
 """
 import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -82,12 +47,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (IMAGE_PLACEHOLDER, MATCH_PROMPTS, MMEB_EVAL_TASKS, collate_embed, encode_item, find_subsets,
-                  load_image, read_eval_task, resolve_dir, upscale_small, with_target_instruction)
-from demo import DEMO_EVAL_TASKS
+from data import (IMAGE_PLACEHOLDER, MATCH_PROMPTS, MMEB_EVAL_TASKS, collate_embed, collate_match,
+                  encode_item, find_subsets, load_image, pos_slot_of, read_eval_task, resolve_dir,
+                  upscale_small, with_target_instruction)
 from losses import rank_world
-from model import ATTENTION, load_rematch, set_attention
-from train import print0, setup_distributed, teardown_distributed
+from masks import VIEW_SETS
+from model import load_rematch
+from util.backbone import answer_token_ids
+from util.dist import (broadcast_object, collective_device, print0, setup_distributed, sum_over_ranks,
+                       teardown_distributed)
+from util.run import load_finished, result_path, weights_fingerprint, write_atomic, write_json
+from util.speed import ATTENTION, set_attention
 
 # ----------------------------------------------------------------------------------
 # Metrics (Eq. 1). Small pure functions; tests/test_evaluate.py keeps naive loops as oracle.
@@ -130,33 +100,7 @@ def recall_at_k(scores, is_pos, k):
 
 
 # ----------------------------------------------------------------------------------
-# Distributed: set-up, rank-0 printing and (rank, world) are train.py's and losses.py's
-
-def _collective_device(model):
-    """Where tensors for a collective must live: the GPU under nccl, the CPU under gloo."""
-    return model.device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _sum_over_ranks(t, model):
-    """A CPU tensor summed over all ranks (itself without a process group)."""
-    if rank_world()[1] == 1:
-        return t
-    t = t.to(_collective_device(model))
-    dist.all_reduce(t)
-    return t.cpu()
-
-
-def _broadcast(obj):
-    """rank 0's `obj` on every rank."""
-    if rank_world()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# ----------------------------------------------------------------------------------
-# Images and embedding
+# Embedding items: each distinct (text, image) once per side, sharded over ranks
 
 def _as_image(x, where):
     if x is None:
@@ -170,17 +114,19 @@ def _encode(processor, text, image, where):
 
 
 @torch.no_grad()
-def embed_items(model, processor, items, batch_size=16, progress=False, desc="embed",
-                distributed=True):
+def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="embed",
+                 distributed=True, keep=None):
     """
-    items: list of (side, text, image): side "q" or "d", text the MMEB-format string
+    inputs: list of (side, text, image): side "q" or "d", text the MMEB-format string
     (`<|image_1|>` where the image goes), image None / a path / a PIL image.
-    Each item is embedded exactly once. Under torch.distributed the list is cut into
-    W contiguous shards, rank r embeds shard r, and every rank receives all rows
-    (all_gather). Returns E (len(items), d) fp32 on the CPU, in item order.
+    Each input is encoded (data.encode_item) and embedded exactly once. Under
+    torch.distributed the list is cut into W contiguous shards, rank r embeds shard r, and
+    every rank receives all rows (all_gather). keep: optional dict whose keys are input
+    indices; the encoded items of those this rank encodes are stored in it, for the
+    matching passes to reuse. Returns E (len(inputs), d) fp32 on the CPU, in input order.
     """
     rank, world = rank_world() if distributed else (0, 1)
-    n, d = len(items), model.hf.config.text_config.hidden_size
+    n, d = len(inputs), model.backbone.config.text_config.hidden_size
     size = math.ceil(n / world)                                  # shard size (the last may be short)
     lo, hi = min(rank * size, n), min((rank + 1) * size, n)
     local = torch.zeros(size, d)                                 # (size, d) fp32
@@ -188,12 +134,14 @@ def embed_items(model, processor, items, batch_size=16, progress=False, desc="em
     model.eval()
     bar = tqdm(total=hi - lo, desc=desc, disable=not progress or rank != 0)
     for side in ("q", "d"):                                      # a batch holds one side only
-        idx = [i for i in range(lo, hi) if items[i][0] == side]
+        idx = [i for i in range(lo, hi) if inputs[i][0] == side]
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
             where = [f"{desc} {side}-item {i}" for i in chunk]
-            enc = [_encode(processor, items[i][1], items[i][2], w)
+            enc = [_encode(processor, inputs[i][1], inputs[i][2], w)
                    for i, w in zip(chunk, where)]
+            if keep is not None:
+                keep.update((i, e) for i, e in zip(chunk, enc) if i in keep)
             batch = collate_embed(enc, processor.tokenizer, model.num_tokens, model.embed_template)
             E, _ = model.embed(batch, side)                      # (b, d)
             local[[i - lo for i in chunk]] = E.float().cpu()
@@ -202,7 +150,7 @@ def embed_items(model, processor, items, batch_size=16, progress=False, desc="em
     model.train(was_training)
     if world == 1:
         return local[:n]
-    dev = _collective_device(model)
+    dev = collective_device(model.device)
     parts = [torch.empty(size, d, device=dev) for _ in range(world)]
     dist.all_gather(parts, local.to(dev))                        # W × (size, d)
     return torch.cat([p[:max(0, min(size, n - r * size))] for r, p in enumerate(parts)]).cpu()
@@ -219,134 +167,18 @@ def _target_instruction_fn(config):
     return lambda text, task, meta=None: with_target_instruction(text, task, meta, prompts)
 
 
-def rerank_hits(model, processor, q_items, d_items, pairs, Q, D, scores, k, views="raw", n=None,
-                batch_size=16, desc="rerank", prompt=None):
-    """
-    Hit@1 of the first n queries (default all) before and after reranking: the embedding
-    retrieval's top k candidates are reordered by the matching head's p(Yes)
-    (matching_p_yes); the query is a hit after reranking if its positive is among the top
-    k and gets a strictly higher p(Yes) than the other k − 1 (ties are misses, as in
-    hit_at_1). q_items / d_items: (text, image path or None) of the distinct items; pairs,
-    scores as from task_items / score_rows. Sharded over ranks.
-    Returns {"hit@1_before", "hit@1_after", "k", "views", "queries"}.
-    """
-    rank, world = rank_world()
-    n = len(pairs) if n is None else min(n, len(pairs))
-    lo, hi = (n * rank) // world, (n * (rank + 1)) // world
-    hits = torch.zeros(2, dtype=torch.float64)                             # before, after
-    enc = lambda it, w: _encode(processor, *it, w)                        # noqa: E731
-    for i in range(lo, hi):
-        qi, cands = pairs[i]
-        cands = distinct_candidates(cands)                                 # score_rows' columns
-        s = scores[i, :len(cands)]
-        hits[0] += float(bool((s[1:] < s[0]).all()))
-        top = torch.argsort(s, descending=True, stable=True)[:k].tolist()  # column indices
-        if 0 not in top:
-            continue                                                       # positive not retrieved
-        docs = [cands[j] for j in top]
-        p = matching_p_yes(model, processor, enc(q_items[qi], f"{desc} q-item {qi}"), Q[qi],
-                           [enc(d_items[c], f"{desc} d-item {c}") for c in docs], D[docs],
-                           views, batch_size, prompt)                      # (k,)
-        at = top.index(0)
-        hits[1] += float(bool((torch.cat([p[:at], p[at + 1:]]) < p[at]).all()))
-    hits = _sum_over_ranks(hits, model)
-    return {"hit@1_before": hits[0].item() / max(n, 1), "hit@1_after": hits[1].item() / max(n, 1),
-            "k": k, "views": views, "queries": n}
-
-
-# ----------------------------------------------------------------------------------
-# The matching head as a scorer (reranking): p(Yes) of Eq. 4's answer for (query, candidate)
-
-# the views that score a candidate, all reading slot 1 (the row holds no slot 2)
-RERANK_VIEW_SETS = {"raw": (("Q", "D1"),), "feat": (("Zq", "Zd1"),),
-                    "all": (("Q", "D1"), ("Q", "Zd1"), ("Zq", "D1"), ("Zq", "Zd1"))}
-RERANK_VIEWS = tuple(RERANK_VIEW_SETS)
-
-
-@torch.no_grad()
-def matching_p_yes(model, processor, q_item, E_q, d_items, E_d, views="raw", batch_size=16,
-                   prompt=None):
-    """
-    p(Yes | Yes or No) = sigmoid(logit_Yes − logit_No) of the trained matching prompt for
-    one query and each of its candidates. q_item, d_items: encoded items (encode_item);
-    E_q (d,), E_d (n, d): their fused embeddings (used by the feature views). Each candidate
-    gets a row of its own holding only slot 1 — [P, Q, Zq, D1, Zd1, H, answers], the
-    segments its views use — so its score depends on nothing but (query, candidate): in
-    a row with a second document, the second one's length would shift the answers'
-    positions (readings §3). views: "raw" (Q, D1), "feat" (Zq, Zd1), or "all" (the mean
-    over the 4 views). prompt: segment P as trained (match_prompt(config)). Returns (n,) fp32.
-    """
-    from data import collate_match
-    from model import answer_token_ids
-    if views not in RERANK_VIEW_SETS:
-        raise ValueError(f"views must be one of {RERANK_VIEWS}, got {views!r}")
-    view_set = RERANK_VIEW_SETS[views]
-    yes, no = answer_token_ids(processor.tokenizer)
-    n, dev = len(d_items), model.device
-    out = torch.zeros(n)
-    for s in range(0, n, batch_size):
-        idx = list(range(s, min(s + batch_size, n)))
-        docs = [d_items[j] for j in idx]
-        mb = collate_match([q_item] * len(idx), docs, docs, processor.tokenizer, view_set,
-                           [1] * len(idx), prompt=prompt or MATCH_PROMPTS["paper"])   # no slot 2
-        E = [E_q.expand(len(idx), -1), E_d[idx], E_d[idx]]
-        logits, _ = model.match(mb, *(e.to(dev) for e in E))          # (R·V, vocab)
-        p = torch.sigmoid((logits[:, yes] - logits[:, no]).float())   # (R·V,)
-        out[idx] = p.reshape(len(idx), len(view_set)).mean(1).cpu()   # (R,)
-    return out
-
-
-# ----------------------------------------------------------------------------------
-# Results on disk: atomic writes, resume
-
-def _write_json(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)                                        # atomic: never a half file
-
-
-def _write_text(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _result_path(out_dir, kind, name):
-    return os.path.join(out_dir, kind, name.replace(os.sep, "_") + ".json")
-
-
-@torch.no_grad()
-def weights_fingerprint(model):
-    """"n_params:float64 sum of all weights": any training step changes it, so a restart
-    never reuses results computed with other weights."""
-    total = sum(p.sum(dtype=torch.float64).item() for p in model.parameters())
-    n = sum(p.numel() for p in model.parameters())
-    return f"{n}:{total:.10e}"
-
-
-def _load_finished(out_dir, kind, names, config, weights):
-    """{name: saved record} of the results an earlier run with the same config and
-    weights saved under out_dir; results of other weights raise (never silently reused)."""
-    found = {}
-    for name in names if out_dir else ():
-        path = _result_path(out_dir, kind, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                saved = json.load(f)
-            if (saved.get("config"), saved.get("weights")) != (json.loads(json.dumps(config)), weights):
-                raise ValueError(f"{path} was written for another model/config or other weights "
-                                 f"({saved.get('config')}); use another --out or delete it")
-            found[name] = saved
-    return found
-
-
 # ----------------------------------------------------------------------------------
 # MMEB (Table 1)
+# Data (V1, 36 image tasks; docs/readings.md §5): --mmeb_dir is a hub id
+# (TIGER-Lab/MMEB-eval, only the requested tasks are fetched) or a local copy:
+# <root>/<Task>/test-00000-of-00001.parquet or <root>/<Task>/test/*.parquet with columns
+# qry_text, qry_img_path, tgt_text (list), tgt_img_path (list); candidate 0 is the positive.
+# Images: unzip the dataset's images.zip and pass that folder as --image_dir. Images with a
+# side below 28 px are upscaled (aspect kept) before the Qwen processor. A copy of the
+# positive later in its own candidate list is the same document, not a negative: it is
+# left out of that row. Any other benchmark in the same file format runs through the same
+# code with its own task table ({name: (meta_task, is_ind)}, --benchmark synthetic or
+# --task_table FILE.json).
 
 META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
 # The 36 MMEB-eval tasks: name → (meta_task, is_ind), IND = one of the 20 MMEB-train sets.
@@ -359,7 +191,17 @@ META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
 #                   OOD FashionIQ Wiki-SS-NQ OVEN EDIS
 #   Grounding       IND MSCOCO   OOD RefCOCO RefCOCO-Matching Visual7W-Pointing
 MMEB_TASKS = MMEB_EVAL_TASKS
-BENCHMARKS = {"mmeb": MMEB_TASKS, "synthetic": DEMO_EVAL_TASKS}   # built-in task tables
+BENCHMARK_NAMES = ("mmeb", "synthetic")
+
+
+def benchmarks():
+    """The built-in task tables: MMEB's 36 and the CPU demo's (imported only when asked)."""
+    from demo import DEMO_EVAL_TASKS
+    return {"mmeb": MMEB_TASKS, "synthetic": DEMO_EVAL_TASKS}
+
+
+def _known_tasks():
+    return {**benchmarks()["mmeb"], **benchmarks()["synthetic"]}
 
 
 def task_table(tasks=None, known=None):
@@ -370,7 +212,7 @@ def task_table(tasks=None, known=None):
         return dict(known or MMEB_TASKS)
     if isinstance(tasks, dict):
         return {name: (meta, bool(ind)) for name, (meta, ind) in tasks.items()}
-    known = known or {**MMEB_TASKS, **DEMO_EVAL_TASKS}
+    known = known or _known_tasks()
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise KeyError(f"unknown task(s) {unknown}; known tasks: {list(known)}")
@@ -382,7 +224,7 @@ def discovered_task_table(root, tasks=None, table_file=None):
     folder of `root` with test parquet files; each with its (meta_task, is_ind) from
     `table_file` (--task_table format), else MMEB's or the demo's table, else
     ("Other", True). A hub id without `tasks` means MMEB's 36 tasks."""
-    known = {**MMEB_TASKS, **DEMO_EVAL_TASKS}
+    known = _known_tasks()
     if table_file:
         known.update(read_task_table(table_file, "--eval_task_table"))
     if tasks is None:
@@ -446,20 +288,51 @@ def score_rows(Q, D, pairs):
     return scores
 
 
-def embed_task(model, processor, rows, task, image_dir, config=None, meta=None, batch_size=16,
-               progress=False):
+@dataclasses.dataclass
+class TaskEmbeddings:
     """
-    One eval task's rows embedded, each distinct item once (task_items, embed_items):
-    items_q, items_d ((text, image path or None) of the distinct queries / candidates),
-    pairs, Q (nq, d), D (nd, d) and scores (rows, max candidates; score_rows).
+    One eval task embedded (embed_task). q_inputs / d_inputs: (text, image path or None) of
+    the distinct queries / candidates; pairs: per row (query index, [candidate indices]),
+    positive first; Q (nq, d), D (nd, d): their embeddings; scores (rows, max candidates):
+    score_rows. items: encoded items (data.encode_item) kept from the embedding pass,
+    keyed ("q" | "d", index); item() encodes the others on first use (under torchrun,
+    those another rank embedded).
+    """
+    q_inputs: list
+    d_inputs: list
+    pairs: list
+    Q: torch.Tensor
+    D: torch.Tensor
+    scores: torch.Tensor
+    items: dict = dataclasses.field(default_factory=dict)
+
+    def item(self, processor, side, i, desc="task"):
+        """The encoded query (side "q") or candidate ("d") of index i."""
+        if self.items.get((side, i)) is None:
+            text, image = (self.q_inputs if side == "q" else self.d_inputs)[i]
+            self.items[(side, i)] = _encode(processor, text, image, f"{desc} {side}-item {i}")
+        return self.items[(side, i)]
+
+
+def embed_task(model, processor, rows, task, image_dir, config=None, meta=None, batch_size=16,
+               progress=False, keep_rows=0):
+    """
+    One eval task's rows embedded, each distinct item once (task_items, embed_inputs), as
+    TaskEmbeddings. keep_rows: the encoded items of the first N rows (query and every
+    candidate) are kept for the matching passes (matching_accuracy, reranking), so no
+    item is read and encoded twice.
     """
     q_keys, d_keys, pairs = task_items(rows, task, config, meta=meta)
-    items_q = [(t, os.path.join(image_dir, p) if p else None) for t, p in q_keys]
-    items_d = [(t, os.path.join(image_dir, p) if p else None) for t, p in d_keys]
-    E = embed_items(model, processor, [("q", *x) for x in items_q] + [("d", *x) for x in items_d],
-                    batch_size, progress, desc=task)                       # (nq + nd, d)
-    Q, D = E[:len(items_q)], E[len(items_q):]
-    return items_q, items_d, pairs, Q, D, score_rows(Q, D, pairs)
+    q_inputs = [(t, os.path.join(image_dir, p) if p else None) for t, p in q_keys]
+    d_inputs = [(t, os.path.join(image_dir, p) if p else None) for t, p in d_keys]
+    nq = len(q_inputs)
+    keep = dict.fromkeys({qi for qi, _ in pairs[:keep_rows]}
+                         | {nq + c for _, cands in pairs[:keep_rows] for c in cands})
+    E = embed_inputs(model, processor, [("q", *x) for x in q_inputs] + [("d", *x) for x in d_inputs],
+                     batch_size, progress, desc=task, keep=keep)           # (nq + nd, d)
+    Q, D = E[:nq], E[nq:]
+    items = {("q", i) if i < nq else ("d", i - nq): e for i, e in keep.items() if e is not None}
+    return TaskEmbeddings(q_inputs, d_inputs, pairs, Q, D, score_rows(Q, D, pairs), items)
 
 
 def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
@@ -472,11 +345,11 @@ def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None
 
 def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
                 out_dir=None, skip_missing=False, progress=True, name=None, match_queries=0,
-                rerank_top_k=0, rerank_views="raw", rerank_queries=None):
+                extra=None):
     """
     {"hit@1": {task: hit@1 (0..1) or None if skipped as missing},
      "matching": {task: matching_accuracy(...)}  (only with match_queries > 0),
-     "rerank": {task: rerank_hits(...)}  (only with rerank_top_k > 0)}.
+     extra.name: {task: extra.run(...)}  (only with `extra`)}.
     tasks: None (all 36), a list of task names, or {name: (meta_task, is_ind)} (task_table).
     config: the checkpoint's config (load_rematch); recorded with the results and used for
     "target_instructions". out_dir: per-task results are saved as they finish and reused
@@ -485,23 +358,23 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
     files or images raise an error naming them, unless skip_missing (the task is then
     reported as missing). match_queries: also score the trained matching head (Eq. 4) on
     the first N queries of each task (matching_accuracy); needs a checkpoint trained with
-    matching (config w_qdm > 0). rerank_top_k: also rerank each query's top k candidates by
-    the matching head (rerank_hits; the first rerank_queries queries, default all).
+    matching (config w_qdm > 0). extra: a further per-task measurement on the task's
+    TaskEmbeddings (tools/rerank.py's Reranking): an object with `name`, `settings` (kept
+    with the results: a record with other settings is not reused), `rows` (encoded items
+    to keep), run(model, processor, emb, task) → result and line(result) → str.
     Summaries: summarize(results, task_table(tasks)); the table: format_table(...).
     """
     table, config = task_table(tasks), dict(config or {})
     if match_queries:
         require_matching(config, "matching accuracy")
-    if rerank_top_k:
-        require_matching(config, "reranking")
     rank, _ = rank_world()
     root = resolve_dir(mmeb_dir, [f"{t}/*" for t in table])
     weights = weights_fingerprint(model)
-    finished = _broadcast(_load_finished(out_dir, "mmeb", table, config, weights) if rank == 0 else None)
-    extras = {"match_queries": match_queries, "rerank": [rerank_top_k, rerank_views, rerank_queries]}
-    if match_queries or rerank_top_k:              # a record without them is not finished
+    finished = broadcast_object(load_finished(out_dir, "mmeb", table, config, weights) if rank == 0 else None)
+    settings = {"match_queries": match_queries, **({extra.name: extra.settings} if extra else {})}
+    if match_queries or extra:                     # a record without them is not finished
         finished = {t: r for t, r in finished.items()
-                    if all(r.get(k) == v for k, v in extras.items())}
+                    if all(r.get(k) == v for k, v in settings.items())}
 
     problems = {}                                  # check every input before the long part
     for task in table:
@@ -520,14 +393,14 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
         raise FileNotFoundError("missing MMEB data (pass skip_missing / --skip_missing to skip "
                                 "these tasks):\n" + "\n".join(problems.values()))
 
-    results, matching, rerank = {}, {}, {}
+    results, matching, extras = {}, {}, {}
     for task in table:
         if task in finished:
             results[task] = finished[task]["hit@1"]
             if match_queries:
                 matching[task] = finished[task]["matching"]
-            if rerank_top_k:
-                rerank[task] = finished[task]["reranked"]
+            if extra:
+                extras[task] = finished[task][extra.name + "_result"]
             print0(f"{task}: Hit@1 {100 * results[task]:.1f} (finished earlier, skipped)")
             continue
         if task in problems:
@@ -535,48 +408,125 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
             print0(f"{task}: missing, skipped ({problems[task]})")
             continue
         rows = read_eval_task(root, task)
-        items_q, items_d, pairs, Q, D, scores = embed_task(
-            model, processor, rows, task, image_dir, config, table[task][0], batch_size, progress)
-        results[task] = hit_at_1(scores)                        # same on every rank
+        keep_rows = max(match_queries, extra.rows if extra else 0)
+        emb = embed_task(model, processor, rows, task, image_dir, config, table[task][0], batch_size,
+                         progress, keep_rows=keep_rows)
+        results[task] = hit_at_1(emb.scores)                    # same on every rank
         record = {"task": task, "meta_task": table[task][0], "is_ind": table[task][1],
-                  "hit@1": results[task], "num_queries": len(rows), "num_query_items": len(items_q),
-                  "num_candidate_items": len(items_d), "config": config, "weights": weights}
+                  "hit@1": results[task], "num_queries": len(rows), "num_query_items": len(emb.Q),
+                  "num_candidate_items": len(emb.D), "config": config, "weights": weights}
         line = f"{task}: Hit@1 {100 * results[task]:.1f} ({len(rows)} queries, " \
-               f"{len(items_q)} query items, {len(items_d)} candidate items)"
+               f"{len(emb.Q)} query items, {len(emb.D)} candidate items)"
         if match_queries:
-            matching[task] = matching_accuracy(model, processor, items_q, items_d, pairs, Q, D,
-                                               scores, match_queries, batch_size, desc=task,
-                                               prompt=match_prompt(config))
+            matching[task] = matching_accuracy(model, processor, emb, match_queries, batch_size,
+                                               desc=task, prompt=match_prompt(config))
             record.update(matching=matching[task], match_queries=match_queries)
             line += "; matching " + ", ".join(f"{k} {100 * v:.1f}" for k, v in matching[task].items()
                                               if k in MATCH_VIEW_TYPES)
-        if rerank_top_k:
-            rerank[task] = rerank_hits(model, processor, items_q, items_d, pairs, Q, D, scores,
-                                       rerank_top_k, rerank_views, rerank_queries, batch_size, desc=task,
-                                       prompt=match_prompt(config))
-            record.update(reranked=rerank[task], rerank=extras["rerank"])
-            line += (f"; reranked top {rerank_top_k} ({rerank_views}): Hit@1 "
-                     f"{100 * rerank[task]['hit@1_before']:.1f} → {100 * rerank[task]['hit@1_after']:.1f}")
+        if extra:
+            extras[task] = extra.run(model, processor, emb, task)
+            record.update({extra.name + "_result": extras[task], extra.name: extra.settings})
+            line += "; " + extra.line(extras[task])
         print0(line)
         if rank == 0 and out_dir:
-            _write_json(_result_path(out_dir, "mmeb", task), record)
+            write_json(result_path(out_dir, "mmeb", task), record)
     if rank == 0 and out_dir:
         name = name or config.get("model")
-        _write_json(os.path.join(out_dir, "mmeb_results.json"), {
+        write_json(os.path.join(out_dir, "mmeb_results.json"), {
             "name": name, "config": config, "summary": summarize(results, table),
             "tasks": {t: {"meta_task": m, "is_ind": ind, "hit@1": results[t],
                           **({"matching": matching[t]} if t in matching else {}),
-                          **({"reranked": rerank[t]} if t in rerank else {})}
+                          **({extra.name: extras[t]} if t in extras else {})}
                       for t, (m, ind) in table.items()}})
-        _write_text(os.path.join(out_dir, "mmeb_results.md"),
+        write_atomic(os.path.join(out_dir, "mmeb_results.md"),
                     format_table(results, table, name=name, markdown=True,
                                  matching=matching if match_queries else None))
     return {"hit@1": results, **({"matching": matching} if match_queries else {}),
-            **({"rerank": rerank} if rerank_top_k else {})}
+            **({extra.name: extras} if extra else {})}
+
+
+def _groups(table):
+    """{group: [tasks]}: each meta-task (the 4 of Table 1, then any other), IND, OOD, Overall."""
+    metas = list(dict.fromkeys([*META_TASKS, *(m for m, _ in table.values())]))
+    groups = {m: [t for t, (mt, _) in table.items() if mt == m] for m in metas}
+    groups["IND"] = [t for t, (_, ind) in table.items() if ind]
+    groups["OOD"] = [t for t, (_, ind) in table.items() if not ind]
+    groups["Overall"] = list(table)
+    return groups
+
+
+def summarize(results, table):
+    """
+    {group: {"mean", "tasks", "missing"}} for each meta-task, IND, OOD and Overall:
+    the unweighted mean of Hit@1 over the group's tasks in `table`. A group with a task
+    that has no result has mean None (never a mean over a silently smaller set).
+    """
+    out = {}
+    for g, ts in _groups(table).items():
+        vals = [results.get(t) for t in ts]
+        missing = sum(v is None for v in vals)
+        mean = sum(vals) / len(vals) if ts and not missing else None
+        out[g] = {"mean": mean, "tasks": len(ts), "missing": missing}
+    return out
+
+
+def percent_cell(mean, tasks=1, missing=0):
+    if tasks == 0:
+        return "-"
+    if missing:
+        return f"n/a ({missing} missing)"
+    return f"{100 * mean:.1f}"
+
+
+def render_table(rows, markdown):
+    """rows: list of lists of strings (first row = header) → aligned text or Markdown."""
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join([lines[0], "|" + "---|" * len(rows[0]), *lines[1:]])
+    w = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip() for r in rows)
+
+
+def format_table(results, table, name=None, markdown=False, chance=None, matching=None):
+    """The Table-1 layout: per meta-task scores, then IND / OOD / Overall (Hit@1, %),
+    with the number of tasks behind each mean, followed by the per-task scores.
+    chance: optional {task: chance Hit@1} (chance_table): adds a "chance" row of the same
+    means and, per task, the chance level and Hit@1 / chance.
+    matching: optional {task: matching_accuracy(...)}: per task, the matching head's Yes/No
+    accuracy (%) per view type (query side → document side), and their mean over tasks."""
+    table = task_table(table) if not isinstance(table, dict) else table
+    s = summarize(results, table)
+    groups = list(s)
+    head = [["model", *groups], [name or "model", *(percent_cell(**s[g]) for g in groups)]]
+    if chance is not None:
+        c = summarize({t: chance[t] for t in table if results.get(t) is not None}, table)
+        head.append(["chance", *(percent_cell(**c[g]) for g in groups)])
+    head.append(["tasks", *(str(s[g]["tasks"]) for g in groups)])
+    per_task = [["task", "meta-task", "split", "Hit@1"] + (["chance", "× chance"] if chance else [])
+                + ([f"match {v}" for v in MATCH_VIEW_TYPES] if matching else [])]
+    for g in groups[:-3]:
+        for t, (m, ind) in table.items():
+            if m != g:
+                continue
+            hit = results.get(t)
+            row = [t, m, "IND" if ind else "OOD", "missing" if hit is None else percent_cell(hit)]
+            if chance is not None:
+                row += [percent_cell(chance[t]), "-" if hit is None else f"{hit / chance[t]:.1f}"]
+            if matching:
+                row += [percent_cell(matching[t][v]) if t in matching else "-" for v in MATCH_VIEW_TYPES]
+            per_task.append(row)
+    if matching:                                   # mean over the tasks that have matching
+        done = [t for t in table if t in matching]
+        per_task.append(["mean", "", "", ""] + (["", ""] if chance else [])
+                        + [percent_cell(sum(matching[t][v] for t in done) / len(done)) for v in MATCH_VIEW_TYPES])
+    title = "Hit@1 (%) in the layout of Table 1: per meta-task score | average score (IND, OOD, Overall)"
+    if markdown:
+        return f"### {title}\n\n{render_table(head, True)}\n\n{render_table(per_task, True)}\n"
+    return f"{title}\n{render_table(head, False)}\n\n{render_table(per_task, False)}"
 
 
 # ----------------------------------------------------------------------------------
-# Held-out matching accuracy: the trained matching head (Eq. 4) on eval pairs
+# The matching head after training (Eq. 4): held-out Yes/No accuracy, and p(Yes) as a scorer
 
 # view types of the 8 views (masks.VIEWS order): query side → document side
 MATCH_VIEW_TYPES = {"raw→raw": (0, 2), "raw→feat": (1, 3), "feat→raw": (4, 6), "feat→feat": (5, 7)}
@@ -609,144 +559,97 @@ def _hardest_negatives(pairs, scores, n):
 
 
 @torch.no_grad()
-def matching_accuracy(model, processor, q_items, d_items, pairs, Q, D, scores, n, batch_size=16,
-                      desc="matching", prompt=None):
+def matching_accuracy(model, processor, emb, n, batch_size=16, desc="matching", prompt=None):
     """
     Yes/No accuracy of the matching head (Eq. 4, p(Yes) > p(No)) on held-out pairs: for
     each of the first `n` rows, (query, positive) should get Yes and (query, hardest other
     candidate by embedding score) No. One unified 8-view pass per (q, d⁺, d⁻) instance
-    (d⁺'s slot seeded per row), with Z = MLP(E) from the evaluation embeddings Q, D.
-    q_items / d_items: (text, image path or None) of the distinct items; pairs and scores
-    as from task_items / score_rows; prompt: segment P as trained (match_prompt(config)).
+    (d⁺'s slot seeded per row: pos_slot_of), with Z = MLP(E) from the evaluation
+    embeddings emb.Q, emb.D and the raw segments from emb's encoded items (embed_task);
+    prompt: segment P as trained (match_prompt(config)).
     Returns {view type: accuracy over its 2·instances answers (MATCH_VIEW_TYPES),
     "instances": count}. Sharded over ranks.
     """
-    import random
-
-    from data import collate_match
-    from masks import VIEW_SETS
-    from model import answer_token_ids
     rank, world = rank_world()
-    inst = _hardest_negatives(pairs, scores, n)
+    inst = _hardest_negatives(emb.pairs, emb.scores, n)
     lo, hi = (len(inst) * rank) // world, (len(inst) * (rank + 1)) // world
     yes, no = answer_token_ids(processor.tokenizer)
     correct = torch.zeros(8, dtype=torch.float64)                           # per view
     was_training = model.training
     model.eval()
-    enc = lambda it, w: _encode(processor, *it, w)                        # noqa: E731
     for s in range(lo, hi, batch_size):
         chunk = range(s, min(s + batch_size, hi))
-        q = [enc(q_items[inst[i][0]], f"{desc} q-item {inst[i][0]}") for i in chunk]
-        dp = [enc(d_items[inst[i][1]], f"{desc} d-item {inst[i][1]}") for i in chunk]
-        dn = [enc(d_items[inst[i][2]], f"{desc} d-item {inst[i][2]}") for i in chunk]
-        pos_slot = [1 if random.Random(f"{desc}-{i}").random() < 0.5 else 2 for i in chunk]
-        mb = collate_match(q, dp, dn, processor.tokenizer, VIEW_SETS["all"], pos_slot,
+        q = [emb.item(processor, "q", inst[i][0], desc) for i in chunk]
+        dp = [emb.item(processor, "d", inst[i][1], desc) for i in chunk]
+        dn = [emb.item(processor, "d", inst[i][2], desc) for i in chunk]
+        pos_slot = [pos_slot_of(desc, i) for i in chunk]
+        mbatch = collate_match(q, dp, dn, processor.tokenizer, VIEW_SETS["all"], pos_slot,
                            prompt=prompt or MATCH_PROMPTS["paper"])
-        E = [X[[inst[i][k] for i in chunk]].to(model.device) for k, X in ((0, Q), (1, D), (2, D))]
-        logits, labels = model.match(mb, *E)                                # (M·8, vocab)
+        E = [X[[inst[i][k] for i in chunk]].to(model.device) for k, X in ((0, emb.Q), (1, emb.D), (2, emb.D))]
+        logits, labels = model.match(mbatch, *E)                                # (M·8, vocab)
         hit = (logits[:, yes] > logits[:, no]) == (labels == yes)           # (M·8,)
         correct += hit.reshape(len(chunk), 8).double().sum(0).cpu()
     model.train(was_training)
-    correct = _sum_over_ranks(correct, model)
+    correct = sum_over_ranks(correct, model.device)
     m = max(len(inst), 1)
     return {**{k: (correct[a] + correct[b]).item() / (2 * m) for k, (a, b) in MATCH_VIEW_TYPES.items()},
             "instances": len(inst)}
 
 
-def _groups(table):
-    """{group: [tasks]}: each meta-task (the 4 of Table 1, then any other), IND, OOD, Overall."""
-    metas = list(dict.fromkeys([*META_TASKS, *(m for m, _ in table.values())]))
-    groups = {m: [t for t, (mt, _) in table.items() if mt == m] for m in metas}
-    groups["IND"] = [t for t, (_, ind) in table.items() if ind]
-    groups["OOD"] = [t for t, (_, ind) in table.items() if not ind]
-    groups["Overall"] = list(table)
-    return groups
+# the views that score a candidate, all reading slot 1 (the row holds no slot 2)
+RERANK_VIEW_SETS = {"raw": (("Q", "D1"),), "feat": (("Zq", "Zd1"),),
+                    "all": (("Q", "D1"), ("Q", "Zd1"), ("Zq", "D1"), ("Zq", "Zd1"))}
+RERANK_VIEWS = tuple(RERANK_VIEW_SETS)
 
 
-def summarize(results, table):
+@torch.no_grad()
+def matching_p_yes(model, processor, q_item, E_q, d_items, E_d, views="raw", batch_size=16,
+                   prompt=None):
     """
-    {group: {"mean", "tasks", "missing"}} for each meta-task, IND, OOD and Overall:
-    the unweighted mean of Hit@1 over the group's tasks in `table`. A group with a task
-    that has no result has mean None (never a mean over a silently smaller set).
+    p(Yes | Yes or No) = sigmoid(logit_Yes − logit_No) of the trained matching prompt for
+    one query and each of its candidates. q_item, d_items: encoded items (encode_item);
+    E_q (d,), E_d (n, d): their fused embeddings (used by the feature views). Each candidate
+    gets a row of its own holding only slot 1 — [P, Q, Zq, D1, Zd1, H, answers], the
+    segments its views use — so its score depends on nothing but (query, candidate): in
+    a row with a second document, the second one's length would shift the answers'
+    positions (readings §3). views: "raw" (Q, D1), "feat" (Zq, Zd1), or "all" (the mean
+    over the 4 views). prompt: segment P as trained (match_prompt(config)). Returns (n,) fp32.
     """
-    out = {}
-    for g, ts in _groups(table).items():
-        vals = [results.get(t) for t in ts]
-        missing = sum(v is None for v in vals)
-        mean = sum(vals) / len(vals) if ts and not missing else None
-        out[g] = {"mean": mean, "tasks": len(ts), "missing": missing}
+    if views not in RERANK_VIEW_SETS:
+        raise ValueError(f"views must be one of {RERANK_VIEWS}, got {views!r}")
+    view_set = RERANK_VIEW_SETS[views]
+    yes, no = answer_token_ids(processor.tokenizer)
+    n, dev = len(d_items), model.device
+    out = torch.zeros(n)
+    for s in range(0, n, batch_size):
+        idx = list(range(s, min(s + batch_size, n)))
+        docs = [d_items[j] for j in idx]
+        mbatch = collate_match([q_item] * len(idx), docs, docs, processor.tokenizer, view_set,
+                           [1] * len(idx), prompt=prompt or MATCH_PROMPTS["paper"])   # no slot 2
+        E = [E_q.expand(len(idx), -1), E_d[idx], E_d[idx]]
+        logits, _ = model.match(mbatch, *(e.to(dev) for e in E))          # (R·V, vocab)
+        p = torch.sigmoid((logits[:, yes] - logits[:, no]).float())   # (R·V,)
+        out[idx] = p.reshape(len(idx), len(view_set)).mean(1).cpu()   # (R,)
     return out
 
 
-def _cell(mean, tasks=1, missing=0):
-    if tasks == 0:
-        return "-"
-    if missing:
-        return f"n/a ({missing} missing)"
-    return f"{100 * mean:.1f}"
-
-
-def _render(rows, markdown):
-    """rows: list of lists of strings (first row = header) → aligned text or Markdown."""
-    if markdown:
-        lines = ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join([lines[0], "|" + "---|" * len(rows[0]), *lines[1:]])
-    w = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip() for r in rows)
-
-
-def format_table(results, table, name=None, markdown=False, chance=None, matching=None):
-    """The Table-1 layout: per meta-task scores, then IND / OOD / Overall (Hit@1, %),
-    with the number of tasks behind each mean, followed by the per-task scores.
-    chance: optional {task: chance Hit@1} (chance_table): adds a "chance" row of the same
-    means and, per task, the chance level and Hit@1 / chance.
-    matching: optional {task: matching_accuracy(...)}: per task, the matching head's Yes/No
-    accuracy (%) per view type (query side → document side), and their mean over tasks."""
-    table = task_table(table) if not isinstance(table, dict) else table
-    s = summarize(results, table)
-    groups = list(s)
-    head = [["model", *groups], [name or "model", *(_cell(**s[g]) for g in groups)]]
-    if chance is not None:
-        c = summarize({t: chance[t] for t in table if results.get(t) is not None}, table)
-        head.append(["chance", *(_cell(**c[g]) for g in groups)])
-    head.append(["tasks", *(str(s[g]["tasks"]) for g in groups)])
-    per_task = [["task", "meta-task", "split", "Hit@1"] + (["chance", "× chance"] if chance else [])
-                + ([f"match {v}" for v in MATCH_VIEW_TYPES] if matching else [])]
-    for g in groups[:-3]:
-        for t, (m, ind) in table.items():
-            if m != g:
-                continue
-            hit = results.get(t)
-            row = [t, m, "IND" if ind else "OOD", "missing" if hit is None else _cell(hit)]
-            if chance is not None:
-                row += [_cell(chance[t]), "-" if hit is None else f"{hit / chance[t]:.1f}"]
-            if matching:
-                row += [_cell(matching[t][v]) if t in matching else "-" for v in MATCH_VIEW_TYPES]
-            per_task.append(row)
-    if matching:                                   # mean over the tasks that have matching
-        done = [t for t in table if t in matching]
-        per_task.append(["mean", "", "", ""] + (["", ""] if chance else [])
-                        + [_cell(sum(matching[t][v] for t in done) / len(done)) for v in MATCH_VIEW_TYPES])
-    title = "Hit@1 (%) in the layout of Table 1: per meta-task score | average score (IND, OOD, Overall)"
-    if markdown:
-        return f"### {title}\n\n{_render(head, True)}\n\n{_render(per_task, True)}\n"
-    return f"{title}\n{_render(head, False)}\n\n{_render(per_task, False)}"
-
-
-def format_rerank_table(rerank):
-    """Per task: Hit@1 (%) of the embedding retrieval and after reranking its top k with the
-    matching head, on the same queries; then the mean over tasks."""
-    rows = [["task", "queries", "k", "views", "Hit@1 embedding", "Hit@1 reranked"]]
-    for t, r in rerank.items():
-        rows.append([t, str(r["queries"]), str(r["k"]), r["views"], _cell(r["hit@1_before"]),
-                     _cell(r["hit@1_after"])])
-    mean = lambda key: sum(r[key] for r in rerank.values()) / len(rerank)   # noqa: E731
-    rows.append(["mean", "", "", "", _cell(mean("hit@1_before")), _cell(mean("hit@1_after"))])
-    return "Reranking the embedding's top k with the matching head (Eq. 4)\n" + _render(rows, False)
-
-
 # ----------------------------------------------------------------------------------
-# Zero-shot (Table 2): readers of the on-disk layouts (module docstring) and metrics
+# Zero-shot (Table 2): readers of the on-disk layouts and metrics. One folder --data_dir,
+# laid out as the sources ship it (docs/readings.md §5):
+#   flickr30k/dataset_flickr30k.json     Karpathy split json (split "test": 1000 images ×
+#   flickr30k/flickr30k-images/<file>      5 captions; images from the Flickr30K request form)
+#   coco/dataset_coco.json               Karpathy split json (split "test": 5000 images, the
+#   coco/<filepath>/<filename>             first 5 captions each; images coco/val2014/*.jpg)
+#   sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json   first 1000 entries (hub
+#   sharegpt4v/<entry["image"]>            Lin-Chen/ShareGPT4V; images as in its data/ folder)
+#   Urban1k/image/<name>.jpg, Urban1k/caption/<name>.txt    (hub BeichenZhang/Urban1k; first line)
+#   sugarcrepe/{add_obj,...,swap_att}.json {id: {filename, caption, negative_caption}}
+#                                          (github RAIVNLab/sugar-crepe data/), images coco/val2017/
+# Prompts (MMEB's MSCOCO_t2i / MSCOCO_i2t wording, fixed): text→image query
+# ZS_T2I_QUERY.format(caption), image candidate ZS_IMAGE_CANDIDATE; image→text query
+# ZS_I2T_QUERY, text candidate the raw caption. Identical captions (or images) are one
+# item, a positive for every image they belong to. SugarCrepe: the image must score the
+# true caption strictly above the negative one; Replace/Swap/Add = mean of the subsets.
 
 ZS_T2I_QUERY = "Find me an everyday image that matches the given caption: {}"
 ZS_IMAGE_CANDIDATE = IMAGE_PLACEHOLDER + "\nRepresent the given image."
@@ -767,14 +670,14 @@ def _require(paths, what):
 
 
 def _karpathy(json_path, image_dir_of, what):
-    """(image path, caption) pairs of the Karpathy "test" split, the first 5 captions each."""
+    """(image path, caption) positive pairs of the Karpathy "test" split, the first 5 captions each."""
     _require([json_path], what)
     with open(json_path) as f:
         images = [im for im in json.load(f)["images"] if im["split"] == "test"]
-    pairs = [(os.path.join(image_dir_of(im), im["filename"]), s["raw"].strip())
-             for im in images for s in im["sentences"][:5]]
-    _require(sorted({p for p, _ in pairs}), what)
-    return pairs
+    positives = [(os.path.join(image_dir_of(im), im["filename"]), s["raw"].strip())
+                 for im in images for s in im["sentences"][:5]]
+    _require(sorted({p for p, _ in positives}), what)
+    return positives
 
 
 def read_flickr30k(data_dir):
@@ -798,10 +701,10 @@ def read_sharegpt4v(data_dir, limit=1000):
     _require([path], "ShareGPT4V")
     with open(path) as f:
         entries = json.load(f)[:limit]
-    pairs = [(os.path.join(root, e["image"]), e["conversations"][1]["value"].replace("\n", " "))
-             for e in entries]
-    _require([p for p, _ in pairs], "ShareGPT4V")
-    return pairs
+    positives = [(os.path.join(root, e["image"]), e["conversations"][1]["value"].replace("\n", " "))
+                 for e in entries]
+    _require([p for p, _ in positives], "ShareGPT4V")
+    return positives
 
 
 def read_urban1k(data_dir):
@@ -810,14 +713,14 @@ def read_urban1k(data_dir):
     captions = sorted(glob.glob(os.path.join(root, "caption", "*.txt")))
     if not captions:
         raise FileNotFoundError(f"Urban1k: no captions in {os.path.join(root, 'caption')}")
-    pairs = []
+    positives = []
     for c in captions:
         with open(c) as f:
             first = f.readline().strip()
         stem = os.path.splitext(os.path.basename(c))[0]
-        pairs.append((os.path.join(root, "image", stem + ".jpg"), first))
-    _require([p for p, _ in pairs], "Urban1k")
-    return pairs
+        positives.append((os.path.join(root, "image", stem + ".jpg"), first))
+    _require([p for p, _ in positives], "Urban1k")
+    return positives
 
 
 def read_sugarcrepe(data_dir):
@@ -842,7 +745,7 @@ def _text_candidate(config):
 
 def _recall_chunked(Q, C, q_of_pair, c_of_pair, ks, chunk=1024):
     """R@k of queries Q (nq, d) against all of C (nc, d); positives are the (q, c) index
-    pairs. Chunked over queries so COCO's 25k × 5k matrix never exists at once."""
+    positives. Chunked over queries so COCO's 25k × 5k matrix never exists at once."""
     hits = dict.fromkeys(ks, 0.0)
     for a in range(0, len(Q), chunk):
         b = min(a + chunk, len(Q))
@@ -855,24 +758,24 @@ def _recall_chunked(Q, C, q_of_pair, c_of_pair, ks, chunk=1024):
     return {k: hits[k] / len(Q) for k in ks}
 
 
-def eval_retrieval(model, processor, pairs, ks=(1, 5, 10), config=None, batch_size=16,
+def eval_retrieval(model, processor, positives, ks=(1, 5, 10), config=None, batch_size=16,
                    progress=True, desc="retrieval"):
     """
-    pairs: the positive (image path, caption) pairs of a test set. Text→image: each
+    positives: the (image path, caption) pairs of a test set. Text→image: each
     distinct caption (ZS_T2I_QUERY) ranks all distinct images (ZS_IMAGE_CANDIDATE);
     image→text: each image (ZS_I2T_QUERY) ranks all distinct captions, any of its own
     captions is a positive. Returns {"t2i_R@k": .., "i2t_R@k": ..}.
     """
     img_id, txt_id = {}, {}
     pos = torch.tensor([(txt_id.setdefault(c, len(txt_id)), img_id.setdefault(p, len(img_id)))
-                        for p, c in pairs])                                   # (P, 2)
+                        for p, c in positives])                               # (P, 2)
     images, captions = list(img_id), list(txt_id)
     cand = _text_candidate(config)
-    items = ([("q", ZS_T2I_QUERY.format(c), None) for c in captions]
-             + [("d", ZS_IMAGE_CANDIDATE, p) for p in images]
-             + [("q", ZS_I2T_QUERY, p) for p in images]
-             + [("d", cand(c), None) for c in captions])
-    E = embed_items(model, processor, items, batch_size, progress, desc=desc)
+    inputs = ([("q", ZS_T2I_QUERY.format(c), None) for c in captions]
+              + [("d", ZS_IMAGE_CANDIDATE, p) for p in images]
+              + [("q", ZS_I2T_QUERY, p) for p in images]
+              + [("d", cand(c), None) for c in captions])
+    E = embed_inputs(model, processor, inputs, batch_size, progress, desc=desc)
     T_q, I_d, I_q, T_d = E.split([len(captions), len(images), len(images), len(captions)])
     t2i = _recall_chunked(T_q, I_d, pos[:, 0], pos[:, 1], ks)
     i2t = _recall_chunked(I_q, T_d, pos[:, 1], pos[:, 0], ks)
@@ -888,8 +791,8 @@ def eval_sugarcrepe(model, processor, subsets, config=None, batch_size=16, progr
                               txt_id.setdefault(n, len(txt_id))) for p, c, n in samples])
             for s, samples in subsets.items()}                                # (N, 3) each
     cand = _text_candidate(config)
-    items = [("q", ZS_I2T_QUERY, p) for p in img_id] + [("d", cand(c), None) for c in txt_id]
-    E = embed_items(model, processor, items, batch_size, progress, desc=desc)
+    inputs = [("q", ZS_I2T_QUERY, p) for p in img_id] + [("d", cand(c), None) for c in txt_id]
+    E = embed_inputs(model, processor, inputs, batch_size, progress, desc=desc)
     I_q, T_d = E.split([len(img_id), len(txt_id)])
     I_q, T_d = F.normalize(I_q.float(), dim=-1), F.normalize(T_d.float(), dim=-1)
     out = {}
@@ -923,8 +826,8 @@ def evaluate_zeroshot(model, processor, datasets, data_dir, config=None, batch_s
         raise KeyError(f"unknown zero-shot dataset(s) {unknown}; choose from {list(ZEROSHOT)}")
     rank, _ = rank_world()
     weights = weights_fingerprint(model)
-    finished = _broadcast(_load_finished(out_dir, "zeroshot", datasets, config, weights)
-                          if rank == 0 else None)
+    finished = broadcast_object(load_finished(out_dir, "zeroshot", datasets, config, weights)
+                                if rank == 0 else None)
     results = {}
     for ds in datasets:
         if ds in finished:
@@ -939,13 +842,13 @@ def evaluate_zeroshot(model, processor, datasets, data_dir, config=None, batch_s
             results[ds] = eval_sugarcrepe(model, processor, data, config, batch_size, progress, ds)
         print0(f"{ds}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in results[ds].items()))
         if rank == 0 and out_dir:
-            _write_json(_result_path(out_dir, "zeroshot", ds),
+            write_json(result_path(out_dir, "zeroshot", ds),
                         {"dataset": ds, "metrics": results[ds], "config": config, "weights": weights})
     if rank == 0 and out_dir:
         name = name or config.get("model")
-        _write_json(os.path.join(out_dir, "zeroshot_results.json"),
+        write_json(os.path.join(out_dir, "zeroshot_results.json"),
                     {"name": name, "config": config, "results": results})
-        _write_text(os.path.join(out_dir, "zeroshot_results.md"),
+        write_atomic(os.path.join(out_dir, "zeroshot_results.md"),
                     format_zeroshot_table(results, name=name, markdown=True))
     return results
 
@@ -976,8 +879,8 @@ def format_zeroshot_table(results, name=None, markdown=False):
         ["sugarcrepe", s, val("sugarcrepe", s)] for s in SUGARCREPE_SUBSETS if "sugarcrepe" in results]
     title = "Zero-shot retrieval (Recall@1, %; SugarCrepe accuracy, %)"
     if markdown:
-        return f"### {title}\n\n{_render(head, True)}\n\n{_render(detail, True)}\n"
-    return f"{title}\n{_render(head, False)}\n\n{_render(detail, False)}"
+        return f"### {title}\n\n{render_table(head, True)}\n\n{render_table(detail, True)}\n"
+    return f"{title}\n{render_table(head, False)}\n\n{render_table(detail, False)}"
 
 
 # ----------------------------------------------------------------------------------
@@ -1001,7 +904,7 @@ class Encoder:
     side "q" for queries (L_q), "d" for the documents of an index (L_d). Text documents of
     a checkpoint trained with target instructions: pass data.with_target_instruction(text,
     task) as the texts (and no instruction), as evaluate_mmeb does. attn: the attention of
-    rerank's matching pass ("sdpa", or "flex": model.set_attention).
+    rerank's matching pass ("sdpa", or "flex": util.speed.set_attention).
     """
 
     def __init__(self, path_or_hub, device=None, dtype=None, num_tokens=0, embed_template="plain",
@@ -1018,9 +921,9 @@ class Encoder:
         n = len(texts) if texts is not None else len(images)
         texts = texts if texts is not None else [None] * n
         images = images if images is not None else [None] * n
-        items = [(side, format_input(t, im is not None, instruction), im) for t, im in zip(texts, images)]
-        E = embed_items(self.model, self.processor, items, batch_size, progress, desc="encode",
-                        distributed=False)                                  # (N, d)
+        inputs = [(side, format_input(t, im is not None, instruction), im) for t, im in zip(texts, images)]
+        E = embed_inputs(self.model, self.processor, inputs, batch_size, progress, desc="encode",
+                         distributed=False)                                 # (N, d)
         return F.normalize(E.float(), dim=-1)
 
     def rerank(self, query, candidates, views="raw", query_instruction=None, instruction=None,
@@ -1036,14 +939,14 @@ class Encoder:
         """
         require_matching(self.config, "rerank")
         q_text, q_image = _split_input(query)
-        pairs = [_split_input(c) for c in candidates]
+        cands = [_split_input(c) for c in candidates]
         q = [("q", format_input(q_text, q_image is not None, query_instruction), q_image)]
-        d = [("d", format_input(t, im is not None, instruction), im) for t, im in pairs]
-        E = embed_items(self.model, self.processor, q + d, batch_size, desc="rerank",
-                        distributed=False)                                  # (1 + n, d)
-        enc = [_encode(self.processor, text, im, f"rerank item {i}")
-               for i, (_, text, im) in enumerate(q + d)]
-        return matching_p_yes(self.model, self.processor, enc[0], E[0], enc[1:], E[1:], views,
+        d = [("d", format_input(t, im is not None, instruction), im) for t, im in cands]
+        keep = dict.fromkeys(range(len(q + d)))
+        E = embed_inputs(self.model, self.processor, q + d, batch_size, desc="rerank",
+                         distributed=False, keep=keep)                      # (1 + n, d)
+        items = [keep[i] for i in range(len(q + d))]                       # encoded once
+        return matching_p_yes(self.model, self.processor, items[0], E[0], items[1:], E[1:], views,
                               batch_size, match_prompt(self.config))
 
 
@@ -1061,9 +964,10 @@ def _split_input(x):
 # ----------------------------------------------------------------------------------
 # CLI
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a ReMatch checkpoint (or a raw backbone) on "
-                                "MMEB (Table 1) and zero-shot retrieval (Table 2).")
+def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) on MMEB (Table 1) "
+                              "and zero-shot retrieval (Table 2)."):
+    """evaluate.py's flags (tools/rerank.py adds its own to them)."""
+    p = argparse.ArgumentParser(description=description)
     # model
     p.add_argument("--model", required=True, help="train.py checkpoint dir or the hub id of an "
                    "uploaded one, hub id / local dir of a raw Qwen2-VL/Qwen2.5-VL (baseline), or "
@@ -1077,12 +981,12 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16, help="items per embedding forward (per rank)")
     p.add_argument("--attn", choices=ATTENTION, default="sdpa",
                    help="attention of the matching passes (--match_queries, --rerank): sdpa = dense "
-                        "mask (default), flex = FlexAttention block mask (model.set_attention)")
+                        "mask (default), flex = FlexAttention block mask (util.speed.set_attention)")
     # MMEB
     p.add_argument("--mmeb_dir", default=None, help="MMEB-eval: local dir or hub id "
                    "(TIGER-Lab/MMEB-eval); <root>/<Task>/test-*.parquet or <root>/<Task>/test/*.parquet")
     p.add_argument("--image_dir", default=None, help="folder the *_img_path columns are relative to")
-    p.add_argument("--benchmark", default="mmeb", choices=sorted(BENCHMARKS),
+    p.add_argument("--benchmark", default="mmeb", choices=BENCHMARK_NAMES,
                    help="task table: mmeb = the 36 MMEB tasks, synthetic = demo.make_synthetic's eval split")
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the benchmark's tasks (default: all)")
     p.add_argument("--task_table", default=None, help="JSON {task: [meta_task, is_ind]}: the task "
@@ -1092,13 +996,6 @@ def parse_args(argv=None):
                         "(raw/feat query → raw/feat document) on (query, positive) and (query, "
                         "hardest other candidate) pairs of the first N queries per task (0 = off; "
                         "needs a checkpoint trained with matching, w_qdm > 0)")
-    p.add_argument("--rerank_top_k", type=int, default=0,
-                   help="also rerank each query's top K candidates (by embedding) with the trained "
-                        "matching head and report Hit@1 before and after (0 = off; needs w_qdm > 0)")
-    p.add_argument("--rerank_views", choices=RERANK_VIEWS, default="raw",
-                   help="matching views that score a candidate: raw (default), feat, or all (mean of 4)")
-    p.add_argument("--rerank_queries", type=int, default=None,
-                   help="rerank only the first N queries of each task (default: all)")
     p.add_argument("--skip_missing", action="store_true", help="skip tasks whose files or images "
                    "are missing (reported as missing; their group means as n/a) instead of failing")
     # zero-shot
@@ -1110,6 +1007,12 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output dir: per-task results (resume), "
                    "mmeb_results.{json,md}, zeroshot_results.{json,md}")
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
+    return p
+
+
+def parse_args(argv=None, parser=None):
+    """Parse and check evaluate.py's flags (`parser`: build_parser's, possibly extended)."""
+    p = parser or build_parser()
     args = p.parse_args(argv)
     if not args.mmeb_dir and not args.zeroshot:
         p.error("nothing to do: give --mmeb_dir (with --image_dir) and/or --zeroshot (with --data_dir)")
@@ -1126,10 +1029,6 @@ def parse_args(argv=None):
             args.task_table_entries = read_task_table(args.task_table)
         except ValueError as err:
             p.error(str(err))
-    if args.rerank_top_k < 0 or args.rerank_top_k == 1:
-        p.error(f"--rerank_top_k must be 0 (off) or >= 2, got {args.rerank_top_k}")
-    if args.rerank_queries is not None and args.rerank_queries < 1:
-        p.error(f"--rerank_queries must be >= 1, got {args.rerank_queries}")
     return args
 
 
@@ -1152,30 +1051,31 @@ def read_task_table(path, flag="--task_table"):
     return {t: tuple(v) for t, v in raw.items()}
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, args=None, extra=None):
+    """evaluate.py's run. tools/rerank.py calls it with its parsed args and `extra`, a
+    function of the checkpoint's config that returns mmeb_report's `extra`."""
+    args = args or parse_args(argv)
     _, _, world, device = setup_distributed(args.device)        # torchrun: one shard per rank
     model, processor, config = load_rematch(args.model, device=device, num_tokens=args.num_tokens,
                                             embed_template=args.embed_template)
     set_attention(model, args.attn)                             # forward only: flex runs on the CPU too
+    extra = extra(config) if extra else None
     print0(f"{args.model} on {device} × {world} rank(s): K={model.num_tokens}, "
            f"template={model.embed_template}, batch {args.batch_size} per rank")
     out = {}
     if args.mmeb_dir:
-        known = BENCHMARKS[args.benchmark]
+        known = benchmarks()[args.benchmark]
         if args.task_table:
             known = args.task_table_entries
         table = task_table(args.tasks, known)
         report = mmeb_report(model, processor, args.mmeb_dir, args.image_dir, table, config,
                              args.batch_size, args.out, args.skip_missing, not args.no_progress,
-                             name=args.model, match_queries=args.match_queries,
-                             rerank_top_k=args.rerank_top_k, rerank_views=args.rerank_views,
-                             rerank_queries=args.rerank_queries)
-        out["mmeb"], out["matching"], out["rerank"] = (report["hit@1"], report.get("matching"),
-                                                       report.get("rerank"))
+                             name=args.model, match_queries=args.match_queries, extra=extra)
+        out["mmeb"], out["matching"] = report["hit@1"], report.get("matching")
         print0("\n" + format_table(out["mmeb"], table, name=args.model, matching=out["matching"]))
-        if out["rerank"]:
-            print0("\n" + format_rerank_table(out["rerank"]))
+        if extra:
+            out[extra.name] = report[extra.name]
+            print0("\n" + extra.table(out[extra.name]))
     if args.zeroshot:
         out["zeroshot"] = evaluate_zeroshot(model, processor, args.zeroshot, args.data_dir, config,
                                             args.batch_size, args.out, not args.no_progress,

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)                         # the flat repo: model.py, data
 
 from data import encode_item                      # noqa: E402
 from demo.synthetic import COLOURS, SHAPES       # noqa: E402
-from model import load_backbone                  # noqa: E402
+from util.backbone import load_backbone                  # noqa: E402
 
 # ----------------------------------------------------------------------------------
 # Flags and set-up

@@ -104,7 +104,7 @@ def main():
         for g in opt.param_groups:
             g["lr"] = train.lr_at(step, args)
         opt.zero_grad(set_to_none=True)
-        train.forward_backward(model, model, examples, tok, args, step, autocast)
+        train.forward_backward(train.Step(model, tok, args, autocast=autocast), examples, step)
         t = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()

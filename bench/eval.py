@@ -8,7 +8,7 @@ written to a temporary directory, --queries rows per task. Images (56-112 px) ar
 resized to about image_size² pixels, so an image costs (image_size/28)² tokens as an
 MMEB image does. Side by side in one run, per task:
   dedup   evaluate.evaluate_mmeb(tasks=[task]) (its per-task print is muted);
-  naive   the loop below: per row, embed_items on [query] + candidates, cosine scores,
+  naive   the loop below: per row, embed_inputs on [query] + candidates, cosine scores,
           the same rule for a copy of the positive later in its list (score_rows), Hit@1.
 Reported: embedded items and ReMatch.embed calls (batches) of each, median wall time
 (reading the parquet file and loading images included in both), their ratios, whether
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_args, fmt, print_config, print_table, ratio, setup, time_variants  # noqa: E402
 from data import read_eval_task  # noqa: E402
 from demo import DEMO_EVAL_TASKS, make_synthetic  # noqa: E402
-from evaluate import cosine_scores, embed_items, embed_task, evaluate_mmeb, hit_at_1  # noqa: E402
+from evaluate import cosine_scores, embed_inputs, embed_task, evaluate_mmeb, hit_at_1  # noqa: E402
 from model import ReMatch  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def naive_hit_at_1(model, processor, eval_dir, image_dir, task, batch_size):
         keys = [(r["qry_text"], r["qry_img_path"])] + list(zip(r["tgt_text"], r["tgt_img_path"]))
         items = [("q" if k == 0 else "d", text, os.path.join(image_dir, path) if path else None)
                  for k, (text, path) in enumerate(keys)]
-        E = embed_items(model, processor, items, batch_size, distributed=False)   # (1 + n_cand, d)
+        E = embed_inputs(model, processor, items, batch_size, distributed=False)   # (1 + n_cand, d)
         cands = [1] + [k for k in range(2, len(keys)) if keys[k] != keys[1]]       # as score_rows
         scores[i, :len(cands)] = cosine_scores(E[:1], E[cands])[0]                # (n_cand,)
     return hit_at_1(scores), scores
@@ -69,7 +69,7 @@ def naive_hit_at_1(model, processor, eval_dir, image_dir, task, batch_size):
 def dedup_scores(model, processor, eval_dir, image_dir, task, batch_size):
     """The scores evaluate_mmeb computes (its own embed_task, untimed), to compare with naive's."""
     return embed_task(model, processor, read_eval_task(eval_dir, task), task, image_dir,
-                      batch_size=batch_size)[-1]                          # (rows, max candidates)
+                      batch_size=batch_size).scores                      # (rows, max candidates)
 
 
 def parse_args(argv=None):

@@ -43,9 +43,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import make_item, print_table  # noqa: E402
 from matching import separate_logits, view_plans  # noqa: E402
 import train  # noqa: E402
+from util.dist import peak_tflops  # noqa: E402
 from data import collate_embed, collate_match  # noqa: E402
 from masks import VIEW_SETS  # noqa: E402
-from model import ATTENTION, flex_unavailable, set_attention  # noqa: E402
+from util.speed import ATTENTION, flex_unavailable, set_attention  # noqa: E402
 from tools.width_real import ARCH, write_checkpoint  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def measure_step(args, model, processor, batch, device, reps, warmup):
 
     def step():
         model.zero_grad(set_to_none=True)
-        train.forward_backward(model, model, batch, processor.tokenizer, args, 0, autocast)
+        train.forward_backward(train.Step(model, processor.tokenizer, args, autocast=autocast), batch, 0)
 
     for _ in range(warmup):
         step()
@@ -131,7 +132,7 @@ def logit_agreement(model, processor, device, size, M=4):
         mb = collate_match(q, pos, neg, tok, VIEW_SETS["all"], [1, 2] * (M // 2) + [1] * (M % 2))
         set_attention(model, "sdpa")
         unified, _ = model.match(mb, *E)
-        separate = separate_logits(model, mb, E, view_plans(mb, model.hf.dtype))
+        separate = separate_logits(model, mb, E, view_plans(mb, model.backbone.dtype))
         flex = None
         if flex_unavailable(device, training=False) is None:
             set_attention(model, "flex")
@@ -155,7 +156,7 @@ def main(argv=None):
               "--device cpu for a dry run of the code path).")
         return None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
-    peak = train.peak_tflops(argparse.Namespace(peak_tflops=None), device)    # None on CPU / unknown GPU
+    peak = peak_tflops(device)                                              # None on CPU / unknown GPU
     tmp = contextlib.nullcontext(a.workdir) if a.workdir else tempfile.TemporaryDirectory()
     results = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                "batch": a.batch, "image_size": a.image_size, "rows": []}

@@ -12,7 +12,7 @@ side by side in one run:
             with the packed row's position ids and that view's own mask (the idea of
             tests/test_matching.py; the mask from masks.unified_mask with one view);
   feat      ReMatch.match with the `feat` view set (Zq × {Zd1, Zd2}, Table 5);
-  flex      `unified` with --attn flex (model.set_attention): the same mask as a
+  flex      `unified` with --attn flex (util.speed.set_attention): the same mask as a
             FlexAttention BlockMask (masks.unified_block_mask) whose empty blocks are
             skipped. Compiled on CUDA; on the CPU torch runs flex uncompiled (dense
             inside, correct but not fast) and has no backward, so fwd+bwd is "n/a" there.
@@ -53,7 +53,8 @@ from common import (add_common_args, fmt, make_item, peak_mib, print_config, pri
                     ratio, setup, time_variants)
 from data import collate_embed, collate_match  # noqa: E402
 from masks import VIEW_SETS, additive_mask, unified_mask_batch  # noqa: E402
-from model import ReMatch, flex_unavailable, set_attention  # noqa: E402
+from model import ReMatch  # noqa: E402
+from util.speed import flex_unavailable, set_attention  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -110,7 +111,7 @@ def separate_logits(model, mb, E, plans, images=None):
         xs = x[rows, index]                                     # (M, l, d)
         ps = pos[:, rows, index] * valid                        # (3, M, l), padding → 0
         h = model.last_hidden(xs, p["mask"].to(dev), ps)        # (M, l, d)
-        out.append(model.hf.lm_head(h[rows[:, 0], p["at"].to(dev)]))   # (M, vocab)
+        out.append(model.backbone.lm_head(h[rows[:, 0], p["at"].to(dev)]))   # (M, vocab)
     return torch.stack(out, dim=1).flatten(0, 1)                # (M, V, vocab) → (M·V, vocab)
 
 
@@ -127,7 +128,7 @@ def main(argv=None):
              for items, side in ((q, "q"), (pos, "d"), (neg, "d"))]
     mb = {name: collate_match(q, pos, neg, tok, VIEW_SETS[name], random.Random(args.seed))
           for name in ("all", "feat")}
-    dtype = model.hf.get_input_embeddings().weight.dtype
+    dtype = model.backbone.get_input_embeddings().weight.dtype
     plans = view_plans(mb["all"], dtype)
     n_img = int(mb["all"]["image_grid_thw"].prod(dim=1).sum()) // 4       # merged image tokens
     print_config(args, image_tokens_per_image=n_img // (3 * M),

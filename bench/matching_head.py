@@ -1,6 +1,6 @@
 """
 The matching head alone, on fixed embeddings: how fast does Eq. 4 learn once the
-embedding is good? (docs/readings.md §8, "the head alone")
+embedding is good? (docs/demo.md §3.3, the head alone)
 
 A trained checkpoint is the embedder and stays frozen: the E of every query and document
 (Eq. 1's fused embedding) never changes. A copy of the checkpoint is trained with the
@@ -35,7 +35,8 @@ from data import MATCH_PROMPTS, TrainBatchSampler, TrainDataset  # noqa: E402
 from demo import DEMO_META  # noqa: E402
 from losses import matching_loss  # noqa: E402
 from masks import VIEW_SETS  # noqa: E402
-from model import default_device, load_rematch  # noqa: E402
+from util.dist import default_device  # noqa: E402
+from model import load_rematch  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -79,23 +80,22 @@ def positive_and_hardest(scores):
 
 
 def held_out_sets(embedder, processor, config, data, n):
-    """Per eval task: items, pairs, frozen Q / D embeddings and their scores."""
+    """Per eval task: its evaluate.TaskEmbeddings by the frozen embedder (the first n rows'
+    encoded items kept for the matching passes)."""
     root = os.path.join(data, "eval")
     table = evaluate.discovered_task_table(root)
     sets = {}
     for task, (meta, _) in table.items():
-        *items, scores = evaluate.embed_task(embedder, processor, evaluate.read_eval_task(root, task),
-                                             task, data, config, meta)
-        sets[task] = (*items, scores[:n])                                     # (n, cands), positive first
+        sets[task] = evaluate.embed_task(embedder, processor, evaluate.read_eval_task(root, task),
+                                         task, data, config, meta, keep_rows=n)
     return sets
 
 
 def held_out(matcher, processor, sets, n, prompt):
     """{view type: mean over tasks of the held-out Yes/No accuracy}."""
     acc = {}
-    for iq, idd, pairs, Q, D, scores in sets.values():
-        r = evaluate.matching_accuracy(matcher, processor, iq, idd, pairs, Q, D, scores, n,
-                                       prompt=MATCH_PROMPTS[prompt])
+    for emb in sets.values():
+        r = evaluate.matching_accuracy(matcher, processor, emb, n, prompt=MATCH_PROMPTS[prompt])
         for k in evaluate.MATCH_VIEW_TYPES:
             acc.setdefault(k, []).append(r[k])
     return {k: sum(v) / len(v) for k, v in acc.items()}
@@ -123,7 +123,8 @@ def main(argv=None):
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
 
     sets = held_out_sets(embedder, processor, config, a.data, a.eval_queries)
-    pairs = {t: positive_and_hardest(s[-1]) for t, s in sets.items()}       # (pos, neg) per task
+    pairs = {t: positive_and_hardest(s.scores[:a.eval_queries])              # (pos, neg) per task
+             for t, s in sets.items()}
     pos, neg = (torch.cat([p[k] for p in pairs.values()]) for k in (0, 1))
     print(f"checkpoint {a.checkpoint}: views {a.views}, P = {a.prompt}, {a.instances} instances a step, "
           f"lr {a.lr}; held-out: {a.eval_queries} queries x {len(sets)} tasks")

@@ -96,7 +96,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import fmt, image, peak_mib, print_table, time_variants  # noqa: E402
 from data import IMAGE_PLACEHOLDER, collate_embed, collate_match, content_text, encode_item  # noqa: E402
 from masks import VIEW_SETS, additive_mask, unified_mask_batch  # noqa: E402
-from model import ImageOnlyQwenVLProcessor, image_processor_for, mrope_position_ids  # noqa: E402
+from util.backbone import ImageOnlyQwenVLProcessor, image_processor_for  # noqa: E402
+from model import mrope_position_ids  # noqa: E402
 from tools import width_real  # noqa: E402
 from tools.width_real import ARCH, build_config  # noqa: E402
 

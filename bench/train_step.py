@@ -17,7 +17,6 @@ so it should stay flat as B grows (what grows is only the cached (B, d) embeddin
     python bench/train_step.py --reps 2 --batch 4 --batches 4 8 --chunk_size 4 --image_size 112   # smoke
 """
 import argparse
-import contextlib
 import os
 import sys
 
@@ -66,8 +65,7 @@ def examples(processor, n, size):
 def step_fn(targs, model, processor, batch):
     def run():
         model.zero_grad(set_to_none=True)
-        train.forward_backward(model, model, batch, processor.tokenizer, targs, 0,
-                               contextlib.nullcontext())
+        train.forward_backward(train.Step(model, processor.tokenizer, targs), batch, 0)
     return run
 
 

@@ -1,6 +1,6 @@
 """
 The vision tower's per-image index work at the paper's batch size: transformers'
-per-image loops against model.vision_position_ids / model.vision_window_index, which run
+per-image loops against util.speed.vision_position_ids / util.speed.vision_window_index, which run
 them once per distinct image size (the indices depend on the size alone). Both are host
 work that runs before the tower's first kernel, at every step.
 
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_config, print_table, ratio, time_variants  # noqa: E402
-from model import vision_position_ids, vision_window_index  # noqa: E402
+from util.speed import vision_position_ids, vision_window_index  # noqa: E402
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index  # noqa: E402
 
 

@@ -1,5 +1,5 @@
 """
-The corpus the tiny offline tokenizer is trained on (model.build_tiny_tokenizer).
+The corpus the tiny offline tokenizer is trained on (util.backbone.build_tiny_tokenizer).
 
 `tiny-qwen2-vl` / `tiny-qwen2.5-vl` use a small byte-level BPE trained offline. Any text
 encodes (256 byte symbols), but only the strings below become short sequences: the

@@ -14,7 +14,7 @@ TINY_KINDS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")
 @pytest.fixture(scope="session", params=TINY_KINDS)
 def tiny(request):
     """(name, model, processor) for each tiny backbone, fp32 on CPU, seed 0."""
-    from model import load_backbone
+    from util.backbone import load_backbone
     model, processor = load_backbone(request.param, device="cpu", seed=0)
     model.eval()
     return request.param, model, processor
@@ -54,5 +54,5 @@ def run_processes(target, args_per_rank, err_dir, timeout):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a test over ~30 s on 2 CPU cores "
-                                       "(deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: a test over ~10 s on 2 CPU cores; the quick loop "
+                                       "`pytest -q -m 'not slow'` leaves them out, CI runs them")

@@ -5,7 +5,6 @@ Runs a few real training steps with train.py's pieces (DDP, gloo; --chunk_size f
 cached-gradient micro-batching) and saves, per rank,
 the rows it saw, the first step's (DDP-averaged) gradients and the final parameters.
 """
-import contextlib
 import os
 import sys
 
@@ -15,13 +14,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
 
 import train  # noqa: E402
+from util.dist import setup_distributed, teardown_distributed  # noqa: E402
 from data import TrainBatchSampler, TrainDataset  # noqa: E402
 
 
 def main():
     out_dir, flags = sys.argv[1], sys.argv[sys.argv.index("--") + 1:]
     args = train.parse_args(flags)
-    ddp, rank, world, device = train.setup_distributed()
+    ddp, rank, world, device = setup_distributed()
     model, processor = train.build_model(args, device)
     dataset = TrainDataset(args.train_data, args.image_dir, processor,
                            target_instructions=args.target_instructions)
@@ -34,8 +34,8 @@ def main():
         idx = next(sampler)
         seen.append(list(idx))
         opt.zero_grad(set_to_none=True)
-        train.forward_backward(ddp_model, model, [dataset[i] for i in idx], processor.tokenizer,
-                               args, step, contextlib.nullcontext())
+        train.forward_backward(train.Step(model, processor.tokenizer, args, ddp_model),
+                               [dataset[i] for i in idx], step)
         if first_grads is None:
             first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         opt.step()
@@ -43,7 +43,7 @@ def main():
                 "params": {n: p.detach().clone() for n, p in model.named_parameters()}},
                os.path.join(out_dir, f"rank{rank}.pt"))
     del ddp_model, opt                               # DDP state first (teardown_distributed)
-    train.teardown_distributed()
+    teardown_distributed()
 
 
 if __name__ == "__main__":

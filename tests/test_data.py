@@ -21,7 +21,7 @@ from data import (BadImageError, TrainBatchSampler, TrainDataset, find_parquet, 
 
 @pytest.fixture(scope="module")
 def processor():
-    from model import load_backbone
+    from util.backbone import load_backbone
     _, processor = load_backbone("tiny-qwen2-vl", device="cpu")
     return processor
 
@@ -372,7 +372,7 @@ def real_qwen_processor(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from model import ImageOnlyQwenVLProcessor, image_processor_for
+    from util.backbone import ImageOnlyQwenVLProcessor, image_processor_for
     from tools import width_real
     family = width_real.FAMILY["qwen2_vl"]
     width_real.write_tokenizer(width_real.tokenizer_source(), tmp_path, family)

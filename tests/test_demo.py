@@ -21,7 +21,7 @@ from demo.synthetic import synthetic_texts
 
 @pytest.fixture(scope="module")
 def processor():
-    from model import load_backbone
+    from util.backbone import load_backbone
     _, processor = load_backbone("tiny-qwen2-vl", device="cpu")
     return processor
 
@@ -44,7 +44,7 @@ def test_demo_tables_and_target_prompts():
 # The tiny tokenizer is trained on demo.tokenizer_corpus(): its vocabulary is a function of
 # the demo's strings and data.py's templates. This fingerprint makes a change to either
 # visible (the demo's figures and every tiny-model test move with it). If you changed a
-# demo string or a template on purpose, re-run the demo, update the README's figures and
+# demo string or a template on purpose, re-run the demo, update the README's demo table and docs/demo.md and
 # this fingerprint (the failure message prints the new one).
 TINY_VOCAB_SHA = "3f1e99abc4051668"
 

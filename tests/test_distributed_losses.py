@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conftest import run_processes
 from losses import info_nce
-from train import teardown_distributed
+from util.dist import teardown_distributed
 
 W, B, D_IN, D = 2, 3, 6, 5  # ranks, queries per rank, raw input size, embedding size
 TAU = 0.05

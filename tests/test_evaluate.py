@@ -25,10 +25,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import evaluate as ev
+from tools import rerank
 from conftest import run_processes, shape_image
 from data import collate_embed, encode_item, find_parquet, load_image, read_eval_task
-from model import ReMatch, load_backbone, save_rematch
-from train import teardown_distributed
+from model import ReMatch, save_rematch
+from util.backbone import load_backbone
+from util.dist import teardown_distributed
 
 TABLE = {"TaskA": ("Classification", True), "TaskB": ("Retrieval", False)}
 TIMEOUT_S = 120
@@ -91,7 +93,7 @@ def test_task_table_and_summary():
     assert list(ev.task_table(["VOC2007", "GQA"])) == ["VOC2007", "GQA"]
     with pytest.raises(KeyError, match="CIFAR-100"):
         ev.task_table(["CIFAR-100"])
-    assert ev.task_table(["ShapesCLS"], ev.BENCHMARKS["synthetic"]) == {"ShapesCLS": ("Classification", True)}
+    assert ev.task_table(["ShapesCLS"], ev.benchmarks()["synthetic"]) == {"ShapesCLS": ("Classification", True)}
     table = {"a": ("Classification", True), "b": ("Classification", False), "c": ("VQA", True)}
     s = ev.summarize({"a": 0.5, "b": 0.2, "c": 0.8}, table)
     assert s["Classification"]["mean"] == pytest.approx(0.35) and s["VQA"]["mean"] == pytest.approx(0.8)
@@ -215,7 +217,7 @@ class Recorder:
 
     def __init__(self, model, before=None):
         self.model, self.orig, self.before, self.calls = model, model.embed, before, []
-        self.image_token_id = model.hf.config.image_token_id
+        self.image_token_id = model.backbone.config.image_token_id
         model.embed = self
 
     def __call__(self, batch, side):
@@ -271,7 +273,7 @@ def test_mmeb_end_to_end_matches_direct_computation(bench, tiny, reference):
         q_keys, d_keys, pairs = ev.task_items(rows, task)
         path = lambda p: os.path.join(bench[1], p) if p else None  # noqa: E731
         items = [("q", t, path(p)) for t, p in q_keys] + [("d", t, path(p)) for t, p in d_keys]
-        E = ev.embed_items(model, processor, items, batch_size=3)
+        E = ev.embed_inputs(model, processor, items, batch_size=3)
         scores = ev.score_rows(E[:len(q_keys)], E[len(q_keys):], pairs)
         for i, r in enumerate(rows):
             keys = list(zip(r["tgt_text"], r["tgt_img_path"]))
@@ -290,7 +292,7 @@ def test_matching_accuracy_matches_a_naive_loop(bench, tiny):
 
     from data import collate_match
     from masks import VIEW_SETS
-    from model import answer_token_ids
+    from util.backbone import answer_token_ids
     model, processor = tiny
     mmeb_dir, image_dir = bench
     config = {"w_qdm": 0.1, "model": "tiny"}
@@ -673,7 +675,7 @@ def single_p_yes(model, processor, q_item, E_q, d_item, E_d, views, prompt=None)
     """Oracle: p(Yes) of one candidate, in slot 1 of a row of its own, from one decoder pass
     per view (tests/test_matching.py's separate passes, same position ids), mean over views."""
     from data import collate_match
-    from model import answer_token_ids
+    from util.backbone import answer_token_ids
     from test_matching import separate_pass_logits
     yes, no = answer_token_ids(processor.tokenizer)
     views = {"raw": (("Q", "D1"),), "feat": (("Zq", "Zd1"),),
@@ -712,10 +714,10 @@ def test_rerank_hits_and_encoder_rerank(bench, tiny, tmp_path):
     mmeb_dir, image_dir = bench
     config = {"w_qdm": 0.1, "model": "tiny"}
     k = 3
-    report = ev.mmeb_report(model, processor, mmeb_dir, image_dir, TABLE, config, batch_size=3,
-                            progress=False, rerank_top_k=k, rerank_queries=4)
+    report = rerank.mmeb_rerank_report(model, processor, mmeb_dir, image_dir, TABLE, config, batch_size=3,
+                                       progress=False, top_k=k, queries=4)
     with pytest.raises(ValueError, match="trained with the matching loss"):
-        ev.mmeb_report(model, processor, mmeb_dir, image_dir, TABLE, {"w_qdm": 0}, rerank_top_k=k)
+        rerank.mmeb_rerank_report(model, processor, mmeb_dir, image_dir, TABLE, {"w_qdm": 0}, top_k=k)
     oracle = Oracle(model, processor)
     path = lambda p: os.path.join(image_dir, p) if p else None  # noqa: E731
     enc = lambda t, p: encode_item(processor, t, load_image(path(p)) if p else None)  # noqa: E731

@@ -48,7 +48,8 @@ def test_token_attention_is_a_distribution_over_the_patch_grid():
     """(h, w) = the merged grid of the image; the K tokens' attention to the image tokens
     is part of a softmax row (in [0, 1], summing to at most 1), and the eager switch
     leaves the model's attention implementation as it was."""
-    from model import ReMatch, load_backbone
+    from model import ReMatch
+    from util.backbone import load_backbone
     backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu", seed=0)
     model = ReMatch(backbone, num_tokens=3).eval()
     before = backbone.model.language_model.config._attn_implementation

@@ -1,13 +1,13 @@
 """
 Block-sparse unified attention (`--attn flex`): masks.unified_block_mask and
-model.set_attention / flex_attention_forward.
+util.speed.set_attention / flex_attention_forward.
 
 Oracles: the dense mask of masks.unified_mask_batch (itself checked against the rules in
 tests/test_masks.py), lifted block by block from what the BlockMask says (an empty block
 is all False, a full block all True, a partial block is mask_mod at every position); and
 the dense SDPA pass (the default path) for the label logits and, on CUDA, the gradients.
 torch has no FlexAttention backward on the CPU, so the gradient test runs only where
-CUDA is present (it ran on an H100, see README "On a GPU"); CI checks the forward.
+CUDA is present (it ran on an H100, see bench/RESULTS.md); CI checks the forward.
 
     pytest tests/test_flex.py
 """
@@ -18,11 +18,12 @@ import sys
 import pytest
 import torch
 
-import model as model_module
+import util.speed as model_module
 from data import collate_match
 from masks import (PAD, VIEW_SETS, answer_name, segments_used, unified_block_mask,
                    unified_mask_batch)
-from model import ReMatch, flex_unavailable, set_attention
+from model import ReMatch
+from util.speed import flex_unavailable, set_attention
 from test_matching import embeddings, instances
 
 # on the CPU flex runs uncompiled on purpose (the reference forward), and torch warns so
@@ -141,7 +142,7 @@ def test_set_attention_switches_back_to_dense(tiny, monkeypatch):
     set_attention(rm, "sdpa")
     with torch.no_grad():
         rm.match(mb, *embeddings(rm, processor, items))
-    assert calls == [] and rm.hf.model.language_model.config._attn_implementation == "sdpa"
+    assert calls == [] and rm.backbone.model.language_model.config._attn_implementation == "sdpa"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no FlexAttention backward on the CPU")

@@ -11,7 +11,7 @@ path then has to learn only "is Zq the same as Zd?" through the projector, the i
 token and the mask. `raw` views read the phrases' tokens. Training is the matching loss
 alone (Eq. 4, full vocabulary), through ReMatch.match — the pass train.py runs.
 
-What the test changes, and why (docs/readings.md §8): the prompt segment P is the bare user
+What the test changes, and why (docs/demo.md §3.1): the prompt segment P is the bare user
 header instead of the system prompt + App. S7 instruction (64 tokens with the tiny
 tokenizer). At random initialisation attention is nearly uniform, so every answer averages
 over P, H and its two views; with the long P the one feature token is ~2% of what an
@@ -33,7 +33,8 @@ from data import MATCH_PROMPTS, collate_match, encode_item
 from demo.synthetic import COLOURS, SHAPES
 from losses import matching_loss
 from masks import VIEW_SETS
-from model import ReMatch, answer_token_ids, load_backbone
+from model import ReMatch
+from util.backbone import answer_token_ids, load_backbone
 from train import lr_at
 
 OBJECTS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
@@ -49,7 +50,7 @@ def identity_task(views, steps, seed=0, lr=3e-3, M=32, warmup=50):
     yes, no = answer_token_ids(tok)
     items = {o: encode_item(processor, o) for o in OBJECTS}
     g = torch.Generator().manual_seed(seed)
-    code = {o: torch.randn(model.hf.config.text_config.hidden_size, generator=g) for o in OBJECTS}
+    code = {o: torch.randn(model.backbone.config.text_config.hidden_size, generator=g) for o in OBJECTS}
 
     def instances(n, rng):
         qs = rng.choices(OBJECTS, k=n)
@@ -78,6 +79,7 @@ def identity_task(views, steps, seed=0, lr=3e-3, M=32, warmup=50):
     return ((logits[:, yes] > logits[:, no]) == (labels == yes)).float().mean().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("views, steps", [("feat", 600), ("raw", 1000)])
 def test_matching_pass_learns_the_identity_task(views, steps):
     torch.set_num_threads(2)

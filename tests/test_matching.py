@@ -17,7 +17,8 @@ import torch
 from conftest import shape_image
 from data import collate_embed, collate_match, encode_item
 from masks import VIEW_SETS, additive_mask
-from model import ReMatch, answer_token_ids
+from model import ReMatch
+from util.backbone import answer_token_ids
 
 QUERIES = ["<|image_1|>\nRepresent the given image with the following question: What colour is the circle?",
            "<|image_1|>\nRepresent the given image for classification"]
@@ -68,7 +69,7 @@ def separate_pass_logits(rm, x, pos, segments, label_idx, views, row):
         mask = additive_mask(oracle_sub_mask(names), x.dtype)                 # (1, 1, l, l)
         h = rm.last_hidden(x[row, keep][None], mask, pos[:, row, keep][:, None])  # (1, l, d)
         at = (keep == label_idx[row, v]).nonzero().item()
-        out.append(rm.hf.lm_head(h[0, at]))
+        out.append(rm.backbone.lm_head(h[0, at]))
     return torch.stack(out)                                                   # (V, vocab)
 
 

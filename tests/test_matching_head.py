@@ -1,6 +1,6 @@
 """
 bench/matching_head.py: the matching head trained alone on a frozen checkpoint's
-embeddings (docs/readings.md §8). Its threshold ceiling against a brute-force scan, its
+embeddings (docs/demo.md §3.3). Its threshold ceiling against a brute-force scan, its
 step-0 held-out accuracy against evaluate.matching_accuracy called directly on a freshly
 loaded checkpoint, and its refusal of a data directory without train/ and eval/.
 
@@ -17,7 +17,8 @@ import matching_head  # noqa: E402
 
 import evaluate  # noqa: E402
 from demo import make_synthetic  # noqa: E402
-from model import ReMatch, load_backbone, load_rematch, save_rematch  # noqa: E402
+from model import ReMatch, load_rematch, save_rematch  # noqa: E402
+from util.backbone import load_backbone  # noqa: E402
 
 
 def brute_force_ceiling(pos, neg):
@@ -73,10 +74,10 @@ def test_held_out_accuracy_at_step_0_equals_evaluate_and_training_runs(small):
         qk, dk, pairs = evaluate.task_items(evaluate.read_eval_task(root, task), task, config, meta=meta)
         iq = [(t, os.path.join(data, p) if p else None) for t, p in qk]
         idd = [(t, os.path.join(data, p) if p else None) for t, p in dk]
-        E = evaluate.embed_items(model, processor, [("q", *x) for x in iq] + [("d", *x) for x in idd])
+        E = evaluate.embed_inputs(model, processor, [("q", *x) for x in iq] + [("d", *x) for x in idd])
         Q, D = E[:len(qk)], E[len(qk):]
-        r = evaluate.matching_accuracy(model, processor, iq, idd, pairs, Q, D,
-                                       evaluate.score_rows(Q, D, pairs), 4)
+        emb = evaluate.TaskEmbeddings(iq, idd, pairs, Q, D, evaluate.score_rows(Q, D, pairs))
+        r = evaluate.matching_accuracy(model, processor, emb, 4)
         for k in want:
             want[k].append(r[k])
     assert result[0] == pytest.approx({k: sum(v) / len(v) for k, v in want.items()})

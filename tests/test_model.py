@@ -11,8 +11,8 @@ import torch
 
 from conftest import TINY_KINDS, shape_image
 from data import EMBED_TEMPLATES, IMAGE_BLOCK, collate_embed, encode_item
-from model import (ReMatch, answer_token_ids, build_tiny_tokenizer, load_backbone,
-                   mrope_position_ids, save_backbone)
+from model import ReMatch, mrope_position_ids
+from util.backbone import answer_token_ids, build_tiny_tokenizer, load_backbone, save_backbone
 
 Q_IMG = "<|image_1|>\nRepresent the given image with the following question: What colour is the circle?"
 D_IMG = "<|image_1|>\nRepresent the given image."
@@ -121,7 +121,7 @@ def copy_without(src, dst, drop=(), edit_config=None):
 
 
 def test_bad_checkpoint_directories_are_named(saved_tiny, tmp_path, monkeypatch):
-    import model as model_module
+    import util.backbone as model_module
     with pytest.raises(FileNotFoundError, match="/abs/missing-dir: no such directory"):
         load_backbone("/abs/missing-dir", device="cpu")
     no_pre = copy_without(saved_tiny, tmp_path / "a", drop=["preprocessor_config.json"])
@@ -170,7 +170,7 @@ def test_vision_attention_by_size_equals_the_per_image_loop(family, monkeypatch)
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-    import model as model_py
+    import util.speed as model_py
     if family == "qwen2_vl":
         cfg = Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
                                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
@@ -217,7 +217,7 @@ def test_vision_position_ids_once_per_size_equal_the_per_image_loop(tiny, monkey
     with the fallback for a transformers without precomputed ids."""
     from transformers.vision_utils import get_vision_position_ids
 
-    from model import vision_position_ids
+    from util.speed import vision_position_ids
     # one image of 2×4 patches: blocks (rows 0-1, cols 0-1) then (rows 0-1, cols 2-3)
     hand = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]])
     assert torch.equal(vision_position_ids(torch.tensor([[1, 2, 4]]), 2), hand)
@@ -232,7 +232,7 @@ def test_vision_position_ids_once_per_size_equal_the_per_image_loop(tiny, monkey
     ours = model.image_features(batch["pixel_values"], batch["image_grid_thw"])
     theirs = backbone.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
                                                return_dict=True).pooler_output
-    monkeypatch.setattr("model.get_vision_position_ids", None)                # older transformers
+    monkeypatch.setattr("util.speed.get_vision_position_ids", None)                # older transformers
     fallback = model.image_features(batch["pixel_values"], batch["image_grid_thw"])
     assert len(ours) == len(theirs) == len(fallback) == 6
     for a, b, c in zip(ours, theirs, fallback):
@@ -248,7 +248,7 @@ def test_vision_window_index_once_per_size_equals_the_per_image_loop(tiny):
     the tower computing them itself (test above)."""
     from transformers.vision_utils import get_vision_window_index
 
-    from model import vision_window_index
+    from util.speed import vision_indices, vision_window_index
     kw = dict(merge=2, window_size=112, patch_size=14)                         # 4×4 merged tokens
     # image 0: 2×2 merged tokens, one window of 4·4 patches; image 1: 2×6 merged tokens,
     # windows of 2×4 and 2×2 tokens (row-major inside each), shifted by image 0's 4 tokens
@@ -262,10 +262,10 @@ def test_vision_window_index_once_per_size_equals_the_per_image_loop(tiny):
     assert torch.equal(index, ref_index) and torch.equal(cu, ref_cu) and cu.dtype == ref_cu.dtype
     name, backbone, _ = tiny
     if name == "tiny-qwen2.5-vl":                                              # windowed tower
-        indices = ReMatch(backbone, num_tokens=4).vision_indices(grid)
+        indices = vision_indices(backbone.config.vision_config, grid)
         assert torch.equal(indices["window_index"], ref_index)
     else:                                                                      # no windows
-        assert "window_index" not in ReMatch(backbone, num_tokens=4).vision_indices(grid)
+        assert "window_index" not in vision_indices(backbone.config.vision_config, grid)
 
 
 def test_bench_vision_indices_checks_equality_and_prints_its_table(capsys):

@@ -3,7 +3,7 @@ The real Qwen path at real widths (fp32, CPU): width-real Qwen2-VL-2B and Qwen2.
 checkpoints (tools/width_real.py: the real hidden / MLP / head widths, M-RoPE sections,
 151936-row vocabulary, Qwen tokenizer and preprocessor_config.json; 2 decoder layers,
 1 (2-VL) or 2 (2.5-VL: block 0 windowed, block 1 full) vision blocks, random weights),
-loaded only through model.load_backbone, the from_pretrained path of
+loaded only through util.backbone.load_backbone, the from_pretrained path of
 Qwen/Qwen2-VL-2B-Instruct. For each backbone:
 
   1. the M-RoPE positions of packed matching rows (collate_match, images in the query and
@@ -38,7 +38,8 @@ import torch
 from conftest import shape_image
 from data import EMBED_TEMPLATES, collate_embed, collate_match, content_text, encode_item
 from masks import VIEW_SETS
-from model import ReMatch, apply_lora, load_backbone, mrope_position_ids
+from model import ReMatch, apply_lora, mrope_position_ids
+from util.backbone import load_backbone
 from test_matching import separate_pass_logits
 from tools import width_real
 
@@ -65,7 +66,7 @@ def real_ckpt(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_backbone(real_ckpt):
-    """(preset, path, model, processor) through model.load_backbone, fp32 on the CPU."""
+    """(preset, path, model, processor) through util.backbone.load_backbone, fp32 on the CPU."""
     preset, path = real_ckpt
     model, processor = load_backbone(str(path), device="cpu", dtype=torch.float32)
     return preset, path, model.eval(), processor
@@ -102,6 +103,7 @@ def match_batch(processor):
 # ----------------------------------------------------------------------------------
 # 1. M-RoPE positions of a packed matching row
 
+@pytest.mark.slow
 def test_matching_row_positions_equal_get_rope_index(real_backbone, real_rematch):
     """Oracle: the backbone's own get_rope_index (transformers 5.23 keyword signature:
     input_ids, mm_token_type_ids (1 at <|image_pad|>), image_grid_thw, attention_mask)
@@ -133,6 +135,7 @@ def test_matching_row_positions_equal_get_rope_index(real_backbone, real_rematch
 # ----------------------------------------------------------------------------------
 # 2. The unified matching pass == one pass per view
 
+@pytest.mark.slow
 def test_unified_matching_pass_equals_one_pass_per_view(real_backbone, real_rematch):
     """Every view of the `all` set, both placements of d⁺, images in Q, D1, D2: the label
     logits (full vocabulary) of the one unified pass == those of a separate decoder pass

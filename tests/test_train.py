@@ -64,6 +64,7 @@ def last_log(out):
 
 # ---------------------------------------------------------------------------- DDP
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [None, 2])
 def test_two_process_ddp_training(fixture_dir, tmp_path, chunk):
     """torchrun, 2 gloo ranks × B: disjoint rows, identical parameters across ranks, and
@@ -92,7 +93,7 @@ def test_two_process_ddp_training(fixture_dir, tmp_path, chunk):
     dataset = TrainDataset(args.train_data, args.image_dir, processor)
     idx = next(iter(TrainBatchSampler(dataset, 2 * args.batch_size, 1, 0, args.seed)))
     assert list(idx) == r0["seen"][0] + r1["seen"][0]               # same global batch
-    loss, _, _ = train.train_step(model, [dataset[i] for i in idx], processor.tokenizer, args, 0)
+    loss, _, _ = train.train_step(train.Step(model, processor.tokenizer, args), [dataset[i] for i in idx], 0)
     loss.backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -104,8 +105,6 @@ def test_chunked_step_gives_the_same_gradients(fixture_dir, tmp_path, chunk, M):
     """Cached-gradient micro-batching (--chunk_size) == the plain step on the whole batch:
     parameter gradients (fp64, 1e-9) and logged loss terms; uneven chunks, and chunks
     with no, some or all instances in the matching pass."""
-    import contextlib
-
     import train
     from data import TrainDataset
 
@@ -116,8 +115,8 @@ def test_chunked_step_gives_the_same_gradients(fixture_dir, tmp_path, chunk, M):
         args = train.parse_args(fl)
         model, processor = train.build_model(args, torch.device("cpu"))
         dataset = TrainDataset(args.train_data, args.image_dir, processor)
-        terms, _ = train.forward_backward(model, model, [dataset[i] for i in range(5)],
-                                          processor.tokenizer, args, 0, contextlib.nullcontext())
+        terms, _ = train.forward_backward(train.Step(model, processor.tokenizer, args),
+                                          [dataset[i] for i in range(5)], 0)
         runs.append((terms, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     (t0, g0), (t1, g1) = runs
     for k in t0:
@@ -136,11 +135,12 @@ def test_resume_continues_exactly(fixture_dir, tmp_path):
     from data import collate_embed, encode_item
     from model import load_rematch
     from safetensors.torch import load_file
+    from util.run import checkpoint_dirs
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train.main(flags(fixture_dir, a, "--steps", "6", "--save_every", "3"))
     train.main(flags(fixture_dir, b, "--steps", "6", "--stop_after_steps", "3"))
-    assert [os.path.basename(p) for p in train.checkpoint_dirs(b)] == ["checkpoint-3"]
+    assert [os.path.basename(p) for p in checkpoint_dirs(b)] == ["checkpoint-3"]
     train.main(flags(fixture_dir, b, "--steps", "6", "--resume"))
     assert last_log(a)["step"] == last_log(b)["step"] == 6
     assert last_log(a)["loss"] == last_log(b)["loss"]
@@ -224,7 +224,7 @@ def test_own_data_trains_and_evaluates_without_code_edits(tmp_path, capsys):
     assert f"overall {res['overall']:.3f}" in card and f"| DigitsEval | {res['hit_at_1']['DigitsEval']:.3f} |" in card
     from data import TrainDataset
     from evaluate import _target_instruction_fn
-    from model import load_backbone
+    from util.backbone import load_backbone
     _, processor = load_backbone("tiny-qwen2-vl", device="cpu")
     ds = TrainDataset(str(root), str(tmp_path), processor, target_prompts=json.loads(prompts.read_text()))
     assert ds[0]["pos"]["ids"] == processor.tokenizer("Represent the digit: 0", add_special_tokens=False)["input_ids"]
@@ -259,7 +259,7 @@ def test_checkpoints_by_hub_id_and_model_card(fixture_dir, tmp_path, monkeypatch
     backbone's id passes through unchanged; the folder carries a model card."""
     import train
     from evaluate import Encoder
-    from model import resolve_checkpoint
+    from util.backbone import resolve_checkpoint
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     train.main(flags(fixture_dir, a, "--steps", "4", "--save_every", "2", "--keep_checkpoints", "2"))
@@ -432,6 +432,7 @@ def test_presets_and_explicit_flags():
 
 # ---------------------------------------------------------------------------- demo
 
+@pytest.mark.slow
 def test_demo_learns_shortened(tmp_path):
     """`python train.py` (the demo preset on the built-in synthetic benchmark), shortened
     to 250 steps: the contrastive loss falls and held-out Hit@1 is at least twice chance
@@ -458,7 +459,7 @@ def test_activation_checkpointing_gives_the_same_gradients(fixture_dir, tmp_path
         model, processor = train.build_model(args, torch.device("cpu"))
         model.train()
         dataset = TrainDataset(args.train_data, args.image_dir, processor)
-        loss, _, _ = train.train_step(model, [dataset[i] for i in range(3)], processor.tokenizer, args, 0)
+        loss, _, _ = train.train_step(train.Step(model, processor.tokenizer, args), [dataset[i] for i in range(3)], 0)
         calls, linear = {"n": 0}, torch.nn.functional.linear
 
         def counting_linear(*a, **k):               # recomputed layers call it again in backward

@@ -2,7 +2,7 @@
 Width-real Qwen checkpoints (tools/width_real.py): the real widths, vocabulary, tokenizer,
 chat template and image preprocessing of Qwen2-VL-2B-Instruct and Qwen2.5-VL-3B-Instruct,
 with 1 decoder layer, 1 vision block and random weights, written offline in the hub layout
-and read back through transformers' own loaders and model.load_backbone.
+and read back through transformers' own loaders and util.backbone.load_backbone.
 
 Expected values come from sources independent of tools/width_real.ARCH: the table of real
 architectures below (the hub config.json values), the Qwen tokenizer ids, the config the
@@ -23,7 +23,7 @@ from transformers import (AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGen
 
 import data
 from masks import VIEW_SETS, segments_used
-from model import load_backbone
+from util.backbone import load_backbone
 from tools import width_real
 
 PRESETS = ("qwen2-vl-2b", "qwen2.5-vl-3b")
@@ -73,7 +73,7 @@ def ckpt(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def backbone(ckpt):
-    """(preset, path, model, processor) from model.load_backbone, fp32 on CPU."""
+    """(preset, path, model, processor) from util.backbone.load_backbone, fp32 on CPU."""
     preset, path = ckpt
     model, processor = load_backbone(str(path), device="cpu", dtype=torch.float32)
     return preset, path, model, processor
@@ -170,6 +170,7 @@ def test_missing_tokenizer_package_says_how_to_install(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------------
 # The written checkpoint: layout, config, weights
 
+@pytest.mark.slow
 def test_written_dir_is_reused_and_protected(ckpt):
     preset, path = ckpt
     names = {p.name for p in path.iterdir()}
@@ -338,7 +339,7 @@ def test_match_prompt_ids_are_the_chat_template(backbone):
 
 
 # ----------------------------------------------------------------------------------
-# Image processor through model.load_backbone
+# Image processor through util.backbone.load_backbone
 
 def test_processor_448_image_is_256_tokens(backbone):
     _, _, _, processor = backbone

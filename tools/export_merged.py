@@ -45,8 +45,8 @@ def export_merged(checkpoint, out_dir, dtype=torch.float32):
     out_dir; returns the pooling description (also written as rematch_pooling.json)."""
     model, processor, config = load_rematch(checkpoint, device="cpu", dtype=dtype)
     backbone = model.backbone
-    if hasattr(backbone, "merge_and_unload"):                  # peft: LoRA into the weights
-        backbone = backbone.merge_and_unload()
+    if model.peft is not None:                                 # peft: LoRA into the weights
+        backbone = model.peft.merge_and_unload()
     tok, K = processor.tokenizer, model.num_tokens
     q_tokens, d_tokens = token_names(K)
     if K:

@@ -89,7 +89,7 @@ def token_attention(model, processor, text, image):
     merged patch grid. Runs the decoder with eager attention to get the weights."""
     batch = collate_embed([encode_item(processor, text, image)], processor.tokenizer,
                           model.num_tokens, model.embed_template)
-    hf, dev = model.hf, model.device
+    hf, dev = model.backbone, model.device
     ids = batch["input_ids"].to(dev)                                          # (1, T)
     x = model.input_embeds(ids, batch["pixel_values"], batch["image_grid_thw"])
     token_idx = batch["token_idx"].to(dev)                                    # (1, K)
@@ -195,8 +195,8 @@ def plot_embeddings(E, labels, sides, out_png, seed=0):
 # ----------------------------------------------------------------------------------
 
 def latest_checkpoint(run_dir):
-    import train
-    dirs = train.checkpoint_dirs(run_dir)
+    from util.run import checkpoint_dirs
+    dirs = checkpoint_dirs(run_dir)
     if not dirs:
         raise SystemExit(f"{run_dir}: no checkpoint-N folder")
     return dirs[-1]
@@ -237,7 +237,7 @@ def main(argv=None):
     else:
         print("attention.png skipped: the checkpoint has no learnable tokens (K = 0)")
 
-    from evaluate import _target_instruction_fn, discovered_task_table, embed_items
+    from evaluate import _target_instruction_fn, discovered_task_table, embed_inputs
     target, table = _target_instruction_fn(config), discovered_task_table(root, tasks)
     items, labels = [], []
     for t in tasks:
@@ -248,7 +248,7 @@ def main(argv=None):
             items += [("q", r["qry_text"], os.path.join(image_dir, r["qry_img_path"]) if r["qry_img_path"] else None),
                       ("d", text, os.path.join(image_dir, path) if path else None)]
             labels += [t, t]
-    E = embed_items(model, processor, items, distributed=False)
+    E = embed_inputs(model, processor, items, distributed=False)
     plot_embeddings(E, labels, [s for s, _, _ in items], os.path.join(out, "embeddings.png"))
     print(f"wrote {out}/embeddings.png")
 

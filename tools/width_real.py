@@ -17,7 +17,7 @@ writes DIR with config.json, generation_config.json, model.safetensors, tokenize
 vocab.json, merges.txt, tokenizer_config.json, chat_template.json, preprocessor_config.json
 and width_real.json (the arguments it was built from). A second call with the same arguments
 reuses DIR. From Python: `write_checkpoint("qwen2.5-vl-3b", DIR, num_layers=1)`; then
-`model.load_backbone(DIR)` loads it like a hub checkpoint.
+`util.backbone.load_backbone(DIR)` loads it like a hub checkpoint.
 
 Presets (ARCH): qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-3b, qwen2.5-vl-7b.
 
@@ -55,7 +55,7 @@ from transformers import (AutoTokenizer, Qwen2_5_VLConfig,  # noqa: E402
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration)
 
-from model import QWEN2VL_CHAT_TEMPLATE  # noqa: E402
+from util.backbone import QWEN2VL_CHAT_TEMPLATE  # noqa: E402
 
 # ----------------------------------------------------------------------------------
 # Real architectures (config.json values, transformers 5.x layout: the language model's

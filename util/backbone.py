@@ -1,0 +1,317 @@
+"""
+Loading and saving the backbone: a Qwen2-VL / Qwen2.5-VL checkpoint from a hub id or a
+local directory, or a tiny randomly initialised one built offline — plumbing behind
+model.py, none of it in the paper.
+
+  load_backbone(name_or_path)   (model, processor); the config, the tokenizer and the
+                                image processor are checked before any weight is read
+  save_backbone(model, ...)     the layout of a hub checkpoint, which load_backbone reads
+  tiny-qwen2-vl, tiny-qwen2.5-vl  h=64, 2 layers, random init from a seed, with a small
+                                byte-level BPE tokenizer trained on the demo's strings
+                                (demo/corpus.py, imported when a tiny model is built) and
+                                the real PIL Qwen2-VL image processor: the same code paths
+                                as the real checkpoints
+  answer_token_ids(tokenizer)   the Yes/No label tokens of Eq. 4
+  resolve_checkpoint(name)      a ReMatch checkpoint folder's hub id → its local copy
+  write_model_card(path, ...)   the README.md of a checkpoint folder
+
+load_backbone also applies util/speed.py's vision-tower patches (each tested equal to
+transformers' forward). Tests: pytest tests/test_model.py tests/test_real_path.py
+"""
+import os
+
+import torch
+from transformers import (AutoConfig, AutoTokenizer, PreTrainedTokenizerFast,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
+                          Qwen2VLProcessor)
+
+from data import ANSWER_WORDS, looks_like_hub_id, rank0_first, resolve_dir
+from util.dist import default_device
+from util.speed import patch_embed_as_matmul, vision_attention_by_size
+
+# ----------------------------------------------------------------------------------
+# Tokenizer and processor
+
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+# Qwen2's pre-tokenizer split (letters, single digits, punctuation runs, newlines, spaces).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The official Qwen2-VL chat template (one vision block per image).
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_tokenizer(vocab_size=1024):
+    """
+    A Qwen-style byte-level BPE trained offline on demo.corpus.tokenizer_corpus(): any text
+    encodes (256 byte symbols), the corpus' words become short sequences, the Qwen
+    special tokens and chat template are kept. Deterministic.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(QWEN_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    from demo.corpus import tokenizer_corpus   # the tiny tokenizer learns the demo's strings
+    tk.train_from_iterator(tokenizer_corpus(), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>",
+                                  additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+    tok.chat_template = QWEN2VL_CHAT_TEMPLATE
+    return tok
+
+
+class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without the video processor (which needs torchvision). Used for
+    Qwen2-VL and Qwen2.5-VL alike: for images both expand <|image_pad|> the same way."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def answer_token_ids(tokenizer, where="tokenizer"):
+    """(yes_id, no_id): the label tokens of Eq. 4. Each answer word must be one token."""
+    ids = []
+    for w in ANSWER_WORDS:
+        t = tokenizer(w, add_special_tokens=False)["input_ids"]
+        if len(t) != 1:
+            raise ValueError(f"{where}: answer word {w!r} is {len(t)} tokens {t} in this "
+                             "tokenizer; the matching loss (Eq. 4) needs exactly one (use the "
+                             "checkpoint's own Qwen tokenizer)")
+        ids.append(t[0])
+    return tuple(ids)
+
+
+# ----------------------------------------------------------------------------------
+# Backbone loading
+
+TINY = {
+    "tiny-qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                      dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)),
+    "tiny-qwen2.5-vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                        dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                             out_hidden_size=64, window_size=112, fullatt_block_indexes=[0])),
+}
+BACKBONES = {"qwen2_vl": Qwen2VLForConditionalGeneration,
+             "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+TINY_PIXELS = (56 * 56, 112 * 112)     # tiny default: 4..16 merged image tokens per image
+
+
+def _build_tiny(name, tok, seed):
+    """Randomly initialised tiny backbone (h=64, 2 layers) whose vocab is `tok`'s."""
+    config_cls, model_cls, vision = TINY[name]
+    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                 "rope_theta": 1e6},   # sum(mrope_section) = head_dim / 2
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    vision = dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    cfg = config_cls(text_config=text, vision_config=vision,
+                     image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                     vision_start_token_id=ids["<|vision_start|>"],
+                     vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_cls._from_config(cfg, attn_implementation="sdpa")
+
+
+def image_processor_for(path, min_pixels, max_pixels):
+    """The PIL Qwen2-VL image processor (no torchvision), from `path`'s
+    preprocessor_config.json or the defaults, with optional pixel bounds. The bounds are
+    passed as min_pixels / max_pixels: a hub preprocessor_config.json holds those keys at
+    its top level, and they would override a `size` argument."""
+    bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+    return (Qwen2VLImageProcessorPil.from_pretrained(path, **bounds) if path
+            else Qwen2VLImageProcessorPil(**bounds))
+
+
+def _check_local_checkpoint(path):
+    """A local checkpoint directory has the files load_backbone needs; else an error that
+    names the directory, what is missing and the fix — before any weight is read."""
+    missing = [f for f in ("config.json", "preprocessor_config.json")
+               if not os.path.isfile(os.path.join(path, f))]
+    if not (os.path.isfile(os.path.join(path, "tokenizer.json"))
+            or all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))):
+        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    if missing:
+        raise FileNotFoundError(
+            f"{path}: not a complete Qwen2-VL/Qwen2.5-VL checkpoint, missing {', '.join(missing)}. "
+            "Copy these files from the base model's hub folder (e.g. Qwen/Qwen2-VL-2B-Instruct), "
+            "or save with util.backbone.save_backbone, which writes all of them")
+
+
+def _check_tokenizer(tok, config, where):
+    """The tokenizer fits the model: Qwen's vision tokens at the config's ids, every id
+    inside the embedding table, Yes/No single tokens (Eq. 4)."""
+    if len(tok) > config.text_config.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {len(tok)} tokens but the model's "
+                         f"embedding table {config.text_config.vocab_size} rows: tokenizer and "
+                         "weights come from different models")
+    for name, token in (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
+                        ("vision_end_token_id", "<|vision_end|>")):
+        tid = tok.convert_tokens_to_ids(token)
+        if tid != getattr(config, name):
+            raise ValueError(f"{where}: the tokenizer maps {token} to {tid} but config.json's "
+                             f"{name} is {getattr(config, name)}: tokenizer and config come from "
+                             "different models")
+    answer_token_ids(tok, where)
+
+
+def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None, max_pixels=None):
+    """
+    Load (model, processor) for Qwen2-VL or Qwen2.5-VL from a hub id or a local directory,
+    or build `tiny-qwen2-vl` / `tiny-qwen2.5-vl` offline (random init from `seed`).
+    sdpa attention; dtype bf16 on CUDA, fp32 on CPU unless given. min/max_pixels bound
+    the image size (default: the checkpoint's own; tiny: 56² .. 112²). The config, the
+    tokenizer and the image processor are checked before the weights are read.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if name_or_path in TINY:
+        tok = build_tiny_tokenizer()
+        model = _build_tiny(name_or_path, tok, seed)
+        image_processor = image_processor_for(None, min_pixels or TINY_PIXELS[0], max_pixels or TINY_PIXELS[1])
+        answer_token_ids(tok, name_or_path)
+    else:
+        name_or_path = str(name_or_path)
+        local = os.path.isdir(name_or_path)
+        if not local and (os.path.isabs(name_or_path) or name_or_path.startswith(".")
+                          or name_or_path.count("/") != 1):
+            raise FileNotFoundError(f"{name_or_path}: no such directory, and not a hub id of the "
+                                    "form owner/name (nor one of " + ", ".join(sorted(TINY)) + ")")
+        if local and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            _check_local_checkpoint(name_or_path)               # names every missing file
+        config = AutoConfig.from_pretrained(name_or_path)
+        if config.model_type not in BACKBONES:
+            raise ValueError(f"{name_or_path}: model_type {config.model_type!r} is not supported "
+                             f"(supported: {sorted(BACKBONES)} and {sorted(TINY)})")
+        if local:
+            _check_local_checkpoint(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+        _check_tokenizer(tok, config, name_or_path)
+        image_processor = image_processor_for(name_or_path, min_pixels, max_pixels)
+        model = BACKBONES[config.model_type].from_pretrained(name_or_path, dtype=dtype,
+                                                             attn_implementation="sdpa")
+    patch_embed_as_matmul(model.model.visual.patch_embed)
+    for block in model.model.visual.blocks:
+        vision_attention_by_size(block.attn)
+    processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tok,
+                                         chat_template=tok.chat_template)
+    return model.to(device=device, dtype=dtype), processor
+
+
+def save_backbone(model, processor, path):
+    """Write a directory that load_backbone reads back: config + safetensors weights, the
+    tokenizer and preprocessor_config.json — the layout of a hub checkpoint."""
+    model.save_pretrained(path)
+    processor.tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------
+# ReMatch checkpoint folders (model.save_rematch / load_rematch): the hub and the card
+
+CONFIG_FILE = "rematch_config.json"
+HEADS_FILE = "rematch_heads.safetensors"
+
+
+def resolve_checkpoint(name_or_path):
+    """A local directory as is; a hub id of a ReMatch checkpoint folder (one holding
+    rematch_config.json) → its local copy, downloaded once (rank 0 first, then the other
+    ranks reuse the cache; no code from the repo is ever run); anything else (a raw
+    backbone's hub id such as Qwen/Qwen2-VL-2B-Instruct, tiny-*) unchanged."""
+    name = str(name_or_path)
+    if os.path.isdir(name) or name in TINY or not looks_like_hub_id(name):
+        return name
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    try:
+        rank0_first(lambda: hf_hub_download(name, CONFIG_FILE))
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return name                                   # no rematch_config.json: a raw backbone
+    return resolve_dir(name, repo_type="model")
+
+
+CARD_KEYS = ("model", "lora", "lora_r", "lora_alpha", "num_tokens", "embed_template", "tau",
+             "w_orth", "w_qdm", "match_views", "steps", "batch_size", "world_size", "lr",
+             "train_data", "subsets", "split", "hard_negative", "target_instructions", "seed")
+
+
+def write_model_card(path, config, results=None):
+    """README.md of a checkpoint folder: what it is (base model, the training arguments
+    that define it), the measured results when given ({"overall": …, "hit_at_1": {task:
+    …}} as train.py's evaluation returns them), and how to use it."""
+    import json
+    rows = "\n".join(f"| `{k}` | `{json.dumps(config[k])}` |" for k in CARD_KEYS if k in config)
+    if results and results.get("hit_at_1"):
+        measured = "\n".join(f"| {t} | {'n/a' if v is None else f'{v:.3f}'} |"
+                              for t, v in results["hit_at_1"].items())
+        measured = (f"Hit@1 on the evaluation run after training (`eval_data` = "
+                    f"`{config.get('eval_data')}`), overall {results['overall']:.3f}:\n\n"
+                    f"| task | Hit@1 |\n|---|---|\n{measured}")
+    else:
+        measured = "No evaluation was run with this checkpoint."
+    card = f"""---
+base_model: {config.get("model")}
+library_name: rematch
+tags: [rematch, multimodal-embedding, retrieval, qwen2-vl]
+---
+# ReMatch checkpoint
+
+A [ReMatch](https://arxiv.org/abs/2511.19278) embedding model: `{config.get("model")}`
+fine-tuned with K = {config.get("num_tokens")} learnable tokens per side (Eq. 2),
+InfoNCE with hard negatives (Eq. 3) and the generative matching loss (Eq. 4,
+w_qdm = {config.get("w_qdm")}). Written by the rematch reference implementation
+(`train.py`); every argument of the run is in `rematch_config.json`.
+
+## Training arguments
+
+| argument | value |
+|---|---|
+{rows}
+
+## Results
+
+{measured}
+
+## Use
+
+With the rematch repository (this folder's path, or its hub id once uploaded):
+
+```python
+from evaluate import Encoder
+enc = Encoder("<this folder or its hub id>")
+E = enc.encode(texts=["a dog on a beach"], side="q")       # L2-normalised (1, d)
+```
+
+```bash
+python evaluate.py --model <this folder or its hub id> --mmeb_dir TIGER-Lab/MMEB-eval --image_dir eval_images
+python tools/export_merged.py <this folder> merged/        # plain-transformers checkpoint
+```
+"""
+    with open(os.path.join(path, "README.md"), "w") as f:
+        f.write(card)

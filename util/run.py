@@ -1,0 +1,279 @@
+"""
+A run on disk — plumbing behind train.py and evaluate.py, none of it in the paper:
+
+  write_atomic, write_json     every file written whole or not at all (tmp + fsync + rename)
+  append_log, cut_log          <out_dir>/log.jsonl, one JSON record per training step
+  start_run                    what --resume / --resume_if_exists / --resume_from /
+                               --overwrite find in --out_dir, checked before anything is built
+  save_checkpoint              checkpoint-<step>/ written as a .tmp folder and renamed, then
+                               older ones rotated out; load_checkpoint restores weights,
+                               optimizer and every RNG (train_state.pt, read weights-only)
+  check_resume                 a resumed run's flags must equal the checkpoint's
+  result_path, load_finished   evaluate.py's per-task result files, reused on restart only
+                               for the same config and weights (weights_fingerprint)
+
+Tests: tests/test_train.py (resume, rotation, refusals), tests/test_evaluate.py (restarts).
+"""
+import json
+import os
+import pickle
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import load_heads, save_rematch
+from util.backbone import load_backbone, resolve_checkpoint
+from util.dist import print0
+
+LOG_FILE = "log.jsonl"
+TRAIN_STATE = "train_state.pt"
+
+# ----------------------------------------------------------------------------------
+# Files written whole or not at all
+
+
+def write_atomic(path, text):
+    """Write `text` to `path` through a temporary file, synced and renamed: a crash leaves
+    the old file or the new one, never a half."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=2))
+
+
+# ----------------------------------------------------------------------------------
+# log.jsonl
+
+def append_log(out_dir, record):
+    """One step's record, appended and closed at once, whatever happens next."""
+    with open(os.path.join(out_dir, LOG_FILE), "a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def cut_log(out_dir, step):
+    """Keep only the log.jsonl records up to `step` (a resumed run rewrites the rest)."""
+    path = os.path.join(out_dir, LOG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    write_atomic(path, "".join(keep))
+
+
+def remove_log(out_dir):
+    path = os.path.join(out_dir, LOG_FILE)
+    if os.path.exists(path):
+        os.remove(path)
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoints: rank 0 writes from the unwrapped model, atomically (tmp dir + rename)
+
+def checkpoint_dirs(out_dir):
+    if not os.path.isdir(out_dir):
+        return []
+    steps = [int(n.split("-")[1]) for n in os.listdir(out_dir)
+             if n.startswith("checkpoint-") and n.split("-")[1].isdigit()]
+    return [os.path.join(out_dir, f"checkpoint-{s}") for s in sorted(steps)]
+
+
+def rng_state():
+    """Every RNG the loop draws from, as tensors and plain values only (so that
+    torch.load(weights_only=True) reads it back and never runs code)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(model, processor, opt, step, config, out_dir, keep):
+    """checkpoint-<step>/ in out_dir: save_rematch's files (config = the run's arguments)
+    and train_state.pt (step, optimizer, RNG); then only the `keep` newest are kept."""
+    final = os.path.join(out_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_rematch(model, processor, tmp, config)
+    torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng_state()},
+               os.path.join(tmp, TRAIN_STATE))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(out_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_train_state(path):
+    """train_state.pt with weights_only=True: tensors and plain containers only, so a
+    planted pickle payload is refused instead of run."""
+    file = os.path.join(path, TRAIN_STATE)
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{file}: refusing to load: it holds objects other than tensors and plain values "
+            f"(an older rematch checkpoint with numpy's RNG state, or a tampered file); loading "
+            f"it could run code. Start afresh (--overwrite) or from its weights (--resume is "
+            f"not possible). Loader said: {str(e).splitlines()[0]}") from None
+
+
+def load_checkpoint(path, model, opt):
+    """Restore weights, optimizer and RNG state into the freshly built model; → step."""
+    from safetensors.torch import load_file
+    state = read_train_state(path)                        # first: refuse before touching anything
+    if os.path.isdir(os.path.join(path, "adapter")):
+        from peft import set_peft_model_state_dict
+        adapter = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"))
+        set_peft_model_state_dict(model.peft, adapter)
+    else:
+        saved, _ = load_backbone(os.path.join(path, "backbone"), device=model.device,
+                                 dtype=model.backbone.dtype)  # from_pretrained maps the key names
+        model.backbone.load_state_dict(saved.state_dict(), strict=True)
+    load_heads(model, path)
+    opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------------
+# Resuming
+
+# Flags that may change between a run and its resumption: where things go, how often to
+# log/save, evaluation, time limits, data locations and loading, and ways of computing
+# the same step (chunks, activation checkpointing). Every other flag defines the run.
+RESUME_FREE = {"out_dir", "resume", "resume_if_exists", "resume_from", "allow_changed", "overwrite",
+               "resumed_with_changes", "preset", "save_every", "keep_checkpoints", "log_every",
+               "eval_data", "eval_image_dir", "eval_tasks", "eval_task_table", "eval_match_queries",
+               "max_minutes", "stop_after_steps", "peak_tflops", "find_unused_parameters",
+               "num_workers", "cache_items", "skip_bad_rows", "check_images",
+               "allow_outside_image_dir", "train_data", "image_dir", "chunk_size", "grad_checkpointing",
+               "attn"}
+
+
+def run_config(args, world=None):
+    """The run's arguments (rematch_config.json): load_rematch rebuilds the model from
+    model, num_tokens, embed_template, seed and the pixel bounds among them."""
+    return dict(vars(args), **({"world_size": world} if world is not None else {}))
+
+
+def resume_changes(path, args, world):
+    """{flag: (checkpoint value, this run's value)} for the flags that define the run
+    (all but RESUME_FREE) and the number of ranks."""
+    with open(os.path.join(path, "rematch_config.json")) as f:
+        saved = json.load(f)
+    now = run_config(args, world)
+    keys = (set(saved) | set(now)) - RESUME_FREE
+    return {k: (saved.get(k, "(absent)"), now.get(k, "(absent)")) for k in sorted(keys)
+            if saved.get(k, "(absent)") != now.get(k, "(absent)")}
+
+
+def check_resume(path, args, world):
+    """Stop when this run's flags differ from the checkpoint's, naming every difference,
+    unless --allow_changed names them all (then they are printed and kept in the
+    checkpoint config's `resumed_with_changes`)."""
+    changes = resume_changes(path, args, world)
+    allowed = set(args.allow_changed or [])
+    refused = {k: v for k, v in changes.items() if k not in allowed}
+    listing = "; ".join(f"--{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in refused.items())
+    if refused:
+        raise SystemExit(f"--resume from {path}: this run's flags differ from the checkpoint's: "
+                         f"{listing}. Use the checkpoint's values, or, if the change is intended, "
+                         f"pass --allow_changed {' '.join(refused)} (it is logged)")
+    return changes
+
+
+def start_run(args, world, master, ddp):
+    """
+    Decide, before anything is built, what this run continues: the checkpoint to resume
+    from (--resume / --resume_if_exists: out_dir's latest; --resume_from: a folder or hub
+    id) or None for a fresh start. A fresh start in an out_dir with checkpoints needs
+    --overwrite (then they, their eval/ and log.jsonl are deleted); a resumed run whose
+    flags differ stops here, naming them (check_resume).
+    """
+    os.makedirs(args.out_dir, exist_ok=True)
+    existing = checkpoint_dirs(args.out_dir)
+    if args.resume and not existing:
+        raise SystemExit(f"--resume: no checkpoint in {args.out_dir} (checkpoint-<step> folders); "
+                         "check --out_dir, or use --resume_if_exists to start afresh when there is none")
+    source = existing[-1] if existing and (args.resume or args.resume_if_exists) else None
+    if args.resume_from:
+        if existing:
+            raise SystemExit(f"--resume_from: {args.out_dir} already holds checkpoints; continue "
+                             "them with --resume, or pick an empty --out_dir")
+        source = resolve_checkpoint(args.resume_from)
+        if not os.path.isfile(os.path.join(source, TRAIN_STATE)):
+            raise SystemExit(f"--resume_from {args.resume_from}: {source} has no {TRAIN_STATE} "
+                             "(not a train.py checkpoint folder, or uploaded without it)")
+    if source:
+        changes = check_resume(source, args, world)
+        if changes:
+            args.resumed_with_changes = {k: list(v) for k, v in changes.items()}
+            print0("resuming with changed flags (--allow_changed): " + "; ".join(
+                f"--{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        return source
+    if existing and not args.overwrite:
+        raise SystemExit(f"{args.out_dir} already holds {', '.join(map(os.path.basename, existing))}: "
+                         "pass --resume to continue, --overwrite to start over, or another --out_dir")
+    if master:
+        if not existing and os.path.exists(os.path.join(args.out_dir, LOG_FILE)):
+            print0(f"{os.path.join(args.out_dir, LOG_FILE)}: left by a run without checkpoints; "
+                   "starting a new one")
+        for path in existing + [os.path.join(args.out_dir, "eval")] * bool(existing):
+            shutil.rmtree(path, ignore_errors=True)
+        remove_log(args.out_dir)
+    if existing and ddp:
+        dist.barrier()
+    return None
+
+
+# ----------------------------------------------------------------------------------
+# Evaluation results on disk (evaluate.py): one file per finished task, reused on restart
+
+def result_path(out_dir, kind, name):
+    return os.path.join(out_dir, kind, name.replace(os.sep, "_") + ".json")
+
+
+@torch.no_grad()
+def weights_fingerprint(model):
+    """"n_params:float64 sum of all weights": any training step changes it, so a restart
+    never reuses results computed with other weights."""
+    total = sum(p.sum(dtype=torch.float64).item() for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n}:{total:.10e}"
+
+
+def load_finished(out_dir, kind, names, config, weights):
+    """{name: saved record} of the results an earlier run with the same config and
+    weights saved under out_dir; results of other weights raise (never silently reused)."""
+    found = {}
+    for name in names if out_dir else ():
+        path = result_path(out_dir, kind, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if (saved.get("config"), saved.get("weights")) != (json.loads(json.dumps(config)), weights):
+                raise ValueError(f"{path} was written for another model/config or other weights "
+                                 f"({saved.get('config')}); use another --out or delete it")
+            found[name] = saved
+    return found
