@@ -54,8 +54,8 @@ from losses import rank_world
 from masks import VIEW_SETS
 from model import load_rematch
 from util.backbone import answer_token_ids
-from util.dist import (broadcast_object, collective_device, print0, setup_distributed, sum_over_ranks,
-                       teardown_distributed)
+from util.dist import (DIST_TIMEOUT_MINUTES, broadcast_object, collective_device, print0,
+                       setup_distributed, sum_over_ranks, teardown_distributed)
 from util.run import load_finished, result_path, weights_fingerprint, write_atomic, write_json
 from util.speed import ATTENTION, set_attention
 
@@ -125,6 +125,9 @@ def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="
     indices; the encoded items of those this rank encodes are stored in it, for the
     matching passes to reuse. Returns E (len(inputs), d) fp32 on the CPU, in input order.
     """
+    bad = next((i for i, x in enumerate(inputs) if x[0] not in ("q", "d")), None)
+    if bad is not None:                      # a batch of another side would stay all zeros
+        _check_side(inputs[bad][0], f"{desc}: input {bad}")
     rank, world = rank_world() if distributed else (0, 1)
     n, d = len(inputs), model.backbone.config.text_config.hidden_size
     size = math.ceil(n / world)                                  # shard size (the last may be short)
@@ -914,8 +917,22 @@ class Encoder:
         set_attention(self.model.eval(), attn)                  # rerank's matching pass: sdpa | flex
 
     def encode(self, texts=None, images=None, instruction=None, side="q", batch_size=32, progress=False):
+        """texts: a list of str (or None); images: a list of PIL images or paths (str /
+        os.PathLike; None for none); both given = (text, image) pairs. side: "q" or "d"."""
+        _check_side(side, "encode")
+        _check_batch_size(batch_size, "encode")
         if texts is None and images is None:
             raise ValueError("encode: give texts, images, or both (pairs)")
+        if texts is not None:
+            _check_list(texts, "texts", "encode")
+            for i, t in enumerate(texts):
+                if t is not None and not isinstance(t, str):
+                    raise TypeError(f"encode: texts[{i}] is a {type(t).__name__}; each text must be a "
+                                    "str (or None)")
+        if images is not None:
+            _check_list(images, "images", "encode")
+            for i, im in enumerate(images):
+                _check_image(im, f"encode: images[{i}]")
         if texts is not None and images is not None and len(texts) != len(images):
             raise ValueError(f"encode: {len(texts)} texts but {len(images)} images")
         n = len(texts) if texts is not None else len(images)
@@ -938,8 +955,10 @@ class Encoder:
         checkpoint trained with matching (w_qdm > 0); others raise ValueError.
         """
         require_matching(self.config, "rerank")
-        q_text, q_image = _split_input(query)
-        cands = [_split_input(c) for c in candidates]
+        _check_batch_size(batch_size, "rerank")
+        _check_list(candidates, "candidates", "rerank")
+        q_text, q_image = _split_input(query, "rerank: query")
+        cands = [_split_input(c, f"rerank: candidates[{i}]") for i, c in enumerate(candidates)]
         q = [("q", format_input(q_text, q_image is not None, query_instruction), q_image)]
         d = [("d", format_input(t, im is not None, instruction), im) for t, im in cands]
         keep = dict.fromkeys(range(len(q + d)))
@@ -950,15 +969,51 @@ class Encoder:
                               batch_size, match_prompt(self.config))
 
 
-def _split_input(x):
+def _split_input(x, where):
     """A text (str), an image (PIL image or pathlib.Path), or an (image, text) pair whose
-    image may also be a str path → (text, image)."""
+    image may also be a str path → (text, image); anything else is refused, named."""
     if isinstance(x, tuple):
-        image, text = x
-        return text, image
+        if len(x) != 2 or not isinstance(x[1], str):
+            raise TypeError(f"{where}: a pair must be (image, text) with text a str, got "
+                            f"({', '.join(type(v).__name__ for v in x)})")
+        _check_image(x[0], where)
+        return x[1], x[0]
     if isinstance(x, str):
         return x, None
-    return None, x
+    if isinstance(x, os.PathLike) or _is_pil(x):
+        return None, x
+    raise TypeError(f"{where}: expected a text (str), an image (PIL image or pathlib.Path) or an "
+                    f"(image, text) pair, got {type(x).__name__}")
+
+
+def _is_pil(x):
+    from PIL import Image
+    return isinstance(x, Image.Image)
+
+
+def _check_image(im, where):
+    """None, a PIL image, or a path (str / os.PathLike); anything else names the types."""
+    if im is not None and not (isinstance(im, (str, os.PathLike)) or _is_pil(im)):
+        raise TypeError(f"{where}: an image must be a PIL image or a path (str or os.PathLike), "
+                        f"got {type(im).__name__} (convert arrays with PIL.Image.fromarray)")
+
+
+def _check_list(xs, name, where):
+    """A list/tuple of inputs, not one input: a str or an image would be iterated piecewise."""
+    if isinstance(xs, (str, os.PathLike)) or _is_pil(xs) or not isinstance(xs, (list, tuple)):
+        raise TypeError(f"{where}: {name} must be a list, got {type(xs).__name__}"
+                        + (f" (for one, pass [{name[:-1]}])" if isinstance(xs, str) or _is_pil(xs) else ""))
+
+
+def _check_side(side, where):
+    if side not in ("q", "d"):
+        raise ValueError(f"{where}: side must be 'q' (queries, embedded with L_q) or 'd' (documents, "
+                         f"with L_d), got {side!r}")
+
+
+def _check_batch_size(batch_size, where):
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"{where}: batch_size must be an int >= 1, got {batch_size!r}")
 
 
 # ----------------------------------------------------------------------------------
@@ -979,6 +1034,9 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available; "
                    "under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--batch_size", type=int, default=16, help="items per embedding forward (per rank)")
+    p.add_argument("--dist_timeout_minutes", type=float, default=DIST_TIMEOUT_MINUTES,
+                   help=f"torchrun: how long a collective waits for the other ranks (default "
+                        f"{DIST_TIMEOUT_MINUTES}; rank 0 alone may be downloading the checkpoint)")
     p.add_argument("--attn", choices=ATTENTION, default="sdpa",
                    help="attention of the matching passes (--match_queries, --rerank): sdpa = dense "
                         "mask (default), flex = FlexAttention block mask (util.speed.set_attention)")
@@ -1024,6 +1082,8 @@ def parse_args(argv=None, parser=None):
         p.error(f"--match_queries must be >= 0, got {args.match_queries}")
     if args.batch_size < 1:
         p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if not args.dist_timeout_minutes > 0:
+        p.error(f"--dist_timeout_minutes must be > 0, got {args.dist_timeout_minutes}")
     if args.task_table:
         try:
             args.task_table_entries = read_task_table(args.task_table)
@@ -1055,7 +1115,7 @@ def main(argv=None, args=None, extra=None):
     """evaluate.py's run. tools/rerank.py calls it with its parsed args and `extra`, a
     function of the checkpoint's config that returns mmeb_report's `extra`."""
     args = args or parse_args(argv)
-    _, _, world, device = setup_distributed(args.device)        # torchrun: one shard per rank
+    _, _, world, device = setup_distributed(args.device, args.dist_timeout_minutes)   # torchrun: one shard per rank
     model, processor, config = load_rematch(args.model, device=device, num_tokens=args.num_tokens,
                                             embed_template=args.embed_template)
     set_attention(model, args.attn)                             # forward only: flex runs on the CPU too

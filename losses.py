@@ -140,6 +140,8 @@ def info_nce(q, d_pos, d_neg=None, tau=0.02, pos_ids=None, neg_ids=None):
     Without ids (or with all-distinct ids) this is Eq. 3 as written.
     Returns a scalar, the mean over the B local queries.
     """
+    if not tau > 0:                     # cos/τ: τ = 0 divides by zero (NaN), τ < 0 inverts Eq. 3
+        raise ValueError(f"info_nce: the temperature tau must be > 0, got {tau}")
     if (d_neg is None and neg_ids is not None) or (d_neg is not None and (pos_ids is None) != (neg_ids is None)):
         raise ValueError("give document ids for d_pos and d_neg together (or neither); neg_ids needs d_neg")
     B = q.shape[0]

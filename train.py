@@ -41,7 +41,7 @@ from losses import (at_least_fp32, info_nce, matching_loss, orthogonality_loss, 
 from masks import VIEW_SETS
 from model import ReMatch, apply_lora
 from util.backbone import TINY, load_backbone, write_model_card
-from util.dist import peak_tflops, print0, setup_distributed, teardown_distributed
+from util.dist import DIST_TIMEOUT_MINUTES, peak_tflops, print0, setup_distributed, teardown_distributed
 from util.run import (append_log, checkpoint_dirs, cut_log, load_checkpoint, run_config,
                       save_checkpoint, start_run)
 from util.speed import ATTENTION, flex_unavailable, set_attention
@@ -304,7 +304,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     args = parse_args(argv)
-    ddp, rank, world, device = setup_distributed()
+    ddp, rank, world, device = setup_distributed(timeout_minutes=args.dist_timeout_minutes)
     master = rank == 0
     source = start_run(args, world, master, ddp)      # before building anything (util/run.py)
     eval_tasks, task_meta = args.eval_tasks, None
@@ -399,6 +399,7 @@ def main(argv=None):
     if filled_total:
         print0(f"{filled_total} instances had no hard negative: d- was the next instance's positive")
     if args.skip_bad_rows:
+        gather_skipped(dataset, world)
         print0(dataset.report())
 
     results = None
@@ -447,6 +448,23 @@ def build_dataset(args, processor, task_meta, master):
         n = dataset.check_images(progress=master and sys.stderr.isatty())
         print0(f"checked {n:,} images")
     return dataset
+
+
+def gather_skipped(dataset, world):
+    """Every rank's skip records into this rank's dataset.skipped, so rank 0 reports them
+    all: rows dropped at load time are the same on every rank, but a bad image found while
+    reading a batch is known only to the rank that read it."""
+    if world == 1:
+        return
+    parts = [None] * world
+    dist.all_gather_object(parts, dataset.skipped)                    # W × {subset: [(row, reason)]}
+    for s, records in dataset.skipped.items():
+        seen = set(records)
+        for part in parts:
+            for rec in map(tuple, part.get(s, [])):
+                if rec not in seen:
+                    seen.add(rec)
+                    records.append(rec)
 
 
 def build_loader(args, dataset, world, rank, start, device):
@@ -659,6 +677,10 @@ def parse_args(argv=None):
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="accelerator peak TFLOP/s for the MFU estimate in the logs (CUDA only; "
                         "default: from the GPU name for A100/H100/H200/H800/L40S, else no MFU)")
+    p.add_argument("--dist_timeout_minutes", type=float, default=DIST_TIMEOUT_MINUTES,
+                   help="torchrun: how long a collective waits for the other ranks (rank 0 alone "
+                        "downloads a hub checkpoint or saves one meanwhile; default "
+                        f"{DIST_TIMEOUT_MINUTES}, NCCL's own is 10)")
     p.add_argument("--find_unused_parameters", action="store_true",
                    help="DDP find_unused_parameters (needed when some trainable weights get no "
                         "gradient in a step, e.g. a fully trained vision tower on text-only batches)")
@@ -678,7 +700,7 @@ def parse_args(argv=None):
                  "weight_decay", "grad_clip", "w_orth", "w_qdm"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    for name in ("lr", "max_minutes"):
+    for name in ("lr", "max_minutes", "dist_timeout_minutes"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             p.error(f"--{name} must be > 0, got {getattr(args, name)}")
     if not 1e-3 <= args.tau <= 10:       # logits are cos/τ: τ = 1e-12 gives losses of 1e10

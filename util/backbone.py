@@ -181,6 +181,15 @@ def _check_tokenizer(tok, config, where):
     answer_token_ids(tok, where)
 
 
+def refuse_missing_local(name):
+    """owner/name whose `owner` is a directory here reads as a local path that does not
+    exist (a typo in runs/<run>), not as a hub id: say so at once instead of asking the hub."""
+    owner = name.split("/")[0]
+    if os.path.isdir(owner):
+        raise FileNotFoundError(f"{name}: no such directory ({owner}/ exists here, so this reads "
+                                f"as a local path, not as a hub id owner/name)")
+
+
 def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None, max_pixels=None):
     """
     Load (model, processor) for Qwen2-VL or Qwen2.5-VL from a hub id or a local directory,
@@ -203,6 +212,8 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
                           or name_or_path.count("/") != 1):
             raise FileNotFoundError(f"{name_or_path}: no such directory, and not a hub id of the "
                                     "form owner/name (nor one of " + ", ".join(sorted(TINY)) + ")")
+        if not local:
+            refuse_missing_local(name_or_path)
         if local and not os.path.isfile(os.path.join(name_or_path, "config.json")):
             _check_local_checkpoint(name_or_path)               # names every missing file
         config = AutoConfig.from_pretrained(name_or_path)
@@ -247,6 +258,7 @@ def resolve_checkpoint(name_or_path):
     name = str(name_or_path)
     if os.path.isdir(name) or name in TINY or not looks_like_hub_id(name):
         return name
+    refuse_missing_local(name)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     try:

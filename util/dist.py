@@ -5,6 +5,7 @@ peak TFLOP/s behind the MFU estimate. (rank, world) itself is losses.rank_world,
 the gather of Eq. 3 that needs it. Tests: tests/test_distributed_losses.py, the DDP tests
 of tests/test_train.py and tests/test_evaluate.py.
 """
+import datetime
 import gc
 import os
 
@@ -20,11 +21,17 @@ def default_device():
         else torch.device("cpu")
 
 
-def setup_distributed(device=None):
+DIST_TIMEOUT_MINUTES = 60    # a collective may wait this long: rank 0 alone downloads a 7B
+                             # checkpoint or writes a checkpoint while the others wait
+
+
+def setup_distributed(device=None, timeout_minutes=DIST_TIMEOUT_MINUTES):
     """
     Under torchrun (RANK set): join the process group, nccl on cuda:LOCAL_RANK when CUDA is
-    there (and `device` is not "cpu"), else gloo on the CPU. Alone: `device`, or the
-    default device. Returns (ddp, rank, world, device).
+    there (and `device` is not "cpu"), else gloo on the CPU, with collectives that wait up
+    to `timeout_minutes` (NCCL's own default, 10 minutes, aborts a healthy job whose rank 0
+    is still downloading or saving). Alone: `device`, or the default device.
+    Returns (ddp, rank, world, device).
     """
     ddp = int(os.environ.get("RANK", -1)) != -1
     if not ddp:
@@ -35,7 +42,8 @@ def setup_distributed(device=None):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     return True, rank, world, device
 
 

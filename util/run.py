@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 
 import numpy as np
@@ -61,12 +62,24 @@ def append_log(out_dir, record):
 
 
 def cut_log(out_dir, step):
-    """Keep only the log.jsonl records up to `step` (a resumed run rewrites the rest)."""
+    """Keep only the log.jsonl records up to `step` (a resumed run rewrites the rest). A line
+    that is not JSON (the torn last write of a full disk) is dropped with a warning naming
+    the file and the line."""
     path = os.path.join(out_dir, LOG_FILE)
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                print0(f"{path}:{n}: not a JSON record (a torn write?), dropped: {line[:80]!r}")
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
     write_atomic(path, "".join(keep))
 
 
@@ -79,12 +92,35 @@ def remove_log(out_dir):
 # ----------------------------------------------------------------------------------
 # Checkpoints: rank 0 writes from the unwrapped model, atomically (tmp dir + rename)
 
+CHECKPOINT_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)")      # exactly checkpoint-<int>
+
+
 def checkpoint_dirs(out_dir):
+    """The checkpoint-<step> directories of out_dir, oldest first. Only exact names count:
+    checkpoint-9-best, checkpoint-0007 or a file checkpoint-20 are not checkpoints (and are
+    never rotated out in place of a real one)."""
     if not os.path.isdir(out_dir):
         return []
-    steps = [int(n.split("-")[1]) for n in os.listdir(out_dir)
-             if n.startswith("checkpoint-") and n.split("-")[1].isdigit()]
+    steps = [int(m[1]) for n in os.listdir(out_dir) if (m := CHECKPOINT_NAME.fullmatch(n))
+             and os.path.isdir(os.path.join(out_dir, n))]
     return [os.path.join(out_dir, f"checkpoint-{s}") for s in sorted(steps)]
+
+
+def fsync_path(path):
+    """Flush a file's or a directory's entry to the disk (a directory: its names)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root):
+    """Every file below root and every directory, root included, flushed to the disk."""
+    for d, _, files in os.walk(root):
+        for f in files:
+            fsync_path(os.path.join(d, f))
+        fsync_path(d)
 
 
 def rng_state():
@@ -109,16 +145,32 @@ def set_rng_state(state):
 
 
 def save_checkpoint(model, processor, opt, step, config, out_dir, keep):
-    """checkpoint-<step>/ in out_dir: save_rematch's files (config = the run's arguments)
-    and train_state.pt (step, optimizer, RNG); then only the `keep` newest are kept."""
+    """
+    checkpoint-<step>/ in out_dir: save_rematch's files (config = the run's arguments) and
+    train_state.pt (step, optimizer, RNG), written into checkpoint-<step>.tmp, every file
+    and the folder flushed to the disk, renamed, out_dir flushed; only then are older
+    checkpoints rotated out (the `keep` newest stay). So after a crash or a node failure
+    the newest complete checkpoint is whole. A failed save (a full disk, any OSError)
+    removes its .tmp folder and stops naming the cause and the last intact checkpoint.
+    """
     final = os.path.join(out_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_rematch(model, processor, tmp, config)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng_state()},
-               os.path.join(tmp, TRAIN_STATE))
+    try:
+        save_rematch(model, processor, tmp, config)
+        torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng_state()},
+                   os.path.join(tmp, TRAIN_STATE))
+        fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:          # torch.save reports ENOSPC as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = checkpoint_dirs(out_dir)
+        free = shutil.disk_usage(out_dir).free
+        raise OSError(f"saving {final} failed: {type(e).__name__}: {e} ({free / 2**30:.1f} GiB "
+                      f"free in {out_dir}); its partial folder was removed. Last intact "
+                      f"checkpoint: {last[-1] if last else 'none'}") from e
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync_path(out_dir)                               # the rename is on the disk before rotation
     for old in checkpoint_dirs(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -165,7 +217,7 @@ def load_checkpoint(path, model, opt):
 RESUME_FREE = {"out_dir", "resume", "resume_if_exists", "resume_from", "allow_changed", "overwrite",
                "resumed_with_changes", "preset", "save_every", "keep_checkpoints", "log_every",
                "eval_data", "eval_image_dir", "eval_tasks", "eval_task_table", "eval_match_queries",
-               "max_minutes", "stop_after_steps", "peak_tflops", "find_unused_parameters",
+               "max_minutes", "stop_after_steps", "peak_tflops", "find_unused_parameters", "dist_timeout_minutes",
                "num_workers", "cache_items", "skip_bad_rows", "check_images",
                "allow_outside_image_dir", "train_data", "image_dir", "chunk_size", "grad_checkpointing",
                "attn"}

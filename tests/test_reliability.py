@@ -1,0 +1,260 @@
+"""
+What a careful user and a failing cluster do to the project: the library API refuses what
+it cannot do (one row per bad call, each with its message), checkpoint names are matched
+exactly, a torn log line does not stop a resume, and a checkpoint save is flushed to the
+disk before it counts and cleans up after itself when it fails.
+
+    pytest tests/test_reliability.py
+"""
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+
+import evaluate as ev
+from conftest import shape_image
+from losses import info_nce
+from model import ReMatch
+from util import run as util_run
+from util.backbone import load_backbone, resolve_checkpoint
+
+# ----------------------------------------------------------------------------------
+# The library API refuses instead of guessing
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return ev.Encoder("tiny-qwen2-vl", device="cpu")
+
+
+class _Array:                      # an image-like object of a type Encoder does not take
+    shape = (56, 56, 3)
+
+
+BAD_ENCODE_CALLS = [   # (keyword arguments of Encoder.encode, error type, message part)
+    (dict(texts=["a red circle"], side="query"), ValueError, "side must be 'q'"),
+    (dict(texts=["a red circle"], side="Q"), ValueError, "got 'Q'"),
+    (dict(texts=["a red circle"], side="doc"), ValueError, "'d' (documents"),
+    (dict(texts="circle"), TypeError, "texts must be a list, got str (for one, pass [text])"),
+    (dict(images=shape_image("red")), TypeError, "images must be a list, got Image"),
+    (dict(images=[_Array()]), TypeError, "images[0]: an image must be a PIL image or a path"),
+    (dict(images=[torch.zeros(3, 56, 56)]), TypeError, "got Tensor"),
+    (dict(texts=[3]), TypeError, "texts[0] is a int"),
+    (dict(texts=["a"], batch_size=0), ValueError, "batch_size must be an int >= 1, got 0"),
+    (dict(texts=["a"], batch_size=2.5), ValueError, "batch_size must be an int >= 1, got 2.5"),
+    (dict(), ValueError, "give texts, images, or both"),
+    (dict(texts=["a", "b"], images=[None]), ValueError, "2 texts but 1 images"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_ENCODE_CALLS,
+                         ids=[str(i) for i in range(len(BAD_ENCODE_CALLS))])
+def test_encode_refuses_bad_calls(encoder, kwargs, error, message):
+    with pytest.raises(error, match=_literal(message)):
+        encoder.encode(**kwargs)
+
+
+def test_encode_still_takes_what_it_documents(encoder):
+    """The refusals leave the documented calls alone: lists of texts, PIL images, paths."""
+    img = shape_image("red")
+    E = encoder.encode(texts=["a red circle", None], images=[img, img], side="d", batch_size=1)
+    assert E.shape[0] == 2 and torch.isfinite(E).all()
+    assert torch.allclose(E.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def matching_encoder(tmp_path_factory):
+    from model import save_rematch
+    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu", seed=0)
+    ckpt = str(tmp_path_factory.mktemp("ckpt") / "ckpt")
+    save_rematch(ReMatch(backbone, num_tokens=2), processor, ckpt,
+                 {"model": "tiny-qwen2-vl", "num_tokens": 2, "embed_template": "chat", "w_qdm": 0.1})
+    return ev.Encoder(ckpt, device="cpu")
+
+
+BAD_RERANK_CALLS = [   # (query, candidates, keyword arguments, error type, message part)
+    ("a red circle", "red circle", {}, TypeError, "candidates must be a list, got str"),
+    ("a red circle", ["a", ("a red circle", shape_image("red"))], {}, TypeError,
+     "candidates[1]: a pair must be (image, text)"),
+    ("a red circle", ["a", _Array()], {}, TypeError, "candidates[1]: expected a text (str), an image"),
+    (_Array(), ["a"], {}, TypeError, "query: expected a text"),
+    ("a red circle", ["a"], {"batch_size": 0}, ValueError, "batch_size must be an int >= 1"),
+]
+
+
+@pytest.mark.parametrize("query, candidates, kwargs, error, message", BAD_RERANK_CALLS,
+                         ids=[str(i) for i in range(len(BAD_RERANK_CALLS))])
+def test_rerank_refuses_bad_calls(matching_encoder, query, candidates, kwargs, error, message):
+    with pytest.raises(error, match=_literal(message)):
+        matching_encoder.rerank(query, candidates, **kwargs)
+
+
+def test_info_nce_refuses_a_temperature_that_is_not_positive():
+    q = torch.randn(3, 8)
+    for tau in (0, 0.0, -0.02):
+        with pytest.raises(ValueError, match="tau must be > 0"):
+            info_nce(q, q, tau=tau)
+
+
+def test_a_missing_local_looking_path_says_so_at_once(tmp_path, monkeypatch):
+    """runs/typo with a runs/ folder here is a missing directory, not a hub id to retry."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for call in (lambda: resolve_checkpoint("runs/typo"), lambda: load_backbone("runs/typo"),
+                 lambda: ev.Encoder("runs/typo")):
+        with pytest.raises(FileNotFoundError, match="runs/typo: no such directory"):
+            call()
+
+
+# ----------------------------------------------------------------------------------
+# Checkpoints and the log on disk
+
+def test_only_exact_checkpoint_names_count(tmp_path):
+    for name in ("checkpoint-3", "checkpoint-12", "checkpoint-9-best", "checkpoint-0007",
+                 "checkpoint-", "checkpoint-3.tmp", "xcheckpoint-5"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-20").write_text("a file, not a checkpoint")
+    assert [os.path.basename(p) for p in util_run.checkpoint_dirs(str(tmp_path))] == \
+        ["checkpoint-3", "checkpoint-12"]
+
+
+def test_a_torn_log_line_is_dropped_with_its_name(tmp_path, capsys):
+    records = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    text = "".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo'     # torn write
+    (tmp_path / "log.jsonl").write_text(text)
+    util_run.cut_log(str(tmp_path), 2)
+    kept = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert kept == records[:2]
+    assert f"{tmp_path / 'log.jsonl'}:4: not a JSON record" in capsys.readouterr().out
+
+
+@pytest.fixture()
+def small_model():
+    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu", seed=0)
+    model = ReMatch(backbone, num_tokens=2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    return model, processor, opt
+
+
+def test_a_save_is_flushed_to_the_disk_before_it_counts(tmp_path, small_model, monkeypatch):
+    """Every file and folder of the new checkpoint is fsynced before the rename, and
+    out_dir after it, before any older checkpoint is deleted."""
+    model, processor, opt = small_model
+    out = str(tmp_path)
+    events, real_fsync, real_replace, real_rmtree = [], os.fsync, os.replace, util_run.shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    monkeypatch.setattr(util_run.shutil, "rmtree",
+                        lambda p, **kw: (events.append(("rmtree", str(p))), real_rmtree(p, **kw))[1])
+    util_run.save_checkpoint(model, processor, opt, 1, {"model": "tiny-qwen2-vl"}, out, keep=1)
+    events.clear()
+    final = util_run.save_checkpoint(model, processor, opt, 2, {"model": "tiny-qwen2-vl"}, out, keep=1)
+    tmp = final + ".tmp"
+    rename = events.index(("replace", final))
+    synced_before = {p for kind, p in events[:rename] if kind == "fsync"}
+    for d, _, files in os.walk(final):                        # every file and folder, as in tmp
+        for p in [d, *(os.path.join(d, f) for f in files)]:
+            assert tmp + p[len(final):] in synced_before, p
+    rotated = events.index(("rmtree", os.path.join(out, "checkpoint-1")))
+    assert ("fsync", out) in events[rename:rotated]
+    assert [os.path.basename(p) for p in util_run.checkpoint_dirs(out)] == ["checkpoint-2"]
+
+
+def _full_disk(path):
+    """Leave a partial file at `path`, then fail as a full disk does."""
+    import errno
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pathlib.Path(path).write_bytes(b"\0" * 10)
+    raise OSError(errno.ENOSPC, "No space left on device", path)
+
+
+@pytest.mark.parametrize("fail_at", ["backbone", "rematch_heads.safetensors", "train_state.pt"])
+def test_a_failed_save_cleans_up_and_names_the_last_checkpoint(tmp_path, small_model, monkeypatch, fail_at):
+    """A full disk at each part of a save: its .tmp folder is removed, the previous
+    checkpoint stays whole, and the error names the cause and that checkpoint."""
+    import model as model_py
+    import safetensors.torch
+    model, processor, opt = small_model
+    out = str(tmp_path)
+    first = util_run.save_checkpoint(model, processor, opt, 1, {"model": "tiny-qwen2-vl"}, out, keep=2)
+    before = {p.relative_to(first): p.read_bytes() for p in pathlib.Path(first).rglob("*") if p.is_file()}
+    if fail_at == "backbone":                        # the full backbone (no LoRA)
+        monkeypatch.setattr(model_py, "save_backbone",
+                            lambda m, proc, path: _full_disk(os.path.join(path, "model.safetensors")))
+    elif fail_at == "rematch_heads.safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, path, **kw: _full_disk(path))
+    else:                                            # torch.save says ENOSPC as a RuntimeError
+
+        def torch_save(obj, path, **kw):
+            pathlib.Path(path).write_bytes(b"\0")
+            raise RuntimeError("[enforce fail at inline_container.cc] . basic_ios::clear: iostream error")
+        monkeypatch.setattr(util_run.torch, "save", torch_save)
+    with pytest.raises(OSError) as err:
+        util_run.save_checkpoint(model, processor, opt, 2, {"model": "tiny-qwen2-vl"}, out, keep=2)
+    message = str(err.value)
+    assert "checkpoint-2 failed" in message and f"Last intact checkpoint: {first}" in message
+    assert ("No space left" in message) or ("iostream error" in message)
+    assert "GiB free" in message
+    assert sorted(os.listdir(out)) == ["checkpoint-1"]                       # no .tmp left
+    after = {p.relative_to(first): p.read_bytes() for p in pathlib.Path(first).rglob("*") if p.is_file()}
+    assert after == before
+
+
+def _literal(text):
+    import re
+    return re.escape(text)
+
+
+# ----------------------------------------------------------------------------------
+# Distributed
+
+def test_collectives_wait_as_long_as_the_flag_says(monkeypatch):
+    """init_process_group gets --dist_timeout_minutes (default 60: NCCL's 10 minutes abort
+    a healthy job while rank 0 alone downloads or saves)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    import train
+    from util import dist as util_dist
+    seen = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: seen.update(b=backend, t=timeout))
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    util_dist.setup_distributed("cpu", train.parse_args([]).dist_timeout_minutes)
+    assert seen == {"b": "gloo", "t": datetime.timedelta(minutes=60)}
+    util_dist.setup_distributed("cpu", train.parse_args(["--dist_timeout_minutes", "90"]).dist_timeout_minutes)
+    assert seen["t"] == datetime.timedelta(minutes=90)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dist_timeout_minutes", "0"])
+
+
+@pytest.mark.slow
+def test_ddp_reports_the_skips_of_every_rank(tmp_path):
+    """torchrun, 2 ranks, --skip_bad_rows: a truncated image that only rank 1 reads is in
+    rank 0's report (each rank used to report its own skips, and only rank 0 prints)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from data import TrainBatchSampler, TrainDataset
+    from test_train import REPO, flags, write_train_fixture
+    root = write_train_fixture(str(tmp_path / "fx"), n=6)
+    shutil.rmtree(os.path.join(root, "MSCOCO_t2i"))                 # one subset, 6 rows
+    _, processor = load_backbone("tiny-qwen2-vl", device="cpu")
+    ds = TrainDataset(root, root, processor)
+    rank1 = next(iter(TrainBatchSampler(ds, 3, 2, 1, seed=0)))       # rank 1's rows at step 0
+    row = ds.rows[rank1[0]][1]
+    png = os.path.join(root, "ImageNet_1K", f"{row}.png")
+    data = pathlib.Path(png).read_bytes()
+    pathlib.Path(png).write_bytes(data[:len(data) // 2])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(REPO, "train.py"), *flags(root, str(tmp_path / "out"), "--steps", "1",
+                                                   "--skip_bad_rows")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipped ImageNet_1K row {row}: ImageNet_1K row {row} qry: cannot read image" in proc.stdout
