@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 
 from masks import additive_mask, unified_block_mask, unified_mask_batch
-from util.backbone import (CONFIG_FILE, HEADS_FILE, load_backbone, resolve_checkpoint, save_backbone,
-                           write_model_card)
+from util.backbone import (CONFIG_FILE, HEADS_FILE, check_config, load_backbone, resolve_checkpoint,
+                           save_backbone, write_model_card)
 from util.speed import vision_indices
 
 
@@ -324,7 +324,7 @@ def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_temp
         config = {"model": name_or_path, "num_tokens": num_tokens, "embed_template": embed_template}
         return ReMatch(backbone, num_tokens, embed_template).eval(), processor, config
     with open(config_path) as f:
-        config = json.load(f)
+        config = check_config(json.load(f), config_path)
     pixels = dict(min_pixels=config.get("min_pixels"), max_pixels=config.get("max_pixels"))
     if os.path.isdir(os.path.join(name_or_path, "adapter")):
         from peft import PeftModel

@@ -28,10 +28,12 @@ import contextlib
 import dataclasses
 import math
 import os
+import random
 import shutil
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -40,7 +42,7 @@ from losses import (at_least_fp32, info_nce, matching_loss, orthogonality_loss, 
                     total_loss)
 from masks import VIEW_SETS
 from model import ReMatch, apply_lora
-from util.backbone import TINY, load_backbone, write_model_card
+from util.backbone import MAX_MIN_PIXELS, MAX_PIXELS, TINY, load_backbone, write_model_card
 from util.dist import DIST_TIMEOUT_MINUTES, peak_tflops, print0, setup_distributed, teardown_distributed
 from util.run import (append_log, checkpoint_dirs, cut_log, load_checkpoint, run_config,
                       save_checkpoint, start_run)
@@ -288,6 +290,20 @@ def build_model(args, device):
     return model.to(device), processor
 
 
+def seed_everything(seed):
+    """Python's, numpy's and torch's global RNGs (CPU and CUDA) from one seed: what they
+    draw (dropout masks) repeats from run to run. Model init, data order and d⁺'s slot have
+    their own seeded generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)                   # seeds every CUDA device too
+
+
+def uses_autocast(args, device):
+    """bf16 autocast on CUDA unless --dtype asks for full precision (float32 / float64)."""
+    return device.type == "cuda" and args.dtype in ("auto", "bfloat16")
+
+
 def lr_at(step, args):
     """Linear warm-up to args.lr, then cosine decay to 0 over the remaining steps."""
     if step < args.warmup_steps:
@@ -306,6 +322,7 @@ def main(argv=None):
     args = parse_args(argv)
     ddp, rank, world, device = setup_distributed(timeout_minutes=args.dist_timeout_minutes)
     master = rank == 0
+    seed_everything(args.seed + rank)                 # dropout masks differ per rank, repeat per run
     source = start_run(args, world, master, ddp)      # before building anything (util/run.py)
     eval_tasks, task_meta = args.eval_tasks, None
     if args.train_data is None:                  # the built-in synthetic benchmark (demo/)
@@ -335,7 +352,7 @@ def main(argv=None):
 
     bar = tqdm(total=args.steps, initial=start, dynamic_ncols=True,   # no bar in log files
                disable=not master or not sys.stderr.isatty())
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_autocast(args, device))
     run = Step(model, tok, args, ddp_model, autocast)
     batches, t_start, filled_total, step = iter(loader), time.time(), 0, start
     peak, n_params, tokens_before = peak_tflops(device, args.peak_tflops), sum(p.numel() for p in model.parameters()), 0
@@ -570,7 +587,8 @@ def parse_args(argv=None):
     p.add_argument("--min_pixels", type=int, default=None, help="image processor min pixels")
     p.add_argument("--max_pixels", type=int, default=None, help="image processor max pixels")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float64"), default="auto",
-                   help="backbone weights: auto = bf16 on CUDA, fp32 on CPU (float64: exact checks)")
+                   help="backbone weights: auto = bf16 on CUDA, fp32 on CPU (float64: exact checks); "
+                        "bf16 autocast on CUDA with auto / bfloat16 only")
     p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="non-reentrant activation checkpointing of the decoder (and vision) layers")
     p.add_argument("--attn", choices=ATTENTION, default="sdpa",
@@ -703,6 +721,12 @@ def parse_args(argv=None):
     for name in ("lr", "max_minutes", "dist_timeout_minutes"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             p.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    for name, hi in (("min_pixels", MAX_MIN_PIXELS), ("max_pixels", MAX_PIXELS)):   # as load_rematch checks
+        v = getattr(args, name)
+        if v is not None and not 28 * 28 <= v <= hi:
+            p.error(f"--{name} must be in [{28 * 28}, {hi}], got {v}")
+    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
+        p.error(f"--min_pixels {args.min_pixels} > --max_pixels {args.max_pixels}")
     if not 1e-3 <= args.tau <= 10:       # logits are cos/τ: τ = 1e-12 gives losses of 1e10
         p.error(f"--tau must be in [1e-3, 10] (the paper uses 0.02), got {args.tau}")
     if args.resume and args.overwrite:

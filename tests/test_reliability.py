@@ -258,3 +258,140 @@ def test_ddp_reports_the_skips_of_every_rank(tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipped ImageNet_1K row {row}: ImageNet_1K row {row} qry: cannot read image" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------
+# Resume falls back to the last intact checkpoint
+
+def _truncate(path):
+    data = pathlib.Path(path).read_bytes()
+    pathlib.Path(path).write_bytes(data[:len(data) // 2])
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A run with checkpoint-2 and checkpoint-4 (and its log), to copy and damage."""
+    import train
+    from test_train import flags, write_train_fixture
+    root = tmp_path_factory.mktemp("resume")
+    fx = write_train_fixture(str(root / "fx"), n=6)
+    out = str(root / "run")
+    train.main(flags(fx, out, "--steps", "4", "--save_every", "2"))
+    return fx, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["train_state.pt", "backbone/model.safetensors",
+                                    "rematch_heads.safetensors", "rematch_config.json", "missing heads"])
+def test_resume_falls_back_past_a_damaged_checkpoint(two_checkpoints, tmp_path, capsys, damage):
+    import shutil
+
+    import train
+    from test_train import flags
+    fx, src = two_checkpoints
+    out = str(tmp_path / "run")
+    shutil.copytree(src, out)
+    newest = os.path.join(out, "checkpoint-4")
+    if damage == "missing heads":
+        os.remove(os.path.join(newest, "rematch_heads.safetensors"))
+    else:
+        _truncate(os.path.join(newest, damage))
+    assert util_run.checkpoint_damage(newest) and util_run.checkpoint_damage(os.path.join(out, "checkpoint-2")) is None
+    train.main(flags(fx, out, "--steps", "4", "--save_every", "2", "--resume"))
+    printed = capsys.readouterr().out
+    older = os.path.join(out, "checkpoint-2")
+    assert f"{newest} is damaged (" in printed and f"resuming from {older} instead" in printed
+    assert f"resumed from {older} at step 2" in printed
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert steps == [1, 2, 3, 4]                                      # cut back to 2, then 3 and 4
+    assert util_run.checkpoint_damage(newest) is None                 # written anew at step 4
+
+
+@pytest.mark.slow
+def test_resume_with_no_intact_checkpoint_names_each(two_checkpoints, tmp_path):
+    import shutil
+
+    import train
+    from test_train import flags
+    fx, src = two_checkpoints
+    out = str(tmp_path / "run")
+    shutil.copytree(src, out)
+    for step in (2, 4):
+        _truncate(os.path.join(out, f"checkpoint-{step}", "train_state.pt"))
+    with pytest.raises(SystemExit, match="no intact checkpoint: .*checkpoint-4: train_state.pt does not read"
+                                         ".*checkpoint-2: train_state.pt does not read"):
+        train.main(flags(fx, out, "--steps", "4", "--resume"))
+
+
+# ----------------------------------------------------------------------------------
+# Seeds, autocast, checkpoint configs, hub downloads
+
+@pytest.mark.slow
+def test_two_fresh_runs_with_dropout_give_the_same_losses(two_checkpoints, tmp_path):
+    """The global RNGs are seeded from --seed: LoRA dropout masks repeat run to run."""
+    import train
+    from test_train import flags
+    fx, _ = two_checkpoints
+    logs = []
+    for name in ("a", "b"):
+        out = str(tmp_path / name)
+        train.main(flags(fx, out, "--steps", "3", "--lora", "--lora_dropout", "0.5"))
+        logs.append([json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))])
+    assert logs[0] == logs[1]
+    torch.manual_seed(12345)                       # another seed's masks: other losses
+    out = str(tmp_path / "c")
+    train.main(flags(fx, out, "--steps", "3", "--lora", "--lora_dropout", "0.5", "--seed", "1"))
+    assert [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))] != logs[0]
+
+
+def test_autocast_follows_dtype():
+    import train
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for dtype, on_cuda in (("auto", True), ("bfloat16", True), ("float32", False), ("float64", False)):
+        args = train.parse_args(["--dtype", dtype])
+        assert train.uses_autocast(args, cuda) is on_cuda and train.uses_autocast(args, cpu) is False
+
+
+GOOD_CONFIG = {"model": "tiny-qwen2-vl", "num_tokens": 4, "embed_template": "chat", "min_pixels": None,
+               "max_pixels": 12544, "seed": 0, "w_qdm": 0.1, "match_prompt": "paper",
+               "target_instructions": True, "lora": False}
+BAD_CONFIGS = [   # (key, value, message part)
+    ("num_tokens", "2", "num_tokens must be an integer in [0, 1024], got '2'"),
+    ("num_tokens", -3, "num_tokens must be an integer in [0, 1024], got -3"),
+    ("num_tokens", True, "num_tokens must be"),
+    ("embed_template", "fancy", "embed_template must be 'chat' or 'plain'"),
+    ("min_pixels", 4_000_000, "min_pixels must be null or an integer in [784, 1003520], got 4000000"),
+    ("max_pixels", 10, "max_pixels must be null or an integer"),
+    ("min_pixels", 20000, "min_pixels must be <= max_pixels (12544)"),
+    ("model", 7, "model must be the base model's hub id"),
+    ("seed", "0", "seed must be an integer"),
+    ("w_qdm", -1, "w_qdm must be a number >= 0"),
+    ("match_prompt", "long", "match_prompt must be 'paper' or 'header'"),
+    ("target_instructions", "yes", "target_instructions must be true or false"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", BAD_CONFIGS, ids=[f"{k}={v!r}" for k, v, _ in BAD_CONFIGS])
+def test_a_checkpoint_config_is_checked_key_by_key(tmp_path, key, value, message):
+    from util.backbone import check_config
+    assert check_config(dict(GOOD_CONFIG), "cfg") == GOOD_CONFIG
+    with pytest.raises(ValueError, match=_literal(f"cfg: {message}")):
+        check_config(dict(GOOD_CONFIG, **{key: value}), "cfg")
+    path = tmp_path / "ckpt"                               # load_rematch checks before building
+    path.mkdir()
+    (path / "rematch_config.json").write_text(json.dumps(dict(GOOD_CONFIG, **{key: value})))
+    from model import load_rematch
+    with pytest.raises(ValueError, match=_literal(message)):
+        load_rematch(str(path), device="cpu")
+
+
+def test_a_hub_checkpoint_downloads_only_what_the_project_reads(monkeypatch, tmp_path):
+    import huggingface_hub
+    calls = {}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **kw: str(tmp_path / name))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: calls.update(kw) or str(tmp_path))
+    assert resolve_checkpoint("someone/rematch-2b") == str(tmp_path)
+    assert sorted(calls["allow_patterns"]) == sorted(["rematch_config.json", "rematch_heads.safetensors",
+                                                      "train_state.pt", "README.md", "adapter/*", "backbone/*"])

@@ -248,6 +248,44 @@ def save_backbone(model, processor, path):
 
 CONFIG_FILE = "rematch_config.json"
 HEADS_FILE = "rematch_heads.safetensors"
+# what a checkpoint folder's hub copy may bring: only the files the project reads
+CHECKPOINT_FILES = [CONFIG_FILE, HEADS_FILE, "train_state.pt", "README.md", "adapter/*", "backbone/*"]
+MAX_PIXELS = 16384 * 28 * 28           # Qwen2-VL's own upper bound of an image's size
+MAX_MIN_PIXELS = 1280 * 28 * 28        # the paper preset's max_pixels: no image forced above it
+
+
+def check_config(config, where):
+    """The rematch_config.json values load_rematch builds the model from, each checked for
+    type and range with its key named (a hub checkpoint's config is data, not trusted)."""
+    def bad(key, want):
+        return ValueError(f"{where}: {key} must be {want}, got {config.get(key)!r}")
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    if not isinstance(config.get("model"), str) or not config["model"]:
+        raise bad("model", "the base model's hub id or path (a string)")
+    k = config.get("num_tokens")
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 1024:
+        raise bad("num_tokens", "an integer in [0, 1024]")
+    if config.get("embed_template") not in ("chat", "plain"):
+        raise bad("embed_template", "'chat' or 'plain'")
+    for key, hi in (("min_pixels", MAX_MIN_PIXELS), ("max_pixels", MAX_PIXELS)):
+        v = config.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 28 * 28 <= v <= hi):
+            raise bad(key, f"null or an integer in [{28 * 28}, {hi}]")
+    if config.get("min_pixels") and config.get("max_pixels") and config["min_pixels"] > config["max_pixels"]:
+        raise bad("min_pixels", f"<= max_pixels ({config['max_pixels']})")
+    seed = config.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise bad("seed", "an integer")
+    w = config.get("w_qdm", 0)
+    if not isinstance(w, (int, float)) or isinstance(w, bool) or not w >= 0:
+        raise bad("w_qdm", "a number >= 0")
+    if config.get("match_prompt") not in (None, "paper", "header"):
+        raise bad("match_prompt", "'paper' or 'header'")
+    for key in ("target_instructions", "lora"):
+        if key in config and not isinstance(config[key], bool):
+            raise bad(key, "true or false")
+    return config
 
 
 def resolve_checkpoint(name_or_path):
@@ -265,7 +303,7 @@ def resolve_checkpoint(name_or_path):
         rank0_first(lambda: hf_hub_download(name, CONFIG_FILE))
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return name                                   # no rematch_config.json: a raw backbone
-    return resolve_dir(name, repo_type="model")
+    return resolve_dir(name, CHECKPOINT_FILES, repo_type="model")
 
 
 CARD_KEYS = ("model", "lora", "lora_r", "lora_alpha", "num_tokens", "embed_template", "tau",

@@ -9,6 +9,8 @@ A run on disk — plumbing behind train.py and evaluate.py, none of it in the pa
                                older ones rotated out; load_checkpoint restores weights,
                                optimizer and every RNG (train_state.pt, read weights-only)
   check_resume                 a resumed run's flags must equal the checkpoint's
+  checkpoint_damage            a checkpoint whose files do not all read is passed over for
+                               the previous one (latest_intact), both named
   result_path, load_finished   evaluate.py's per-task result files, reused on restart only
                                for the same config and weights (weights_fingerprint)
 
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from model import load_heads, save_rematch
-from util.backbone import load_backbone, resolve_checkpoint
+from util.backbone import CONFIG_FILE, HEADS_FILE, load_backbone, resolve_checkpoint
 from util.dist import print0
 
 LOG_FILE = "log.jsonl"
@@ -190,6 +192,53 @@ def read_train_state(path):
             f"not possible). Loader said: {str(e).splitlines()[0]}") from None
 
 
+def checkpoint_damage(path):
+    """Why the checkpoint folder `path` cannot be resumed from — a missing file, or one that
+    does not read (a truncated .safetensors header or length, bad JSON, a torn
+    train_state.pt), named — or None when it is whole. A train_state.pt that would run code
+    is not damage: read_train_state refuses it by name."""
+    from safetensors import safe_open
+    for name in (CONFIG_FILE, HEADS_FILE, TRAIN_STATE):
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+    if not any(os.path.isdir(os.path.join(path, d)) for d in ("adapter", "backbone")):
+        return "neither adapter/ nor backbone/ is there"
+    for d, _, files in os.walk(path):
+        for f in sorted(files):
+            file = os.path.join(d, f)
+            try:
+                if f.endswith(".safetensors"):
+                    with safe_open(file, "pt"):              # header and length, no tensor read
+                        pass
+                elif f.endswith(".json"):
+                    with open(file) as fh:
+                        json.load(fh)
+            except Exception as e:                            # noqa: BLE001 (any reader error is damage)
+                return f"{os.path.relpath(file, path)} does not read ({type(e).__name__}: {e})"
+    try:
+        read_train_state(path)
+    except ValueError:
+        raise                                                 # refused on purpose, not damaged
+    except Exception as e:                                    # noqa: BLE001
+        return f"{TRAIN_STATE} does not read ({type(e).__name__}: {str(e).splitlines()[0]})"
+    return None
+
+
+def latest_intact(checkpoints):
+    """The newest of `checkpoints` (oldest first) that checkpoint_damage finds whole; a
+    damaged newer one is named with its damage and the one used instead. None intact:
+    SystemExit naming each."""
+    damaged = []
+    for path in reversed(checkpoints):
+        why = checkpoint_damage(path)
+        if why is None:
+            for bad, reason in damaged:
+                print0(f"{bad} is damaged ({reason}); resuming from {path} instead")
+            return path
+        damaged.append((path, why))
+    raise SystemExit("--resume: no intact checkpoint: " + "; ".join(f"{p}: {w}" for p, w in damaged))
+
+
 def load_checkpoint(path, model, opt):
     """Restore weights, optimizer and RNG state into the freshly built model; → step."""
     from safetensors.torch import load_file
@@ -268,7 +317,7 @@ def start_run(args, world, master, ddp):
     if args.resume and not existing:
         raise SystemExit(f"--resume: no checkpoint in {args.out_dir} (checkpoint-<step> folders); "
                          "check --out_dir, or use --resume_if_exists to start afresh when there is none")
-    source = existing[-1] if existing and (args.resume or args.resume_if_exists) else None
+    source = latest_intact(existing) if existing and (args.resume or args.resume_if_exists) else None
     if args.resume_from:
         if existing:
             raise SystemExit(f"--resume_from: {args.out_dir} already holds checkpoints; continue "
@@ -277,6 +326,9 @@ def start_run(args, world, master, ddp):
         if not os.path.isfile(os.path.join(source, TRAIN_STATE)):
             raise SystemExit(f"--resume_from {args.resume_from}: {source} has no {TRAIN_STATE} "
                              "(not a train.py checkpoint folder, or uploaded without it)")
+        why = checkpoint_damage(source)
+        if why:
+            raise SystemExit(f"--resume_from {args.resume_from}: {source} is damaged: {why}")
     if source:
         changes = check_resume(source, args, world)
         if changes:
