@@ -23,13 +23,13 @@ Checkpoints, resume and log.jsonl are util/run.py's; torchrun set-up util/dist.p
 Tests: pytest tests/test_train.py
 """
 import argparse
-import json
 import contextlib
 import dataclasses
+import itertools
+import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 
@@ -421,7 +421,7 @@ def main(argv=None):
 
     results = None
     if args.eval_data:
-        results = run_eval(model, processor, args, eval_tasks)
+        results = run_eval(model, processor, args, eval_tasks, step + 1)
     del ddp_model, run, opt, batches, loader      # DDP state first (teardown_distributed)
     teardown_distributed()
     return results
@@ -514,13 +514,17 @@ def all_ranks_finite(terms, step, out_dir, world):
     return stats
 
 
-def run_eval(model, processor, args, tasks):
+def run_eval(model, processor, args, tasks, step):
     """MMEB-style evaluation of the trained model (the demo: the synthetic eval split),
-    by the same code path as real MMEB (evaluate.py)."""
+    by the same code path as real MMEB (evaluate.py). Results go to a fresh folder,
+    <out_dir>/eval/step-<step> (-2, -3, ... when a rerun reaches the same step): earlier
+    results are never deleted (only --overwrite clears eval/)."""
     from evaluate import chance_table, discovered_task_table, format_table, mmeb_report, summarize
-    out = os.path.join(args.out_dir, "eval")
-    if rank_world()[0] == 0:
-        shutil.rmtree(out, ignore_errors=True)           # results of these weights only
+    out = base = os.path.join(args.out_dir, "eval", f"step-{step}")
+    for k in itertools.count(2):                         # the same on every rank: decided first
+        if not os.path.exists(out):
+            break
+        out = f"{base}-{k}"
     if dist.is_initialized():
         dist.barrier()
     model.eval()

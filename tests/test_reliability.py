@@ -395,3 +395,26 @@ def test_a_hub_checkpoint_downloads_only_what_the_project_reads(monkeypatch, tmp
     assert resolve_checkpoint("someone/rematch-2b") == str(tmp_path)
     assert sorted(calls["allow_patterns"]) == sorted(["rematch_config.json", "rematch_heads.safetensors",
                                                       "train_state.pt", "README.md", "adapter/*", "backbone/*"])
+
+
+def test_evaluation_after_training_never_deletes_earlier_results(tmp_path, monkeypatch):
+    """run_eval writes to eval/step-<N>, or a fresh -2, -3 ... beside an existing one."""
+    import argparse
+
+    import evaluate
+    import train
+    seen = []
+    monkeypatch.setattr(evaluate, "mmeb_report", lambda *a, out_dir, **kw: seen.append(out_dir)
+                        or {"hit@1": {"T": 1.0}})
+    monkeypatch.setattr(evaluate, "discovered_task_table", lambda *a: {"T": ("Other", True)})
+    monkeypatch.setattr(evaluate, "chance_table", lambda root, results: {"T": 0.5})
+    args = argparse.Namespace(out_dir=str(tmp_path), eval_data="d", eval_image_dir="d", eval_task_table=None,
+                              w_qdm=0, eval_match_queries=0)
+    model = torch.nn.Linear(1, 1)
+    earlier = tmp_path / "eval" / "step-3"
+    earlier.mkdir(parents=True)
+    (earlier / "mmeb_results.json").write_text("{}")
+    out = train.run_eval(model, None, args, None, 3)
+    train.run_eval(model, None, args, None, 5)
+    assert seen == [str(tmp_path / "eval" / "step-3-2"), str(tmp_path / "eval" / "step-5")]
+    assert (earlier / "mmeb_results.json").read_text() == "{}" and out["overall"] == 1.0
