@@ -513,11 +513,22 @@ def read_eval_task(root, task, split="test", max_rows=None):
                              f"got {r['tgt_text']!r:.80}")
         if not isinstance(r["qry_text"], str):
             raise ValueError(f"MMEB task {task} row {i} qry_text: expected a string, got {r['qry_text']!r:.80}")
+        if r["qry_img_path"] is not None and not isinstance(r["qry_img_path"], str):
+            raise ValueError(f"MMEB task {task} row {i} qry_img_path: expected a string (a path or "
+                             f"\"\"), got {r['qry_img_path']!r:.80}")
+        if r["tgt_img_path"] is not None and not (isinstance(r["tgt_img_path"], list) and all(
+                p is None or isinstance(p, str) for p in r["tgt_img_path"])):   # a str would be read per character
+            raise ValueError(f"MMEB task {task} row {i} tgt_img_path: expected a list of strings, "
+                             f"got {r['tgt_img_path']!r:.80}")
         r["qry_img_path"] = r["qry_img_path"] or ""
         r["tgt_img_path"] = [p or "" for p in (r["tgt_img_path"] or [""] * len(r["tgt_text"]))]
         if len(r["tgt_text"]) != len(r["tgt_img_path"]) or not r["tgt_text"]:
             raise ValueError(f"MMEB task {task} row {i}: tgt_text and tgt_img_path must be "
                              "non-empty lists of the same length")
+        candidates = list(zip(r["tgt_text"], r["tgt_img_path"]))
+        if len(candidates) > 1 and all(c == candidates[0] for c in candidates):
+            raise ValueError(f"MMEB task {task} row {i}: every candidate equals the positive, so no "
+                             "negative is left to rank against (it would count as a hit)")
     return rows
 
 

@@ -418,3 +418,25 @@ def test_evaluation_after_training_never_deletes_earlier_results(tmp_path, monke
     train.run_eval(model, None, args, None, 5)
     assert seen == [str(tmp_path / "eval" / "step-3-2"), str(tmp_path / "eval" / "step-5")]
     assert (earlier / "mmeb_results.json").read_text() == "{}" and out["overall"] == 1.0
+
+
+BAD_EVAL_ROWS = [   # (a task's row, message part)
+    (dict(qry_text="q", qry_img_path="", tgt_text=["a", "b"], tgt_img_path="a.png"),
+     "row 0 tgt_img_path: expected a list of strings, got 'a.png'"),
+    (dict(qry_text="q", qry_img_path=7, tgt_text=["a", "b"], tgt_img_path=["", ""]),
+     "row 0 qry_img_path: expected a string"),
+    (dict(qry_text="q", qry_img_path="", tgt_text=["a", "a", "a"], tgt_img_path=["", "", ""]),
+     "row 0: every candidate equals the positive"),
+]
+
+
+@pytest.mark.parametrize("row, message", BAD_EVAL_ROWS, ids=["str-paths", "int-path", "no-negative"])
+def test_malformed_eval_rows_are_named(tmp_path, row, message):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data import read_eval_task
+    (tmp_path / "T").mkdir()
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "T" / "test-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match=_literal(f"MMEB task T {message}")):
+        read_eval_task(str(tmp_path), "T")
