@@ -493,6 +493,12 @@ def read_rows(parquet_files, max_rows=None):
     return rows
 
 
+def leaves_image_dir(path):
+    """An image path that is absolute or climbs out with "..": read as given, it would open
+    a file outside --image_dir (refused unless --allow_outside_image_dir)."""
+    return os.path.isabs(path) or os.path.normpath(path).split(os.sep)[0] == ".."
+
+
 def read_eval_task(root, task, split="test", max_rows=None):
     """
     One MMEB-eval task → rows {"qry_text", "qry_img_path", "tgt_text": list[str],
@@ -691,8 +697,7 @@ class TrainDataset(torch.utils.data.Dataset):
             if not text.strip() and not image:
                 raise ValueError(f"{where} {text_col}: no text and no image")
             if image:
-                if not self.allow_outside_image_dir and (
-                        os.path.isabs(image) or os.path.normpath(image).split(os.sep)[0] == ".."):
+                if not self.allow_outside_image_dir and leaves_image_dir(image):
                     raise ValueError(f"{where} {image_col}: image path {image!r} leaves --image_dir "
                                      f"{self.image_dir} (allow with --allow_outside_image_dir)")
                 path = os.path.join(self.image_dir, image)

@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (IMAGE_PLACEHOLDER, MATCH_PROMPTS, MMEB_EVAL_TASKS, collate_embed, collate_match,
-                  encode_item, find_subsets, load_image, pos_slot_of, read_eval_task, resolve_dir,
-                  upscale_small, with_target_instruction)
+                  encode_item, find_subsets, leaves_image_dir, load_image, pos_slot_of, read_eval_task,
+                  resolve_dir, upscale_small, with_target_instruction)
 from losses import rank_world
 from masks import VIEW_SETS
 from model import load_rematch
@@ -266,10 +266,14 @@ def task_items(rows, task, config=None, meta=None):
     return list(q_index), list(d_index), pairs
 
 
+def image_paths(rows):
+    """The task's distinct image paths (relative to --image_dir)."""
+    return ({r["qry_img_path"] for r in rows} | {p for r in rows for p in r["tgt_img_path"]}) - {""}
+
+
 def missing_images(rows, image_dir):
     """Image paths of the task (relative) that are not files under image_dir."""
-    paths = {r["qry_img_path"] for r in rows} | {p for r in rows for p in r["tgt_img_path"]}
-    return sorted(p for p in paths - {""} if not os.path.isfile(os.path.join(image_dir, p)))
+    return sorted(p for p in image_paths(rows) if not os.path.isfile(os.path.join(image_dir, p)))
 
 
 def distinct_candidates(cands):
@@ -348,7 +352,7 @@ def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None
 
 def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
                 out_dir=None, skip_missing=False, progress=True, name=None, match_queries=0,
-                extra=None):
+                extra=None, allow_outside_image_dir=False):
     """
     {"hit@1": {task: hit@1 (0..1) or None if skipped as missing},
      "matching": {task: matching_accuracy(...)}  (only with match_queries > 0),
@@ -365,6 +369,8 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
     TaskEmbeddings (tools/rerank.py's Reranking): an object with `name`, `settings` (kept
     with the results: a record with other settings is not reused), `rows` (encoded items
     to keep), run(model, processor, emb, task) → result and line(result) → str.
+    Image paths that are absolute or leave image_dir with ".." are refused, naming the task,
+    unless allow_outside_image_dir.
     Summaries: summarize(results, task_table(tasks)); the table: format_table(...).
     """
     table, config = task_table(tasks), dict(config or {})
@@ -384,10 +390,15 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
         if task in finished:
             continue
         try:
-            lost = missing_images(read_eval_task(root, task), image_dir)
+            rows = read_eval_task(root, task)
         except FileNotFoundError as err:
             problems[task] = str(err)
             continue
+        outside = sorted(p for p in image_paths(rows) if leaves_image_dir(p))
+        if outside and not allow_outside_image_dir:
+            raise ValueError(f"MMEB task {task}: image path(s) leave --image_dir {image_dir}: "
+                             + ", ".join(map(repr, outside[:5])) + " (allow with --allow_outside_image_dir)")
+        lost = missing_images(rows, image_dir)
         if lost:
             problems[task] = (f"MMEB task {task}: {len(lost)} image(s) missing under {image_dir}: "
                               + ", ".join(os.path.join(image_dir, p) for p in lost[:5])
@@ -1054,6 +1065,8 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
                         "(raw/feat query → raw/feat document) on (query, positive) and (query, "
                         "hardest other candidate) pairs of the first N queries per task (0 = off; "
                         "needs a checkpoint trained with matching, w_qdm > 0)")
+    p.add_argument("--allow_outside_image_dir", action="store_true",
+                   help="accept image paths that are absolute or leave --image_dir with '..'")
     p.add_argument("--skip_missing", action="store_true", help="skip tasks whose files or images "
                    "are missing (reported as missing; their group means as n/a) instead of failing")
     # zero-shot
@@ -1130,7 +1143,8 @@ def main(argv=None, args=None, extra=None):
         table = task_table(args.tasks, known)
         report = mmeb_report(model, processor, args.mmeb_dir, args.image_dir, table, config,
                              args.batch_size, args.out, args.skip_missing, not args.no_progress,
-                             name=args.model, match_queries=args.match_queries, extra=extra)
+                             name=args.model, match_queries=args.match_queries, extra=extra,
+                             allow_outside_image_dir=args.allow_outside_image_dir)
         out["mmeb"], out["matching"] = report["hit@1"], report.get("matching")
         print0("\n" + format_table(out["mmeb"], table, name=args.model, matching=out["matching"]))
         if extra:

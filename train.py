@@ -532,7 +532,8 @@ def run_eval(model, processor, args, tasks, step):
     with torch.no_grad():
         report = mmeb_report(model, processor, args.eval_data, args.eval_image_dir, table,
                              config=run_config(args), out_dir=out, progress=sys.stderr.isatty(),
-                             match_queries=args.eval_match_queries if args.w_qdm > 0 else 0)
+                             match_queries=args.eval_match_queries if args.w_qdm > 0 else 0,
+                             allow_outside_image_dir=args.allow_outside_image_dir)
     results, matching = report["hit@1"], report.get("matching")
     chance = chance_table(args.eval_data, results)
     print0(format_table(results, table, chance=chance, matching=matching))

@@ -440,3 +440,22 @@ def test_malformed_eval_rows_are_named(tmp_path, row, message):
     pq.write_table(pa.Table.from_pylist([row]), tmp_path / "T" / "test-00000-of-00001.parquet")
     with pytest.raises(ValueError, match=_literal(f"MMEB task T {message}")):
         read_eval_task(str(tmp_path), "T")
+
+
+def test_evaluation_confines_image_paths_as_training_does(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "imgs").mkdir()
+    shape_image("red").save(tmp_path / "x.png")                      # outside --image_dir
+    (tmp_path / "mmeb" / "T").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([dict(qry_text="<|image_1|>\nq", qry_img_path="../x.png",
+                                              tgt_text=["a", "b"], tgt_img_path=["", ""])]),
+                   tmp_path / "mmeb" / "T" / "test-00000-of-00001.parquet")
+    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu")
+    model = ReMatch(backbone, num_tokens=2).eval()
+    table, args = {"T": ("Other", True)}, (str(tmp_path / "mmeb"), str(tmp_path / "imgs"))
+    with pytest.raises(ValueError, match=_literal("MMEB task T: image path(s) leave --image_dir")
+                       + ".*'../x.png'.*--allow_outside_image_dir"):
+        ev.mmeb_report(model, processor, *args, table, progress=False)
+    report = ev.mmeb_report(model, processor, *args, table, progress=False, allow_outside_image_dir=True)
+    assert set(report["hit@1"]) == {"T"}
