@@ -544,6 +544,12 @@ def read_eval_task(root, task, split="test", max_rows=None):
 TRAIN_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 
 
+MAX_LIST_CELL = 100_000        # characters of an mmE5 list cell (a few negatives, not megabytes)
+# what ast.literal_eval raises on crafted input: bad syntax, unhashable set members, deep
+# nesting, huge literals
+_LITERAL_ERRORS = (ValueError, SyntaxError, TypeError, RecursionError, MemoryError)
+
+
 def _is_list_literal(v):
     """A parquet list, or a string that is (or starts like) a Python list of strings."""
     if isinstance(v, (list, tuple)):
@@ -552,9 +558,11 @@ def _is_list_literal(v):
         return False
     if v.lstrip()[1:2] in ("'", '"'):
         return True
+    if len(v) > MAX_LIST_CELL:
+        return False                                   # not parsed here; first_negative refuses it
     try:
         parsed = ast.literal_eval(v.strip())
-    except (ValueError, SyntaxError):
+    except _LITERAL_ERRORS:
         return False
     return isinstance(parsed, list) and bool(parsed) and all(isinstance(x, str) for x in parsed)
 
@@ -582,10 +590,14 @@ def first_negative(value, where):
     if isinstance(value, str) and not value.lstrip().startswith("["):
         return value                                   # one plain negative among lists
     if isinstance(value, str):
+        if len(value) > MAX_LIST_CELL:
+            raise ValueError(f"{where}: a list cell of {len(value):,} characters (at most "
+                             f"{MAX_LIST_CELL:,}): {value[:80]!r}...")
         try:
             value = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError) as e:
-            raise ValueError(f"{where}: cannot parse the list literal {value[:80]!r} ({e})") from None
+        except _LITERAL_ERRORS as e:
+            raise ValueError(f"{where}: cannot parse the list literal {value[:80]!r} "
+                             f"({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{where}: expected a list of strings (mmE5 format), got {str(value)[:80]!r}")
     return value[0] if value else ""

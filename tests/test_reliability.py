@@ -459,3 +459,20 @@ def test_evaluation_confines_image_paths_as_training_does(tmp_path):
         ev.mmeb_report(model, processor, *args, table, progress=False)
     report = ev.mmeb_report(model, processor, *args, table, progress=False, allow_outside_image_dir=True)
     assert set(report["hit@1"]) == {"T"}
+
+
+CRAFTED_CELLS = [   # (an mmE5 neg_text cell, message part)
+    ("[{}]", "expected a list of strings (mmE5 format)"),
+    ("[{[]}]", "cannot parse the list literal '[{[]}]' (TypeError"),
+    ("[" * 5000 + "]" * 5000, "cannot parse the list literal"),
+    ("['" + "a" * 200_000 + "']", "a list cell of 200,004 characters (at most 100,000)"),
+    ("[1, 2", "cannot parse the list literal '[1, 2'"),
+]
+
+
+@pytest.mark.parametrize("cell, message", CRAFTED_CELLS, ids=["dict", "unhashable", "deep", "huge", "torn"])
+def test_crafted_list_cells_are_named_row_errors(cell, message):
+    from data import _is_list_literal, first_negative
+    _is_list_literal(cell)                                 # never raises, whatever the cell
+    with pytest.raises(ValueError, match=_literal(f"Sub row 3 neg_text: {message}")):
+        first_negative(cell, "Sub row 3 neg_text")
