@@ -184,13 +184,30 @@ class BadImageError(BadItemError):
     """An image file that PIL cannot read, or too large to decode safely."""
 
 
+MAX_DECODE_PIXELS = 89_478_485     # PIL's own warning threshold (MAX_IMAGE_PIXELS), enforced
+
+
 def load_image(path, where="image"):
     """PIL RGB image; a side below 28 px is upscaled (aspect kept, shortest side → 28).
-    An unreadable or missing file raises BadImageError naming `where` and `path`."""
+    An unreadable or missing file, or one of more than MAX_DECODE_PIXELS pixels (PIL only
+    warns below twice that; such an image takes seconds and gigabytes to decode and is
+    resized to at most the processor's max_pixels anyway), raises BadImageError naming
+    `where` and `path`."""
+    import warnings
+
     from PIL import Image
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():             # PIL's bomb warning: refused below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            if im.size[0] * im.size[1] > MAX_DECODE_PIXELS:           # the header, before decoding
+                raise BadImageError(f"{where}: image {path} is {im.size[0]} × {im.size[1]} = "
+                                    f"{im.size[0] * im.size[1]:,} pixels, more than {MAX_DECODE_PIXELS:,}: "
+                                    "too large to decode safely")
             im = im.convert("RGB")
+    except BadImageError:
+        raise
     except Image.DecompressionBombError as e:      # a header claiming e.g. 20000 × 20000
         raise BadImageError(f"{where}: image {path} is too large to decode safely: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:

@@ -409,7 +409,7 @@ def test_evaluation_after_training_never_deletes_earlier_results(tmp_path, monke
     monkeypatch.setattr(evaluate, "discovered_task_table", lambda *a: {"T": ("Other", True)})
     monkeypatch.setattr(evaluate, "chance_table", lambda root, results: {"T": 0.5})
     args = argparse.Namespace(out_dir=str(tmp_path), eval_data="d", eval_image_dir="d", eval_task_table=None,
-                              w_qdm=0, eval_match_queries=0)
+                              w_qdm=0, eval_match_queries=0, allow_outside_image_dir=False)
     model = torch.nn.Linear(1, 1)
     earlier = tmp_path / "eval" / "step-3"
     earlier.mkdir(parents=True)
@@ -476,3 +476,26 @@ def test_crafted_list_cells_are_named_row_errors(cell, message):
     _is_list_literal(cell)                                 # never raises, whatever the cell
     with pytest.raises(ValueError, match=_literal(f"Sub row 3 neg_text: {message}")):
         first_negative(cell, "Sub row 3 neg_text")
+
+
+def test_an_image_too_large_to_decode_is_refused_from_its_header(tmp_path):
+    """A PNG of 10000 × 9000 = 90M pixels (PIL only warns up to 179M) is refused by name,
+    before a pixel is decoded; one just below the bound loads."""
+    import struct
+    import zlib
+
+    from data import MAX_DECODE_PIXELS, BadImageError, load_image
+
+    def png_header(w, h):                              # a valid header; the pixel data is never read
+        def chunk(kind, data):
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    big = tmp_path / "big.png"
+    big.write_bytes(png_header(10000, 9000))
+    assert 10000 * 9000 > MAX_DECODE_PIXELS
+    with pytest.raises(BadImageError, match=_literal(f"row 2 qry: image {big} is 10000 × 9000 = 90,000,000 pixels")):
+        load_image(str(big), "row 2 qry")
+    small = tmp_path / "small.png"
+    shape_image("red").save(small)
+    assert load_image(str(small)).size == (56, 56)
