@@ -115,7 +115,7 @@ def _encode(processor, text, image, where):
 
 @torch.no_grad()
 def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="embed",
-                 distributed=True, keep=None):
+                 distributed=True, keep=None, max_text_tokens=None):
     """
     inputs: list of (side, text, image): side "q" or "d", text the MMEB-format string
     (`<|image_1|>` where the image goes), image None / a path / a PIL image.
@@ -123,13 +123,19 @@ def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="
     torch.distributed the list is cut into W contiguous shards, rank r embeds shard r, and
     every rank receives all rows (all_gather). keep: optional dict whose keys are input
     indices; the encoded items of those this rank encodes are stored in it, for the
-    matching passes to reuse. Returns E (len(inputs), d) fp32 on the CPU, in input order.
+    matching passes to reuse. max_text_tokens: an input whose text (image tokens not
+    counted) is longer is refused, named (a 20k-word candidate would ask for gigabytes).
+    Returns E (len(inputs), d) fp32 on the CPU, in input order.
     """
     bad = next((i for i, x in enumerate(inputs) if x[0] not in ("q", "d")), None)
     if bad is not None:                      # a batch of another side would stay all zeros
         _check_side(inputs[bad][0], f"{desc}: input {bad}")
     rank, world = rank_world() if distributed else (0, 1)
     n, d = len(inputs), model.backbone.config.text_config.hidden_size
+    ordinal, count = [], {"q": 0, "d": 0}              # an input's index among its side's: its name
+    for side, *_ in inputs:
+        ordinal.append(count[side])
+        count[side] += 1
     size = math.ceil(n / world)                                  # shard size (the last may be short)
     lo, hi = min(rank * size, n), min((rank + 1) * size, n)
     local = torch.zeros(size, d)                                 # (size, d) fp32
@@ -140,9 +146,16 @@ def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="
         idx = [i for i in range(lo, hi) if inputs[i][0] == side]
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
-            where = [f"{desc} {side}-item {i}" for i in chunk]
+            where = [f"{desc} {side}-item {ordinal[i]}" for i in chunk]
             enc = [_encode(processor, inputs[i][1], inputs[i][2], w)
                    for i, w in zip(chunk, where)]
+            if max_text_tokens:
+                pad = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+                for i, e, w in zip(chunk, enc, where):
+                    n_text = len(e["ids"]) - e["ids"].count(pad)
+                    if n_text > max_text_tokens:
+                        raise ValueError(f"{w}: a text of {n_text} tokens, more than --max_text_tokens "
+                                         f"{max_text_tokens}: {inputs[i][1][:60]!r}...")
             if keep is not None:
                 keep.update((i, e) for i, e in zip(chunk, enc) if i in keep)
             batch = collate_embed(enc, processor.tokenizer, model.num_tokens, model.embed_template)
@@ -322,7 +335,7 @@ class TaskEmbeddings:
 
 
 def embed_task(model, processor, rows, task, image_dir, config=None, meta=None, batch_size=16,
-               progress=False, keep_rows=0):
+               progress=False, keep_rows=0, max_text_tokens=None):
     """
     One eval task's rows embedded, each distinct item once (task_items, embed_inputs), as
     TaskEmbeddings. keep_rows: the encoded items of the first N rows (query and every
@@ -336,10 +349,14 @@ def embed_task(model, processor, rows, task, image_dir, config=None, meta=None, 
     keep = dict.fromkeys({qi for qi, _ in pairs[:keep_rows]}
                          | {nq + c for _, cands in pairs[:keep_rows] for c in cands})
     E = embed_inputs(model, processor, [("q", *x) for x in q_inputs] + [("d", *x) for x in d_inputs],
-                     batch_size, progress, desc=task, keep=keep)           # (nq + nd, d)
+                     batch_size, progress, desc=task, keep=keep,
+                     max_text_tokens=max_text_tokens)                       # (nq + nd, d)
     Q, D = E[:nq], E[nq:]
     items = {("q", i) if i < nq else ("d", i - nq): e for i, e in keep.items() if e is not None}
     return TaskEmbeddings(q_inputs, d_inputs, pairs, Q, D, score_rows(Q, D, pairs), items)
+
+
+EVAL_MAX_TEXT_TOKENS = 8192        # far above MMEB's longest candidates; a runaway one is refused
 
 
 def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
@@ -352,7 +369,7 @@ def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None
 
 def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
                 out_dir=None, skip_missing=False, progress=True, name=None, match_queries=0,
-                extra=None, allow_outside_image_dir=False):
+                extra=None, allow_outside_image_dir=False, max_text_tokens=EVAL_MAX_TEXT_TOKENS):
     """
     {"hit@1": {task: hit@1 (0..1) or None if skipped as missing},
      "matching": {task: matching_accuracy(...)}  (only with match_queries > 0),
@@ -370,7 +387,7 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
     with the results: a record with other settings is not reused), `rows` (encoded items
     to keep), run(model, processor, emb, task) → result and line(result) → str.
     Image paths that are absolute or leave image_dir with ".." are refused, naming the task,
-    unless allow_outside_image_dir.
+    unless allow_outside_image_dir; so is a text over max_text_tokens, naming the item.
     Summaries: summarize(results, task_table(tasks)); the table: format_table(...).
     """
     table, config = task_table(tasks), dict(config or {})
@@ -424,7 +441,7 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
         rows = read_eval_task(root, task)
         keep_rows = max(match_queries, extra.rows if extra else 0)
         emb = embed_task(model, processor, rows, task, image_dir, config, table[task][0], batch_size,
-                         progress, keep_rows=keep_rows)
+                         progress, keep_rows=keep_rows, max_text_tokens=max_text_tokens)
         results[task] = hit_at_1(emb.scores)                    # same on every rank
         record = {"task": task, "meta_task": table[task][0], "is_ind": table[task][1],
                   "hit@1": results[task], "num_queries": len(rows), "num_query_items": len(emb.Q),
@@ -1065,6 +1082,9 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
                         "(raw/feat query → raw/feat document) on (query, positive) and (query, "
                         "hardest other candidate) pairs of the first N queries per task (0 = off; "
                         "needs a checkpoint trained with matching, w_qdm > 0)")
+    p.add_argument("--max_text_tokens", type=int, default=EVAL_MAX_TEXT_TOKENS,
+                   help="refuse (naming it) a query or candidate whose text is longer, image "
+                        f"tokens not counted (default {EVAL_MAX_TEXT_TOKENS})")
     p.add_argument("--allow_outside_image_dir", action="store_true",
                    help="accept image paths that are absolute or leave --image_dir with '..'")
     p.add_argument("--skip_missing", action="store_true", help="skip tasks whose files or images "
@@ -1095,6 +1115,8 @@ def parse_args(argv=None, parser=None):
         p.error(f"--match_queries must be >= 0, got {args.match_queries}")
     if args.batch_size < 1:
         p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.max_text_tokens < 1:
+        p.error(f"--max_text_tokens must be >= 1, got {args.max_text_tokens}")
     if not args.dist_timeout_minutes > 0:
         p.error(f"--dist_timeout_minutes must be > 0, got {args.dist_timeout_minutes}")
     if args.task_table:
@@ -1144,7 +1166,8 @@ def main(argv=None, args=None, extra=None):
         report = mmeb_report(model, processor, args.mmeb_dir, args.image_dir, table, config,
                              args.batch_size, args.out, args.skip_missing, not args.no_progress,
                              name=args.model, match_queries=args.match_queries, extra=extra,
-                             allow_outside_image_dir=args.allow_outside_image_dir)
+                             allow_outside_image_dir=args.allow_outside_image_dir,
+                             max_text_tokens=args.max_text_tokens)
         out["mmeb"], out["matching"] = report["hit@1"], report.get("matching")
         print0("\n" + format_table(out["mmeb"], table, name=args.model, matching=out["matching"]))
         if extra:

@@ -499,3 +499,21 @@ def test_an_image_too_large_to_decode_is_refused_from_its_header(tmp_path):
     small = tmp_path / "small.png"
     shape_image("red").save(small)
     assert load_image(str(small)).size == (56, 56)
+
+
+def test_evaluation_refuses_a_runaway_text_by_name(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "T").mkdir()
+    long_text = " ".join(["circle"] * 300)
+    pq.write_table(pa.Table.from_pylist([dict(qry_text="a red circle", qry_img_path="",
+                                              tgt_text=["a", long_text], tgt_img_path=["", ""])]),
+                   tmp_path / "T" / "test-00000-of-00001.parquet")
+    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu")
+    model = ReMatch(backbone, num_tokens=2).eval()
+    table = {"T": ("Other", True)}
+    with pytest.raises(ValueError, match=r"T d-item 1: a text of \d+ tokens, more than --max_text_tokens 100"):
+        ev.mmeb_report(model, processor, str(tmp_path), str(tmp_path), table, progress=False, max_text_tokens=100)
+    assert set(ev.mmeb_report(model, processor, str(tmp_path), str(tmp_path), table, progress=False)["hit@1"]) == {"T"}
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--model", "m", "--mmeb_dir", "d", "--image_dir", "d", "--max_text_tokens", "0"])
