@@ -700,13 +700,44 @@ def _require(paths, what):
                                 + (" ..." if len(lost) > 5 else ""))
 
 
+def _load_json(path, what):
+    _require([path], what)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what}: {path} is not valid JSON ({e})") from None
+
+
+def _each(entries, path, what, parse):
+    """parse(entry) for each (key, entry); a malformed entry (a missing key, a null or
+    non-string caption, a short list) raises ValueError naming the file and the entry."""
+    out = []
+    for key, entry in entries:
+        try:
+            value = parse(entry)
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise ValueError(f"{what}: {path} entry {key}: malformed ({type(e).__name__}: {e})") from None
+        out.extend(value if isinstance(value, list) else [value])
+    if not out:
+        raise ValueError(f"{what}: {path} holds no usable entry")
+    return out
+
+
+def _text(x):
+    if not isinstance(x, str):
+        raise TypeError(f"expected a caption string, got {type(x).__name__}")
+    return x
+
+
 def _karpathy(json_path, image_dir_of, what):
     """(image path, caption) positive pairs of the Karpathy "test" split, the first 5 captions each."""
-    _require([json_path], what)
-    with open(json_path) as f:
-        images = [im for im in json.load(f)["images"] if im["split"] == "test"]
-    positives = [(os.path.join(image_dir_of(im), im["filename"]), s["raw"].strip())
-                 for im in images for s in im["sentences"][:5]]
+    data = _load_json(json_path, what)
+    images = _each(enumerate(data["images"] if isinstance(data, dict) and "images" in data else []),
+                   json_path, what, lambda im: [im] if im["split"] == "test" else [])
+    positives = _each(((im.get("filename", i), im) for i, im in enumerate(images)), json_path, what,
+                      lambda im: [(os.path.join(image_dir_of(im), _text(im["filename"])), _text(s["raw"]).strip())
+                                  for s in im["sentences"][:5]])
     _require(sorted({p for p, _ in positives}), what)
     return positives
 
@@ -730,10 +761,11 @@ def read_sharegpt4v(data_dir, limit=1000):
     root = os.path.join(data_dir, "sharegpt4v")
     path = os.path.join(root, SHAREGPT4V_JSON)
     _require([path], "ShareGPT4V")
-    with open(path) as f:
-        entries = json.load(f)[:limit]
-    positives = [(os.path.join(root, e["image"]), e["conversations"][1]["value"].replace("\n", " "))
-                 for e in entries]
+    entries = _load_json(path, "ShareGPT4V")
+    if not isinstance(entries, list):
+        raise ValueError(f"ShareGPT4V: {path}: expected a list of entries, got {type(entries).__name__}")
+    positives = _each(enumerate(entries[:limit]), path, "ShareGPT4V", lambda e: (
+        os.path.join(root, _text(e["image"])), _text(e["conversations"][1]["value"]).replace("\n", " ")))
     _require([p for p, _ in positives], "ShareGPT4V")
     return positives
 
@@ -761,10 +793,12 @@ def read_sugarcrepe(data_dir):
     _require(list(paths.values()), "SugarCrepe")
     image_dir = os.path.join(data_dir, "coco", "val2017")
     out = {}
-    for s, path in paths.items():
-        with open(path) as f:
-            out[s] = [(os.path.join(image_dir, v["filename"]), v["caption"], v["negative_caption"])
-                      for v in json.load(f).values()]
+    for sub, path in paths.items():
+        data = _load_json(path, "SugarCrepe")
+        if not isinstance(data, dict):
+            raise ValueError(f"SugarCrepe: {path}: expected an object {{id: entry}}, got {type(data).__name__}")
+        out[sub] = _each(data.items(), path, "SugarCrepe", lambda v: (
+            os.path.join(image_dir, _text(v["filename"])), _text(v["caption"]), _text(v["negative_caption"])))
     _require(sorted({p for rows in out.values() for p, _, _ in rows}), "SugarCrepe")
     return out
 

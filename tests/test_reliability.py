@@ -517,3 +517,39 @@ def test_evaluation_refuses_a_runaway_text_by_name(tmp_path):
     assert set(ev.mmeb_report(model, processor, str(tmp_path), str(tmp_path), table, progress=False)["hit@1"]) == {"T"}
     with pytest.raises(SystemExit):
         ev.parse_args(["--model", "m", "--mmeb_dir", "d", "--image_dir", "d", "--max_text_tokens", "0"])
+
+
+def _write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+BAD_ZEROSHOT = [   # (reader, relative file, content, message part)
+    ("read_flickr30k", "flickr30k/dataset_flickr30k.json",
+     {"images": [{"split": "test", "filename": "1.jpg", "sentences": [{"raw": None}]}]},
+     "entry 1.jpg: malformed (TypeError: expected a caption string, got NoneType)"),
+    ("read_flickr30k", "flickr30k/dataset_flickr30k.json",
+     {"images": [{"split": "train", "filename": "1.jpg", "sentences": []}]}, "holds no usable entry"),
+    ("read_coco", "coco/dataset_coco.json", {"images": [{"filename": "1.jpg"}]},
+     "entry 0: malformed (KeyError: 'split')"),
+    ("read_sharegpt4v", "sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json",
+     [{"image": "a.jpg", "conversations": [{"value": "q"}]}], "entry 0: malformed (IndexError"),
+    ("read_sugarcrepe", "sugarcrepe/add_obj.json", {"7": {"filename": "a.jpg", "caption": "c"}},
+     "entry 7: malformed (KeyError: 'negative_caption')"),
+    ("read_coco", "coco/dataset_coco.json", "not json", "is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("reader, rel, content, message", BAD_ZEROSHOT,
+                         ids=[f"{r}-{i}" for i, (r, *_) in enumerate(BAD_ZEROSHOT)])
+def test_zeroshot_readers_name_the_file_and_entry(tmp_path, reader, rel, content, message):
+    if content == "not json":
+        (tmp_path / rel).parent.mkdir(parents=True)
+        (tmp_path / rel).write_text("{")
+    else:
+        _write_json(tmp_path / rel, content)
+    if reader == "read_sugarcrepe":                              # the other six subsets: well formed
+        for sub in ev.SUGARCREPE_SUBSETS[1:]:
+            _write_json(tmp_path / "sugarcrepe" / f"{sub}.json", {})
+    with pytest.raises(ValueError, match=_literal(str(tmp_path / rel)) + ".*" + _literal(message)):
+        getattr(ev, reader)(str(tmp_path))
