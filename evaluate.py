@@ -1062,7 +1062,7 @@ def _check_image(im, where):
 
 def _check_list(xs, name, where):
     """A list/tuple of inputs, not one input: a str or an image would be iterated piecewise."""
-    if isinstance(xs, (str, os.PathLike)) or _is_pil(xs) or not isinstance(xs, (list, tuple)):
+    if not isinstance(xs, (list, tuple)):
         raise TypeError(f"{where}: {name} must be a list, got {type(xs).__name__}"
                         + (f" (for one, pass [{name[:-1]}])" if isinstance(xs, str) or _is_pil(xs) else ""))
 
