@@ -461,7 +461,7 @@ def rank0_first(fn):
             dist.barrier()
 
 
-def resolve_dir(name_or_dir, allow_patterns=None, repo_type="dataset"):
+def resolve_dir(name_or_dir, allow_patterns=None, repo_type="dataset", revision=None):
     """
     A local directory as is; otherwise a Hugging Face repo id (e.g. "TIGER-Lab/MMEB-train"),
     downloaded with `huggingface_hub.snapshot_download(repo_type=...)`, only the files
@@ -475,7 +475,7 @@ def resolve_dir(name_or_dir, allow_patterns=None, repo_type="dataset"):
         raise FileNotFoundError(f"{name_or_dir}: no such directory (and not a hub id owner/name)")
     from huggingface_hub import snapshot_download
     return rank0_first(lambda: snapshot_download(name_or_dir, repo_type=repo_type,
-                                                 allow_patterns=allow_patterns))
+                                                 allow_patterns=allow_patterns, revision=revision))
 
 
 def find_parquet(root, name, split):

@@ -969,13 +969,15 @@ class Encoder:
     side "q" for queries (L_q), "d" for the documents of an index (L_d). Text documents of
     a checkpoint trained with target instructions: pass data.with_target_instruction(text,
     task) as the texts (and no instruction), as evaluate_mmeb does. attn: the attention of
-    rerank's matching pass ("sdpa", or "flex": util.speed.set_attention).
+    rerank's matching pass ("sdpa", or "flex": util.speed.set_attention). revision: a hub
+    id's commit, branch or tag (kept in self.config).
     """
 
     def __init__(self, path_or_hub, device=None, dtype=None, num_tokens=0, embed_template="plain",
-                 attn="sdpa"):
+                 attn="sdpa", revision=None):
         self.model, self.processor, self.config = load_rematch(
-            path_or_hub, device=device, dtype=dtype, num_tokens=num_tokens, embed_template=embed_template)
+            path_or_hub, device=device, dtype=dtype, num_tokens=num_tokens, embed_template=embed_template,
+            revision=revision)
         set_attention(self.model.eval(), attn)                  # rerank's matching pass: sdpa | flex
 
     def encode(self, texts=None, images=None, instruction=None, side="q", batch_size=32, progress=False):
@@ -1089,6 +1091,9 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
     p.add_argument("--model", required=True, help="train.py checkpoint dir or the hub id of an "
                    "uploaded one, hub id / local dir of a raw Qwen2-VL/Qwen2.5-VL (baseline), or "
                    "tiny-qwen2-vl / tiny-qwen2.5-vl")
+    p.add_argument("--revision", default=None,
+                   help="hub ids only: the commit, branch or tag of --model to load (recorded with "
+                        "the results; default: the repository's main branch)")
     p.add_argument("--num_tokens", type=int, default=0,
                    help="raw backbones only: K learnable tokens (0 = last-token pooling)")
     p.add_argument("--embed_template", default="plain", choices=("plain", "chat"),
@@ -1186,7 +1191,7 @@ def main(argv=None, args=None, extra=None):
     args = args or parse_args(argv)
     _, _, world, device = setup_distributed(args.device, args.dist_timeout_minutes)   # torchrun: one shard per rank
     model, processor, config = load_rematch(args.model, device=device, num_tokens=args.num_tokens,
-                                            embed_template=args.embed_template)
+                                            embed_template=args.embed_template, revision=args.revision)
     set_attention(model, args.attn)                             # forward only: flex runs on the CPU too
     extra = extra(config) if extra else None
     print0(f"{args.model} on {device} × {world} rank(s): K={model.num_tokens}, "

@@ -307,24 +307,27 @@ def save_rematch(model, processor, path, config):
     write_model_card(path, config)
 
 
-def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_template="plain"):
+def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_template="plain",
+                 revision=None):
     """
     (ReMatch, processor, config) from a directory written by save_rematch (train.py's
     checkpoints) or such a folder's hub id (resolve_checkpoint), or a raw backbone (hub
     id, local directory, tiny-*) evaluated as the single-vector baseline: `num_tokens`
     (default 0 = last-token pooling) and `embed_template` (default "plain", VLM2Vec's
-    layout) apply only to raw backbones.
+    layout) apply only to raw backbones. revision: the hub id's commit, branch or tag,
+    recorded in the returned config (and so in evaluation results).
     """
     import json
 
-    name_or_path = resolve_checkpoint(name_or_path)
+    name_or_path = resolve_checkpoint(name_or_path, revision)
+    pin = {"revision": revision} if revision else {}
     config_path = os.path.join(str(name_or_path), CONFIG_FILE)
     if not os.path.isfile(config_path):
-        backbone, processor = load_backbone(name_or_path, device=device, dtype=dtype)
-        config = {"model": name_or_path, "num_tokens": num_tokens, "embed_template": embed_template}
+        backbone, processor = load_backbone(name_or_path, device=device, dtype=dtype, revision=revision)
+        config = {"model": name_or_path, "num_tokens": num_tokens, "embed_template": embed_template, **pin}
         return ReMatch(backbone, num_tokens, embed_template).eval(), processor, config
     with open(config_path) as f:
-        config = check_config(json.load(f), config_path)
+        config = dict(check_config(json.load(f), config_path), **pin)
     pixels = dict(min_pixels=config.get("min_pixels"), max_pixels=config.get("max_pixels"))
     if os.path.isdir(os.path.join(name_or_path, "adapter")):
         from peft import PeftModel

@@ -553,3 +553,30 @@ def test_zeroshot_readers_name_the_file_and_entry(tmp_path, reader, rel, content
             _write_json(tmp_path / "sugarcrepe" / f"{sub}.json", {})
     with pytest.raises(ValueError, match=_literal(str(tmp_path / rel)) + ".*" + _literal(message)):
         getattr(ev, reader)(str(tmp_path))
+
+
+def test_a_hub_revision_is_pinned_and_recorded(monkeypatch, tmp_path):
+    """--revision reaches every hub download and the returned config; a local path with a
+    revision is refused."""
+    import huggingface_hub
+
+    from model import save_rematch
+    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu", seed=0)
+    ckpt = tmp_path / "snapshot"
+    save_rematch(ReMatch(backbone, num_tokens=2), processor, str(ckpt),
+                 {"model": "tiny-qwen2-vl", "num_tokens": 2, "embed_template": "chat"})
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, name, **kw: calls.append(("file", kw.get("revision"))) or str(ckpt / name))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: calls.append(("snapshot", kw.get("revision"))) or str(ckpt))
+    enc = ev.Encoder("someone/rematch-2b", device="cpu", revision="0123abc")
+    assert calls == [("file", "0123abc"), ("snapshot", "0123abc")]
+    assert enc.config["revision"] == "0123abc"
+    args = ev.parse_args(["--model", "someone/rematch-2b", "--revision", "v1", "--mmeb_dir", "d", "--image_dir", "d"])
+    assert args.revision == "v1"
+    for call in (lambda: resolve_checkpoint(str(ckpt), revision="v1"),
+                 lambda: load_backbone(str(ckpt / "backbone"), revision="v1")):
+        with pytest.raises(ValueError, match="--revision v1: .* (is not a hub id|is a local directory)"):
+            call()

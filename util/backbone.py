@@ -139,13 +139,14 @@ def _build_tiny(name, tok, seed):
         return model_cls._from_config(cfg, attn_implementation="sdpa")
 
 
-def image_processor_for(path, min_pixels, max_pixels):
+def image_processor_for(path, min_pixels, max_pixels, revision=None):
     """The PIL Qwen2-VL image processor (no torchvision), from `path`'s
     preprocessor_config.json or the defaults, with optional pixel bounds. The bounds are
     passed as min_pixels / max_pixels: a hub preprocessor_config.json holds those keys at
     its top level, and they would override a `size` argument."""
     bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
-    return (Qwen2VLImageProcessorPil.from_pretrained(path, **bounds) if path
+    pin = {"revision": revision} if revision else {}
+    return (Qwen2VLImageProcessorPil.from_pretrained(path, **pin, **bounds) if path
             else Qwen2VLImageProcessorPil(**bounds))
 
 
@@ -190,13 +191,15 @@ def refuse_missing_local(name):
                                 f"as a local path, not as a hub id owner/name)")
 
 
-def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None, max_pixels=None):
+def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None, max_pixels=None,
+                  revision=None):
     """
     Load (model, processor) for Qwen2-VL or Qwen2.5-VL from a hub id or a local directory,
     or build `tiny-qwen2-vl` / `tiny-qwen2.5-vl` offline (random init from `seed`).
     sdpa attention; dtype bf16 on CUDA, fp32 on CPU unless given. min/max_pixels bound
-    the image size (default: the checkpoint's own; tiny: 56² .. 112²). The config, the
-    tokenizer and the image processor are checked before the weights are read.
+    the image size (default: the checkpoint's own; tiny: 56² .. 112²). revision: a hub
+    id's commit, branch or tag. The config, the tokenizer and the image processor are
+    checked before the weights are read.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -214,19 +217,22 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
                                     "form owner/name (nor one of " + ", ".join(sorted(TINY)) + ")")
         if not local:
             refuse_missing_local(name_or_path)
+        elif revision:
+            raise ValueError(f"--revision {revision}: {name_or_path} is a local directory, not a hub id")
+        pin = {"revision": revision} if revision else {}
         if local and not os.path.isfile(os.path.join(name_or_path, "config.json")):
             _check_local_checkpoint(name_or_path)               # names every missing file
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, **pin)
         if config.model_type not in BACKBONES:
             raise ValueError(f"{name_or_path}: model_type {config.model_type!r} is not supported "
                              f"(supported: {sorted(BACKBONES)} and {sorted(TINY)})")
         if local:
             _check_local_checkpoint(name_or_path)
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path, **pin)
         _check_tokenizer(tok, config, name_or_path)
-        image_processor = image_processor_for(name_or_path, min_pixels, max_pixels)
+        image_processor = image_processor_for(name_or_path, min_pixels, max_pixels, revision)
         model = BACKBONES[config.model_type].from_pretrained(name_or_path, dtype=dtype,
-                                                             attn_implementation="sdpa")
+                                                             attn_implementation="sdpa", **pin)
     patch_embed_as_matmul(model.model.visual.patch_embed)
     for block in model.model.visual.blocks:
         vision_attention_by_size(block.attn)
@@ -288,22 +294,25 @@ def check_config(config, where):
     return config
 
 
-def resolve_checkpoint(name_or_path):
+def resolve_checkpoint(name_or_path, revision=None):
     """A local directory as is; a hub id of a ReMatch checkpoint folder (one holding
     rematch_config.json) → its local copy, downloaded once (rank 0 first, then the other
     ranks reuse the cache; no code from the repo is ever run); anything else (a raw
     backbone's hub id such as Qwen/Qwen2-VL-2B-Instruct, tiny-*) unchanged."""
     name = str(name_or_path)
     if os.path.isdir(name) or name in TINY or not looks_like_hub_id(name):
+        if revision:
+            raise ValueError(f"--revision {revision}: {name} is not a hub id (a revision pins a "
+                             "hub repository's commit, branch or tag)")
         return name
     refuse_missing_local(name)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     try:
-        rank0_first(lambda: hf_hub_download(name, CONFIG_FILE))
+        rank0_first(lambda: hf_hub_download(name, CONFIG_FILE, revision=revision))
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return name                                   # no rematch_config.json: a raw backbone
-    return resolve_dir(name, CHECKPOINT_FILES, repo_type="model")
+    return resolve_dir(name, CHECKPOINT_FILES, repo_type="model", revision=revision)
 
 
 CARD_KEYS = ("model", "lora", "lora_r", "lora_alpha", "num_tokens", "embed_template", "tau",
