@@ -14,6 +14,8 @@ Read top to bottom:
   - MMEB files in the hub layout (local dir or hub id): `read_eval_task` (MMEB-eval),
     `TrainDataset` (MMEB-train / mmE5 hard-negative rows → (q, d⁺, d⁻) items, with
     validation and a skip-and-report policy for bad rows);
+  - the zero-shot datasets of Table 2 (`read_flickr30k`, `read_coco`, `read_sharegpt4v`,
+    `read_urban1k`, `read_sugarcrepe`) in the layouts their sources ship;
   - `TrainBatchSampler`: global batches of one subset, sliced per rank, resumable.
 
 Every item is encoded once; the embedding pass and the matching pass reuse the same
@@ -26,6 +28,7 @@ import ast
 import collections
 import glob
 import hashlib
+import json
 import os
 import random
 import weakref
@@ -868,6 +871,135 @@ class TrainDataset(torch.utils.data.Dataset):
             if len(self.skipped[s]) > 5:
                 lines.append(f"  ... and {len(self.skipped[s]) - 5} more in {s}")
         return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------
+# Zero-shot datasets (Table 2; evaluate.py scores them). One folder --data_dir, laid out
+# as the sources ship it (docs/readings.md §5):
+#   flickr30k/dataset_flickr30k.json     Karpathy split json (split "test": 1000 images ×
+#   flickr30k/flickr30k-images/<file>      5 captions; images from the Flickr30K request form)
+#   coco/dataset_coco.json               Karpathy split json (split "test": 5000 images, the
+#   coco/<filepath>/<filename>             first 5 captions each; images coco/val2014/*.jpg)
+#   sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json   first 1000 entries (hub
+#   sharegpt4v/<entry["image"]>            Lin-Chen/ShareGPT4V; images as in its data/ folder)
+#   Urban1k/image/<name>.jpg, Urban1k/caption/<name>.txt    (hub BeichenZhang/Urban1k; first line)
+#   sugarcrepe/{add_obj,...,swap_att}.json {id: {filename, caption, negative_caption}}
+#                                          (github RAIVNLab/sugar-crepe data/), images coco/val2017/
+# Every malformed input raises an error naming the file and the entry.
+
+SUGARCREPE_SUBSETS = ("add_obj", "add_att", "replace_obj", "replace_att", "replace_rel",
+                      "swap_obj", "swap_att")
+SHAREGPT4V_JSON = "share-captioner_coco_lcs_sam_1246k_1107.json"
+
+
+def _require(paths, what):
+    lost = [p for p in paths if not os.path.isfile(p)]
+    if lost:
+        raise FileNotFoundError(f"{what}: {len(lost)} file(s) missing: " + ", ".join(lost[:5])
+                                + (" ..." if len(lost) > 5 else ""))
+
+
+def _load_json(path, what):
+    _require([path], what)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what}: {path} is not valid JSON ({e})") from None
+
+
+def _each(entries, path, what, parse):
+    """parse(entry) for each (key, entry); a malformed entry (a missing key, a null or
+    non-string caption, a short list) raises ValueError naming the file and the entry."""
+    out = []
+    for key, entry in entries:
+        try:
+            value = parse(entry)
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise ValueError(f"{what}: {path} entry {key}: malformed ({type(e).__name__}: {e})") from None
+        out.extend(value if isinstance(value, list) else [value])
+    if not out:
+        raise ValueError(f"{what}: {path} holds no usable entry")
+    return out
+
+
+def _text(x):
+    if not isinstance(x, str):
+        raise TypeError(f"expected a caption string, got {type(x).__name__}")
+    return x
+
+
+def _karpathy(json_path, image_dir_of, what):
+    """(image path, caption) positive pairs of the Karpathy "test" split, the first 5 captions each."""
+    data = _load_json(json_path, what)
+    images = _each(enumerate(data["images"] if isinstance(data, dict) and "images" in data else []),
+                   json_path, what, lambda im: [im] if im["split"] == "test" else [])
+    positives = _each(((im.get("filename", i), im) for i, im in enumerate(images)), json_path, what,
+                      lambda im: [(os.path.join(image_dir_of(im), _text(im["filename"])), _text(s["raw"]).strip())
+                                  for s in im["sentences"][:5]])
+    _require(sorted({p for p, _ in positives}), what)
+    return positives
+
+
+def read_flickr30k(data_dir):
+    """Flickr30K 1k test: 1000 images × 5 captions (flickr30k/dataset_flickr30k.json)."""
+    root = os.path.join(data_dir, "flickr30k")
+    return _karpathy(os.path.join(root, "dataset_flickr30k.json"),
+                     lambda im: os.path.join(root, "flickr30k-images"), "Flickr30K")
+
+
+def read_coco(data_dir):
+    """COCO 5k test: 5000 images, first 5 captions each (coco/dataset_coco.json)."""
+    root = os.path.join(data_dir, "coco")
+    return _karpathy(os.path.join(root, "dataset_coco.json"),
+                     lambda im: os.path.join(root, im.get("filepath", "val2014")), "COCO")
+
+
+def read_sharegpt4v(data_dir, limit=1000):
+    """ShareGPT4V-1k: the first `limit` entries; caption = the answer, newlines → spaces."""
+    root = os.path.join(data_dir, "sharegpt4v")
+    path = os.path.join(root, SHAREGPT4V_JSON)
+    _require([path], "ShareGPT4V")
+    entries = _load_json(path, "ShareGPT4V")
+    if not isinstance(entries, list):
+        raise ValueError(f"ShareGPT4V: {path}: expected a list of entries, got {type(entries).__name__}")
+    positives = _each(enumerate(entries[:limit]), path, "ShareGPT4V", lambda e: (
+        os.path.join(root, _text(e["image"])), _text(e["conversations"][1]["value"]).replace("\n", " ")))
+    _require([p for p, _ in positives], "ShareGPT4V")
+    return positives
+
+
+def read_urban1k(data_dir):
+    """Urban1k: Urban1k/caption/<name>.txt (first line) ↔ Urban1k/image/<name>.jpg."""
+    root = os.path.join(data_dir, "Urban1k")
+    captions = sorted(glob.glob(os.path.join(root, "caption", "*.txt")))
+    if not captions:
+        raise FileNotFoundError(f"Urban1k: no captions in {os.path.join(root, 'caption')}")
+    positives = []
+    for c in captions:
+        with open(c) as f:
+            first = f.readline().strip()
+        stem = os.path.splitext(os.path.basename(c))[0]
+        positives.append((os.path.join(root, "image", stem + ".jpg"), first))
+    _require([p for p, _ in positives], "Urban1k")
+    return positives
+
+
+def read_sugarcrepe(data_dir):
+    """{subset: [(image path, caption, negative caption)]} for the 7 SugarCrepe subsets
+    (sugarcrepe/<subset>.json, images in coco/val2017/)."""
+    paths = {s: os.path.join(data_dir, "sugarcrepe", f"{s}.json") for s in SUGARCREPE_SUBSETS}
+    _require(list(paths.values()), "SugarCrepe")
+    image_dir = os.path.join(data_dir, "coco", "val2017")
+    out = {}
+    for sub, path in paths.items():
+        data = _load_json(path, "SugarCrepe")
+        if not isinstance(data, dict):
+            raise ValueError(f"SugarCrepe: {path}: expected an object {{id: entry}}, got {type(data).__name__}")
+        out[sub] = _each(data.items(), path, "SugarCrepe", lambda v: (
+            os.path.join(image_dir, _text(v["filename"])), _text(v["caption"]), _text(v["negative_caption"])))
+    _require(sorted({p for rows in out.values() for p, _, _ in rows}), "SugarCrepe")
+    return out
 
 
 # ----------------------------------------------------------------------------------

@@ -33,11 +33,10 @@ tiny-qwen2-vl / tiny-qwen2.5-vl. Under torchrun each task's embedding work is cu
 one contiguous shard per rank, the embeddings are all-gathered and scored; rank 0 prints
 and writes. With --out, each finished task is saved at once (<out>/mmeb/<task>.json) and
 a restarted run skips it; the tables go to <out>/mmeb_results.{json,md} and
-<out>/zeroshot_results.{json,md}. Data layouts: the MMEB and zero-shot sections below.
+<out>/zeroshot_results.{json,md}. Data layouts: the MMEB section below; zero-shot: data.py.
 """
 import argparse
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -47,9 +46,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (IMAGE_PLACEHOLDER, MATCH_PROMPTS, MMEB_EVAL_TASKS, collate_embed, collate_match,
-                  encode_item, find_subsets, leaves_image_dir, load_image, pos_slot_of, read_eval_task,
-                  resolve_dir, upscale_small, with_target_instruction)
+from data import (IMAGE_PLACEHOLDER, MATCH_PROMPTS, MMEB_EVAL_TASKS, SUGARCREPE_SUBSETS, collate_embed,
+                  collate_match, encode_item, find_subsets, leaves_image_dir, load_image, pos_slot_of,
+                  read_coco, read_eval_task, read_flickr30k, read_sharegpt4v, read_sugarcrepe,
+                  read_urban1k, resolve_dir, upscale_small, with_target_instruction)
 from losses import rank_world
 from masks import VIEW_SETS
 from model import load_rematch
@@ -665,17 +665,8 @@ def matching_p_yes(model, processor, q_item, E_q, d_items, E_d, views="raw", bat
 
 
 # ----------------------------------------------------------------------------------
-# Zero-shot (Table 2): readers of the on-disk layouts and metrics. One folder --data_dir,
-# laid out as the sources ship it (docs/readings.md §5):
-#   flickr30k/dataset_flickr30k.json     Karpathy split json (split "test": 1000 images ×
-#   flickr30k/flickr30k-images/<file>      5 captions; images from the Flickr30K request form)
-#   coco/dataset_coco.json               Karpathy split json (split "test": 5000 images, the
-#   coco/<filepath>/<filename>             first 5 captions each; images coco/val2014/*.jpg)
-#   sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json   first 1000 entries (hub
-#   sharegpt4v/<entry["image"]>            Lin-Chen/ShareGPT4V; images as in its data/ folder)
-#   Urban1k/image/<name>.jpg, Urban1k/caption/<name>.txt    (hub BeichenZhang/Urban1k; first line)
-#   sugarcrepe/{add_obj,...,swap_att}.json {id: {filename, caption, negative_caption}}
-#                                          (github RAIVNLab/sugar-crepe data/), images coco/val2017/
+# Zero-shot (Table 2): metrics on the datasets data.py reads (read_flickr30k, ...; their
+# on-disk layout is described there).
 # Prompts (MMEB's MSCOCO_t2i / MSCOCO_i2t wording, fixed): text→image query
 # ZS_T2I_QUERY.format(caption), image candidate ZS_IMAGE_CANDIDATE; image→text query
 # ZS_I2T_QUERY, text candidate the raw caption. Identical captions (or images) are one
@@ -686,121 +677,8 @@ ZS_T2I_QUERY = "Find me an everyday image that matches the given caption: {}"
 ZS_IMAGE_CANDIDATE = IMAGE_PLACEHOLDER + "\nRepresent the given image."
 ZS_I2T_QUERY = IMAGE_PLACEHOLDER + "\nFind an image caption describing the given image."
 ZS_TARGET_TASK = "MSCOCO_i2t"          # target instruction of text candidates, if the ckpt uses them
-SUGARCREPE_SUBSETS = ("add_obj", "add_att", "replace_obj", "replace_att", "replace_rel",
-                      "swap_obj", "swap_att")
 SUGARCREPE_GROUPS = {"Replace": ("replace_obj", "replace_att", "replace_rel"),
                      "Swap": ("swap_obj", "swap_att"), "Add": ("add_obj", "add_att")}
-SHAREGPT4V_JSON = "share-captioner_coco_lcs_sam_1246k_1107.json"
-
-
-def _require(paths, what):
-    lost = [p for p in paths if not os.path.isfile(p)]
-    if lost:
-        raise FileNotFoundError(f"{what}: {len(lost)} file(s) missing: " + ", ".join(lost[:5])
-                                + (" ..." if len(lost) > 5 else ""))
-
-
-def _load_json(path, what):
-    _require([path], what)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what}: {path} is not valid JSON ({e})") from None
-
-
-def _each(entries, path, what, parse):
-    """parse(entry) for each (key, entry); a malformed entry (a missing key, a null or
-    non-string caption, a short list) raises ValueError naming the file and the entry."""
-    out = []
-    for key, entry in entries:
-        try:
-            value = parse(entry)
-        except (KeyError, IndexError, TypeError, AttributeError) as e:
-            raise ValueError(f"{what}: {path} entry {key}: malformed ({type(e).__name__}: {e})") from None
-        out.extend(value if isinstance(value, list) else [value])
-    if not out:
-        raise ValueError(f"{what}: {path} holds no usable entry")
-    return out
-
-
-def _text(x):
-    if not isinstance(x, str):
-        raise TypeError(f"expected a caption string, got {type(x).__name__}")
-    return x
-
-
-def _karpathy(json_path, image_dir_of, what):
-    """(image path, caption) positive pairs of the Karpathy "test" split, the first 5 captions each."""
-    data = _load_json(json_path, what)
-    images = _each(enumerate(data["images"] if isinstance(data, dict) and "images" in data else []),
-                   json_path, what, lambda im: [im] if im["split"] == "test" else [])
-    positives = _each(((im.get("filename", i), im) for i, im in enumerate(images)), json_path, what,
-                      lambda im: [(os.path.join(image_dir_of(im), _text(im["filename"])), _text(s["raw"]).strip())
-                                  for s in im["sentences"][:5]])
-    _require(sorted({p for p, _ in positives}), what)
-    return positives
-
-
-def read_flickr30k(data_dir):
-    """Flickr30K 1k test: 1000 images × 5 captions (flickr30k/dataset_flickr30k.json)."""
-    root = os.path.join(data_dir, "flickr30k")
-    return _karpathy(os.path.join(root, "dataset_flickr30k.json"),
-                     lambda im: os.path.join(root, "flickr30k-images"), "Flickr30K")
-
-
-def read_coco(data_dir):
-    """COCO 5k test: 5000 images, first 5 captions each (coco/dataset_coco.json)."""
-    root = os.path.join(data_dir, "coco")
-    return _karpathy(os.path.join(root, "dataset_coco.json"),
-                     lambda im: os.path.join(root, im.get("filepath", "val2014")), "COCO")
-
-
-def read_sharegpt4v(data_dir, limit=1000):
-    """ShareGPT4V-1k: the first `limit` entries; caption = the answer, newlines → spaces."""
-    root = os.path.join(data_dir, "sharegpt4v")
-    path = os.path.join(root, SHAREGPT4V_JSON)
-    _require([path], "ShareGPT4V")
-    entries = _load_json(path, "ShareGPT4V")
-    if not isinstance(entries, list):
-        raise ValueError(f"ShareGPT4V: {path}: expected a list of entries, got {type(entries).__name__}")
-    positives = _each(enumerate(entries[:limit]), path, "ShareGPT4V", lambda e: (
-        os.path.join(root, _text(e["image"])), _text(e["conversations"][1]["value"]).replace("\n", " ")))
-    _require([p for p, _ in positives], "ShareGPT4V")
-    return positives
-
-
-def read_urban1k(data_dir):
-    """Urban1k: Urban1k/caption/<name>.txt (first line) ↔ Urban1k/image/<name>.jpg."""
-    root = os.path.join(data_dir, "Urban1k")
-    captions = sorted(glob.glob(os.path.join(root, "caption", "*.txt")))
-    if not captions:
-        raise FileNotFoundError(f"Urban1k: no captions in {os.path.join(root, 'caption')}")
-    positives = []
-    for c in captions:
-        with open(c) as f:
-            first = f.readline().strip()
-        stem = os.path.splitext(os.path.basename(c))[0]
-        positives.append((os.path.join(root, "image", stem + ".jpg"), first))
-    _require([p for p, _ in positives], "Urban1k")
-    return positives
-
-
-def read_sugarcrepe(data_dir):
-    """{subset: [(image path, caption, negative caption)]} for the 7 SugarCrepe subsets
-    (sugarcrepe/<subset>.json, images in coco/val2017/)."""
-    paths = {s: os.path.join(data_dir, "sugarcrepe", f"{s}.json") for s in SUGARCREPE_SUBSETS}
-    _require(list(paths.values()), "SugarCrepe")
-    image_dir = os.path.join(data_dir, "coco", "val2017")
-    out = {}
-    for sub, path in paths.items():
-        data = _load_json(path, "SugarCrepe")
-        if not isinstance(data, dict):
-            raise ValueError(f"SugarCrepe: {path}: expected an object {{id: entry}}, got {type(data).__name__}")
-        out[sub] = _each(data.items(), path, "SugarCrepe", lambda v: (
-            os.path.join(image_dir, _text(v["filename"])), _text(v["caption"]), _text(v["negative_caption"])))
-    _require(sorted({p for rows in out.values() for p, _, _ in rows}), "SugarCrepe")
-    return out
 
 
 def _text_candidate(config):

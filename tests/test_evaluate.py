@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import data
 import evaluate as ev
 from tools import rerank
 from conftest import run_processes, shape_image
@@ -540,7 +541,7 @@ def write_zeroshot(root):
                              {"from": "gpt", "value": f"A long caption.\nThe {COLOURS[i]} object."}]}
           for i in range(4)]
     os.makedirs(os.path.join(root, "sharegpt4v"))
-    json.dump(sg, open(os.path.join(root, "sharegpt4v", ev.SHAREGPT4V_JSON), "w"))
+    json.dump(sg, open(os.path.join(root, "sharegpt4v", data.SHAREGPT4V_JSON), "w"))
     for i, e in enumerate(sg):
         img(os.path.join(root, "sharegpt4v", e["image"]), i + 1)
     for i in range(3):
@@ -549,7 +550,7 @@ def write_zeroshot(root):
         with open(os.path.join(root, "Urban1k", "caption", f"{i + 1}.txt"), "w") as f:
             f.write(f"A street with a {COLOURS[i + 5]} car.\nsecond line\n")
     os.makedirs(os.path.join(root, "sugarcrepe"))
-    for k, s in enumerate(ev.SUGARCREPE_SUBSETS):
+    for k, s in enumerate(data.SUGARCREPE_SUBSETS):
         json.dump({str(j): {"filename": f"{j:012d}.jpg", "caption": f"a {COLOURS[j]} {s} shape",
                             "negative_caption": f"a {COLOURS[(j + k + 1) % 8]} {s} shape"} for j in range(3)},
                   open(os.path.join(root, "sugarcrepe", f"{s}.json"), "w"))
@@ -582,26 +583,26 @@ def direct_retrieval(oracle, pairs, ks):
 
 def test_zeroshot_readers(tmp_path):
     root = write_zeroshot(str(tmp_path))
-    fl = ev.read_flickr30k(root)
+    fl = data.read_flickr30k(root)
     assert len(fl) == 15 and fl[0] == (os.path.join(root, "flickr30k", "flickr30k-images", "100.jpg"),
                                        "a red thing number 0")
-    co = ev.read_coco(root)
+    co = data.read_coco(root)
     assert len(co) == 10 and co[0][0] == os.path.join(root, "coco", "val2014", "COCO_val2014_000000000000.jpg")
     assert "a yellow shape 5" not in [c for _, c in co]                      # first 5 captions only
-    sg = ev.read_sharegpt4v(root, limit=3)
+    sg = data.read_sharegpt4v(root, limit=3)
     assert len(sg) == 3 and sg[1] == (os.path.join(root, "sharegpt4v", "sam/images/1.jpg"),
                                       "A long caption. The green object.")
-    ur = ev.read_urban1k(root)
+    ur = data.read_urban1k(root)
     assert ur[2] == (os.path.join(root, "Urban1k", "image", "3.jpg"), "A street with a black car.")
-    sc = ev.read_sugarcrepe(root)
-    assert sorted(sc) == sorted(ev.SUGARCREPE_SUBSETS) and len(sc["swap_att"]) == 3
+    sc = data.read_sugarcrepe(root)
+    assert sorted(sc) == sorted(data.SUGARCREPE_SUBSETS) and len(sc["swap_att"]) == 3
     assert sc["add_obj"][1] == (os.path.join(root, "coco", "val2017", "000000000001.jpg"),
                                 "a green add_obj shape", "a blue add_obj shape")
     os.remove(os.path.join(root, "Urban1k", "image", "2.jpg"))
     with pytest.raises(FileNotFoundError, match="2.jpg"):
-        ev.read_urban1k(root)
+        data.read_urban1k(root)
     with pytest.raises(FileNotFoundError, match="dataset_flickr30k.json"):
-        ev.read_flickr30k(str(tmp_path / "nowhere"))
+        data.read_flickr30k(str(tmp_path / "nowhere"))
 
 
 def test_zeroshot_metrics_match_direct_computation(tiny, tmp_path):
@@ -612,11 +613,11 @@ def test_zeroshot_metrics_match_direct_computation(tiny, tmp_path):
     res = ev.evaluate_zeroshot(model, processor, names, root, batch_size=4, out_dir=out, progress=False,
                                name="tiny")
     oracle = Oracle(model, processor)
-    for name, reader, ks in (("flickr30k", ev.read_flickr30k, (1, 5, 10)), ("coco", ev.read_coco, (1, 5, 10)),
-                             ("sharegpt4v", ev.read_sharegpt4v, (1,)), ("urban1k", ev.read_urban1k, (1,))):
+    for name, reader, ks in (("flickr30k", data.read_flickr30k, (1, 5, 10)), ("coco", data.read_coco, (1, 5, 10)),
+                             ("sharegpt4v", data.read_sharegpt4v, (1,)), ("urban1k", data.read_urban1k, (1,))):
         expect = direct_retrieval(oracle, reader(root), ks)
         assert res[name] == pytest.approx(expect, abs=1e-12), name
-    for s, samples in ev.read_sugarcrepe(root).items():
+    for s, samples in data.read_sugarcrepe(root).items():
         acc = sum(cos(oracle("q", ev.ZS_I2T_QUERY, p), oracle("d", c)) > cos(oracle("q", ev.ZS_I2T_QUERY, p), oracle("d", n))
                   for p, c, n in samples) / len(samples)
         assert res["sugarcrepe"][s] == pytest.approx(acc, abs=1e-12), s

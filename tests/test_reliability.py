@@ -13,6 +13,7 @@ import pathlib
 import pytest
 import torch
 
+import data
 import evaluate as ev
 from conftest import shape_image
 from losses import info_nce
@@ -549,10 +550,10 @@ def test_zeroshot_readers_name_the_file_and_entry(tmp_path, reader, rel, content
     else:
         _write_json(tmp_path / rel, content)
     if reader == "read_sugarcrepe":                              # the other six subsets: well formed
-        for sub in ev.SUGARCREPE_SUBSETS[1:]:
+        for sub in data.SUGARCREPE_SUBSETS[1:]:
             _write_json(tmp_path / "sugarcrepe" / f"{sub}.json", {})
     with pytest.raises(ValueError, match=_literal(str(tmp_path / rel)) + ".*" + _literal(message)):
-        getattr(ev, reader)(str(tmp_path))
+        getattr(data, reader)(str(tmp_path))
 
 
 def test_a_hub_revision_is_pinned_and_recorded(monkeypatch, tmp_path):
