@@ -121,9 +121,9 @@ def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="
     (`<|image_1|>` where the image goes), image None / a path / a PIL image.
     Each input is encoded (data.encode_item) and embedded exactly once. Under
     torch.distributed the list is cut into W contiguous shards, rank r embeds shard r, and
-    every rank receives all rows (all_gather). keep: optional dict whose keys are input
-    indices; the encoded items of those this rank encodes are stored in it, for the
-    matching passes to reuse. max_text_tokens: an input whose text (image tokens not
+    every rank receives all rows (all_gather). keep: optional function (input index,
+    encoded item), called for every input this rank encodes: the matching passes reuse
+    what it keeps. max_text_tokens: an input whose text (image tokens not
     counted) is longer is refused, named (a 20k-word candidate would ask for gigabytes).
     Returns E (len(inputs), d) fp32 on the CPU, in input order.
     """
@@ -157,7 +157,8 @@ def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="
                         raise ValueError(f"{w}: a text of {n_text} tokens, more than --max_text_tokens "
                                          f"{max_text_tokens}: {inputs[i][1][:60]!r}...")
             if keep is not None:
-                keep.update((i, e) for i, e in zip(chunk, enc) if i in keep)
+                for i, e in zip(chunk, enc):
+                    keep(i, e)
             batch = collate_embed(enc, processor.tokenizer, model.num_tokens, model.embed_template)
             E, _ = model.embed(batch, side)                      # (b, d)
             local[[i - lo for i in chunk]] = E.float().cpu()
@@ -217,7 +218,8 @@ def benchmarks():
 
 
 def _known_tasks():
-    return {**benchmarks()["mmeb"], **benchmarks()["synthetic"]}
+    tables = benchmarks()
+    return {**tables["mmeb"], **tables["synthetic"]}
 
 
 def task_table(tasks=None, known=None):
@@ -308,30 +310,49 @@ def score_rows(Q, D, pairs):
     return scores
 
 
+KEEP_ITEM_BYTES = 2 * 2 ** 30      # encoded items one task keeps for its matching passes
+
+
+def _nbytes(item):
+    """Memory of an encoded item: its ids and (most of it) its pixel values."""
+    px = item["pixel_values"]
+    return 8 * len(item["ids"]) + (px.numel() * px.element_size() if px is not None else 0)
+
+
 @dataclasses.dataclass
 class TaskEmbeddings:
     """
     One eval task embedded (embed_task). q_inputs / d_inputs: (text, image path or None) of
     the distinct queries / candidates; pairs: per row (query index, [candidate indices]),
     positive first; Q (nq, d), D (nd, d): their embeddings; scores (rows, max candidates):
-    score_rows. items: encoded items (data.encode_item) kept from the embedding pass,
-    keyed ("q" | "d", index); item() encodes the others on first use (under torchrun,
-    those another rank embedded).
+    score_rows. items: encoded items (data.encode_item) keyed ("q" | "d", index), kept
+    from the embedding pass for the `wanted` ones while they fit in `budget` bytes (a
+    retrieval task's thousand large images would not); item() encodes any other on use.
     """
     q_inputs: list
     d_inputs: list
     pairs: list
-    Q: torch.Tensor
-    D: torch.Tensor
-    scores: torch.Tensor
+    Q: torch.Tensor = None
+    D: torch.Tensor = None
+    scores: torch.Tensor = None
     items: dict = dataclasses.field(default_factory=dict)
+    wanted: set = dataclasses.field(default_factory=set)
+    budget: int = KEEP_ITEM_BYTES
+
+    def offer(self, key, item):
+        """Keep a wanted encoded item while the kept ones stay within the budget."""
+        if key in self.wanted and key not in self.items and _nbytes(item) <= self.budget:
+            self.items[key] = item
+            self.budget -= _nbytes(item)
 
     def item(self, processor, side, i, desc="task"):
         """The encoded query (side "q") or candidate ("d") of index i."""
-        if self.items.get((side, i)) is None:
-            text, image = (self.q_inputs if side == "q" else self.d_inputs)[i]
-            self.items[(side, i)] = _encode(processor, text, image, f"{desc} {side}-item {i}")
-        return self.items[(side, i)]
+        if (side, i) in self.items:
+            return self.items[(side, i)]
+        text, image = (self.q_inputs if side == "q" else self.d_inputs)[i]
+        item = _encode(processor, text, image, f"{desc} {side}-item {i}")
+        self.offer((side, i), item)
+        return item
 
 
 def embed_task(model, processor, rows, task, image_dir, config=None, meta=None, batch_size=16,
@@ -339,21 +360,22 @@ def embed_task(model, processor, rows, task, image_dir, config=None, meta=None, 
     """
     One eval task's rows embedded, each distinct item once (task_items, embed_inputs), as
     TaskEmbeddings. keep_rows: the encoded items of the first N rows (query and every
-    candidate) are kept for the matching passes (matching_accuracy, reranking), so no
-    item is read and encoded twice.
+    candidate) are kept for the matching passes (matching_accuracy, reranking), within
+    KEEP_ITEM_BYTES, so that they are not read and encoded twice.
     """
     q_keys, d_keys, pairs = task_items(rows, task, config, meta=meta)
     q_inputs = [(t, os.path.join(image_dir, p) if p else None) for t, p in q_keys]
     d_inputs = [(t, os.path.join(image_dir, p) if p else None) for t, p in d_keys]
     nq = len(q_inputs)
-    keep = dict.fromkeys({qi for qi, _ in pairs[:keep_rows]}
-                         | {nq + c for _, cands in pairs[:keep_rows] for c in cands})
+    emb = TaskEmbeddings(q_inputs, d_inputs, pairs,
+                         wanted={("q", qi) for qi, _ in pairs[:keep_rows]}
+                         | {("d", c) for _, cands in pairs[:keep_rows] for c in cands})
     E = embed_inputs(model, processor, [("q", *x) for x in q_inputs] + [("d", *x) for x in d_inputs],
-                     batch_size, progress, desc=task, keep=keep,
-                     max_text_tokens=max_text_tokens)                       # (nq + nd, d)
-    Q, D = E[:nq], E[nq:]
-    items = {("q", i) if i < nq else ("d", i - nq): e for i, e in keep.items() if e is not None}
-    return TaskEmbeddings(q_inputs, d_inputs, pairs, Q, D, score_rows(Q, D, pairs), items)
+                     batch_size, progress, desc=task, max_text_tokens=max_text_tokens,
+                     keep=lambda i, e: emb.offer(("q", i) if i < nq else ("d", i - nq), e))  # (nq + nd, d)
+    emb.Q, emb.D = E[:nq], E[nq:]
+    emb.scores = score_rows(emb.Q, emb.D, pairs)
+    return emb
 
 
 EVAL_MAX_TEXT_TOKENS = 8192        # far above MMEB's longest candidates; a runaway one is refused
@@ -903,10 +925,10 @@ class Encoder:
         cands = [_split_input(c, f"rerank: candidates[{i}]") for i, c in enumerate(candidates)]
         q = [("q", format_input(q_text, q_image is not None, query_instruction), q_image)]
         d = [("d", format_input(t, im is not None, instruction), im) for t, im in cands]
-        keep = dict.fromkeys(range(len(q + d)))
+        encoded = {}
         E = embed_inputs(self.model, self.processor, q + d, batch_size, desc="rerank",
-                         distributed=False, keep=keep)                      # (1 + n, d)
-        items = [keep[i] for i in range(len(q + d))]                       # encoded once
+                         distributed=False, keep=encoded.__setitem__)      # (1 + n, d)
+        items = [encoded[i] for i in range(len(q + d))]                    # encoded once
         return matching_p_yes(self.model, self.processor, items[0], E[0], items[1:], E[1:], views,
                               batch_size, match_prompt(self.config))
 

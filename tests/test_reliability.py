@@ -581,3 +581,34 @@ def test_a_hub_revision_is_pinned_and_recorded(monkeypatch, tmp_path):
                  lambda: load_backbone(str(ckpt / "backbone"), revision="v1")):
         with pytest.raises(ValueError, match="--revision v1: .* (is not a hub id|is a local directory)"):
             call()
+
+
+def test_matching_passes_reuse_encodings_within_a_memory_budget(tmp_path, monkeypatch):
+    """embed_task keeps the wanted rows' encodings for matching_accuracy (no item encoded
+    twice), but only within TaskEmbeddings.budget bytes; past it items are encoded again on
+    use, with the same accuracies."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "T").mkdir()
+    rows = []
+    for i, c in enumerate(("red", "green", "blue")):
+        shape_image(c).save(tmp_path / f"{c}.png")
+        rows.append(dict(qry_text=f"a {c} circle", qry_img_path="",
+                         tgt_text=["<|image_1|>\nan image"] * 3,
+                         tgt_img_path=[f"{c}.png"] + [f"{o}.png" for o in ("red", "green", "blue") if o != c]))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "T" / "test-00000-of-00001.parquet")
+    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu")
+    model = ReMatch(backbone, num_tokens=2).eval()
+    encodes, real = [], ev._encode
+    monkeypatch.setattr(ev, "_encode", lambda *a, **kw: encodes.append(a[3]) or real(*a, **kw))
+    read = lambda: data.read_eval_task(str(tmp_path), "T")                    # noqa: E731
+    emb = ev.embed_task(model, processor, read(), "T", str(tmp_path), keep_rows=3)
+    n_embed = len(encodes)
+    kept = ev.matching_accuracy(model, processor, emb, 3)
+    assert len(encodes) == n_embed == 6                                       # 3 queries + 3 images, once
+    emb0 = ev.embed_task(model, processor, read(), "T", str(tmp_path), keep_rows=3)
+    emb0.items.clear()
+    emb0.budget = 0                                                           # nothing fits
+    encodes.clear()
+    assert ev.matching_accuracy(model, processor, emb0, 3) == kept
+    assert len(encodes) == 9 and not emb0.items                               # 3 instances × 3 items
