@@ -540,13 +540,22 @@ def render_table(rows, markdown):
     return "\n".join("  ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip() for r in rows)
 
 
-def format_table(results, table, name=None, markdown=False, chance=None, matching=None):
+def matching_means(matching, tasks):
+    """{view type: mean matching accuracy over `tasks`} (those of them that have one)."""
+    done = [t for t in tasks if t in matching]
+    return {v: sum(matching[t][v] for t in done) / len(done) for v in MATCH_VIEW_TYPES} if done else {}
+
+
+def format_table(results, table, name=None, markdown=False, chance=None, matching=None,
+                 match_apart=()):
     """The Table-1 layout: per meta-task scores, then IND / OOD / Overall (Hit@1, %),
     with the number of tasks behind each mean, followed by the per-task scores.
     chance: optional {task: chance Hit@1} (chance_table): adds a "chance" row of the same
     means and, per task, the chance level and Hit@1 / chance.
     matching: optional {task: matching_accuracy(...)}: per task, the matching head's Yes/No
-    accuracy (%) per view type (query side → document side), and their mean over tasks."""
+    accuracy (%) per view type (query side → document side), and their mean over tasks;
+    match_apart: tasks whose matching accuracy gets a mean row of its own, outside the
+    main mean (the demo's binding tasks)."""
     table = task_table(table) if not isinstance(table, dict) else table
     s = summarize(results, table)
     groups = list(s)
@@ -569,9 +578,15 @@ def format_table(results, table, name=None, markdown=False, chance=None, matchin
                 row += [percent_cell(matching[t][v]) if t in matching else "-" for v in MATCH_VIEW_TYPES]
             per_task.append(row)
     if matching:                                   # mean over the tasks that have matching
-        done = [t for t in table if t in matching]
-        per_task.append(["mean", "", "", ""] + (["", ""] if chance else [])
-                        + [percent_cell(sum(matching[t][v] for t in done) / len(done)) for v in MATCH_VIEW_TYPES])
+        apart = [t for t in table if t in match_apart and t in matching]
+        groups = [("mean", [t for t in table if t not in apart])]
+        if apart:
+            groups = [("mean (others)", groups[0][1]), ("mean (" + ", ".join(apart) + ")", apart)]
+        for label, tasks in groups:
+            means = matching_means(matching, tasks)
+            if means:
+                per_task.append([label, "", "", ""] + (["", ""] if chance else [])
+                                + [percent_cell(means[v]) for v in MATCH_VIEW_TYPES])
     title = "Hit@1 (%) in the layout of Table 1: per meta-task score | average score (IND, OOD, Overall)"
     if markdown:
         return f"### {title}\n\n{render_table(head, True)}\n\n{render_table(per_task, True)}\n"

@@ -324,9 +324,9 @@ def main(argv=None):
     master = rank == 0
     seed_everything(args.seed + rank)                 # dropout masks differ per rank, repeat per run
     source = start_run(args, world, master, ddp)      # before building anything (util/run.py)
-    eval_tasks, task_meta = args.eval_tasks, None
+    eval_tasks, task_meta, match_apart = args.eval_tasks, None, ()
     if args.train_data is None:                  # the built-in synthetic benchmark (demo/)
-        eval_tasks, task_meta = demo_data(args, master, ddp)
+        eval_tasks, task_meta, match_apart = demo_data(args, master, ddp)
 
     model, processor = build_model(args, device)
     tok = processor.tokenizer
@@ -421,7 +421,7 @@ def main(argv=None):
 
     results = None
     if args.eval_data:
-        results = run_eval(model, processor, args, eval_tasks, step + 1)
+        results = run_eval(model, processor, args, eval_tasks, step + 1, match_apart)
     del ddp_model, run, opt, batches, loader      # DDP state first (teardown_distributed)
     teardown_distributed()
     return results
@@ -430,8 +430,9 @@ def main(argv=None):
 def demo_data(args, master, ddp):
     """Write the built-in synthetic benchmark into <out_dir>/demo_data (rank 0; once) and
     point --train_data / --image_dir (and, unless given, --eval_data) at it.
-    Returns (eval tasks, the demo's task → meta-task table)."""
-    from demo import DEMO_EVAL_TASKS, DEMO_META, make_synthetic
+    Returns (eval tasks, the demo's task → meta-task table, its binding tasks: their
+    matching accuracy is reported apart)."""
+    from demo import DEMO_BINDING_TASKS, DEMO_EVAL_TASKS, DEMO_META, make_synthetic
     root = os.path.join(args.out_dir, "demo_data")
     if master:
         t0 = time.time()
@@ -445,7 +446,7 @@ def demo_data(args, master, ddp):
     if args.eval_data is None:
         args.eval_data, args.eval_image_dir = paths["eval"], paths["image_dir"]
         eval_tasks = eval_tasks or DEMO_EVAL_TASKS
-    return eval_tasks, DEMO_META
+    return eval_tasks, DEMO_META, DEMO_BINDING_TASKS
 
 
 def build_dataset(args, processor, task_meta, master):
@@ -514,12 +515,14 @@ def all_ranks_finite(terms, step, out_dir, world):
     return stats
 
 
-def run_eval(model, processor, args, tasks, step):
+def run_eval(model, processor, args, tasks, step, match_apart=()):
     """MMEB-style evaluation of the trained model (the demo: the synthetic eval split),
-    by the same code path as real MMEB (evaluate.py). Results go to a fresh folder,
+    by the same code path as real MMEB (evaluate.py); match_apart: tasks whose matching
+    accuracy is averaged apart (the demo's binding tasks). Results go to a fresh folder,
     <out_dir>/eval/step-<step> (-2, -3, ... when a rerun reaches the same step): earlier
     results are never deleted (only --overwrite clears eval/)."""
-    from evaluate import chance_table, discovered_task_table, format_table, mmeb_report, summarize
+    from evaluate import (chance_table, discovered_task_table, format_table, matching_means,
+                          mmeb_report, summarize)
     out = base = os.path.join(args.out_dir, "eval", f"step-{step}")
     for k in itertools.count(2):                         # the same on every rank: decided first
         if not os.path.exists(out):
@@ -536,12 +539,15 @@ def run_eval(model, processor, args, tasks, step):
                              allow_outside_image_dir=args.allow_outside_image_dir)
     results, matching = report["hit@1"], report.get("matching")
     chance = chance_table(args.eval_data, results)
-    print0(format_table(results, table, chance=chance, matching=matching))
+    print0(format_table(results, table, chance=chance, matching=matching, match_apart=match_apart))
     done = {t: chance[t] for t in results if results[t] is not None}
     overall, overall_chance = (summarize(results, {t: table[t] for t in done})["Overall"]["mean"],
                                summarize(done, {t: table[t] for t in done})["Overall"]["mean"])
     out = {"hit_at_1": results, "chance": chance, "overall": overall, "overall_chance": overall_chance,
            "matching": matching}
+    if matching:                                      # {view type: mean}, the apart tasks apart
+        out["matching_mean"] = matching_means(matching, [t for t in matching if t not in match_apart])
+        out["matching_mean_apart"] = matching_means(matching, [t for t in matching if t in match_apart])
     last = checkpoint_dirs(args.out_dir)
     if rank_world()[0] == 0 and last:                 # the final checkpoint's card gets the results
         with open(os.path.join(last[-1], "rematch_config.json")) as f:
@@ -565,8 +571,8 @@ PRESETS = {
     # tiny model needs a larger lr and temperature than LoRA on a pretrained one
     "demo": dict(model="tiny-qwen2-vl", steps=1500, batch_size=32, lr=1e-3, warmup_steps=20,
                  tau=0.05, num_tokens=4, weight_decay=0.01, lora=False, log_every=100,
-                 save_every=500, num_workers=0, cache_items=100_000, match_instances=8,
-                 eval_match_queries=150),
+                 save_every=500, num_workers=0, cache_items=100_000, match_instances=16,
+                 w_qdm=0.5, match_prompt="header", eval_match_queries=150),
 }
 
 

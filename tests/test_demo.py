@@ -15,8 +15,9 @@ import pytest
 
 import data
 from data import TrainBatchSampler, TrainDataset, find_parquet, read_eval_task, with_target_instruction
-from demo import DEMO_EVAL_TASKS, DEMO_META, DEMO_TRAIN_SUBSETS, make_synthetic, tokenizer_corpus
-from demo.synthetic import synthetic_texts
+from demo import (DEMO_BINDING_TASKS, DEMO_EVAL_TASKS, DEMO_META, DEMO_TRAIN_SUBSETS, make_synthetic,
+                  tokenizer_corpus)
+from demo.synthetic import COLOURS, SHAPES, TRAIN_SHARE, synthetic_texts
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,7 @@ def text_ids(processor, s):
 
 def test_demo_tables_and_target_prompts():
     assert DEMO_TRAIN_SUBSETS == [t for t in DEMO_EVAL_TASKS if t != "ShapesObjectT2I"]
+    assert set(DEMO_BINDING_TASKS) == {"ShapesT2I", "ShapesI2T"}
     assert [ind for _, ind in DEMO_EVAL_TASKS.values()].count(False) == 1      # one OOD task
     for name in DEMO_EVAL_TASKS:
         meta = DEMO_META[name]
@@ -46,7 +48,7 @@ def test_demo_tables_and_target_prompts():
 # visible (the demo's figures and every tiny-model test move with it). If you changed a
 # demo string or a template on purpose, re-run the demo, update the README's demo table and docs/demo.md and
 # this fingerprint (the failure message prints the new one).
-TINY_VOCAB_SHA = "3f1e99abc4051668"
+TINY_VOCAB_SHA = "4897b09ce3e6ace7"
 
 
 def test_tiny_vocabulary_fingerprint(processor):
@@ -123,13 +125,18 @@ def test_synthetic_eval_rows(synthetic):
         assert 100 <= len(rows) <= 200, task
         for r in rows:
             cands = list(zip(r["tgt_text"], r["tgt_img_path"]))
-            assert 8 <= len(cands) <= 24 and len(set(cands)) == len(cands), task
+            assert 4 <= len(cands) <= 24 and len(set(cands)) == len(cands), task
             for p in [r["qry_img_path"], *r["tgt_img_path"]]:
                 assert p == "" or os.path.isfile(os.path.join(root, p)), p
             q, pos_text, pos_img = r["qry_text"], r["tgt_text"][0], r["tgt_img_path"][0]
             # the positive at 0, checked from the content the file names encode
             if task == "ShapesCLS":
                 assert pos_text == " ".join(objects_in(r["qry_img_path"])[0])
+                assert len(r["tgt_text"]) == 24
+            elif task in ("ShapesColour", "ShapesShape"):                # one attribute, every value
+                k = task == "ShapesShape"
+                assert pos_text == objects_in(r["qry_img_path"])[0][k]
+                assert sorted(r["tgt_text"]) == sorted((COLOURS, SHAPES)[k])
             elif task == "ShapesI2T":
                 objs = objects_in(r["qry_img_path"])
                 assert pos_text == caption(objs)
@@ -147,19 +154,14 @@ def test_synthetic_eval_rows(synthetic):
                 assert " ".join(objects_in(pos_img)[0]) == label
                 assert objects_in(pos_img)[0] in objects_in(r["qry_img_path"])
                 assert sum(" ".join(objects_in(p)[0]) == label for p in r["tgt_img_path"]) == 1
-            elif task == "ShapesVQA":
-                (c1, s1), (c2, s2) = objects_in(r["qry_img_path"])
+            elif task == "ShapesVQA":                                      # one object, one attribute
+                [(c, sh)] = objects_in(r["qry_img_path"])
                 question = q.split("question: ")[1]
-                answer = {"What colour is the object on the left?": c1,
-                          "What colour is the object on the right?": c2,
-                          "What shape is on the left?": s1, "What shape is on the right?": s2,
-                          f"What colour is the {s1}?": c1, f"What colour is the {s2}?": c2,
-                          f"What shape is the {c1} object?": s1,
-                          f"What shape is the {c2} object?": s2}[question]
-                assert pos_text == answer
-                assert {c1, c2, s1, s2} <= set(r["tgt_text"])             # binding distractors
+                assert pos_text == {"What colour is the object?": c, "What shape is the object?": sh}[question]
+                assert sorted(r["tgt_text"]) == sorted(COLOURS + SHAPES)
     chance = {t: sum(1 / len(r["tgt_text"]) for r in rows) / len(rows) for t, rows in evals.items()}
-    assert chance == pytest.approx({"ShapesCLS": 1 / 24, "ShapesVQA": 1 / 10, "ShapesT2I": 1 / 16,
+    assert chance == pytest.approx({"ShapesColour": 1 / 6, "ShapesShape": 1 / 4,
+                                    "ShapesCLS": 1 / 24, "ShapesVQA": 1 / 10, "ShapesT2I": 1 / 16,
                                     "ShapesI2T": 1 / 16, "ShapesObjectT2I": 1 / 12, "ShapesVG": 1 / 12})
 
 
@@ -183,14 +185,18 @@ def test_synthetic_heldout_never_in_train(synthetic):
         assert objs not in train_pairs and r["tgt_text"][0] not in train_text
     for r in evals["ShapesT2I"]:
         assert r["qry_text"] not in train_text
-    for r in evals["ShapesVQA"]:
-        assert tuple(objects_in(r["qry_img_path"])) not in train_pairs
+    # single-object tasks: every eval image is a render (size 40 px) that training never shows
+    for t in ("ShapesColour", "ShapesShape", "ShapesCLS", "ShapesVQA"):
+        assert all("/object/" in r["qry_img_path"] for r in evals[t])
 
 
 def test_synthetic_train_reads_and_encodes(synthetic, processor):
     ds = TrainDataset(synthetic["train"], synthetic["image_dir"], processor,
                       subsets=DEMO_TRAIN_SUBSETS, task_meta=DEMO_META)
-    assert ds.subsets == DEMO_TRAIN_SUBSETS and len(ds) == 5 * 3000
+    assert ds.subsets == DEMO_TRAIN_SUBSETS
+    assert {s: len(ix) for s, ix in ds.indices_by_subset.items()} == \
+        {s: round(3000 * TRAIN_SHARE.get(s, 1)) for s in DEMO_TRAIN_SUBSETS}
+    assert TRAIN_SHARE == {"ShapesColour": 0.5, "ShapesShape": 2.0}   # docs/demo.md §1 describes it
     assert not any(ds.skipped.values()) and not any(ds.no_negative.values())
     for s in ds.subsets:
         for i in ds.indices_by_subset[s][:20]:

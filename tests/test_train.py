@@ -444,8 +444,30 @@ def test_demo_learns_shortened(tmp_path):
         L_cl = [json.loads(line)["L_cl"] for line in f]
     assert sum(L_cl[-50:]) / 50 < sum(L_cl[:50]) / 50 - 0.5       # nats; ln(64) ≈ 4.2 at the start
     assert res["overall"] >= 2 * res["overall_chance"], res
-    assert set(res["hit_at_1"]) == {"ShapesCLS", "ShapesVQA", "ShapesT2I", "ShapesI2T",
-                                    "ShapesObjectT2I", "ShapesVG"}
+    from demo import DEMO_EVAL_TASKS
+    assert set(res["hit_at_1"]) == set(DEMO_EVAL_TASKS)
+
+
+def test_demo_matching_head_learns(tmp_path):
+    """The guard of the demo's point: the matching head (Eq. 4) learns. The demo preset,
+    shortened to GUARD_STEPS steps on the colour subset alone (the judgment the full demo's head
+    learns first): held-out matching accuracy, computed by the evaluation users run
+    (train.py → evaluate.matching_accuracy on (query, positive) and (query, hardest other
+    candidate)), is far above chance (0.5) on raw→raw and feat→feat. Measured when this
+    test was written (2-core CPU): 0.91 / 1.00 / 0.93 on both, seeds 0 / 1 / 2; a head at
+    chance scores 0.5 ± 0.03 (one std over 300 answers). About 100 s."""
+    import train
+    res = train.main(["--out_dir", str(tmp_path / "demo"), "--steps", str(GUARD_STEPS),
+                      "--save_every", str(GUARD_STEPS), "--subsets", "ShapesColour",
+                      "--eval_tasks", "ShapesColour", "--log_every", "50"])
+    m = res["matching"]["ShapesColour"]
+    assert m["instances"] == 150
+    assert m["raw→raw"] > 0.7 and m["feat→feat"] > 0.7, m
+    assert res["matching_mean"] == {v: m[v] for v in m if v != "instances"}
+    assert res["matching_mean_apart"] == {}
+
+
+GUARD_STEPS = 600
 
 
 def test_activation_checkpointing_gives_the_same_gradients(fixture_dir, tmp_path, monkeypatch):
