@@ -331,8 +331,9 @@ def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_temp
     pixels = dict(min_pixels=config.get("min_pixels"), max_pixels=config.get("max_pixels"))
     if os.path.isdir(os.path.join(name_or_path, "adapter")):
         from peft import PeftModel
-        base, processor = load_backbone(config["model"], device=device, dtype=dtype,
-                                        seed=config.get("seed", 0), **pixels)   # tiny: same init
+        base, processor = load_backbone(config["model"], device=device, dtype=dtype,    # tiny: same init
+                                        seed=config.get("seed", 0), revision=config.get("model_revision"),
+                                        **pixels)
         backbone = PeftModel.from_pretrained(base, os.path.join(name_or_path, "adapter"))
     else:
         backbone, processor = load_backbone(os.path.join(name_or_path, "backbone"),

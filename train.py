@@ -273,7 +273,8 @@ def fill_negatives(examples):
 def build_model(args, device):
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     backbone, processor = load_backbone(args.model, device=device, dtype=dtype, seed=args.seed,
-                                        min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                                        min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                        revision=args.model_revision)
     if args.lora:
         backbone = apply_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
     model = ReMatch(backbone, args.num_tokens, args.embed_template, seed=args.seed)
@@ -585,6 +586,9 @@ def parse_args(argv=None):
     # model
     p.add_argument("--model", default="tiny-qwen2-vl",
                    help="hub id or local dir of Qwen2-VL/Qwen2.5-VL, or tiny-qwen2-vl / tiny-qwen2.5-vl")
+    p.add_argument("--model_revision", default=None,
+                   help="hub ids only: the commit, branch or tag of --model to download (recorded: "
+                        "loading the checkpoint later pins its base model to it)")
     p.add_argument("--num_tokens", type=int, default=16,
                    help="K learnable tokens per side (§3.2.1); 0 = last-token pooling (baseline)")
     p.add_argument("--embed_template", choices=("chat", "plain"), default="chat",
@@ -676,6 +680,8 @@ def parse_args(argv=None):
     p.add_argument("--resume_from", default=None,
                    help="continue from this checkpoint folder (a path, or the hub id of a checkpoint "
                         "folder: downloaded once, rank 0 first) into an --out_dir without checkpoints")
+    p.add_argument("--resume_revision", default=None,
+                   help="with a hub id as --resume_from: the commit, branch or tag to download")
     p.add_argument("--allow_changed", nargs="+", default=None, metavar="FLAG",
                    help="resume although these flags (names without --) differ from the "
                         "checkpoint's; without it any such difference stops the run")
@@ -740,6 +746,8 @@ def parse_args(argv=None):
         p.error(f"--min_pixels {args.min_pixels} > --max_pixels {args.max_pixels}")
     if not 1e-3 <= args.tau <= 10:       # logits are cos/τ: τ = 1e-12 gives losses of 1e10
         p.error(f"--tau must be in [1e-3, 10] (the paper uses 0.02), got {args.tau}")
+    if args.resume_revision and not args.resume_from:
+        p.error("--resume_revision pins the hub id given as --resume_from; there is none")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite contradict each other: pick one")
     if args.attn == "flex":                        # before any data or model is loaded

@@ -378,7 +378,8 @@ def make_synthetic(root, seed=0, train_rows=3000, eval_queries=150, heldout_frac
     paths = {"root": root, "train": os.path.join(root, "train"), "eval": os.path.join(root, "eval"),
              "image_dir": root}
     params = dict(version=SYNTHETIC_VERSION, seed=seed, train_rows=train_rows,
-                  eval_queries=eval_queries, heldout_fraction=heldout_fraction)
+                  eval_queries=eval_queries, heldout_fraction=heldout_fraction,
+                  train_share=TRAIN_SHARE)
     marker = os.path.join(root, "synthetic.json")
     if os.path.isfile(marker):
         with open(marker) as f:

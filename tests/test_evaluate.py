@@ -355,6 +355,26 @@ def test_format_table_with_chance(tmp_path):
     task_b = next(l for l in lines if l.startswith("TaskB")).split()
     assert task_b[3:] == ["missing", "37.5", "-"]
 
+
+def test_format_table_matching_means_apart():
+    """The matching rows: per task and view type, one mean over all tasks, or (match_apart)
+    one over the others and one over the apart tasks; hand-worked means."""
+    views = list(ev.MATCH_VIEW_TYPES)
+    matching = {"TaskA": dict(zip(views, (0.9, 0.8, 0.7, 0.6)), instances=10),
+                "TaskB": dict(zip(views, (0.5, 0.4, 0.5, 0.6)), instances=10)}
+    results = {"TaskA": 0.75, "TaskB": 0.5}
+
+    def rows(text, label):
+        return next(l for l in text.splitlines() if l.startswith(label)).split()[-4:]
+    text = ev.format_table(results, TABLE, matching=matching)
+    assert rows(text, "mean") == ["70.0", "60.0", "60.0", "60.0"]            # (A + B) / 2
+    text = ev.format_table(results, TABLE, matching=matching, match_apart=("TaskB", "TaskC"))
+    assert rows(text, "mean (others)") == ["90.0", "80.0", "70.0", "60.0"]
+    assert rows(text, "mean (TaskB)") == ["50.0", "40.0", "50.0", "60.0"]
+    assert ev.matching_means(matching, ["TaskA", "TaskB"]) == pytest.approx(dict(zip(views, (0.7, 0.6, 0.6, 0.6))))
+    assert ev.matching_means(matching, ["TaskC"]) == {}
+
+
 # ----------------------------------------------------------------------------------
 # 2 gloo processes == 1 process
 

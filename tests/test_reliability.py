@@ -369,6 +369,7 @@ BAD_CONFIGS = [   # (key, value, message part)
     ("w_qdm", -1, "w_qdm must be a number >= 0"),
     ("match_prompt", "long", "match_prompt must be 'paper' or 'header'"),
     ("target_instructions", "yes", "target_instructions must be true or false"),
+    ("model_revision", 5, "model_revision must be null or the base model's commit"),
 ]
 
 
@@ -612,3 +613,69 @@ def test_matching_passes_reuse_encodings_within_a_memory_budget(tmp_path, monkey
     encodes.clear()
     assert ev.matching_accuracy(model, processor, emb0, 3) == kept
     assert len(encodes) == 9 and not emb0.items                               # 3 instances × 3 items
+
+
+def test_published_files_hold_no_local_paths(two_checkpoints, tmp_path):
+    """What a checkpoint publishes (rematch_config.json, the model card, the merged export)
+    names local data and output folders by their last component only; hub ids stay."""
+    from tools.export_merged import export_merged
+    from util.backbone import published_name
+    fx, out = two_checkpoints
+    root = os.path.dirname(out)                                   # the absolute tmp layout
+    assert [published_name(v) for v in (fx, out + "/", "./a/b", "Qwen/Qwen2-VL-2B-Instruct",
+                                        "tiny-qwen2-vl", None, "")] == \
+        ["fx", "run", "b", "Qwen/Qwen2-VL-2B-Instruct", "tiny-qwen2-vl", None, ""]
+    ckpt = os.path.join(out, "checkpoint-4")
+    with open(os.path.join(ckpt, "rematch_config.json")) as f:
+        config = json.load(f)
+    assert (config["train_data"], config["image_dir"], config["out_dir"]) == ("fx", "fx", "run")
+    assert config["model"] == "tiny-qwen2-vl"
+    export_merged(ckpt, str(tmp_path / "merged"))
+    for path in (os.path.join(ckpt, "rematch_config.json"), os.path.join(ckpt, "README.md"),
+                 str(tmp_path / "merged" / "rematch_pooling.json")):
+        assert root not in pathlib.Path(path).read_text(), path
+    with open(tmp_path / "merged" / "rematch_pooling.json") as f:
+        assert json.load(f)["source_checkpoint"] == "checkpoint-4"
+
+
+def test_train_pins_the_base_model_and_the_resumed_checkpoint(monkeypatch, tmp_path):
+    """--model_revision reaches the base model's download and the checkpoint config, and
+    load_rematch pins an adapter's base model to it; --resume_revision reaches the
+    download of a hub --resume_from; --resume_revision alone is refused."""
+    import model as model_py
+    import train
+    from model import apply_lora, load_rematch, save_rematch
+    seen = []
+    real = model_py.load_backbone
+
+    def spy(name, **kw):
+        seen.append((name, kw.get("revision")))
+        return real(name, **{k: v for k, v in kw.items() if k != "revision"})
+    monkeypatch.setattr(train, "load_backbone", spy)
+    args = train.parse_args(["--model_revision", "abc123", "--steps", "1"])
+    train.build_model(args, torch.device("cpu"))
+    assert seen == [("tiny-qwen2-vl", "abc123")]
+    assert util_run.run_config(args)["model_revision"] == "abc123"
+
+    backbone, processor = real("tiny-qwen2-vl", device="cpu", seed=0)
+    ckpt = str(tmp_path / "ckpt")
+    save_rematch(ReMatch(apply_lora(backbone, 4, 8, 0.0), num_tokens=2), processor, ckpt,
+                 {"model": "tiny-qwen2-vl", "num_tokens": 2, "embed_template": "chat", "lora": True,
+                  "model_revision": "abc123"})
+    monkeypatch.setattr(model_py, "load_backbone", spy)
+    seen.clear()
+    load_rematch(ckpt, device="cpu")
+    assert seen == [("tiny-qwen2-vl", "abc123")]
+
+    def resolve(name, revision=None):
+        seen.append((name, revision))
+        raise SystemExit("stop here")
+    monkeypatch.setattr(util_run, "resolve_checkpoint", resolve)
+    seen.clear()
+    args = train.parse_args(["--resume_from", "someone/rematch-tiny", "--resume_revision", "v2",
+                             "--out_dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="stop here"):
+        util_run.start_run(args, 1, True, False)
+    assert seen == [("someone/rematch-tiny", "v2")]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume_revision", "v2"])

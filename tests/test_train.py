@@ -439,13 +439,21 @@ def test_demo_learns_shortened(tmp_path):
     (the full 1500-step demo reaches far more; README)."""
     import train
     out = str(tmp_path / "demo")
-    res = train.main(["--out_dir", out, "--steps", "250", "--save_every", "250"])
+    res = train.main(["--out_dir", out, "--steps", "250", "--save_every", "250",
+                      "--eval_match_queries", "20"])          # the head: the guard below
     with open(os.path.join(out, "log.jsonl")) as f:
         L_cl = [json.loads(line)["L_cl"] for line in f]
     assert sum(L_cl[-50:]) / 50 < sum(L_cl[:50]) / 50 - 0.5       # nats; ln(64) ≈ 4.2 at the start
     assert res["overall"] >= 2 * res["overall_chance"], res
-    from demo import DEMO_EVAL_TASKS
+    from demo import DEMO_BINDING_TASKS, DEMO_EVAL_TASKS
     assert set(res["hit_at_1"]) == set(DEMO_EVAL_TASKS)
+    assert {m["instances"] for m in res["matching"].values()} == {20}
+    assert set(res["matching"]) == set(DEMO_EVAL_TASKS)
+    for key, tasks in (("matching_mean", set(DEMO_EVAL_TASKS) - set(DEMO_BINDING_TASKS)),
+                       ("matching_mean_apart", DEMO_BINDING_TASKS)):   # binding tasks apart
+        assert res[key] == pytest.approx({v: sum(res["matching"][t][v] for t in tasks) / len(tasks)
+                                          for v in res[key]})
+        assert len(res[key]) == 4
 
 
 def test_demo_matching_head_learns(tmp_path):

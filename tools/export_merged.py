@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import EMBED_TEMPLATES, IMAGE_BLOCK, IMAGE_PLACEHOLDER  # noqa: E402
 from model import load_rematch  # noqa: E402
+from util.backbone import published_name  # noqa: E402
 
 POOLING_FILE = "rematch_pooling.json"
 
@@ -74,8 +75,8 @@ def export_merged(checkpoint, out_dir, dtype=torch.float32):
         "pooling": "mean" if K else "last",
         "normalize": True,
         "target_instructions": bool(config.get("target_instructions")),
-        "base_model": config.get("model"),
-        "source_checkpoint": os.path.abspath(str(checkpoint)),
+        "base_model": published_name(config.get("model")),
+        "source_checkpoint": published_name(str(checkpoint)),       # a name, not a local path
     }
     with open(os.path.join(out_dir, POOLING_FILE), "w") as f:
         json.dump(pooling, f, indent=2)

@@ -288,6 +288,9 @@ def check_config(config, where):
         raise bad("w_qdm", "a number >= 0")
     if config.get("match_prompt") not in (None, "paper", "header"):
         raise bad("match_prompt", "'paper' or 'header'")
+    if config.get("model_revision") is not None and (not isinstance(config["model_revision"], str)
+                                                    or not config["model_revision"]):
+        raise bad("model_revision", "null or the base model's commit, branch or tag (a string)")
     for key in ("target_instructions", "lora"):
         if key in config and not isinstance(config[key], bool):
             raise bad(key, "true or false")
@@ -315,9 +318,20 @@ def resolve_checkpoint(name_or_path, revision=None):
     return resolve_dir(name, CHECKPOINT_FILES, repo_type="model", revision=revision)
 
 
-CARD_KEYS = ("model", "lora", "lora_r", "lora_alpha", "num_tokens", "embed_template", "tau",
+CARD_KEYS = ("model", "model_revision", "lora", "lora_r", "lora_alpha", "num_tokens", "embed_template", "tau",
              "w_orth", "w_qdm", "match_views", "steps", "batch_size", "world_size", "lr",
              "train_data", "subsets", "split", "hard_negative", "target_instructions", "seed")
+
+
+def published_name(value):
+    """What a published file (checkpoint config, model card, merged export) records for a
+    path-valued argument: a local path reduced to its last component, so that user names
+    and a cluster's layout stay private; anything else (a hub id, tiny-*) as given."""
+    if not isinstance(value, str) or not value:
+        return value
+    if os.path.isabs(value) or value.startswith((".", "~")) or os.path.exists(value):
+        return os.path.basename(os.path.normpath(os.path.expanduser(value))) or value
+    return value
 
 
 def write_model_card(path, config, results=None):
@@ -325,23 +339,23 @@ def write_model_card(path, config, results=None):
     that define it), the measured results when given ({"overall": …, "hit_at_1": {task:
     …}} as train.py's evaluation returns them), and how to use it."""
     import json
-    rows = "\n".join(f"| `{k}` | `{json.dumps(config[k])}` |" for k in CARD_KEYS if k in config)
+    rows = "\n".join(f"| `{k}` | `{json.dumps(published_name(config[k]))}` |" for k in CARD_KEYS if k in config)
     if results and results.get("hit_at_1"):
         measured = "\n".join(f"| {t} | {'n/a' if v is None else f'{v:.3f}'} |"
                               for t, v in results["hit_at_1"].items())
         measured = (f"Hit@1 on the evaluation run after training (`eval_data` = "
-                    f"`{config.get('eval_data')}`), overall {results['overall']:.3f}:\n\n"
+                    f"`{published_name(config.get('eval_data'))}`), overall {results['overall']:.3f}:\n\n"
                     f"| task | Hit@1 |\n|---|---|\n{measured}")
     else:
         measured = "No evaluation was run with this checkpoint."
     card = f"""---
-base_model: {config.get("model")}
+base_model: {published_name(config.get("model"))}
 library_name: rematch
 tags: [rematch, multimodal-embedding, retrieval, qwen2-vl]
 ---
 # ReMatch checkpoint
 
-A [ReMatch](https://arxiv.org/abs/2511.19278) embedding model: `{config.get("model")}`
+A [ReMatch](https://arxiv.org/abs/2511.19278) embedding model: `{published_name(config.get("model"))}`
 fine-tuned with K = {config.get("num_tokens")} learnable tokens per side (Eq. 2),
 InfoNCE with hard negatives (Eq. 3) and the generative matching loss (Eq. 4,
 w_qdm = {config.get("w_qdm")}). Written by the rematch reference implementation

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from model import load_heads, save_rematch
-from util.backbone import CONFIG_FILE, HEADS_FILE, load_backbone, resolve_checkpoint
+from util.backbone import CONFIG_FILE, HEADS_FILE, load_backbone, published_name, resolve_checkpoint
 from util.dist import print0
 
 LOG_FILE = "log.jsonl"
@@ -269,13 +269,25 @@ RESUME_FREE = {"out_dir", "resume", "resume_if_exists", "resume_from", "allow_ch
                "max_minutes", "stop_after_steps", "peak_tflops", "find_unused_parameters", "dist_timeout_minutes",
                "num_workers", "cache_items", "skip_bad_rows", "check_images",
                "allow_outside_image_dir", "train_data", "image_dir", "chunk_size", "grad_checkpointing",
-               "attn"}
+               "attn", "target_prompts", "resume_revision"}       # target_prompts: its contents (target_prompt_table) count
+
+
+# Path-valued flags: the run's config (rematch_config.json, evaluation results) records
+# only their last component (published_name). `model` stays as given: load_rematch
+# rebuilds the base model from it (train from a hub id to publish nothing local).
+PATH_FLAGS = ("train_data", "image_dir", "eval_data", "eval_image_dir", "out_dir", "resume_from",
+              "target_prompts", "eval_task_table")
 
 
 def run_config(args, world=None):
     """The run's arguments (rematch_config.json): load_rematch rebuilds the model from
-    model, num_tokens, embed_template, seed and the pixel bounds among them."""
-    return dict(vars(args), **({"world_size": world} if world is not None else {}))
+    model, num_tokens, embed_template, seed and the pixel bounds among them; local paths
+    of PATH_FLAGS reduced to their names."""
+    config = dict(vars(args), **({"world_size": world} if world is not None else {}))
+    for k in PATH_FLAGS:
+        if k in config:
+            config[k] = published_name(config[k])
+    return config
 
 
 def resume_changes(path, args, world):
@@ -322,7 +334,7 @@ def start_run(args, world, master, ddp):
         if existing:
             raise SystemExit(f"--resume_from: {args.out_dir} already holds checkpoints; continue "
                              "them with --resume, or pick an empty --out_dir")
-        source = resolve_checkpoint(args.resume_from)
+        source = resolve_checkpoint(args.resume_from, getattr(args, "resume_revision", None))
         if not os.path.isfile(os.path.join(source, TRAIN_STATE)):
             raise SystemExit(f"--resume_from {args.resume_from}: {source} has no {TRAIN_STATE} "
                              "(not a train.py checkpoint folder, or uploaded without it)")
