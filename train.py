@@ -569,7 +569,9 @@ PRESETS = {
     "qwen2.5-vl-3b": dict(PAPER, model="Qwen/Qwen2.5-VL-3B-Instruct"),
     "qwen2.5-vl-7b": dict(PAPER, model="Qwen/Qwen2.5-VL-7B-Instruct"),
     # calibrated on 2 CPU cores (docs/demo.md §1): full fine-tuning of the random
-    # tiny model needs a larger lr and temperature than LoRA on a pretrained one
+    # tiny model needs a larger lr and temperature than LoRA on a pretrained one, and its
+    # matching head learns within the demo's minutes only with a short P (the bare user
+    # header) and more weight and instances than the paper's (docs/demo.md §3)
     "demo": dict(model="tiny-qwen2-vl", steps=1500, batch_size=32, lr=1e-3, warmup_steps=20,
                  tau=0.05, num_tokens=4, weight_decay=0.01, lora=False, log_every=100,
                  save_every=500, num_workers=0, cache_items=100_000, match_instances=16,

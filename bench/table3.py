@@ -18,6 +18,9 @@ Rows (the demo preset supplies K = 4, lr, τ; each row changes only what the pap
   5  Exp3 + MVQDM++               --num_tokens 0 --w_orth 0
   6  Exp3 + MEF                   --embed_template plain --w_qdm 0
   7  ReMatch                      (the demo as it is)
+  7a ReMatch without matching     --w_qdm 0                  (not in the paper: what the
+  7b ReMatch, plain template      --embed_template plain      matching loss and the chat
+                                                              template each cost)
 Table 5: row 4 with --match_views all | feat | raw | raw2feat | feat2raw.
 
 The demo's benchmark depends on --seed; it is written once per seed and shared by every run
@@ -41,6 +44,9 @@ ROWS = {
     "5": ("Exp3 + MVQDM++", ["--num_tokens", "0", "--w_orth", "0"]),
     "6": ("Exp3 + MEF", ["--embed_template", "plain", "--w_qdm", "0"]),
     "7": ("ReMatch", []),
+    # not in the paper: row 7 less one part each, to tell the matching loss's cost from the template's
+    "7a": ("ReMatch w/o MVQDM (chat, no L_qdm)", ["--w_qdm", "0"]),
+    "7b": ("ReMatch, plain template", ["--embed_template", "plain"]),
 }
 VIEWS = ("all", "feat", "raw", "raw2feat", "feat2raw")
 
@@ -49,7 +55,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--table", choices=("3", "5", "both"), default="both", help="which table to run")
     p.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=sorted(ROWS),
-                   help="Table 3 rows to run (default: 3 4 5 6 7)")
+                   help="Table 3 rows to run (default: all, 7a and 7b included)")
     p.add_argument("--views", nargs="+", choices=VIEWS, default=list(VIEWS),
                    help="Table 5 view sets to run (row 4 flags)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per row")

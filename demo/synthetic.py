@@ -84,8 +84,8 @@ PAIR_CAPTION = "{} on the left and {} on the right"      # e.g. "a red circle on
 # VQA asks one attribute of a single object: a judgment a tiny model makes at one token.
 VQA_QUESTIONS = {"colour": "What colour is the object?", "shape": "What shape is the object?"}
 VQA_ANSWERS = COLOURS + SHAPES
-SYNTHETIC_TEMPLATES = (CLS_QUERY, COLOUR_QUERY, SHAPE_QUERY, VQA_QUERY.format(""), T2I_QUERY.format(""), I2T_QUERY,
-                       VG_QUERY.format(""), IMAGE_DOC, CROP_DOC)
+SYNTHETIC_TEMPLATES = (CLS_QUERY, COLOUR_QUERY, SHAPE_QUERY, VQA_QUERY.format(""), T2I_QUERY.format(""),
+                       I2T_QUERY, VG_QUERY.format(""), IMAGE_DOC, CROP_DOC)
 
 
 def _objects():
