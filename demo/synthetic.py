@@ -47,9 +47,9 @@ def _with_target(text, task):
     return with_target_instruction(text, task, DEMO_META[task])
 
 
-# Rows per training subset, as a multiple of make_synthetic's train_rows (batches are drawn
-# in proportion): colour is learnt early, shape is the judgment the matching head needs
-# most steps for (docs/demo.md §3).
+# Rows of ShapesColour and ShapesShape as a multiple of make_synthetic's train_rows (the
+# other subsets get train_rows; batches are drawn in proportion): colour is learnt early,
+# shape is the judgment the matching head needs most steps for (docs/demo.md §3.4).
 TRAIN_SHARE = {"ShapesColour": 0.5, "ShapesShape": 2.0}
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")   # 6 × 4 = 24 objects
@@ -244,16 +244,15 @@ def _synthetic_train(rng, img, heldout, n):
         out["ShapesI2T"].append(_train_row(I2T_QUERY, pair_image(p), _caption(p), "",
                                            _caption(twin(p)), ""))
     for subset, query, k in (("ShapesColour", COLOUR_QUERY, 0), ("ShapesShape", SHAPE_QUERY, 1)):
-        for _ in range(round(n * TRAIN_SHARE.get(subset, 1))):
+        for _ in range(round(n * TRAIN_SHARE[subset])):
             o = rng.choice(objects)
             out[subset].append(_train_row(query, img.object(o, rng.choice(TRAIN_JITTER)),
                                           o[k], "", _other(o[k], rng), ""))
-    n_vg = round(n * TRAIN_SHARE.get("ShapesVG", 1))
     scenes = [[(o, rng.choice(TRAIN_JITTER)) for o in rng.sample(objects, 4)]
-              for _ in range((n_vg + 3) // 4)]
+              for _ in range((n + 3) // 4)]
     targets = [(s, t) for s in range(len(scenes)) for t in range(4)]
     rng.shuffle(targets)
-    for s, t in targets[:n_vg]:
+    for s, t in targets[:n]:
         cells = scenes[s]
         other = rng.choice([k for k in range(4) if k != t])
         out["ShapesVG"].append(_train_row(VG_QUERY.format(_label(cells[t][0])), img.scene(cells),
