@@ -579,10 +579,10 @@ def format_table(results, table, name=None, markdown=False, chance=None, matchin
             per_task.append(row)
     if matching:                                   # mean over the tasks that have matching
         apart = [t for t in table if t in match_apart and t in matching]
-        groups = [("mean", [t for t in table if t not in apart])]
-        if apart:
-            groups = [("mean (others)", groups[0][1]), ("mean (" + ", ".join(apart) + ")", apart)]
-        for label, tasks in groups:
+        others = [t for t in table if t not in apart]
+        mean_rows = [("mean (others)", others), ("mean (" + ", ".join(apart) + ")", apart)] \
+            if apart else [("mean", others)]
+        for label, tasks in mean_rows:
             means = matching_means(matching, tasks)
             if means:
                 per_task.append([label, "", "", ""] + (["", ""] if chance else [])
