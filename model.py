@@ -77,25 +77,30 @@ class ReMatch(nn.Module):
 
     # -- backbone pieces -------------------------------------------------------------
     def image_features(self, pixel_values, image_grid_thw):
-        """The vision tower's merged features of each image: a list of (n_i, d), one per
-        row of image_grid_thw ([] without images)."""
+        """The vision tower's output for each image: a list of (n_i, 1 + S, d), one per row
+        of image_grid_thw ([] without images). [:, 0] is the merged features that replace the
+        image's <|image_pad|> tokens; [:, 1:] are Qwen3-VL's DeepStack features (S = number
+        of deepstack_visual_indexes; S = 0 on Qwen2/2.5-VL), which the decoder adds to its
+        hidden states at the same positions after layers 0..S-1 (decoder_inputs)."""
         if pixel_values is None:
             return []
         dev, grid = self.device, image_grid_thw.to(self.device)
         indices = vision_indices(self.backbone.config.vision_config, grid)  # util/speed.py
-        return list(self.backbone.model.get_image_features(pixel_values.to(dev), grid, return_dict=True,
-                                                           **indices).pooler_output)
+        out = self.backbone.model.get_image_features(pixel_values.to(dev), grid, return_dict=True,
+                                                     **indices)
+        levels = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]  # 1 + S tuples
+        return [torch.stack(per_image, dim=1) for per_image in zip(*levels)]  # (n_i, 1 + S, d) each
 
     def input_embeds(self, input_ids, pixel_values=None, image_grid_thw=None, images=None):
-        """Token embeddings with the images' features scattered into the <|image_pad|>
-        positions. (N, T) → (N, T, d). `images`: the per-image features (image_features)
-        when already computed, else the vision tower runs on pixel_values."""
+        """Token embeddings with the images' merged features scattered into the
+        <|image_pad|> positions. (N, T) → (N, T, d). `images`: the per-image features
+        (image_features) when already computed, else the vision tower runs on pixel_values."""
         hf = self.backbone
         x = hf.get_input_embeddings()(input_ids)                              # (N, T, d)
         if images is None:
             images = self.image_features(pixel_values, image_grid_thw)
         if images:
-            img = torch.cat(images, dim=0).to(x.dtype)                        # (n_img_tok, d)
+            img = torch.cat(images, dim=0)[:, 0].to(x.dtype)                  # (n_img_tok, d)
             is_img = input_ids == hf.config.image_token_id                    # (N, T)
             if int(is_img.sum()) != img.shape[0]:
                 raise ValueError(f"{int(is_img.sum())} image tokens but {img.shape[0]} image "
@@ -103,19 +108,31 @@ class ReMatch(nn.Module):
             x = x.masked_scatter(is_img[..., None], img)
         return x
 
+    def decoder_inputs(self, input_ids, images):
+        """Qwen3-VL's DeepStack: the keyword arguments that make the decoder add each image's
+        DeepStack features (image_features [:, 1:]) to its hidden states at the image's
+        <|image_pad|> positions after layers 0..S-1, exactly as the backbone's own forward
+        does — {} on Qwen2/2.5-VL and without images. Any pass that builds inputs_embeds
+        itself must pass these to last_hidden, or it silently computes another model."""
+        if not images or images[0].shape[1] == 1:
+            return {}
+        feats = torch.cat(images, dim=0)                                      # (n_img_tok, 1 + S, d)
+        return {"visual_pos_masks": input_ids == self.backbone.config.image_token_id,  # (N, T)
+                "deepstack_visual_embeds": list(feats[:, 1:].unbind(1))}     # S × (n_img_tok, d)
+
     def positions(self, input_ids, attention_mask, image_grid_thw):
         hf = self.backbone
         return mrope_position_ids(input_ids, attention_mask, image_grid_thw,
                                   hf.config.image_token_id, hf.config.vision_config.spatial_merge_size)
 
-    def last_hidden(self, inputs_embeds, attention_mask, position_ids):
+    def last_hidden(self, inputs_embeds, attention_mask, position_ids, **deepstack):
         """Decoder over inputs_embeds; last-layer (post-norm) states (N, T, d). The LM head
-        is not applied here (embedding passes never need it)."""
+        is not applied here (embedding passes never need it). deepstack: decoder_inputs."""
         self.tokens_processed += inputs_embeds.shape[0] * inputs_embeds.shape[1]
         return self.backbone.model.language_model(inputs_embeds=inputs_embeds,
                                             attention_mask=attention_mask,
                                             position_ids=position_ids,
-                                            use_cache=False).last_hidden_state
+                                            use_cache=False, **deepstack).last_hidden_state
 
     # -- §3.2.1 embeddings -------------------------------------------------------------
     def embed(self, batch, side, images=None):
@@ -129,14 +146,17 @@ class ReMatch(nn.Module):
         input_ids = batch["input_ids"].to(dev)                                # (N, T)
         attention_mask = batch["attention_mask"].to(dev)                      # (N, T)
         token_idx = batch["token_idx"].to(dev)                                # (N, K)
-        x = self.input_embeds(input_ids, batch["pixel_values"], batch["image_grid_thw"], images)
+        if images is None:
+            images = self.image_features(batch["pixel_values"], batch["image_grid_thw"])
+        x = self.input_embeds(input_ids, images=images)                      # (N, T, d)
         rows = torch.arange(len(token_idx), device=dev)[:, None].expand_as(token_idx)  # (N, K)
         if self.num_tokens > 0:
             L = self.L_q if side == "q" else self.L_d                         # (K, d)
             x = x.index_put((rows.reshape(-1), token_idx.reshape(-1)),
                             L.to(x.dtype).repeat(len(token_idx), 1))          # token_idx ← L_1..L_K
         position_ids = self.positions(input_ids, attention_mask, batch["image_grid_thw"])  # (3, N, T)
-        h = self.last_hidden(x, attention_mask, position_ids)                 # (N, T, d)
+        h = self.last_hidden(x, attention_mask, position_ids,
+                             **self.decoder_inputs(input_ids, images))        # (N, T, d)
         e = h[rows, token_idx]                                                # (N, K, d)
         E = e.mean(dim=1)                                                     # (N, d)
         return E, e
@@ -154,7 +174,9 @@ class ReMatch(nn.Module):
         dev = self.device
         input_ids = mbatch["input_ids"].to(dev)                               # (M, L)
         attention_mask = mbatch["attention_mask"].to(dev)                     # (M, L)
-        x = self.input_embeds(input_ids, mbatch["pixel_values"], mbatch["image_grid_thw"], images)
+        if images is None:
+            images = self.image_features(mbatch["pixel_values"], mbatch["image_grid_thw"])
+        x = self.input_embeds(input_ids, images=images)                      # (M, L, d)
         head_dtype = self.L_q.dtype
         Z_q, Z_pos, Z_neg = (self.projector(E.to(head_dtype)).to(x.dtype)
                              for E in (E_q, E_pos, E_neg))                   # (M, d) each
@@ -180,8 +202,11 @@ class ReMatch(nn.Module):
         Returns logits (M·V, vocab) at the positions that predict each answer's label
         (the LM head runs on those positions only) and labels (M·V,) for Eq. 4.
         """
+        if images is None:
+            images = self.image_features(mbatch["pixel_values"], mbatch["image_grid_thw"])
         x, mask, position_ids = self.match_inputs(mbatch, E_q, E_pos, E_neg, images)
-        h = self.last_hidden(x, mask, position_ids)                           # (M, L, d)
+        deepstack = self.decoder_inputs(mbatch["input_ids"].to(self.device), images)  # Qwen3-VL
+        h = self.last_hidden(x, mask, position_ids, **deepstack)              # (M, L, d)
         label_idx = mbatch["label_idx"].to(h.device)                          # (M, V)
         rows = torch.arange(len(label_idx), device=h.device)[:, None].expand_as(label_idx)
         logits = self.backbone.lm_head(h[rows, label_idx])                          # (M, V, vocab)

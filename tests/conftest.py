@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(2)
 
-TINY_KINDS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")
+TINY_KINDS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
 
 
 @pytest.fixture(scope="session", params=TINY_KINDS)

@@ -52,8 +52,22 @@ def oracle_sub_mask(names):
     return allowed
 
 
-def separate_pass_logits(rm, x, pos, segments, label_idx, views, row):
-    """Label logits of every view of one row, each from its own decoder pass."""
+def deepstack_per_token(rm, mb):
+    """Qwen3-VL's DeepStack features laid out per token (M, L, S, d): each image's features
+    at its <|image_pad|> positions, zeros elsewhere (S = 0 on Qwen2/2.5-VL)."""
+    images = rm.image_features(mb["pixel_values"], mb["image_grid_thw"])      # (n_i, 1 + S, d) each
+    ids = mb["input_ids"]
+    if not images:                                        # feat views only: no raw image in the rows
+        return torch.zeros(*ids.shape, 0, 1)
+    S, d = images[0].shape[1] - 1, images[0].shape[2]
+    D = torch.zeros(*ids.shape, S, d)
+    D[ids == rm.backbone.config.image_token_id] = torch.cat(images)[:, 1:]   # row-major token order
+    return D
+
+
+def separate_pass_logits(rm, x, pos, segments, label_idx, views, row, mb=None, D=None):
+    """Label logits of every view of one row, each from its own decoder pass (with the
+    DeepStack features of the images the view's segments hold, when D is given)."""
     start, offsets = 0, {}
     for name, n in segments[row]:
         offsets[name] = (start, n)
@@ -67,7 +81,12 @@ def separate_pass_logits(rm, x, pos, segments, label_idx, views, row):
             names += [tag] * n
         keep = torch.tensor(keep)
         mask = additive_mask(oracle_sub_mask(names), x.dtype)                 # (1, 1, l, l)
-        h = rm.last_hidden(x[row, keep][None], mask, pos[:, row, keep][:, None])  # (1, l, d)
+        deepstack = {}
+        if D is not None and D.shape[2]:
+            is_img = mb["input_ids"][row, keep] == rm.backbone.config.image_token_id  # (l,)
+            deepstack = {"visual_pos_masks": is_img[None],
+                         "deepstack_visual_embeds": list(D[row, keep][is_img].unbind(1))}
+        h = rm.last_hidden(x[row, keep][None], mask, pos[:, row, keep][:, None], **deepstack)  # (1, l, d)
         at = (keep == label_idx[row, v]).nonzero().item()
         out.append(rm.backbone.lm_head(h[0, at]))
     return torch.stack(out)                                                   # (V, vocab)
@@ -85,11 +104,35 @@ def test_unified_pass_equals_one_pass_per_view(tiny, view_set):
         E_q, E_pos, E_neg = embeddings(rm, processor, (q, pos_items, neg_items))
         logits, labels = rm.match(mb, E_q, E_pos, E_neg)                      # (M·V, vocab)
         x, _, pos = rm.match_inputs(mb, E_q, E_pos, E_neg)
+        D = deepstack_per_token(rm, mb)                                       # Qwen3-VL: S = 2
         for row in range(len(q)):
-            ref = separate_pass_logits(rm, x, pos, mb["segments"], mb["label_idx"], views, row)
+            ref = separate_pass_logits(rm, x, pos, mb["segments"], mb["label_idx"], views, row, mb, D)
             V = len(views)
             torch.testing.assert_close(logits[row * V:(row + 1) * V], ref, atol=1e-5, rtol=0)
     assert logits.shape == (len(q) * len(views), len(processor.tokenizer))
+
+
+def test_unified_pass_keeps_deepstack_and_dropping_it_is_caught(monkeypatch):
+    """Qwen3-VL: the unified pass adds each raw image's DeepStack features at its positions,
+    as one pass per view does; with DeepStack dropped (decoder_inputs → {}, the silent bug
+    of code that builds inputs_embeds itself), the same comparison fails."""
+    from util.backbone import load_backbone
+    model, processor = load_backbone("tiny-qwen3-vl", device="cpu", seed=0)
+    rm = ReMatch(model.eval(), num_tokens=4)
+    views = VIEW_SETS["all"]
+    q, pos_items, neg_items = instances(processor)
+    mb = collate_match(q, pos_items, neg_items, processor.tokenizer, views, random.Random(1))
+    with torch.no_grad():
+        E_q, E_pos, E_neg = embeddings(rm, processor, (q, pos_items, neg_items))
+        x, _, pos = rm.match_inputs(mb, E_q, E_pos, E_neg)
+        D = deepstack_per_token(rm, mb)
+        assert D.shape[2] == 2 and D.abs().sum() > 0
+        ref = torch.cat([separate_pass_logits(rm, x, pos, mb["segments"], mb["label_idx"], views, r, mb, D)
+                         for r in range(len(q))])
+        torch.testing.assert_close(rm.match(mb, E_q, E_pos, E_neg)[0], ref, atol=1e-5, rtol=0)
+        monkeypatch.setattr(ReMatch, "decoder_inputs", lambda self, ids, images: {})
+        dropped = rm.match(mb, E_q, E_pos, E_neg)[0]
+    assert (dropped - ref).abs().max() > 1e-3
 
 
 def test_feat_view_set_leaves_raw_segments_out(tiny):

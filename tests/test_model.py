@@ -225,18 +225,23 @@ def test_vision_position_ids_once_per_size_equal_the_per_image_loop(tiny, monkey
     assert torch.equal(vision_position_ids(grid, 2), get_vision_position_ids(grid, 2))
     assert torch.equal(vision_position_ids(grid[3:4], 2), hand)
 
-    _, backbone, processor = tiny
+    name, backbone, processor = tiny
     items = mixed_items(processor)
     batch = collate_embed(items + items[::-1], processor.tokenizer, 4)        # sizes repeat
     model = ReMatch(backbone, num_tokens=4)
     ours = model.image_features(batch["pixel_values"], batch["image_grid_thw"])
-    theirs = backbone.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
-                                               return_dict=True).pooler_output
+    out = backbone.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
+                                            return_dict=True)
+    levels = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]  # Qwen3-VL: + S
     monkeypatch.setattr("util.speed.get_vision_position_ids", None)                # older transformers
     fallback = model.image_features(batch["pixel_values"], batch["image_grid_thw"])
-    assert len(ours) == len(theirs) == len(fallback) == 6
-    for a, b, c in zip(ours, theirs, fallback):
-        assert torch.equal(a, b) and torch.equal(c, b)
+    assert len(ours) == len(fallback) == 6 and all(len(level) == 6 for level in levels)
+    S = len(getattr(backbone.config.vision_config, "deepstack_visual_indexes", ()))
+    assert len(levels) == 1 + S and (S == 2) == name.startswith("tiny-qwen3")
+    for i, (a, c) in enumerate(zip(ours, fallback)):
+        assert a.shape == (levels[0][i].shape[0], 1 + S, levels[0][i].shape[1])   # (n_i, 1 + S, d)
+        for s, level in enumerate(levels):               # slot 0 merged, slots 1.. DeepStack
+            assert torch.equal(a[:, s], level[i]) and torch.equal(c[:, s], level[i])
 
 
 def test_vision_window_index_once_per_size_equals_the_per_image_loop(tiny):
@@ -375,6 +380,38 @@ def test_last_token_pooling_equals_the_plain_hf_forward(tiny):
         item = encode_item(processor, D_IMG, shape_image("blue", (84, 56)))
         E, _ = ReMatch(model, num_tokens=0).embed(collate_embed([item], processor.tokenizer, 0), "d")
     torch.testing.assert_close(E[0], ref, atol=1e-5, rtol=0)
+
+
+def test_deepstack_is_kept_in_the_embedding_pass(monkeypatch):
+    """Qwen3-VL: the embedding pass (inputs_embeds built by ReMatch, the decoder called
+    directly) equals the backbone's own forward at every position of a padded batch with
+    images, which adds the DeepStack features itself; dropping them (decoder_inputs → {})
+    is caught."""
+    model, processor = load_backbone("tiny-qwen3-vl", device="cpu", seed=0)
+    model.eval()
+    rm = ReMatch(model, num_tokens=0)
+    prefix, suffix = EMBED_TEMPLATES["chat"]
+    texts = [prefix + IMAGE_BLOCK + "\nRepresent the given image." + suffix,
+             prefix + "a red circle" + suffix,
+             prefix + "What is left? " + IMAGE_BLOCK + suffix]
+    out = processor(text=texts, images=[shape_image("blue", (84, 56)), shape_image("red", 112, "square")],
+                    padding=True, return_tensors="pt")
+    ids, am, grid = out["input_ids"], out["attention_mask"], out["image_grid_thw"]
+    assert processor.tokenizer.padding_side == "right"
+    with torch.no_grad():
+        ref = model.model(**out, use_cache=False).last_hidden_state               # (3, T, d)
+        images = rm.image_features(out["pixel_values"], grid)
+        assert [im.shape[1] for im in images] == [3, 3]                            # merged + 2 levels
+        h = rm.last_hidden(rm.input_embeds(ids, images=images), am, rm.positions(ids, am, grid),
+                           **rm.decoder_inputs(ids, images))                       # (3, T, d)
+        real = am.bool()
+        torch.testing.assert_close(h[real], ref[real], atol=1e-5, rtol=0)
+        item = encode_item(processor, D_IMG, shape_image("blue", (84, 56)))
+        E, _ = rm.embed(collate_embed([item], processor.tokenizer, 0), "d")
+        torch.testing.assert_close(E[0], ref[0, int(am[0].sum()) - 1], atol=1e-5, rtol=0)
+        monkeypatch.setattr(ReMatch, "decoder_inputs", lambda self, ids, images: {})
+        E_dropped, _ = rm.embed(collate_embed([item], processor.tokenizer, 0), "d")
+    assert (E_dropped[0] - ref[0, int(am[0].sum()) - 1]).abs().max() > 1e-3
 
 
 def test_learnable_token_states_differ_and_receive_gradients(tiny):

@@ -24,7 +24,7 @@ import torch
 from transformers import (AutoConfig, AutoTokenizer, PreTrainedTokenizerFast,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
-                          Qwen2VLProcessor)
+                          Qwen2VLProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
 
 from data import ANSWER_WORDS, looks_like_hub_id, rank0_first, resolve_dir
 from util.dist import default_device
@@ -107,21 +107,44 @@ def answer_token_ids(tokenizer, where="tokenizer"):
 # ----------------------------------------------------------------------------------
 # Backbone loading
 
-TINY = {
+TINY = {   # name → (config class, model class, vision config, decoder config changes)
     "tiny-qwen2-vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                      dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)),
+                      dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                           patch_size=14), {}),
     "tiny-qwen2.5-vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                         dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
-                             out_hidden_size=64, window_size=112, fullatt_block_indexes=[0])),
+                             out_hidden_size=64, window_size=112, fullatt_block_indexes=[0],
+                             patch_size=14), {}),
+    # Qwen3-VL: 16-px patches, a learned position table (16 × 16, interpolated per image),
+    # DeepStack features of both vision blocks added after decoder layers 0 and 1,
+    # interleaved M-RoPE, q/k norms (every Qwen3 decoder has them), explicit head_dim
+    "tiny-qwen3-vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                      dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=64, num_position_embeddings=256,
+                           deepstack_visual_indexes=[0, 1], patch_size=16),
+                      dict(head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                         "mrope_interleaved": True, "rope_theta": 5e6})),
 }
 BACKBONES = {"qwen2_vl": Qwen2VLForConditionalGeneration,
-             "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
-TINY_PIXELS = (56 * 56, 112 * 112)     # tiny default: 4..16 merged image tokens per image
+             "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+             "qwen3_vl": Qwen3VLForConditionalGeneration}
+TINY_TOKENS = (4, 16)     # tiny default: 4..16 merged image tokens per image (56²..112² px at
+                          # Qwen2-VL's 28 px per merged token, 64²..128² px at Qwen3-VL's 32)
+# Decoders whose layers are not all softmax attention over an arbitrary mask: the unified
+# matching mask (Fig. 3) cannot be expressed in a recurrent (linear-attention) layer
+HYBRID = ("qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text")
+
+
+def merged_patch_px(config):
+    """Side in pixels of one merged image token: patch × spatial merge (28 on Qwen2/2.5-VL,
+    32 on Qwen3-VL)."""
+    vc = config.vision_config
+    return vc.patch_size * vc.spatial_merge_size
 
 
 def _build_tiny(name, tok, seed):
     """Randomly initialised tiny backbone (h=64, 2 layers) whose vocab is `tok`'s."""
-    config_cls, model_cls, vision = TINY[name]
+    config_cls, model_cls, vision, text_changes = TINY[name]
     ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL_TOKENS}
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768,
@@ -129,7 +152,8 @@ def _build_tiny(name, tok, seed):
                                  "rope_theta": 1e6},   # sum(mrope_section) = head_dim / 2
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"])
-    vision = dict(vision, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    text.update(text_changes)
+    vision = dict(vision, spatial_merge_size=2, temporal_patch_size=2)
     cfg = config_cls(text_config=text, vision_config=vision,
                      image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                      vision_start_token_id=ids["<|vision_start|>"],
@@ -139,15 +163,41 @@ def _build_tiny(name, tok, seed):
         return model_cls._from_config(cfg, attn_implementation="sdpa")
 
 
-def image_processor_for(path, min_pixels, max_pixels, revision=None):
-    """The PIL Qwen2-VL image processor (no torchvision), from `path`'s
-    preprocessor_config.json or the defaults, with optional pixel bounds. The bounds are
-    passed as min_pixels / max_pixels: a hub preprocessor_config.json holds those keys at
-    its top level, and they would override a `size` argument."""
+# The image processors of the tiny models: the real ones' settings (Qwen2/2.5-VL: 14-px
+# patches, CLIP's mean and std; Qwen3-VL: 16-px patches, mean = std = 0.5)
+TINY_IMAGE_PROCESSOR = {
+    "qwen2_vl": {}, "qwen2_5_vl": {},
+    "qwen3_vl": dict(patch_size=16, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]),
+}
+
+
+def image_processor_for(path, min_pixels, max_pixels, revision=None, **defaults):
+    """The PIL Qwen2-VL image processor (no torchvision; Qwen3-VL's checkpoints name the same
+    class, with 16-px patches), from `path`'s preprocessor_config.json or `defaults`, with
+    optional pixel bounds. The bounds are passed as min_pixels / max_pixels: a hub
+    preprocessor_config.json holds those keys at its top level, and they would override a
+    `size` argument."""
     bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
     pin = {"revision": revision} if revision else {}
     return (Qwen2VLImageProcessorPil.from_pretrained(path, **pin, **bounds) if path
-            else Qwen2VLImageProcessorPil(**bounds))
+            else Qwen2VLImageProcessorPil(**defaults, **bounds))
+
+
+def refuse_hybrid(config, where):
+    """A decoder with recurrent (linear-attention) layers, such as Qwen3-Next's or Qwen3.5's
+    Gated DeltaNet, cannot run the unified matching pass: it needs every layer to attend
+    under an arbitrary mask (Fig. 3: a view sees only its own segments), and a recurrent
+    layer carries one state along the whole row, so every view would read the others."""
+    text = getattr(config, "text_config", None) or config
+    kinds = set(getattr(text, "layer_types", None) or ())
+    if config.model_type in HYBRID or kinds - {"full_attention", "sliding_attention"}:
+        raise ValueError(
+            f"{where}: model_type {config.model_type!r} has decoder layers that are not softmax "
+            f"attention ({', '.join(sorted(kinds)) or 'linear attention'}): the unified matching "
+            "pass (Eq. 4, one row holding all 8 views under a block mask) needs every layer to "
+            "attend under that mask, and a recurrent linear-attention layer passes one state "
+            "along the whole row, so each view would see the others. Supported: "
+            f"{', '.join(sorted(BACKBONES))}")
 
 
 def _check_local_checkpoint(path):
@@ -206,7 +256,10 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
     if name_or_path in TINY:
         tok = build_tiny_tokenizer()
         model = _build_tiny(name_or_path, tok, seed)
-        image_processor = image_processor_for(None, min_pixels or TINY_PIXELS[0], max_pixels or TINY_PIXELS[1])
+        px = merged_patch_px(model.config) ** 2                           # pixels per merged token
+        image_processor = image_processor_for(None, min_pixels or TINY_TOKENS[0] * px,
+                                              max_pixels or TINY_TOKENS[1] * px,
+                                              **TINY_IMAGE_PROCESSOR[model.config.model_type])
         answer_token_ids(tok, name_or_path)
     else:
         name_or_path = str(name_or_path)
@@ -223,6 +276,7 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
         if local and not os.path.isfile(os.path.join(name_or_path, "config.json")):
             _check_local_checkpoint(name_or_path)               # names every missing file
         config = AutoConfig.from_pretrained(name_or_path, **pin)
+        refuse_hybrid(config, name_or_path)
         if config.model_type not in BACKBONES:
             raise ValueError(f"{name_or_path}: model_type {config.model_type!r} is not supported "
                              f"(supported: {sorted(BACKBONES)} and {sorted(TINY)})")
