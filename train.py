@@ -568,6 +568,12 @@ PRESETS = {
     "qwen2-vl-7b": dict(PAPER, model="Qwen/Qwen2-VL-7B-Instruct"),
     "qwen2.5-vl-3b": dict(PAPER, model="Qwen/Qwen2.5-VL-3B-Instruct"),
     "qwen2.5-vl-7b": dict(PAPER, model="Qwen/Qwen2.5-VL-7B-Instruct"),
+    # the paper's recipe on Qwen3-VL (no published ReMatch number exists for it): a merged
+    # image token is 32 × 32 px there (16-px patches), so the same 1280-token cap is
+    # 1280 · 32² pixels; DeepStack, interleaved M-RoPE and geometry are the code's concern
+    "qwen3-vl-2b": dict(PAPER, model="Qwen/Qwen3-VL-2B-Instruct", max_pixels=1280 * 32 * 32),
+    "qwen3-vl-4b": dict(PAPER, model="Qwen/Qwen3-VL-4B-Instruct", max_pixels=1280 * 32 * 32),
+    "qwen3-vl-8b": dict(PAPER, model="Qwen/Qwen3-VL-8B-Instruct", max_pixels=1280 * 32 * 32),
     # calibrated on 2 CPU cores (docs/demo.md §1): full fine-tuning of the random
     # tiny model needs a larger lr and temperature than LoRA on a pretrained one, and its
     # matching head learns within the demo's minutes only with a short P (the bare user
@@ -587,7 +593,8 @@ def parse_args(argv=None):
                         "--train_data is given)")
     # model
     p.add_argument("--model", default="tiny-qwen2-vl",
-                   help="hub id or local dir of Qwen2-VL/Qwen2.5-VL, or tiny-qwen2-vl / tiny-qwen2.5-vl")
+                   help="hub id or local dir of Qwen2-VL / Qwen2.5-VL / Qwen3-VL, or tiny-qwen2-vl / "
+                        "tiny-qwen2.5-vl / tiny-qwen3-vl")
     p.add_argument("--model_revision", default=None,
                    help="hub ids only: the commit, branch or tag of --model to download (recorded: "
                         "loading the checkpoint later pins its base model to it)")

@@ -56,3 +56,19 @@ def run_processes(target, args_per_rank, err_dir, timeout):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a test over ~10 s on 2 CPU cores; the quick loop "
                                        "`pytest -q -m 'not slow'` leaves them out, CI runs them")
+    config.addinivalue_line("markers", "big: needs ~8 GB of disk and memory (a width-real 8B "
+                                       "checkpoint); runs only with `pytest --big`, a smaller "
+                                       "model of the same family covers it in the default suite")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--big", action="store_true", help="also run the tests marked big")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--big"):
+        return
+    skip = pytest.mark.skip(reason="big (~8 GB): run with pytest --big")
+    for item in items:
+        if "big" in item.keywords:
+            item.add_marker(skip)

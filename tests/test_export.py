@@ -33,8 +33,10 @@ def fixture_dir(tmp_path_factory):
     return write_train_fixture(str(tmp_path_factory.mktemp("export_train")), n=6)
 
 
-@pytest.mark.parametrize("extra", [[], ["--lora", "--lora_r", "4", "--lora_alpha", "8"]],
-                         ids=["full", "lora"])
+@pytest.mark.parametrize("extra", [[], ["--lora", "--lora_r", "4", "--lora_alpha", "8"],
+                                   ["--model", "tiny-qwen3-vl", "--lora", "--lora_r", "4",
+                                    "--lora_alpha", "8"]],
+                         ids=["full", "lora", "qwen3-vl-lora"])   # Qwen3-VL: DeepStack in both
 def test_plain_transformers_reproduces_the_embeddings(fixture_dir, tmp_path, extra):
     import train
     from data import collate_embed, encode_item

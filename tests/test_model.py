@@ -52,14 +52,19 @@ def test_answer_words_are_single_tokens_or_loading_fails():
 
 def test_chat_embedding_template_is_the_qwen_chat_template(tiny):
     """Readings §1: our MVQDM++ prefix/suffix around the MMEB string give exactly what the
-    tokenizer's own Qwen chat template writes for [image, text] + generation prompt."""
-    _, _, processor = tiny
+    tokenizer's own Qwen chat template writes for the system message, [image, text] and
+    the generation prompt. Qwen2/2.5-VL's template adds that system message by itself;
+    Qwen3-VL's adds none, so there our templates name it (the recipe stays the same)."""
+    name, _, processor = tiny
     prefix, suffix = EMBED_TEMPLATES["chat"]
     text = "\nRepresent the given image."
     ours = prefix + IMAGE_BLOCK + text + suffix
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    theirs = processor.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert ours == theirs
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    render = lambda msgs: processor.tokenizer.apply_chat_template(msgs, tokenize=False,  # noqa: E731
+                                                                 add_generation_prompt=True)
+    assert ours == render([system, user])
+    assert (ours == render([user])) == (not name.startswith("tiny-qwen3"))
 
 
 # ---------------------------------------------------------------------------- loading

@@ -40,12 +40,19 @@ from data import EMBED_TEMPLATES, collate_embed, collate_match, content_text, en
 from masks import VIEW_SETS
 from model import ReMatch, apply_lora, mrope_position_ids
 from util.backbone import load_backbone
-from test_matching import separate_pass_logits
+from test_matching import deepstack_per_token, separate_pass_logits
 from tools import width_real
 
-# preset → how much of it is built (decoder layers, vision blocks)
+# preset → how much of it is built (decoder layers, vision blocks). Qwen3-VL: 3 of each,
+# so that all three DeepStack levels come from their own block and reach their own layer.
 BUILD = {"qwen2-vl-2b": dict(num_layers=2, vision_depth=1),
-         "qwen2.5-vl-3b": dict(num_layers=2, vision_depth=2)}
+         "qwen2.5-vl-3b": dict(num_layers=2, vision_depth=2),
+         "qwen3-vl-2b": dict(num_layers=3, vision_depth=3),
+         "qwen3-vl-8b": dict(num_layers=3, vision_depth=3)}
+# ~8 GB of disk and of memory each: run with `pytest --big` (qwen3-vl-2b runs the same code
+# at every step in the default suite; the 8B adds its widths, untied head and DeepStack blocks)
+BIG = ("qwen3-vl-8b",)
+PARAMS = [pytest.param(p, marks=pytest.mark.big) if p in BIG else p for p in BUILD]
 YES_ID, NO_ID = 9454, 2753                            # Qwen's "Yes" / "No" tokens
 MATCH_ATOL = 1e-4                                     # unified vs separate passes, fp32
 LORA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -56,7 +63,7 @@ LORA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
 # Fixtures: each checkpoint written and loaded once per session (one backbone alive at
 # a time: pytest groups the tests by the session parameter)
 
-@pytest.fixture(scope="session", params=list(BUILD))
+@pytest.fixture(scope="session", params=PARAMS)
 def real_ckpt(request, tmp_path_factory):
     """(preset, path) of a width-real checkpoint in the hub layout."""
     path = tmp_path_factory.mktemp("real_path") / request.param
@@ -154,8 +161,10 @@ def test_unified_matching_pass_equals_one_pass_per_view(real_backbone, real_rema
     with torch.no_grad():
         logits, labels = rm.match(mb, E_q, E_pos, E_neg)                     # (M·V, vocab)
         x, _, pos_ids = rm.match_inputs(mb, E_q, E_pos, E_neg)
+        D = deepstack_per_token(rm, mb)                   # Qwen3-VL's DeepStack per token
+        assert D.shape[2] == (3 if preset.startswith("qwen3") else 0)
         ref = torch.cat([separate_pass_logits(rm, x, pos_ids, mb["segments"], mb["label_idx"],
-                                              views, row) for row in range(M)])
+                                              views, row, mb, D) for row in range(M)])
     assert logits.shape == ref.shape == (M * V, model.config.text_config.vocab_size)
     # labels: Yes where the view's document slot holds d⁺ (row 0: slot 1, row 1: slot 2)
     slot = [1 if doc in ("D1", "Zd1") else 2 for _, doc in views]
@@ -168,6 +177,11 @@ def test_unified_matching_pass_equals_one_pass_per_view(real_backbone, real_rema
     # not vacuous: the views of one row differ (their documents do)
     assert (logits[0] - logits[2]).abs().max() > 1e-3      # (Q, D1) vs (Q, D2)
     assert (logits[1] - logits[5]).abs().max() > 1e-3      # (Q, Zd1) vs (Zq, Zd1)
+    if preset.startswith("qwen3"):                         # mutation: DeepStack dropped
+        with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ReMatch, "decoder_inputs", lambda self, ids, images: {})
+            dropped = rm.match(mb, E_q, E_pos, E_neg)[0]
+        assert (dropped - ref).abs().max() > 100 * MATCH_ATOL
 
 
 # ----------------------------------------------------------------------------------
@@ -211,10 +225,12 @@ def test_lora_wraps_exactly_the_language_model_projections(real_ckpt):
 # 4. The embedding path == the backbone's own forward
 
 def test_embedding_path_equals_the_backbone_forward(real_backbone, real_rematch):
-    """ReMatch's pieces of `embed` (input_embeds, positions, last_hidden) on a collate_embed
-    row with last-token pooling == the last layer (post-norm) of the backbone's own
-    forward on the processor's output of the same chat-template string. The image,
-    168×84 px, spans two 112-px windows of Qwen2.5-VL's windowed vision block."""
+    """ReMatch's pieces of `embed` (image_features, input_embeds, positions, decoder_inputs,
+    last_hidden) on a collate_embed row == the last layer (post-norm) of the backbone's own
+    forward on the processor's output of the same chat-template string, at every position;
+    `embed` with last-token pooling == its last token. The image, 168×84 px, spans two
+    112-px windows of Qwen2.5-VL's windowed vision block. Qwen3-VL: the backbone's forward
+    adds DeepStack itself, and dropping it from ours is caught."""
     preset, _, model, processor = real_backbone
     rm = real_rematch
     text = "<|image_1|>\nRepresent the given image with the following question: Which shape?"
@@ -224,20 +240,38 @@ def test_embedding_path_equals_the_backbone_forward(real_backbone, real_rematch)
                       return_tensors="pt")
     batch = collate_embed([encode_item(processor, text, image)], processor.tokenizer, 0)
     assert torch.equal(batch["input_ids"], hf_in["input_ids"])
+    ids, am, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
+
+    def ours(deepstack=True):
+        images = rm.image_features(batch["pixel_values"], grid)
+        x = rm.input_embeds(ids, images=images)                                # (1, T, d)
+        extra = rm.decoder_inputs(ids, images) if deepstack else {}
+        return rm.last_hidden(x, am, rm.positions(ids, am, grid), **extra)[0]  # (T, d)
+
     with torch.no_grad():
-        ref = model(**hf_in, output_hidden_states=True, use_cache=False).hidden_states[-1][0, -1]
-        ids, am, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
-        x = rm.input_embeds(ids, batch["pixel_values"], grid)                  # (1, T, d)
-        h = rm.last_hidden(x, am, rm.positions(ids, am, grid))               # (1, T, d)
-    ours = h[0, batch["token_idx"][0, 0]]
-    diff = (ours - ref).abs().max().item()
-    print(f"\n{preset}: embedding path vs HF forward, max |Δ| = {diff:.2e} "
+        ref = model(**hf_in, output_hidden_states=True, use_cache=False).hidden_states[-1][0]  # (T, d)
+        h = ours()
+        E = ReMatch(model, num_tokens=0).embed(batch, "d")[0][0]
+    diff = (h - ref).abs().max().item()
+    print(f"\n{preset}: embedding path vs HF forward, max |Δ| over {len(ref)} positions = {diff:.2e} "
           f"(max |h| {ref.abs().max().item():.2f})")
     assert diff <= 1e-5, diff
+    assert (E - ref[-1]).abs().max().item() <= 1e-5
+    if preset.startswith("qwen3"):                                             # mutation
+        assert len(rm.decoder_inputs(ids, rm.image_features(batch["pixel_values"], grid))
+                   ["deepstack_visual_embeds"]) == 3
+        with torch.no_grad():
+            assert (ours(deepstack=False) - ref).abs().max().item() > 1e-3
 
 
 # ----------------------------------------------------------------------------------
 # 5. train.py → checkpoint → peft → evaluate.py
+
+def model_px(path):
+    """Pixels per side of one merged image token, from the checkpoint's config.json."""
+    vision = json.loads((path / "config.json").read_text())["vision_config"]
+    return vision["patch_size"] * vision["spatial_merge_size"]
+
 
 TRAIN_SUBSET = "NIGHTS"                 # MMEB-train: image query, image documents
 EVAL_TASK = "RealPathI2T"              # MMEB-eval format, own task table
@@ -299,7 +333,10 @@ def test_train_checkpoint_peft_and_evaluate_end_to_end(real_ckpt, mmeb_dirs, tmp
     train.main(["--preset", preset, "--model", str(path), "--train_data", mmeb_dirs["train"],
                 "--image_dir", mmeb_dirs["train"], "--subsets", TRAIN_SUBSET, "--steps", "2",
                 "--batch_size", "2", "--chunk_size", "1", "--num_workers", "0",
-                "--save_every", "2", "--out_dir", str(out)])
+                "--save_every", "2", "--out_dir", str(out),
+                # Qwen3-VL's checkpoint raises every image to ≥ 256² px (64 tokens): the
+                # test's 56² images stay 4 tokens, as on Qwen2/2.5-VL (a CPU smoke run)
+                *(["--min_pixels", str(4 * model_px(path) ** 2)] if model_px(path) == 32 else [])])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["L_qdm"] > 0 for r in log)   # matching ran
@@ -309,9 +346,10 @@ def test_train_checkpoint_peft_and_evaluate_end_to_end(real_ckpt, mmeb_dirs, tmp
                                                 "rematch_config.json", "train_state.pt"}
     assert not (ckpt / "backbone").exists()
     config = json.loads((ckpt / "rematch_config.json").read_text())
+    merged_px = model_px(path)                                     # 28 (Qwen2/2.5-VL) or 32 px
     assert (config["model"], config["preset"], config["lora"], config["num_tokens"],
             config["grad_checkpointing"], config["max_pixels"]) == \
-        (str(path), preset, True, 16, True, 1280 * 28 * 28)
+        (str(path), preset, True, 16, True, 1280 * merged_px ** 2)
 
     # the adapter is a normal peft adapter of the base directory
     adapter = ckpt / "adapter"
@@ -342,3 +380,31 @@ def test_train_checkpoint_peft_and_evaluate_end_to_end(real_ckpt, mmeb_dirs, tmp
     assert written["config"]["model"] == str(path)
     task = json.loads((ev_out / "mmeb" / f"{EVAL_TASK}.json").read_text())
     assert (task["num_queries"], task["num_query_items"], task["num_candidate_items"]) == (3, 3, 3)
+    if preset.startswith("qwen3"):
+        check_merged_export(ckpt, tmp_path)
+
+
+def check_merged_export(ckpt, tmp_path):
+    """tools/export_merged.py on the trained adapter checkpoint, then tools/plain_embed.py
+    (plain transformers: the backbone's own forward, DeepStack included) == ReMatch.embed,
+    L2-normalised, for an image query and a text document."""
+    import torch.nn.functional as F
+
+    from model import load_rematch
+    from tools import plain_embed
+    from tools.export_merged import export_merged
+    merged = tmp_path / "merged"
+    export_merged(str(ckpt), str(merged))
+    image = shape_image("red", (112, 56))
+    cases = [("query", "<|image_1|>\nWhat colour is the circle?", image),
+             ("document", "Represent the caption of an image: a red circle", None)]
+    spec, tok, images, plain_model = plain_embed.load(str(merged))
+    plain = [plain_embed.embed(spec, tok, images, plain_model, t, im, side) for side, t, im in cases]
+    del plain_model
+    rm, processor, _ = load_rematch(str(ckpt), device="cpu", dtype=torch.float32)
+    for (side, text, im), p in zip(cases, plain):
+        batch = collate_embed([encode_item(processor, text, im)], processor.tokenizer, rm.num_tokens,
+                              rm.embed_template)
+        with torch.no_grad():
+            E = rm.embed(batch, "q" if side == "query" else "d")[0][0]
+        torch.testing.assert_close(p, F.normalize(E, dim=-1), rtol=0, atol=1e-5)

@@ -361,7 +361,7 @@ BAD_CONFIGS = [   # (key, value, message part)
     ("num_tokens", -3, "num_tokens must be an integer in [0, 1024], got -3"),
     ("num_tokens", True, "num_tokens must be"),
     ("embed_template", "fancy", "embed_template must be 'chat' or 'plain'"),
-    ("min_pixels", 4_000_000, "min_pixels must be null or an integer in [784, 1003520], got 4000000"),
+    ("min_pixels", 4_000_000, "min_pixels must be null or an integer in [784, 1310720], got 4000000"),
     ("max_pixels", 10, "max_pixels must be null or an integer"),
     ("min_pixels", 20000, "min_pixels must be <= max_pixels (12544)"),
     ("model", 7, "model must be the base model's hub id"),

@@ -1,8 +1,9 @@
 """
 Width-real Qwen checkpoints (tools/width_real.py): the real widths, vocabulary, tokenizer,
-chat template and image preprocessing of Qwen2-VL-2B-Instruct and Qwen2.5-VL-3B-Instruct,
-with 1 decoder layer, 1 vision block and random weights, written offline in the hub layout
-and read back through transformers' own loaders and util.backbone.load_backbone.
+chat template and image preprocessing of Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct and
+Qwen3-VL-2B-Instruct, with 1 decoder layer, 1 vision block (Qwen3-VL: 3, one per DeepStack
+level) and random weights, written offline in the hub layout and read back through
+transformers' own loaders and util.backbone.load_backbone.
 
 Expected values come from sources independent of tools/width_real.ARCH: the table of real
 architectures below (the hub config.json values), the Qwen tokenizer ids, the config the
@@ -19,14 +20,15 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration,
-                          Qwen2VLForConditionalGeneration)
+                          Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
 
 import data
 from masks import VIEW_SETS, segments_used
 from util.backbone import load_backbone
 from tools import width_real
 
-PRESETS = ("qwen2-vl-2b", "qwen2.5-vl-3b")
+PRESETS = ("qwen2-vl-2b", "qwen2.5-vl-3b", "qwen3-vl-2b")
+VISION_DEPTH = {"qwen3-vl-2b": 3}      # the built vision blocks (default 1)
 
 # The real architectures (hub config.json of the *-Instruct checkpoints), written out here
 # independently of width_real.ARCH.
@@ -51,16 +53,47 @@ REAL = {
                                       num_heads=16, window_size=112,
                                       fullatt_block_indexes=[7, 15, 23, 31],
                                       out_hidden_size=3584)),
+    "qwen3-vl-2b": dict(model_type="qwen3_vl", hidden=2048, intermediate=6144, layers=28,
+                        heads=16, kv_heads=8, vocab=151936, tie=True,
+                        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096,
+                                    num_heads=16, out_hidden_size=2048, patch_size=16,
+                                    num_position_embeddings=2304,
+                                    deepstack_visual_indexes=[5, 11, 17])),
+    "qwen3-vl-4b": dict(model_type="qwen3_vl", hidden=2560, intermediate=9728, layers=36,
+                        heads=32, kv_heads=8, vocab=151936, tie=True,
+                        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096,
+                                    num_heads=16, out_hidden_size=2560, patch_size=16,
+                                    num_position_embeddings=2304,
+                                    deepstack_visual_indexes=[5, 11, 17])),
+    "qwen3-vl-8b": dict(model_type="qwen3_vl", hidden=4096, intermediate=12288, layers=36,
+                        heads=32, kv_heads=8, vocab=151936, tie=False,
+                        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304,
+                                    num_heads=16, out_hidden_size=4096, patch_size=16,
+                                    num_position_embeddings=2304,
+                                    deepstack_visual_indexes=[8, 16, 24])),
 }
-HEAD_DIM, MROPE, ROPE_THETA, RMS_EPS = 128, [16, 24, 24], 1e6, 1e-6
+HEAD_DIM, RMS_EPS = 128, 1e-6
+# per family: M-RoPE sections, θ, pixels per merged token, the tokenizer's size, the paper
+# preset's max_pixels (1280 merged tokens), and the hub preprocessor_config.json's bounds
+FAMILY = {
+    "qwen2_vl": dict(mrope=[16, 24, 24], theta=1e6, merged=28 * 28, vocab_len=151657,
+                     bounds=(3136, 12845056)),
+    "qwen2_5_vl": dict(mrope=[16, 24, 24], theta=1e6, merged=28 * 28, vocab_len=151665,
+                       bounds=(3136, 12845056)),
+    "qwen3_vl": dict(mrope=[24, 20, 20], theta=5e6, merged=32 * 32, vocab_len=151669,
+                     bounds=(65536, 16777216)),
+}
 QWEN_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
             "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
             "<|image_pad|>": 151655, "<|video_pad|>": 151656}
-REAL_MIN_PIXELS, REAL_MAX_PIXELS = 3136, 12845056     # the hub preprocessor_config.json
-PAPER_MAX_PIXELS = 1280 * 28 * 28                      # train.py's paper preset
-MERGED = 28 * 28                                       # pixels per merged image token
+PAPER_TOKENS = 1280                                    # train.py's paper presets: max_pixels
 MODEL_CLASS = {"qwen2_vl": Qwen2VLForConditionalGeneration,
-               "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+               "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+               "qwen3_vl": Qwen3VLForConditionalGeneration}
+
+
+def family_of(preset):
+    return FAMILY[REAL[preset]["model_type"]]
 
 
 @pytest.fixture(scope="session", params=PRESETS)
@@ -68,7 +101,8 @@ def ckpt(request, tmp_path_factory):
     """(preset, path): each checkpoint written once per session (1 layer, 1 vision block)."""
     path = tmp_path_factory.mktemp("width_real") / request.param
     return request.param, width_real.write_checkpoint(request.param, path, num_layers=1,
-                                                      vision_depth=1, seed=0)
+                                                      vision_depth=VISION_DEPTH.get(request.param, 1),
+                                                      seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +111,9 @@ def backbone(ckpt):
     preset, path = ckpt
     model, processor = load_backbone(str(path), device="cpu", dtype=torch.float32)
     return preset, path, model, processor
+
+
+SYSTEM_MESSAGE = {"role": "system", "content": "You are a helpful assistant."}   # data.SYSTEM
 
 
 def _ids(out):
@@ -115,18 +152,21 @@ def _image_tokens(processor, size):
 
 @pytest.mark.parametrize("preset", list(REAL))
 def test_arch_table_matches_real_configs(preset):
-    """All four presets at full depth: the config transformers builds has the real values."""
-    real = REAL[preset]
-    cfg = width_real.build_config(preset, num_layers=real["layers"], vision_depth=32)
+    """Every preset at full depth: the config transformers builds has the real values."""
+    real, fam = REAL[preset], family_of(preset)
+    cfg = width_real.build_config(preset, num_layers=real["layers"],
+                                  vision_depth=real["vision"]["depth"])
     t, v = cfg.text_config, cfg.vision_config
     assert cfg.model_type == real["model_type"]
     assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
             t.num_key_value_heads, t.vocab_size) == (real["hidden"], real["intermediate"],
                                                      real["layers"], real["heads"],
                                                      real["kv_heads"], real["vocab"])
-    assert t.hidden_size // t.num_attention_heads == HEAD_DIM == 2 * sum(MROPE)
-    assert t.rope_parameters["mrope_section"] == MROPE
-    assert t.rope_parameters["rope_theta"] == ROPE_THETA and t.rms_norm_eps == RMS_EPS
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    assert head_dim == HEAD_DIM == 2 * sum(fam["mrope"])      # Qwen3-VL-4B: 2560 / 32 heads ≠ 128
+    assert t.rope_parameters["mrope_section"] == fam["mrope"]
+    assert t.rope_parameters["rope_theta"] == fam["theta"] and t.rms_norm_eps == RMS_EPS
+    assert t.rope_parameters.get("mrope_interleaved", False) is (real["model_type"] == "qwen3_vl")
     assert cfg.tie_word_embeddings is real["tie"]
     assert {k: getattr(v, k) for k in real["vision"]} == real["vision"]
     assert (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
@@ -141,6 +181,16 @@ def test_reduced_fullatt_blocks():
         [[0], [1], [3], [7], [7, 9]]
     cfg = width_real.build_config("qwen2.5-vl-7b", num_layers=2, vision_depth=3)
     assert cfg.vision_config.depth == 3 and cfg.vision_config.fullatt_block_indexes == [2]
+
+
+def test_reduced_deepstack_blocks():
+    """Qwen3-VL's DeepStack blocks scaled to a cut tower, one distinct block per level."""
+    cfg = width_real.build_config("qwen3-vl-2b", num_layers=2, vision_depth=3)
+    assert cfg.vision_config.deepstack_visual_indexes == [0, 1, 2]
+    cfg = width_real.build_config("qwen3-vl-8b", num_layers=2, vision_depth=9)
+    assert cfg.vision_config.deepstack_visual_indexes == [2, 5, 8]        # 8·9//27, 16·9//27, 24·9//27
+    with pytest.raises(ValueError, match="vision_depth >= 3"):
+        width_real.build_config("qwen3-vl-2b", num_layers=2, vision_depth=2)
 
 
 def test_bad_arguments(tmp_path):
@@ -178,10 +228,11 @@ def test_written_dir_is_reused_and_protected(ckpt):
             "vocab.json", "merges.txt", "preprocessor_config.json"} <= names
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]     # no leftovers
     mtime = (path / "model.safetensors").stat().st_mtime_ns
-    assert width_real.write_checkpoint(preset, path, num_layers=1, vision_depth=1) == path
+    depth = VISION_DEPTH.get(preset, 1)
+    assert width_real.write_checkpoint(preset, path, num_layers=1, vision_depth=depth) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime        # reused, not rebuilt
     with pytest.raises(FileExistsError):
-        width_real.write_checkpoint(preset, path, num_layers=2, vision_depth=1)
+        width_real.write_checkpoint(preset, path, num_layers=2, vision_depth=depth)
 
 
 def test_bfloat16_checkpoint_holds_the_float32_weights_rounded(ckpt, tmp_path):
@@ -208,20 +259,23 @@ def test_bfloat16_checkpoint_holds_the_float32_weights_rounded(ckpt, tmp_path):
 
 def test_config_has_real_widths(ckpt):
     preset, path = ckpt
-    real = REAL[preset]
+    real, fam = REAL[preset], family_of(preset)
+    depth = VISION_DEPTH.get(preset, 1)
     cfg = AutoConfig.from_pretrained(path)
     t, v = cfg.text_config, cfg.vision_config
     assert cfg.model_type == real["model_type"]
     assert (t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads,
             t.vocab_size) == (real["hidden"], real["intermediate"], real["heads"],
                               real["kv_heads"], real["vocab"])
-    assert t.num_hidden_layers == 1 and v.depth == 1
-    assert t.rope_parameters["mrope_section"] == MROPE
-    assert t.rope_parameters["rope_theta"] == ROPE_THETA
+    assert t.num_hidden_layers == 1 and v.depth == depth
+    assert t.rope_parameters["mrope_section"] == fam["mrope"]
+    assert t.rope_parameters["rope_theta"] == fam["theta"]
     assert cfg.tie_word_embeddings is real["tie"]
-    expected_vision = dict(real["vision"], depth=1)
+    expected_vision = dict(real["vision"], depth=depth)
     if "fullatt_block_indexes" in expected_vision:
         expected_vision["fullatt_block_indexes"] = [0]       # the last (only) block: full attention
+    if "deepstack_visual_indexes" in expected_vision:
+        expected_vision["deepstack_visual_indexes"] = [0, 1, 2]   # one level per built block
     assert {k: getattr(v, k) for k in expected_vision} == expected_vision
     tok = AutoTokenizer.from_pretrained(path)                # config ids = tokenizer ids
     assert [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
@@ -239,7 +293,7 @@ def test_model_loads_without_missing_keys(ckpt):
     assert tuple(emb.shape) == (real["vocab"], real["hidden"]) and emb.dtype == torch.float32
     assert (model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()) is real["tie"]
     assert model.model.language_model.layers[0].self_attn.head_dim == HEAD_DIM
-    assert len(model.model.visual.blocks) == 1
+    assert len(model.model.visual.blocks) == VISION_DEPTH.get(preset, 1)
     assert 0.015 < emb.std().item() < 0.025                 # transformers' init: N(0, 0.02)
 
 
@@ -263,13 +317,14 @@ def test_tokenizer_is_qwens(ckpt):
 
 def test_tokenizer_added_tokens_are_the_familys(ckpt):
     """Qwen2-VL's tokenizer ends at <|video_pad|> (151657 tokens), Qwen2.5-VL's at
-    <|file_sep|> (151665); the Qwen3 tokens of the source files (<think>…) are not kept."""
+    <|file_sep|> (151665), Qwen3-VL's at </think> (151669); Qwen2/2.5-VL keep none of the
+    later tokens of the source files (<think>…)."""
     preset, path = ckpt
     tok = AutoTokenizer.from_pretrained(path)
-    qwen25 = REAL[preset]["model_type"] == "qwen2_5_vl"
-    assert len(tok) == (151665 if qwen25 else 151657)
-    assert (tok("<tool_call>", add_special_tokens=False)["input_ids"] == [151657]) is qwen25
-    assert len(tok("<think>", add_special_tokens=False)["input_ids"]) > 1
+    kind = REAL[preset]["model_type"]
+    assert len(tok) == family_of(preset)["vocab_len"]
+    assert (tok("<tool_call>", add_special_tokens=False)["input_ids"] == [151657]) is (kind != "qwen2_vl")
+    assert (tok("<think>", add_special_tokens=False)["input_ids"] == [151667]) is (kind == "qwen3_vl")
 
 
 @pytest.mark.parametrize("mmeb_text", [
@@ -279,15 +334,19 @@ def test_tokenizer_added_tokens_are_the_familys(ckpt):
 ])
 def test_embed_prompt_is_the_chat_template(backbone, mmeb_text):
     """data.py's embedding input (template prefix + content + suffix, each tokenized
-    separately by collate_embed) = the Qwen2-VL chat template of the same user message,
-    as a string and as ids."""
-    _, _, _, processor = backbone
+    separately by collate_embed) = the checkpoint's own chat template of the system message
+    and the same user message, as a string and as ids. Qwen2/2.5-VL's template writes that
+    system message unasked; Qwen3-VL's writes none unless given."""
+    preset, _, _, processor = backbone
     tok = processor.tokenizer
     prefix, suffix = data.EMBED_TEMPLATES["chat"]
     built = prefix + mmeb_text.replace(data.IMAGE_PLACEHOLDER, data.IMAGE_BLOCK) + suffix
-    messages = [{"role": "user", "content": _message_content(mmeb_text)}]
+    user = [{"role": "user", "content": _message_content(mmeb_text)}]
+    messages = [SYSTEM_MESSAGE] + user
     rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert built == rendered
+    alone = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    assert (alone == rendered) is (REAL[preset]["model_type"] != "qwen3_vl")
     image = Image.new("RGB", (56, 56), "red") if data.IMAGE_PLACEHOLDER in mmeb_text else None
     batch = data.collate_embed([_item(processor, mmeb_text, image)], tok, 0)
     row = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
@@ -316,7 +375,7 @@ def _match_case(processor):
             user += open_ + texts[seg] + close
             built += open_ + texts[seg].replace(data.IMAGE_PLACEHOLDER, data.IMAGE_BLOCK) + close
     built += data.MATCH_H
-    messages = [{"role": "user", "content": _message_content(user)}]
+    messages = [SYSTEM_MESSAGE, {"role": "user", "content": _message_content(user)}]
     return row, built, messages
 
 
@@ -341,29 +400,41 @@ def test_match_prompt_ids_are_the_chat_template(backbone):
 # ----------------------------------------------------------------------------------
 # Image processor through util.backbone.load_backbone
 
-def test_processor_448_image_is_256_tokens(backbone):
-    _, _, _, processor = backbone
-    n, grid = _image_tokens(processor, (448, 448))
+def test_processor_16_merged_tokens_a_side_is_256_tokens(backbone):
+    """448² px on Qwen2/2.5-VL (28 px per merged token), 512² px on Qwen3-VL (32 px):
+    32 × 32 patches, 256 merged tokens."""
+    preset, _, _, processor = backbone
+    side = 16 * int(family_of(preset)["merged"] ** 0.5)
+    n, grid = _image_tokens(processor, (side, side))
     assert n == 256 and grid == [[1, 32, 32]]
 
 
 def test_processor_uses_the_checkpoints_pixel_bounds(backbone):
-    _, path, _, processor = backbone
+    preset, path, _, processor = backbone
+    fam = family_of(preset)
     written = json.loads((path / "preprocessor_config.json").read_text())
-    assert (written["min_pixels"], written["max_pixels"]) == (REAL_MIN_PIXELS, REAL_MAX_PIXELS)
+    if "size" in written:                                   # Qwen3-VL's layout
+        assert (written["size"]["shortest_edge"], written["size"]["longest_edge"]) == fam["bounds"]
+    else:
+        assert (written["min_pixels"], written["max_pixels"]) == fam["bounds"]
     size = processor.image_processor.size
-    assert (size.shortest_edge, size.longest_edge) == (REAL_MIN_PIXELS, REAL_MAX_PIXELS)
+    assert (size.shortest_edge, size.longest_edge) == fam["bounds"]
     n, _ = _image_tokens(processor, (4000, 4000))
     # bounded by the checkpoint's max_pixels, and not by the class default (1280 · 28²)
-    assert PAPER_MAX_PIXELS // MERGED < n <= REAL_MAX_PIXELS // MERGED
+    assert PAPER_TOKENS < n <= fam["bounds"][1] // fam["merged"]
+    n, _ = _image_tokens(processor, (40, 40))               # and raised to its min_pixels
+    assert n == fam["bounds"][0] // fam["merged"]
 
 
 def test_load_backbone_max_pixels_overrides_the_checkpoint(ckpt):
-    """train.py's paper preset (max_pixels = 1280 · 28²) must bound a hub-layout checkpoint
-    whose preprocessor_config.json has its own top-level max_pixels."""
-    _, path = ckpt
-    _, processor = load_backbone(str(path), device="cpu", dtype=torch.float32,
-                                 max_pixels=PAPER_MAX_PIXELS)
-    assert processor.image_processor.size.longest_edge == PAPER_MAX_PIXELS
+    """train.py's paper presets (max_pixels = 1280 merged tokens: 1280 · 28² px, Qwen3-VL
+    1280 · 32² px) must bound a hub-layout checkpoint whose preprocessor_config.json has
+    its own bounds."""
+    import train
+    preset, path = ckpt
+    paper_max = PAPER_TOKENS * family_of(preset)["merged"]
+    assert train.PRESETS[preset]["max_pixels"] == paper_max
+    _, processor = load_backbone(str(path), device="cpu", dtype=torch.float32, max_pixels=paper_max)
+    assert processor.image_processor.size.longest_edge == paper_max
     n, _ = _image_tokens(processor, (2000, 2000))
-    assert n <= PAPER_MAX_PIXELS // MERGED
+    assert PAPER_TOKENS * 0.9 < n <= PAPER_TOKENS

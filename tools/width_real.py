@@ -53,9 +53,10 @@ if _ROOT not in sys.path:
 import torch  # noqa: E402
 from transformers import (AutoTokenizer, Qwen2_5_VLConfig,  # noqa: E402
                           Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration)
+                          Qwen2VLForConditionalGeneration, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration)
 
-from util.backbone import QWEN2VL_CHAT_TEMPLATE  # noqa: E402
+from util.chat_templates import QWEN2VL_CHAT_TEMPLATE, QWEN3VL_CHAT_TEMPLATE  # noqa: E402
 
 # ----------------------------------------------------------------------------------
 # Real architectures (config.json values, transformers 5.x layout: the language model's
@@ -104,6 +105,28 @@ def _vision_qwen25(out_hidden):
                 out_hidden_size=out_hidden, fullatt_block_indexes=[7, 15, 23, 31])
 
 
+def _text_qwen3(hidden, inter, layers, heads, kv, tie):
+    """Qwen3-VL's decoder: explicit head_dim 128, q/k norms (implied by the class), interleaved
+    M-RoPE [24, 20, 20] with θ = 5e6 (the hub file's rope_scaling + rope_theta, in 5.x's
+    rope_parameters), 262144 positions, tie_word_embeddings also in text_config."""
+    return dict(vocab_size=151936, hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                head_dim=128, hidden_act="silu", max_position_embeddings=262144, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "mrope_section": [24, 20, 20],
+                                 "mrope_interleaved": True, "rope_theta": 5000000.0},
+                attention_bias=False, attention_dropout=0.0, initializer_range=0.02,
+                bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=tie)
+
+
+def _vision_qwen3(depth, hidden, inter, out_hidden, deepstack):
+    """Qwen3-VL's vision tower: 16-px patches, a learned 48 × 48 position table, DeepStack
+    mergers after the blocks `deepstack` (their features go into decoder layers 0, 1, 2)."""
+    return dict(depth=depth, hidden_size=hidden, intermediate_size=inter, num_heads=16,
+                hidden_act="gelu_pytorch_tanh", in_channels=3, initializer_range=0.02,
+                out_hidden_size=out_hidden, num_position_embeddings=2304, patch_size=16,
+                spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=deepstack)
+
+
 ARCH = {
     "qwen2-vl-2b": dict(hub_id="Qwen/Qwen2-VL-2B-Instruct", model_type="qwen2_vl",
                         tie_word_embeddings=True, **_TOKEN_IDS,
@@ -121,20 +144,23 @@ ARCH = {
                           tie_word_embeddings=False, **_TOKEN_IDS,
                           text_config=_text(152064, 3584, 18944, 28, 28, 4, 128000, 28),
                           vision_config=_vision_qwen25(3584)),
+    "qwen3-vl-2b": dict(hub_id="Qwen/Qwen3-VL-2B-Instruct", model_type="qwen3_vl",
+                        tie_word_embeddings=True, **_TOKEN_IDS,
+                        text_config=_text_qwen3(2048, 6144, 28, 16, 8, tie=True),
+                        vision_config=_vision_qwen3(24, 1024, 4096, 2048, [5, 11, 17])),
+    "qwen3-vl-4b": dict(hub_id="Qwen/Qwen3-VL-4B-Instruct", model_type="qwen3_vl",
+                        tie_word_embeddings=True, **_TOKEN_IDS,
+                        text_config=_text_qwen3(2560, 9728, 36, 32, 8, tie=True),
+                        vision_config=_vision_qwen3(24, 1024, 4096, 2560, [5, 11, 17])),
+    "qwen3-vl-8b": dict(hub_id="Qwen/Qwen3-VL-8B-Instruct", model_type="qwen3_vl",
+                        tie_word_embeddings=False, **_TOKEN_IDS,
+                        text_config=_text_qwen3(4096, 12288, 36, 32, 8, tie=False),
+                        vision_config=_vision_qwen3(27, 1152, 4304, 4096, [8, 16, 24])),
 }
 
-FAMILY = {   # per model_type: classes, the tokenizer's last added-token id, its max length,
-    #           the processor_class the hub's preprocessor_config.json names
-    "qwen2_vl": dict(config=Qwen2VLConfig, model=Qwen2VLForConditionalGeneration,
-                     last_added_id=151656, model_max_length=32768,
-                     processor_class="Qwen2VLProcessor"),
-    "qwen2_5_vl": dict(config=Qwen2_5_VLConfig, model=Qwen2_5_VLForConditionalGeneration,
-                       last_added_id=151664, model_max_length=131072,
-                       processor_class="Qwen2_5_VLProcessor"),
-}
-
-# The hub's preprocessor_config.json (min_pixels / max_pixels at the top level, no "size":
-# Qwen2VLImageProcessorPil.__init__ turns them into size={"shortest_edge", "longest_edge"}).
+# The hub's preprocessor_config.json of Qwen2-VL / Qwen2.5-VL (min_pixels / max_pixels at the
+# top level, no "size": Qwen2VLImageProcessorPil.__init__ turns them into size={"shortest_edge",
+# "longest_edge"}).
 PREPROCESSOR = {
     "min_pixels": 3136,
     "max_pixels": 12845056,
@@ -144,6 +170,34 @@ PREPROCESSOR = {
     "image_mean": [0.48145466, 0.4578275, 0.40821073],
     "image_std": [0.26862954, 0.26130258, 0.27577711],
     "image_processor_type": "Qwen2VLImageProcessor",
+}
+# Qwen3-VL's: the same processor class with 16-px patches (32 px per merged token), mean =
+# std = 0.5, and the bounds as size = {shortest_edge: 256², longest_edge: 4096²} pixels
+PREPROCESSOR_QWEN3 = {
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+}
+
+FAMILY = {   # per model_type: classes, the tokenizer's last added-token id, its max length,
+    #           the processor_class the hub's preprocessor_config.json names, chat template,
+    #           preprocessor_config.json
+    "qwen2_vl": dict(config=Qwen2VLConfig, model=Qwen2VLForConditionalGeneration,
+                     last_added_id=151656, model_max_length=32768,
+                     processor_class="Qwen2VLProcessor", chat_template=QWEN2VL_CHAT_TEMPLATE,
+                     preprocessor=PREPROCESSOR),
+    "qwen2_5_vl": dict(config=Qwen2_5_VLConfig, model=Qwen2_5_VLForConditionalGeneration,
+                       last_added_id=151664, model_max_length=131072,
+                       processor_class="Qwen2_5_VLProcessor", chat_template=QWEN2VL_CHAT_TEMPLATE,
+                       preprocessor=PREPROCESSOR),
+    "qwen3_vl": dict(config=Qwen3VLConfig, model=Qwen3VLForConditionalGeneration,
+                     last_added_id=151668, model_max_length=262144,      # up to </think>
+                     processor_class="Qwen3VLProcessor", chat_template=QWEN3VL_CHAT_TEMPLATE,
+                     preprocessor=PREPROCESSOR_QWEN3),
 }
 
 MARKER = "width_real.json"          # written last: its presence means the directory is complete
@@ -187,7 +241,23 @@ def build_config(preset, num_layers=2, vision_depth=1):
     arch["vision_config"]["depth"] = vision_depth
     if "fullatt_block_indexes" in arch["vision_config"]:
         arch["vision_config"]["fullatt_block_indexes"] = fullatt_block_indexes(vision_depth)
+    if "deepstack_visual_indexes" in arch["vision_config"]:
+        arch["vision_config"]["deepstack_visual_indexes"] = deepstack_visual_indexes(
+            ARCH[preset]["vision_config"], vision_depth)
     return family["config"](**arch)
+
+
+def deepstack_visual_indexes(vision, depth):
+    """Qwen3-VL's DeepStack blocks in a tower cut to `depth` blocks: the real ones scaled,
+    i · depth // real_depth ([5, 11, 17] of 24 → [0, 1, 2] at depth 3; unchanged at the full
+    depth). Every level needs its own block (the tower appends one feature per listed block),
+    so depth must be at least the number of levels."""
+    real = vision["deepstack_visual_indexes"]
+    out = [i * depth // vision["depth"] for i in real]
+    if len(set(out)) != len(real):
+        raise ValueError(f"vision_depth {depth}: Qwen3-VL's DeepStack takes {len(real)} distinct "
+                         f"vision blocks ({real} of {vision['depth']}); use vision_depth >= {len(real)}")
+    return out
 
 
 def _check_args(preset, num_layers, vision_depth):
@@ -199,7 +269,7 @@ def _check_args(preset, num_layers, vision_depth):
 
 
 def write_tokenizer(src, dst, family):
-    """Qwen's BPE files with the family's added tokens only and Qwen2-VL's chat template."""
+    """Qwen's BPE files with the family's added tokens only and its chat template."""
     last = family["last_added_id"]
     tj = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
     tj["added_tokens"] = [t for t in tj["added_tokens"] if t["id"] <= last]
@@ -214,7 +284,7 @@ def write_tokenizer(src, dst, family):
         "additional_special_tokens": [t for t in cfg["additional_special_tokens"]
                                       if t in {v["content"] for v in added.values()}],
         "bos_token": None,
-        "chat_template": QWEN2VL_CHAT_TEMPLATE,
+        "chat_template": family["chat_template"],
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
@@ -227,7 +297,7 @@ def write_tokenizer(src, dst, family):
     (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False),
                                                encoding="utf-8")
     (dst / "chat_template.json").write_text(                 # the processor's copy (hub layout)
-        json.dumps({"chat_template": QWEN2VL_CHAT_TEMPLATE}, indent=2), encoding="utf-8")
+        json.dumps({"chat_template": family["chat_template"]}, indent=2), encoding="utf-8")
 
 
 def _verify_tokenizer(path):
@@ -315,7 +385,7 @@ def write_checkpoint(preset, path, num_layers=2, vision_depth=1, seed=0, dtype="
         model.save_pretrained(tmp)              # 5.x: always safetensors (model.safetensors)
         del model
         write_tokenizer(src, tmp, family)
-        pre = dict(PREPROCESSOR, processor_class=family["processor_class"])
+        pre = dict(family["preprocessor"], processor_class=family["processor_class"])
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         _verify_tokenizer(tmp)
         (tmp / MARKER).write_text(json.dumps(spec, indent=2))

@@ -27,6 +27,7 @@ from transformers import (AutoConfig, AutoTokenizer, PreTrainedTokenizerFast,
                           Qwen2VLProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
 
 from data import ANSWER_WORDS, looks_like_hub_id, rank0_first, resolve_dir
+from util.chat_templates import QWEN2VL_CHAT_TEMPLATE, QWEN3VL_CHAT_TEMPLATE
 from util.dist import default_device
 from util.speed import patch_embed_as_matmul, vision_attention_by_size
 
@@ -41,29 +42,11 @@ QWEN_SPECIAL_TOKENS = (
 # Qwen2's pre-tokenizer split (letters, single digits, punctuation runs, newlines, spaces).
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# The official Qwen2-VL chat template (one vision block per image).
-QWEN2VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def build_tiny_tokenizer(vocab_size=1024):
+def build_tiny_tokenizer(vocab_size=1024, chat_template=QWEN2VL_CHAT_TEMPLATE):
     """
     A Qwen-style byte-level BPE trained offline on demo.corpus.tokenizer_corpus(): any text
     encodes (256 byte symbols), the corpus' words become short sequences, the Qwen
-    special tokens and chat template are kept. Deterministic.
+    special tokens and the family's chat template are kept. Deterministic.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     tk = Tokenizer(models.BPE())
@@ -79,7 +62,7 @@ def build_tiny_tokenizer(vocab_size=1024):
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>",
                                   additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
-    tok.chat_template = QWEN2VL_CHAT_TEMPLATE
+    tok.chat_template = chat_template
     return tok
 
 
@@ -125,6 +108,7 @@ TINY = {   # name → (config class, model class, vision config, decoder config 
                       dict(head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
                                                          "mrope_interleaved": True, "rope_theta": 5e6})),
 }
+TINY_CHAT_TEMPLATE = {"tiny-qwen3-vl": QWEN3VL_CHAT_TEMPLATE}   # the others: Qwen2-VL's
 BACKBONES = {"qwen2_vl": Qwen2VLForConditionalGeneration,
              "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
              "qwen3_vl": Qwen3VLForConditionalGeneration}
@@ -254,7 +238,7 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if name_or_path in TINY:
-        tok = build_tiny_tokenizer()
+        tok = build_tiny_tokenizer(chat_template=TINY_CHAT_TEMPLATE.get(name_or_path, QWEN2VL_CHAT_TEMPLATE))
         model = _build_tiny(name_or_path, tok, seed)
         px = merged_patch_px(model.config) ** 2                           # pixels per merged token
         image_processor = image_processor_for(None, min_pixels or TINY_TOKENS[0] * px,
@@ -310,8 +294,8 @@ CONFIG_FILE = "rematch_config.json"
 HEADS_FILE = "rematch_heads.safetensors"
 # what a checkpoint folder's hub copy may bring: only the files the project reads
 CHECKPOINT_FILES = [CONFIG_FILE, HEADS_FILE, "train_state.pt", "README.md", "adapter/*", "backbone/*"]
-MAX_PIXELS = 16384 * 28 * 28           # Qwen2-VL's own upper bound of an image's size
-MAX_MIN_PIXELS = 1280 * 28 * 28        # the paper preset's max_pixels: no image forced above it
+MAX_PIXELS = 16384 * 32 * 32           # Qwen3-VL's own upper bound of an image's size (Qwen2-VL's: 16384 · 28²)
+MAX_MIN_PIXELS = 1280 * 32 * 32        # the paper presets' max_pixels: no image forced above it
 
 
 def check_config(config, where):
