@@ -27,7 +27,7 @@ Commands
   Reranking with the matching head: tools/rerank.py.   Tests: pytest tests/test_evaluate.py
 
 --model: a train.py checkpoint directory (has rematch_config.json) or its hub id, a hub
-id or local directory of a raw Qwen2-VL / Qwen2.5-VL (the single-vector baseline:
+id or local directory of a raw Qwen2-VL / Qwen2.5-VL / Qwen3-VL (the single-vector baseline:
 last-token pooling, VLM2Vec layout; see --num_tokens / --embed_template), or
 tiny-qwen2-vl / tiny-qwen2.5-vl. Under torchrun each task's embedding work is cut into
 one contiguous shard per rank, the embeddings are all-gathered and scored; rank 0 prints
@@ -1004,7 +1004,7 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
     p = argparse.ArgumentParser(description=description)
     # model
     p.add_argument("--model", required=True, help="train.py checkpoint dir or the hub id of an "
-                   "uploaded one, hub id / local dir of a raw Qwen2-VL/Qwen2.5-VL (baseline), or "
+                   "uploaded one, hub id / local dir of a raw Qwen2-VL/Qwen2.5-VL/Qwen3-VL (baseline), or "
                    "tiny-qwen2-vl / tiny-qwen2.5-vl")
     p.add_argument("--revision", default=None,
                    help="hub ids only: the commit, branch or tag of --model to load (recorded with "

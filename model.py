@@ -1,6 +1,6 @@
 """
-The ReMatch model (paper §3.2): a Qwen2-VL / Qwen2.5-VL backbone turned into an
-embedding model that also judges matches.
+The ReMatch model (paper §3.2): a Qwen2-VL / Qwen2.5-VL / Qwen3-VL backbone turned into
+an embedding model that also judges matches.
 
   §3.2.1  K learnable tokens per side (L_q, L_d ∈ R^{K×d}) appended after the chat
           template and fed through `inputs_embeds`; their last-layer states
@@ -14,8 +14,14 @@ embedding model that also judges matches.
           (mrope_position_ids); checkpoints (save_rematch / load_rematch).
 
 Loading a backbone (hub id, local directory, or the offline tiny-qwen2-vl /
-tiny-qwen2.5-vl) is util/backbone.py's; speed-ups proven equal to transformers' plain
-path (vision tower, FlexAttention) are util/speed.py's.
+tiny-qwen2.5-vl / tiny-qwen3-vl) is util/backbone.py's; speed-ups proven equal to
+transformers' plain path (vision tower, FlexAttention) are util/speed.py's.
+
+Qwen3-VL (not in the paper; the recipe is unchanged): its vision tower also returns
+DeepStack features that the decoder adds to its hidden states at the image positions
+after its first layers. ReMatch builds inputs_embeds itself, so every pass hands them to
+the decoder (decoder_inputs); M-RoPE positions are the same rule (the interleaving of the
+sections is the decoder's rotary embedding, given the same (3, N, T) positions).
 
 Naming: "pos" is always the positive document d⁺; positions in a sequence are "*_idx"
 (token_idx, feat_idx, label_idx) or position_ids (M-RoPE).
@@ -36,7 +42,7 @@ from util.speed import vision_indices
 
 class ReMatch(nn.Module):
     """
-    backbone: the Qwen2-VL / Qwen2.5-VL *ForConditionalGeneration (LoRA layers, if any,
+    backbone: the Qwen2-VL / Qwen2.5-VL / Qwen3-VL *ForConditionalGeneration (LoRA layers, if any,
     live inside it); built from such a model or a peft model of one, kept as `peft` for
     saving the adapter (not a submodule: the same parameters).
     L_q, L_d: the learnable tokens (K, d) of queries and documents (§3.2.1).

@@ -103,12 +103,20 @@ def train_step_chunked(run, examples, step):
                rows from the re-embedded E) — local_terms, as in train_step. Chunk 0 runs
                last: only it synchronises DDP gradients, and it holds matching instances
                (the first M of the batch).
+    Chunks are cut from the instances in length_grouped_order (--length_grouped_chunks):
+    E is put back in step order before Eq. 3, and g taken back to chunk order after it.
     Does the backward itself; returns (logged terms, filled) like train_step.
     """
     model, ddp_model, tok, args, autocast = run.model, run.ddp_model, run.tok, run.args, run.autocast
     B, c, device = len(examples), args.chunk_size, model.device
     inst = step_instances(examples, args, step)
-    chunks = [inst.chunk(a, min(a + c, B)) for a in range(0, B, c)]
+    order = list(range(B))
+    if args.length_grouped_chunks:                       # fewer padded tokens, the same loss
+        order = length_grouped_order(*([len(it["ids"]) for it in side] for side in (inst.q, inst.pos, inst.neg)),
+                                     n_match=inst.n_match)
+    grouped = inst.reorder(order)
+    chunks = [grouped.chunk(a, min(a + c, B)) for a in range(0, B, c)]
+    back = torch.argsort(torch.tensor(order, device=device))                 # grouped → step order
 
     states, E_q, E_pos, E_neg = [], [], [], []
     with torch.no_grad(), autocast:                                           # phase 1
@@ -119,10 +127,12 @@ def train_step_chunked(run, examples, step):
             E_d = model.embed(d, "d")[0]                                      # (2c, d)
             E_pos.append(E_d[:len(ch.q)])
             E_neg.append(E_d[len(ch.q):])
-    E_q, E_pos, E_neg = (at_least_fp32(torch.cat(E)).requires_grad_() for E in (E_q, E_pos, E_neg))  # (B, d)
+    E_q, E_pos, E_neg = (at_least_fp32(torch.cat(E))[back].requires_grad_()
+                         for E in (E_q, E_pos, E_neg))                        # (B, d), step order
     l_cl = info_nce(E_q, E_pos, E_neg, args.tau, *doc_ids(inst, args, device))  # Eq. 3
     l_cl.backward()                                       # g = ∂L_cl/∂E, gathered over ranks
-    g_q, g_d = E_q.grad, torch.stack([E_pos.grad, E_neg.grad])               # (B, d), (2, B, d)
+    at = torch.tensor(order, device=device)                                  # step → grouped order
+    g_q, g_d = E_q.grad[at], torch.stack([E_pos.grad[at], E_neg.grad[at]])   # (B, d), (2, B, d)
 
     l_orth, l_qdm, correct = (torch.zeros((), device=device, dtype=torch.float64) for _ in range(3))
     starts = range(0, B, c)
@@ -142,7 +152,7 @@ def train_step_chunked(run, examples, step):
             part = part + args.w_orth * share
             l_orth += share.detach()
             if answers_j:
-                share = qdm_j * ch.n_match / inst.n_match
+                share = qdm_j * ch.n_match / grouped.n_match
                 part = part + args.w_qdm * share
                 l_qdm += share.detach()
                 correct += correct_j
@@ -192,6 +202,36 @@ class Instances:
         """Instances lo..hi-1; the matching ones among them keep their slots."""
         return Instances(self.q[lo:hi], self.pos[lo:hi], self.neg[lo:hi], self.pos_ids[lo:hi],
                          self.neg_ids[lo:hi], self.pos_slot[lo:hi], 0)
+
+    def reorder(self, order):
+        """The instances in `order` (a permutation that keeps the M matching ones first, as
+        length_grouped_order does), each with its own slot."""
+        M = self.n_match
+        if sorted(order[:M]) != list(range(M)):
+            raise ValueError("a reordering must keep the matching instances first")
+        pick = lambda xs: [xs[i] for i in order]                            # noqa: E731
+        return Instances(pick(self.q), pick(self.pos), pick(self.neg), pick(self.pos_ids),
+                         pick(self.neg_ids), [self.pos_slot[i] for i in order[:M]], self.filled)
+
+
+def length_grouped_order(len_q, len_pos, len_neg, n_match, key="sum"):
+    """
+    The order in which train_step_chunked cuts a step's instances into chunks
+    (--length_grouped_chunks, the default): each chunk's passes pad to their longest item,
+    so instances of similar length go together. The M matching instances come first (chunk
+    0 must hold some: it runs last, alone synchronises DDP, and every parameter, the
+    projector's too, must get its gradient there), then the others; each group is sorted
+    by token length, longest first (the largest chunk runs first: a chunk size that does
+    not fit fails at once), ties in step order. key: "sum" = q + d⁺ + d⁻ (the default:
+    also the matching row's length), "q" = the query's, "d" = the longer document's
+    (bench/tokens.py compares them). Which instances share a chunk changes nothing in the
+    loss: Eq. 3 is computed on the whole batch, Eq. 2 and Eq. 4 are means over items.
+    """
+    keys = {"sum": lambda i: len_q[i] + len_pos[i] + len_neg[i], "q": lambda i: len_q[i],
+            "d": lambda i: max(len_pos[i], len_neg[i])}[key]
+    B = len(len_q)
+    return (sorted(range(n_match), key=lambda i: -keys(i))
+            + sorted(range(n_match, B), key=lambda i: -keys(i)))
 
 
 def step_instances(examples, args, step):
@@ -671,6 +711,9 @@ def parse_args(argv=None):
     # optimisation
     p.add_argument("--steps", type=int, default=2500, help="optimiser steps (§4: 2500)")
     p.add_argument("--batch_size", type=int, default=128, help="queries per rank per step (§4: 128 × 8)")
+    p.add_argument("--length_grouped_chunks", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --chunk_size: chunks of instances of similar token length (less "
+                        "padding; the same loss and gradients; default on)")
     p.add_argument("--chunk_size", type=int, default=None,
                    help="cached-gradient micro-batching: embed and backpropagate this many "
                         "instances at a time (same gradients, memory of one chunk); default off")

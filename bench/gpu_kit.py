@@ -1,7 +1,8 @@
 """
 GPU kit: the paper preset's training step on width-real checkpoints, one command.
 
-For each preset (default qwen2-vl-2b and qwen2-vl-7b) it writes a width-real random-init
+For each preset (default qwen2-vl-2b and qwen2-vl-7b; also qwen2.5-vl-3b/7b and
+qwen3-vl-2b/4b/8b) it writes a width-real random-init
 checkpoint in the hub layout (tools/width_real.py: real widths, heads, vocabulary, vision
 tower and tokenizer; --layers decoder layers, default the real depth) and, in bf16 with
 the preset's flags (LoRA r=32, K=16, all 8 views, τ=0.02), measures one training step
@@ -25,7 +26,8 @@ with the GPU's name is printed and written as JSON (--out).
 
 Without CUDA (and without --device cpu) it says so and exits 0. MMEB-like inputs: an
 image query with a ~30-token instruction, an image positive, a text hard negative, images
-resized to --image_size² pixels ((image_size/28)² merged tokens: 448 → 256).
+resized to --image_size² pixels ((image_size/28)² merged tokens: 448 → 256; Qwen3-VL
+presets, 32 px per merged token, get the side with the same token count: 448 → 512).
 """
 import argparse
 import contextlib
@@ -68,6 +70,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def image_side(preset, image_size):
+    """--image_size is given in Qwen2-VL pixels (28 px per merged token); a Qwen3-VL preset
+    (32 px) gets the side with the same number of image tokens (448 → 512: 256 tokens)."""
+    vision = ARCH[preset]["vision_config"]
+    return image_size * vision["patch_size"] * vision["spatial_merge_size"] // 28
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -80,9 +89,11 @@ def instances(processor, n, size):
              "index": i} for i in range(n)]
 
 
-def build(ckpt, device, size):
+def build(preset, ckpt, device, size):
+    """train.py's model for `preset` (its flags: LoRA, K, views, τ) on the width-real `ckpt`,
+    every image resized to size² px."""
     pixels = str(size * size)
-    flags = ["--preset", "qwen2-vl-2b", "--model", ckpt, "--train_data", "-", "--image_dir", "-",
+    flags = ["--preset", preset, "--model", ckpt, "--train_data", "-", "--image_dir", "-",
              "--min_pixels", pixels, "--max_pixels", pixels, "--dtype",
              "bfloat16" if device.type == "cuda" else "float32", "--no-grad_checkpointing"]
     args = train.parse_args(flags)
@@ -166,9 +177,10 @@ def main(argv=None):
             write_checkpoint(preset, ckpt, num_layers=a.layers or ARCH[preset]["text_config"]["num_hidden_layers"],
                              vision_depth=a.vision_depth or ARCH[preset]["vision_config"]["depth"],
                              dtype="bfloat16" if device.type == "cuda" else "float32")  # 7B: 17 GB, not 33
-            args, model, processor = build(ckpt, device, a.image_size)
-            agreement = logit_agreement(model, processor, device, a.image_size)
-            batch = instances(processor, a.batch, a.image_size)
+            size = image_side(preset, a.image_size)
+            args, model, processor = build(preset, ckpt, device, size)
+            agreement = logit_agreement(model, processor, device, size)
+            batch = instances(processor, a.batch, size)
             n = sum(p.numel() for p in model.parameters())
             for chunk in a.chunk_sizes:
                 args.chunk_size = chunk                           # train.py --chunk_size

@@ -100,17 +100,31 @@ def view_plans(mb, dtype):
 
 
 def separate_logits(model, mb, E, plans, images=None):
-    """Label logits (M·V, vocab) in ReMatch.match's order, from one decoder pass per view."""
+    """Label logits (M·V, vocab) in ReMatch.match's order, from one decoder pass per view
+    (Qwen3-VL: each pass with the DeepStack features of the images its segments hold)."""
+    if images is None:
+        images = model.image_features(mb["pixel_values"], mb["image_grid_thw"])
     x, mask, pos = model.match_inputs(mb, *E, images=images)   # (M, L, d), (M, 1, L, L), (3, M, L)
     del mask                                                    # the packed row's mask: unused here
     dev = x.device
+    ids = mb["input_ids"].to(dev)                               # (M, L)
+    is_img = ids == model.backbone.config.image_token_id        # (M, L)
+    S = images[0].shape[1] - 1 if images else 0                 # DeepStack levels (Qwen3-VL)
+    if S:
+        D = x.new_zeros(*ids.shape, S, x.shape[-1])             # (M, L, S, d)
+        D[is_img] = torch.cat(images)[:, 1:].to(x.dtype)
     rows = torch.arange(x.shape[0], device=dev)[:, None]        # (M, 1)
     out = []
     for p in plans:
         index, valid = p["index"].to(dev), p["valid"].to(dev)
         xs = x[rows, index]                                     # (M, l, d)
         ps = pos[:, rows, index] * valid                        # (3, M, l), padding → 0
-        h = model.last_hidden(xs, p["mask"].to(dev), ps)        # (M, l, d)
+        deepstack = {}
+        if S:
+            vis = is_img[rows, index] & valid                   # (M, l)
+            deepstack = {"visual_pos_masks": vis,
+                         "deepstack_visual_embeds": list(D[rows, index][vis].unbind(1))}
+        h = model.last_hidden(xs, p["mask"].to(dev), ps, **deepstack)   # (M, l, d)
         out.append(model.backbone.lm_head(h[rows[:, 0], p["at"].to(dev)]))   # (M, vocab)
     return torch.stack(out, dim=1).flatten(0, 1)                # (M, V, vocab) → (M·V, vocab)
 

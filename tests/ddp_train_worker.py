@@ -28,7 +28,8 @@ def main():
     ddp_model = torch.nn.parallel.DistributedDataParallel(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
-    sampler = iter(TrainBatchSampler(dataset, args.batch_size, world, rank, args.seed))
+    sampler = iter(TrainBatchSampler(dataset, args.batch_size, world, rank, args.seed,
+                                     homogeneous=args.homogeneous_batches))
     seen, first_grads = [], None
     for step in range(args.steps):
         idx = next(sampler)

@@ -24,10 +24,12 @@ def test_without_cuda_it_says_so(capsys):
 
 
 @pytest.mark.slow
-def test_cpu_dry_run_of_the_kit(tmp_path):
+@pytest.mark.parametrize("preset,vision_depth", [("qwen2-vl-2b", 1), ("qwen3-vl-2b", 3)])
+def test_cpu_dry_run_of_the_kit(tmp_path, preset, vision_depth):
+    """Qwen3-VL (three DeepStack blocks): the kit's separate-pass oracle adds DeepStack too."""
     out = tmp_path / "kit.json"
-    res = gpu_kit.main(["--device", "cpu", "--presets", "qwen2-vl-2b", "--layers", "1",
-                        "--vision_depth", "1", "--batch", "2", "--chunk_sizes", "1",
+    res = gpu_kit.main(["--device", "cpu", "--presets", preset, "--layers", "1",
+                        "--vision_depth", str(vision_depth), "--batch", "2", "--chunk_sizes", "1",
                         "--image_size", "56", "--reps", "1", "--warmup", "0",
                         "--workdir", str(tmp_path / "ckpt"), "--out", str(out)])
     saved = json.loads(out.read_text())
@@ -36,6 +38,6 @@ def test_cpu_dry_run_of_the_kit(tmp_path):
     assert dense["attention"] == "sdpa" and dense["chunk_size"] == 1
     assert dense["step_s"] > 0 and dense["tokens_per_s"] > 0
     assert flex["attention"] == "flex" and flex["error"] == "n/a" and "no backward on the CPU" in flex["why"]
-    agree = saved["qwen2-vl-2b_bf16_agreement"]               # fp32 on the CPU
+    agree = saved[f"{preset}_bf16_agreement"]                 # fp32 on the CPU
     for what in ("unified_vs_separate", "flex_vs_dense"):      # flex's forward runs on the CPU
         assert agree[what]["max_abs_logit_diff"] < 1e-4 and agree[what]["yes_no_argmax_agreement"] == 1.0

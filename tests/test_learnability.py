@@ -18,8 +18,10 @@ over P, H and its two views; with the long P the one feature token is ~2% of wha
 answer reads and a 2-layer random model sits on the p = 0.5 plateau for hundreds of steps
 (measured; see the readings). The mask, positions, injection and labels are the same code
 either way. Recipe: 32 instances per step, AdamW lr 3e-3 with 50 warm-up steps and cosine
-decay (train.lr_at), gradient clipping at 1. Seeds 0, 1, 2 measured on this CPU: feat
-0.97, 1.00, 0.90 after 600 steps; raw 0.95, 0.99, 0.93 after 1000 (the test runs seed 0).
+decay (train.lr_at), gradient clipping at 1. Measured on this CPU (the test runs seed 0):
+feat, seed 0: 0.99 after 800 steps (after 600: 0.875; seeds 1, 2: 0.87, 0.78 — first measured
+at 0.97, 1.00, 0.90 after 600 with an earlier install, so 800 gives the margin); raw, seeds
+0, 1, 2: 0.95, 0.99, 0.93 after 1000 (first install).
 
     pytest tests/test_learnability.py
 """
@@ -80,7 +82,7 @@ def identity_task(views, steps, seed=0, lr=3e-3, M=32, warmup=50):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("views, steps", [("feat", 600), ("raw", 1000)])
+@pytest.mark.parametrize("views, steps", [("feat", 800), ("raw", 1000)])
 def test_matching_pass_learns_the_identity_task(views, steps):
     torch.set_num_threads(2)
     assert identity_task(views, 0) == pytest.approx(0.5, abs=0.15)          # chance before training

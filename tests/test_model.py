@@ -103,6 +103,31 @@ def test_unknown_model_type_is_rejected(tmp_path):
         load_backbone(str(tmp_path), device="cpu")
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5", "qwen3_5_moe"])
+def test_hybrid_linear_attention_checkpoints_are_refused_with_the_reason(tmp_path, model_type):
+    """Qwen3-Next / Qwen3.5 mix Gated DeltaNet (linear-attention) layers into the decoder:
+    the unified matching mask cannot hold there, and the refusal says why, before any
+    weight or tokenizer file is read (the directory holds only config.json)."""
+    import transformers
+    config = transformers.CONFIG_MAPPING[model_type]()
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"{model_type}.*linear_attention.*unified matching"):
+        load_backbone(str(tmp_path), device="cpu")
+
+
+def test_a_decoder_with_recurrent_layer_types_is_refused_whatever_its_name():
+    """refuse_hybrid reads layer_types, not only the model_type: a Qwen3-VL config whose
+    decoder declares a linear-attention layer is refused too; plain attention passes."""
+    from transformers import Qwen3VLConfig
+
+    from util.backbone import refuse_hybrid
+    cfg = Qwen3VLConfig()
+    refuse_hybrid(cfg, "plain")                                          # no layer_types: fine
+    cfg.text_config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(ValueError, match="linear_attention"):
+        refuse_hybrid(cfg, "hybrid")
+
+
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory):
     """A tiny backbone written in the hub layout (save_backbone)."""
@@ -164,22 +189,32 @@ def test_patch_embedding_as_matmul_equals_the_conv3d(tiny):
     torch.testing.assert_close(twin(x), conv, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_vision_attention_by_size_equals_the_per_image_loop(family, monkeypatch):
     """load_backbone binds vision_attention_by_size to every vision block: one attention
     call per distinct segment length instead of one per image. Outputs and all weight
     gradients equal transformers' own forward (fp64), for images of mixed and repeated
     sizes out of order, and for Qwen2.5-VL's windowed block (block 0: windows of 4×4
-    patches cut the larger images) as well as its full block."""
+    patches cut the larger images) as well as its full block. Qwen3-VL: the DeepStack
+    features of both blocks are part of the output (and of the loss)."""
     from transformers import (Qwen2_5_VLVisionConfig, Qwen2VLVisionConfig)
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
     import util.speed as model_py
+    patch = 16 if family == "qwen3_vl" else 14
     if family == "qwen2_vl":
         cfg = Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
                                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
         cls = Qwen2VisionTransformerPretrainedModel
+    elif family == "qwen3_vl":
+        cfg = Qwen3VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                  out_hidden_size=64, num_position_embeddings=256,
+                                  deepstack_visual_indexes=[0, 1], patch_size=16,
+                                  spatial_merge_size=2, temporal_patch_size=2)
+        cls = Qwen3VLVisionModel
     else:
         cfg = Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
                                      out_hidden_size=64, window_size=56, fullatt_block_indexes=[1],
@@ -192,7 +227,7 @@ def test_vision_attention_by_size_equals_the_per_image_loop(family, monkeypatch)
     for block in by_size.blocks:
         model_py.vision_attention_by_size(block.attn)
     grid = torch.tensor([[1, 4, 4], [1, 8, 4], [1, 4, 4], [1, 8, 8], [1, 4, 8], [1, 8, 4]])
-    x = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, dtype=torch.float64)
+    x = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * patch * patch, dtype=torch.float64)
     calls = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
@@ -200,7 +235,8 @@ def test_vision_attention_by_size_equals_the_per_image_loop(family, monkeypatch)
     outs = []
     for tower in (ref, by_size):
         calls.clear()
-        out = tower(x, grid_thw=grid).pooler_output                           # (n merged, d)
+        res = tower(x, grid_thw=grid)
+        out = torch.cat([res.pooler_output, *(getattr(res, "deepstack_features", None) or [])])  # (n merged·(1+S), d)
         (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
         outs.append((out.detach(), {n: p.grad for n, p in tower.named_parameters()}, list(calls)))
     (o_ref, g_ref, c_ref), (o, g, c) = outs
@@ -208,9 +244,10 @@ def test_vision_attention_by_size_equals_the_per_image_loop(family, monkeypatch)
     assert g.keys() == g_ref.keys()
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], rtol=1e-9, atol=1e-10, msg=name)
-    lengths = {16, 32, 64} if family == "qwen2_vl" else {16}                 # 2.5 block 0: 4×4 windows
+    windowed = family == "qwen2_5_vl"
+    lengths = {16} if windowed else {16, 32, 64}                             # 2.5 block 0: 4×4 windows
     full = {16, 32, 64}
-    assert len(c) == (2 * len(lengths) if family == "qwen2_vl" else len(lengths) + len(full))
+    assert len(c) == (len(lengths) + len(full) if windowed else 2 * len(lengths))
     assert len(c_ref) > len(c)                                                # one per image / window
 
 

@@ -69,14 +69,15 @@ def last_log(out):
 def test_two_process_ddp_training(fixture_dir, tmp_path, chunk):
     """torchrun, 2 gloo ranks × B: disjoint rows, identical parameters across ranks, and
     the first step's gradients == one process on the same global batch of 2B (plain
-    step), also with cached-gradient chunks of 2 on each rank (chunks 2 + 1)."""
+    step), also with cached-gradient chunks of 2 on each rank (chunks 2 + 1), cut in
+    length-grouped order from batches that mix both subsets (image and text queries)."""
     import train
     from data import TrainBatchSampler, TrainDataset
 
     steps = 3
     fl = flags(fixture_dir, str(tmp_path / "run"), "--steps", str(steps), "--match_views", "all",
                "--dtype", "float64",                # fp64: the comparison is exact up to 1e-10
-               *(["--chunk_size", str(chunk)] if chunk else []))
+               *(["--chunk_size", str(chunk), "--no-homogeneous_batches"] if chunk else []))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(REPO, "tests", "ddp_train_worker.py"), str(tmp_path), "--", *fl]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -91,8 +92,11 @@ def test_two_process_ddp_training(fixture_dir, tmp_path, chunk):
     args.chunk_size = None                                           # the oracle: one plain step
     model, processor = train.build_model(args, torch.device("cpu"))
     dataset = TrainDataset(args.train_data, args.image_dir, processor)
-    idx = next(iter(TrainBatchSampler(dataset, 2 * args.batch_size, 1, 0, args.seed)))
-    assert list(idx) == r0["seen"][0] + r1["seen"][0]               # same global batch
+    idx = [i for r in (0, 1) for i in next(iter(TrainBatchSampler(                # the global batch
+        dataset, args.batch_size, 2, r, args.seed, homogeneous=args.homogeneous_batches)))]
+    assert idx == r0["seen"][0] + r1["seen"][0]
+    if chunk:                                                       # both kinds of query in it
+        assert len({dataset.subset_of(i) for i in idx}) == 2
     loss, _, _ = train.train_step(train.Step(model, processor.tokenizer, args), [dataset[i] for i in idx], 0)
     loss.backward()
     for name, p in model.named_parameters():
@@ -100,23 +104,32 @@ def test_two_process_ddp_training(fixture_dir, tmp_path, chunk):
             torch.testing.assert_close(r0["grads"][name], p.grad, atol=1e-9, rtol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("chunk,M", [(2, 3), (1, None), (4, 1)])
-def test_chunked_step_gives_the_same_gradients(fixture_dir, tmp_path, chunk, M):
+@pytest.mark.parametrize("chunk,M,grouped", [(2, 3, True), (1, None, True), (4, 1, True),
+                                             (2, 3, False)])
+def test_chunked_step_gives_the_same_gradients(fixture_dir, tmp_path, chunk, M, grouped):
     """Cached-gradient micro-batching (--chunk_size) == the plain step on the whole batch:
     parameter gradients (fp64, 1e-9) and logged loss terms; uneven chunks, and chunks
-    with no, some or all instances in the matching pass."""
+    with no, some or all instances in the matching pass; chunks cut in length-grouped
+    order (the default: here a real reordering, image and text queries mixed) and in
+    step order."""
     import train
     from data import TrainDataset
 
     extra = ["--match_instances", str(M)] if M else []
     base = flags(fixture_dir, str(tmp_path), "--batch_size", "5", "--dtype", "float64", *extra)
+    rows = (0, 12, 1, 13, 14)                    # ImageNet_1K (image query), MSCOCO_t2i (text query)
     runs = []
-    for fl in (base, base + ["--chunk_size", str(chunk)]):
+    for fl in (base, base + ["--chunk_size", str(chunk)] + ([] if grouped else ["--no-length_grouped_chunks"])):
         args = train.parse_args(fl)
         model, processor = train.build_model(args, torch.device("cpu"))
         dataset = TrainDataset(args.train_data, args.image_dir, processor)
-        terms, _ = train.forward_backward(train.Step(model, processor.tokenizer, args),
-                                          [dataset[i] for i in range(5)], 0)
+        examples = [dataset[i] for i in rows]
+        assert {dataset.subset_of(i) for i in rows} == {"ImageNet_1K", "MSCOCO_t2i"}
+        inst = train.step_instances(examples, args, 0)
+        order = train.length_grouped_order(*([len(it["ids"]) for it in side] for side in (inst.q, inst.pos, inst.neg)),
+                                           n_match=inst.n_match)
+        assert order != list(range(5)) and sorted(order[:inst.n_match]) == list(range(inst.n_match))
+        terms, _ = train.forward_backward(train.Step(model, processor.tokenizer, args), examples, 0)
         runs.append((terms, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     (t0, g0), (t1, g1) = runs
     for k in t0:
@@ -124,6 +137,16 @@ def test_chunked_step_gives_the_same_gradients(fixture_dir, tmp_path, chunk, M):
     assert g0.keys() == g1.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-10, rtol=1e-8, msg=name)
+
+
+def test_length_grouped_order_by_hand():
+    """Matching instances first, each group longest first, ties in step order; the three keys."""
+    import train
+    q, pos, neg = [5, 9, 5, 1, 7], [1, 1, 8, 1, 1], [1, 1, 1, 6, 1]
+    assert train.length_grouped_order(q, pos, neg, n_match=2) == [1, 0, 2, 4, 3]    # sums 7 11 | 14 8 9
+    assert train.length_grouped_order(q, pos, neg, n_match=0) == [2, 1, 4, 3, 0]
+    assert train.length_grouped_order(q, pos, neg, n_match=0, key="q") == [1, 4, 0, 2, 3]
+    assert train.length_grouped_order(q, pos, neg, n_match=5, key="d") == [2, 3, 0, 1, 4]
 
 
 # ---------------------------------------------------------------------------- resume

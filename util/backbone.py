@@ -1,16 +1,19 @@
 """
-Loading and saving the backbone: a Qwen2-VL / Qwen2.5-VL checkpoint from a hub id or a
-local directory, or a tiny randomly initialised one built offline — plumbing behind
+Loading and saving the backbone: a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint from a hub
+id or a local directory, or a tiny randomly initialised one built offline — plumbing behind
 model.py, none of it in the paper.
 
   load_backbone(name_or_path)   (model, processor); the config, the tokenizer and the
                                 image processor are checked before any weight is read
   save_backbone(model, ...)     the layout of a hub checkpoint, which load_backbone reads
-  tiny-qwen2-vl, tiny-qwen2.5-vl  h=64, 2 layers, random init from a seed, with a small
+  tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-qwen3-vl
+                                h=64, 2 layers, random init from a seed, with a small
                                 byte-level BPE tokenizer trained on the demo's strings
                                 (demo/corpus.py, imported when a tiny model is built) and
-                                the real PIL Qwen2-VL image processor: the same code paths
-                                as the real checkpoints
+                                the real PIL Qwen2-VL image processor (Qwen3-VL: 16-px
+                                patches): the same code paths as the real checkpoints
+  refuse_hybrid(config)         decoders with linear-attention layers (Qwen3-Next, Qwen3.5)
+                                cannot carry the unified matching mask: refused, with why
   answer_token_ids(tokenizer)   the Yes/No label tokens of Eq. 4
   resolve_checkpoint(name)      a ReMatch checkpoint folder's hub id → its local copy
   write_model_card(path, ...)   the README.md of a checkpoint folder
@@ -173,11 +176,11 @@ def refuse_hybrid(config, where):
     under an arbitrary mask (Fig. 3: a view sees only its own segments), and a recurrent
     layer carries one state along the whole row, so every view would read the others."""
     text = getattr(config, "text_config", None) or config
-    kinds = set(getattr(text, "layer_types", None) or ())
-    if config.model_type in HYBRID or kinds - {"full_attention", "sliding_attention"}:
+    other = set(getattr(text, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if config.model_type in HYBRID or other:
         raise ValueError(
             f"{where}: model_type {config.model_type!r} has decoder layers that are not softmax "
-            f"attention ({', '.join(sorted(kinds)) or 'linear attention'}): the unified matching "
+            f"attention ({', '.join(sorted(other)) or 'linear attention'}): the unified matching "
             "pass (Eq. 4, one row holding all 8 views under a block mask) needs every layer to "
             "attend under that mask, and a recurrent linear-attention layer passes one state "
             "along the whole row, so each view would see the others. Supported: "
@@ -194,7 +197,7 @@ def _check_local_checkpoint(path):
         missing.append("tokenizer.json (or vocab.json + merges.txt)")
     if missing:
         raise FileNotFoundError(
-            f"{path}: not a complete Qwen2-VL/Qwen2.5-VL checkpoint, missing {', '.join(missing)}. "
+            f"{path}: not a complete Qwen2-VL/Qwen2.5-VL/Qwen3-VL checkpoint, missing {', '.join(missing)}. "
             "Copy these files from the base model's hub folder (e.g. Qwen/Qwen2-VL-2B-Instruct), "
             "or save with util.backbone.save_backbone, which writes all of them")
 
@@ -228,8 +231,9 @@ def refuse_missing_local(name):
 def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None, max_pixels=None,
                   revision=None):
     """
-    Load (model, processor) for Qwen2-VL or Qwen2.5-VL from a hub id or a local directory,
-    or build `tiny-qwen2-vl` / `tiny-qwen2.5-vl` offline (random init from `seed`).
+    Load (model, processor) for Qwen2-VL, Qwen2.5-VL or Qwen3-VL from a hub id or a local
+    directory, or build `tiny-qwen2-vl` / `tiny-qwen2.5-vl` / `tiny-qwen3-vl` offline (random
+    init from `seed`). Decoders with linear-attention layers are refused (refuse_hybrid).
     sdpa attention; dtype bf16 on CUDA, fp32 on CPU unless given. min/max_pixels bound
     the image size (default: the checkpoint's own; tiny: 56² .. 112²). revision: a hub
     id's commit, branch or tag. The config, the tokenizer and the image processor are

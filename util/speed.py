@@ -14,6 +14,14 @@ none of it in the paper. Each has a named test against the plain path:
                              (masks.unified_block_mask) through a registered transformers
                              attention function (tests/test_flex.py)
 
+All four apply to Qwen2-VL, Qwen2.5-VL and Qwen3-VL alike, each proven there: Qwen3-VL's
+patch embedding is the same kernel-equals-stride Conv3d (16-px patches), its vision attention
+the same qkv / rotary / proj layout (DeepStack features are taken after whole blocks, so
+they see the same outputs; the by-size test includes them), its tower takes the same
+precomputed rotary ids (it has no windows; its position-table interpolation indices are
+computed vectorised by transformers itself), and its decoder attention goes through the
+same attention interface as the others (tests/test_flex.py runs on tiny-qwen3-vl).
+
 Measurements of each: bench/ (bench/README.md).
 """
 import collections
