@@ -220,13 +220,46 @@ def unified_block_mask(rows, views=VIEWS, block_size=128, device=None):
     table (its diagonal is mask_mod's q == kv), so blocks holding pad are never full.
     Returns a BlockMask of shape (B, 1, L, L), heads broadcast.
     """
-    from torch.nn.attention.flex_attention import BlockMask   # noqa: PLC0415 (torch ≥ 2.5)
-
     if not rows:
         raise ValueError("unified_block_mask: no rows")
-    seg, see, pad_id = segment_ids(rows, views)                    # (B, L), (S, S)
-    B, L = seg.shape
+    seg, see, _ = segment_ids(rows, views)                         # (B, L), (S, S)
+    return _block_mask(seg, see, block_size, device)
+
+
+def packed_ids(lengths):
+    """Item id of every position of one packed row (1, Σ lengths): 0 … 0 1 … 1 …"""
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.as_tensor(lengths))[None]
+
+
+def packed_mask(lengths, device=None):
+    """Dense oracle of packed_block_mask: (1, T, T) bool, position i may attend j iff both
+    belong to the same item and j <= i (each item causal on its own, as in its own row)."""
+    doc = packed_ids(lengths).to(device)[0]                          # (T,)
+    i = torch.arange(doc.numel(), device=device)
+    return ((doc[:, None] == doc[None, :]) & (i[None, :] <= i[:, None]))[None]  # (1, T, T)
+
+
+def packed_block_mask(lengths, block_size=128, device=None):
+    """The block-diagonal causal mask of a packed row (train.py --pack: a chunk's items
+    in one row without padding) as a FlexAttention BlockMask (1, 1, T, T): the segment
+    machinery of unified_block_mask with one segment per item that sees only itself."""
+    n = len(lengths)
+    if n == 0 or min(lengths) < 1:
+        raise ValueError(f"packed_block_mask: every item needs at least one token, got {list(lengths)}")
+    return _block_mask(packed_ids(lengths), torch.eye(n, dtype=torch.bool), block_size, device)
+
+
+def _block_mask(seg, see, block_size, device):
+    """BlockMask (B, 1, L, L) of "position i sees j iff j <= i and see[seg i, seg j], or
+    i == j" from segment ids seg (B, L) and the segment table see (S, S) (unified_block_mask's
+    docstring: how full, partial and empty blocks are found)."""
+    from torch.nn.attention.flex_attention import BlockMask   # noqa: PLC0415 (torch ≥ 2.5)
+
     S = see.shape[0]
+    pad_id = S                                                      # block padding: sees nothing
+    see = torch.nn.functional.pad(see, (0, 1, 0, 1), value=False)   # (S + 1, S + 1)
+    S += 1
+    B, L = seg.shape
     n = -(-L // block_size)                                         # blocks per side
     seg = torch.nn.functional.pad(seg, (0, n * block_size - L), value=pad_id)   # (B, n·bs)
     member = torch.nn.functional.one_hot(seg.view(B, n, block_size), S).amax(2).float()  # (B, n, S)

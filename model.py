@@ -34,7 +34,7 @@ import os
 import torch
 import torch.nn as nn
 
-from masks import additive_mask, unified_block_mask, unified_mask_batch
+from masks import additive_mask, packed_block_mask, unified_block_mask, unified_mask_batch
 from util.backbone import (CONFIG_FILE, HEADS_FILE, check_config, load_backbone, resolve_checkpoint,
                            save_backbone, write_model_card)
 from util.speed import vision_indices
@@ -57,6 +57,7 @@ class ReMatch(nn.Module):
         self.embed_template = embed_template
         self.tokens_processed = 0          # decoder tokens run so far (throughput logs)
         self.attn = "sdpa"                 # unified mask: dense additive (sdpa) or BlockMask (flex)
+        self.pack = False                  # embedding passes padding-free (embed_packed; set_attention)
         hf = self.backbone
         d = hf.config.text_config.hidden_size
         W = hf.get_input_embeddings().weight.detach()                         # (V, d)
@@ -147,7 +148,10 @@ class ReMatch(nn.Module):
         images: the batch's per-image features if already computed (image_features).
         Returns E (N, d), the fused embedding (mean of the K states), and
         e (N, K, d), the K learnable-token states for Eq. 2 (K = 0: the last token, K=1).
+        With `pack` set (train.py --pack), embed_packed computes the same without padding.
         """
+        if self.pack:
+            return self.embed_packed(batch, side, images)
         dev = self.device
         input_ids = batch["input_ids"].to(dev)                                # (N, T)
         attention_mask = batch["attention_mask"].to(dev)                      # (N, T)
@@ -166,6 +170,40 @@ class ReMatch(nn.Module):
         e = h[rows, token_idx]                                                # (N, K, d)
         E = e.mean(dim=1)                                                     # (N, d)
         return E, e
+
+    def embed_packed(self, batch, side, images=None):
+        """
+        embed without padding (train.py --pack; plumbing, not in the paper): the batch's rows
+        without their padding, one after another in ONE row (1, Σ T_n) under a block-diagonal
+        causal mask (masks.packed_block_mask: each item sees only its own earlier tokens, as
+        in its own padded row), each item with its own M-RoPE positions (and DeepStack
+        features), the K token states gathered at their packed offsets. The decoder computes
+        Σ T_n tokens instead of N · max T_n. Same E, e as the padded pass (tests/test_pack.py);
+        needs the FlexAttention kernel (util/speed.set_attention(..., pack=True)).
+        """
+        dev = self.device
+        input_ids = batch["input_ids"].to(dev)                                # (N, T)
+        real = batch["attention_mask"].to(dev).bool()                         # (N, T)
+        token_idx = batch["token_idx"].to(dev)                                # (N, K)
+        if images is None:
+            images = self.image_features(batch["pixel_values"], batch["image_grid_thw"])
+        x = self.input_embeds(input_ids, images=images)                      # (N, T, d)
+        rows = torch.arange(len(token_idx), device=dev)[:, None].expand_as(token_idx)  # (N, K)
+        if self.num_tokens > 0:
+            L = self.L_q if side == "q" else self.L_d                         # (K, d)
+            x = x.index_put((rows.reshape(-1), token_idx.reshape(-1)),
+                            L.to(x.dtype).repeat(len(token_idx), 1))          # token_idx ← L_1..L_K
+        position_ids = self.positions(input_ids, real, batch["image_grid_thw"])  # (3, N, T)
+        lengths = real.sum(1)                                                 # (N,) right padding
+        start = lengths.cumsum(0) - lengths                                   # (N,) offset in the row
+        deepstack = self.decoder_inputs(input_ids, images)
+        if deepstack:                                                         # (N, T) → (1, Σ T_n)
+            deepstack["visual_pos_masks"] = deepstack["visual_pos_masks"][real][None]
+        mask = packed_block_mask(lengths.tolist(), device=dev)                # (1, 1, ΣT, ΣT) blocks
+        h = self.last_hidden(x[real][None], mask, position_ids[:, real][:, None],
+                             **deepstack)[0]                                  # (Σ T_n, d)
+        e = h[start[:, None] + token_idx]                                     # (N, K, d)
+        return e.mean(dim=1), e
 
     # -- §3.2.3 matching -------------------------------------------------------------
     def match_inputs(self, mbatch, E_q, E_pos, E_neg, images=None):

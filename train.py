@@ -318,7 +318,7 @@ def build_model(args, device):
     if args.lora:
         backbone = apply_lora(backbone, args.lora_r, args.lora_alpha, args.lora_dropout)
     model = ReMatch(backbone, args.num_tokens, args.embed_template, seed=args.seed)
-    set_attention(model, args.attn, training=True)
+    set_attention(model, args.attn, training=True, pack=args.pack)
     if args.w_qdm == 0:                        # no matching: projector and LM head get no gradient
         model.projector.requires_grad_(False)
         model.backbone.lm_head.requires_grad_(False)
@@ -711,6 +711,10 @@ def parse_args(argv=None):
     # optimisation
     p.add_argument("--steps", type=int, default=2500, help="optimiser steps (§4: 2500)")
     p.add_argument("--batch_size", type=int, default=128, help="queries per rank per step (§4: 128 × 8)")
+    p.add_argument("--pack", action="store_true",
+                   help="padding-free embedding passes: each pass's items in one row under a "
+                        "block-diagonal causal FlexAttention mask (same embeddings; CUDA training "
+                        "only; default off: the padded SDPA passes)")
     p.add_argument("--length_grouped_chunks", action=argparse.BooleanOptionalAction, default=True,
                    help="with --chunk_size: chunks of instances of similar token length (less "
                         "padding; the same loss and gradients; default on)")
@@ -802,8 +806,9 @@ def parse_args(argv=None):
         p.error("--resume_revision pins the hub id given as --resume_from; there is none")
     if args.resume and args.overwrite:
         p.error("--resume and --overwrite contradict each other: pick one")
-    if args.attn == "flex":                        # before any data or model is loaded
-        why = flex_unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=True)
+    for flag, on in (("--attn flex", args.attn == "flex"), ("--pack", args.pack)):   # before any loading
+        why = on and flex_unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                                      training=True, flag=flag)
         if why:
             p.error(why)
     args.target_prompt_table = None           # the file's contents go into the checkpoint config

@@ -52,6 +52,9 @@ from util.speed import ATTENTION, flex_unavailable, set_attention  # noqa: E402
 from tools.width_real import ARCH, write_checkpoint  # noqa: E402
 
 
+EMBED_MODES = ("index", "grouped", "packed")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["qwen2-vl-2b", "qwen2-vl-7b"], choices=sorted(ARCH))
@@ -62,6 +65,14 @@ def parse_args(argv=None):
     p.add_argument("--attn", nargs="+", choices=ATTENTION, default=list(ATTENTION),
                    help="unified-mask attention paths to time (train.py --attn)")
     p.add_argument("--image_size", type=int, default=448, help="images resized to about this² px")
+    p.add_argument("--image_sizes", type=int, nargs="+", default=None,
+                   help="a length mix instead: instance i's query image is sizes[i % n]² px and its "
+                        "positive's sizes[(3i + 1) % n]² px (Qwen2-VL px; min 4, max 1280 tokens), so "
+                        "rows differ in length as in MMEB and padding costs (e.g. 224 448 672 896)")
+    p.add_argument("--embed_modes", nargs="+", choices=EMBED_MODES, default=["grouped"],
+                   help="how the embedding passes are cut and run: index = chunks in loader order, "
+                        "padded (--no-length_grouped_chunks); grouped = length-grouped chunks, padded "
+                        "(the default); packed = grouped + --pack (padding-free; needs flex)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda")
@@ -82,19 +93,22 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def instances(processor, n, size):
-    """n MMEB-like training instances, in the format train.forward_backward takes."""
-    return [{"q": make_item(processor, "query", i, size), "pos": make_item(processor, "doc_image", i, size),
+def instances(processor, n, size, sizes=None):
+    """n MMEB-like training instances, in the format train.forward_backward takes; with
+    `sizes`, image sides vary by instance (query sizes[i % n], positive sizes[(3i + 1) % n])."""
+    side = (lambda i: sizes[i % len(sizes)]) if sizes else (lambda i: size)       # noqa: E731
+    return [{"q": make_item(processor, "query", i, side(i)), "pos": make_item(processor, "doc_image", i, side(3 * i + 1)),
              "neg": make_item(processor, "doc_text", i, size), "pos_id": 2 * i, "neg_id": 2 * i + 1,
              "index": i} for i in range(n)]
 
 
-def build(preset, ckpt, device, size):
+def build(preset, ckpt, device, size, mix=False):
     """train.py's model for `preset` (its flags: LoRA, K, views, τ) on the width-real `ckpt`,
-    every image resized to size² px."""
-    pixels = str(size * size)
+    every image resized to size² px (mix: images keep their size, 4 to 1280 tokens)."""
+    px = ARCH[preset]["vision_config"]["patch_size"] * ARCH[preset]["vision_config"]["spatial_merge_size"]
+    lo, hi = (4 * px * px, 1280 * px * px) if mix else (size * size, size * size)
     flags = ["--preset", preset, "--model", ckpt, "--train_data", "-", "--image_dir", "-",
-             "--min_pixels", pixels, "--max_pixels", pixels, "--dtype",
+             "--min_pixels", str(lo), "--max_pixels", str(hi), "--dtype",
              "bfloat16" if device.type == "cuda" else "float32", "--no-grad_checkpointing"]
     args = train.parse_args(flags)
     args.grad_checkpointing = device.type == "cuda"             # the preset's setting, on GPU
@@ -170,7 +184,7 @@ def main(argv=None):
     peak = peak_tflops(device)                                              # None on CPU / unknown GPU
     tmp = contextlib.nullcontext(a.workdir) if a.workdir else tempfile.TemporaryDirectory()
     results = {"gpu": gpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-               "batch": a.batch, "image_size": a.image_size, "rows": []}
+               "batch": a.batch, "image_size": a.image_size, "image_sizes": a.image_sizes, "rows": []}
     with tmp as work:
         for preset in a.presets:
             ckpt = os.path.join(work, preset)
@@ -178,21 +192,24 @@ def main(argv=None):
                              vision_depth=a.vision_depth or ARCH[preset]["vision_config"]["depth"],
                              dtype="bfloat16" if device.type == "cuda" else "float32")  # 7B: 17 GB, not 33
             size = image_side(preset, a.image_size)
-            args, model, processor = build(preset, ckpt, device, size)
+            sizes = [image_side(preset, s) for s in a.image_sizes] if a.image_sizes else None
+            args, model, processor = build(preset, ckpt, device, size, mix=bool(sizes))
             agreement = logit_agreement(model, processor, device, size)
-            batch = instances(processor, a.batch, size)
+            batch = instances(processor, a.batch, size, sizes)
             n = sum(p.numel() for p in model.parameters())
             for chunk in a.chunk_sizes:
                 args.chunk_size = chunk                           # train.py --chunk_size
-                for attn in a.attn:
-                    row = {"preset": preset, "chunk_size": chunk, "attention": attn}
-                    why = flex_unavailable(device, training=True) if attn == "flex" else None
+                for attn, mode in [(t, m) for t in a.attn for m in a.embed_modes]:
+                    row = {"preset": preset, "chunk_size": chunk, "attention": attn, "embed": mode}
+                    args.length_grouped_chunks, pack = mode != "index", mode == "packed"
+                    why = (flex_unavailable(device, training=True) if attn == "flex" else None) \
+                        or (flex_unavailable(device, training=True, flag="--pack") if pack else None)
                     if why:                                       # e.g. no CPU backward
                         row.update(step_s=None, error="n/a", why=why)
                         results["rows"].append(row)
                         continue
                     try:
-                        set_attention(model, attn, training=True)
+                        set_attention(model, attn, training=True, pack=pack)
                         t, tokens, mib = measure_step(args, model, processor, batch, device, a.reps, a.warmup)
                         row.update(step_s=t, tokens_per_s=tokens / t, peak_mib=mib,
                                    mfu=6 * n * tokens / t / (peak * 1e12) if peak else None)
@@ -202,6 +219,7 @@ def main(argv=None):
                         model.zero_grad(set_to_none=True)
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
+                    set_attention(model, "sdpa")
                     results["rows"].append(row)
             model = None
             if device.type == "cuda":
@@ -209,8 +227,8 @@ def main(argv=None):
             results[f"{preset}_bf16_agreement"] = agreement
     print(f"GPU kit: {gpu}, {results['date']}, torch {torch.__version__}, {a.batch} queries per GPU, "
           f"{a.image_size}² images, bf16 peak {peak or 'unknown'} TFLOP/s")
-    print_table(["preset", "chunk", "attention", "step s", "tokens/s", "MFU", "peak MiB"],
-                [[r["preset"], str(r["chunk_size"] or "-"), r["attention"],
+    print_table(["preset", "chunk", "attention", "embed", "step s", "tokens/s", "MFU", "peak MiB"],
+                [[r["preset"], str(r["chunk_size"] or "-"), r["attention"], r["embed"],
                   r.get("error") or f"{r['step_s']:.3f}",
                   f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-",
                   f"{r['mfu']:.3f}" if r.get("mfu") else "-",

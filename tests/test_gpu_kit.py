@@ -1,7 +1,8 @@
 """
 bench/gpu_kit.py: without CUDA it says so and exits 0; a CPU dry run of its code path on a
-1-layer width-real Qwen2-VL-2B (real tokenizer, widths and processor) fills every column
-it can and agrees with 8 separate passes (and, forward only, the flex path with the dense).
+1-layer width-real Qwen3-VL-2B (real tokenizer, widths, processor, DeepStack) fills every
+column it can and agrees with 8 separate passes (and, forward only, the flex path with the
+dense); the separate-pass oracle itself == the unified pass on every tiny family.
 
     pytest tests/test_gpu_kit.py
 """
@@ -24,20 +25,50 @@ def test_without_cuda_it_says_so(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset,vision_depth", [("qwen2-vl-2b", 1), ("qwen3-vl-2b", 3)])
+@pytest.mark.parametrize("preset,vision_depth", [("qwen3-vl-2b", 3)])
 def test_cpu_dry_run_of_the_kit(tmp_path, preset, vision_depth):
-    """Qwen3-VL (three DeepStack blocks): the kit's separate-pass oracle adds DeepStack too."""
+    """On Qwen3-VL (three DeepStack blocks: the kit's separate-pass oracle adds DeepStack
+    too); the other families' rows run the same code with S = 0 (the tiny test below)."""
     out = tmp_path / "kit.json"
     res = gpu_kit.main(["--device", "cpu", "--presets", preset, "--layers", "1",
                         "--vision_depth", str(vision_depth), "--batch", "2", "--chunk_sizes", "1",
-                        "--image_size", "56", "--reps", "1", "--warmup", "0",
+                        "--image_size", "56", "--image_sizes", "56", "112", "--reps", "1", "--warmup", "0",
+                        "--embed_modes", "index", "packed",
                         "--workdir", str(tmp_path / "ckpt"), "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))
-    dense, flex = saved["rows"]
-    assert dense["attention"] == "sdpa" and dense["chunk_size"] == 1
+    dense, packed, flex, flex_packed = saved["rows"]
+    assert (dense["attention"], dense["embed"], dense["chunk_size"]) == ("sdpa", "index", 1)
     assert dense["step_s"] > 0 and dense["tokens_per_s"] > 0
-    assert flex["attention"] == "flex" and flex["error"] == "n/a" and "no backward on the CPU" in flex["why"]
+    for row in (packed, flex, flex_packed):                   # no FlexAttention backward on the CPU
+        assert row["error"] == "n/a" and "no backward on the CPU" in row["why"]
+    assert "--pack" in packed["why"] and "--attn flex" in flex["why"]
     agree = saved[f"{preset}_bf16_agreement"]                 # fp32 on the CPU
     for what in ("unified_vs_separate", "flex_vs_dense"):      # flex's forward runs on the CPU
         assert agree[what]["max_abs_logit_diff"] < 1e-4 and agree[what]["yes_no_argmax_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_bench_separate_passes_equal_the_unified_pass(name):
+    """bench/matching.separate_logits (the kit's and bench/matching.py's oracle: one decoder
+    pass per view, DeepStack included on Qwen3-VL) == ReMatch.match, images everywhere."""
+    import random
+
+    from matching import separate_logits, view_plans
+
+    from common import make_item
+    from data import collate_embed, collate_match
+    from masks import VIEW_SETS
+    from model import ReMatch
+    from util.backbone import load_backbone
+    backbone, processor = load_backbone(name, device="cpu", seed=0)
+    model, tok = ReMatch(backbone.eval(), num_tokens=4), processor.tokenizer
+    q = [make_item(processor, "query", i, 84) for i in range(2)]
+    pos = [make_item(processor, "doc_image", 2 * i, 56) for i in range(2)]
+    neg = [make_item(processor, "doc_image", 2 * i + 1, 112) for i in range(2)]
+    with torch.no_grad():
+        E = [model.embed(collate_embed(items, tok, 4), side)[0] for items, side in ((q, "q"), (pos, "d"), (neg, "d"))]
+        mb = collate_match(q, pos, neg, tok, VIEW_SETS["all"], random.Random(0))
+        unified, _ = model.match(mb, *E)
+        separate = separate_logits(model, mb, E, view_plans(mb, torch.float32))
+    torch.testing.assert_close(separate, unified, atol=1e-5, rtol=0)

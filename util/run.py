@@ -269,7 +269,7 @@ RESUME_FREE = {"out_dir", "resume", "resume_if_exists", "resume_from", "allow_ch
                "max_minutes", "stop_after_steps", "peak_tflops", "find_unused_parameters", "dist_timeout_minutes",
                "num_workers", "cache_items", "skip_bad_rows", "check_images",
                "allow_outside_image_dir", "train_data", "image_dir", "chunk_size", "grad_checkpointing",
-               "attn", "target_prompts", "resume_revision", "length_grouped_chunks"}       # target_prompts: its contents (target_prompt_table) count
+               "attn", "target_prompts", "resume_revision", "length_grouped_chunks", "pack"}       # target_prompts: its contents (target_prompt_table) count
 
 
 # Path-valued flags: the run's config (rematch_config.json, evaluation results) records

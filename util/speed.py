@@ -157,19 +157,24 @@ FLEX_NAME = "rematch_flex"          # registered with transformers' attention in
 _FLEX_COMPILED = {}
 
 
-def flex_unavailable(device, training):
-    """Why `--attn flex` cannot run here (a message naming the flag and the fallback),
-    or None when it can."""
+FALLBACK = {"--attn flex": "use --attn sdpa (the default)",
+            "--pack": "leave out --pack (the padded passes, the default)"}
+
+
+def flex_unavailable(device, training, flag="--attn flex"):
+    """Why `flag` (--attn flex, or --pack, which runs on the same kernel) cannot run here:
+    a message naming the flag and the fallback, or None when it can."""
+    fallback = FALLBACK[flag]
     try:
         from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401,PLC0415
     except ImportError:
-        return (f"--attn flex: torch {torch.__version__} has no FlexAttention "
-                "(torch.nn.attention.flex_attention, torch >= 2.5); use --attn sdpa (the default)")
+        return (f"{flag}: torch {torch.__version__} has no FlexAttention "
+                f"(torch.nn.attention.flex_attention, torch >= 2.5); {fallback}")
     if device.type not in ("cpu", "cuda"):
-        return f"--attn flex: FlexAttention does not run on {device.type}; use --attn sdpa (the default)"
+        return f"{flag}: FlexAttention does not run on {device.type}; {fallback}"
     if training and device.type == "cpu":
-        return (f"--attn flex: torch {torch.__version__}'s FlexAttention has no backward on the CPU; "
-                "train with --attn sdpa (the default) on the CPU, or on a CUDA device")
+        return (f"{flag}: torch {torch.__version__}'s FlexAttention has no backward on the CPU; "
+                f"{fallback} on the CPU, or train on a CUDA device")
     return None
 
 
@@ -209,20 +214,24 @@ def flex_attention_forward(module, query, key, value, attention_mask, scaling=No
     return out.transpose(1, 2).contiguous(), None                   # (N, L, H, hd)
 
 
-def set_attention(model, attn, training=False):
-    """Switch a ReMatch model's decoder to "sdpa" or "flex" (FLEX_NAME, registered here).
-    The vision tower keeps its own attention. Raises with the flag and the fallback
-    where flex cannot run (flex_unavailable)."""
+def set_attention(model, attn, training=False, pack=False):
+    """Switch a ReMatch model's decoder to "sdpa" or "flex" (FLEX_NAME, registered here)
+    for the unified matching mask, and its embedding passes to padding-free (pack: one
+    packed row per pass under a block-diagonal BlockMask, ReMatch.embed_packed), which
+    needs the flex kernel too; dense masks still go through SDPA. The vision tower keeps
+    its own attention. Raises with the flag and the fallback where flex cannot run
+    (flex_unavailable)."""
     if attn not in ATTENTION:
         raise ValueError(f"--attn {attn!r}: choose from {', '.join(ATTENTION)}")
-    if attn == "flex":
-        why = flex_unavailable(model.device, training)
+    if attn == "flex" or pack:
+        why = flex_unavailable(model.device, training, "--attn flex" if attn == "flex" else "--pack")
         if why:
             raise RuntimeError(why)
         from transformers import AttentionInterface  # noqa: PLC0415
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface  # noqa: PLC0415
         AttentionInterface.register(FLEX_NAME, flex_attention_forward)
         AttentionMaskInterface.register(FLEX_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # padding masks
-    model.backbone.model.language_model.config._attn_implementation = "sdpa" if attn == "sdpa" else FLEX_NAME
-    model.attn = attn
+    flex = attn == "flex" or pack
+    model.backbone.model.language_model.config._attn_implementation = FLEX_NAME if flex else "sdpa"
+    model.attn, model.pack = attn, pack
     return model
