@@ -15,12 +15,21 @@ and, once per preset, the agreement of the unified 8-view pass with 8 separate p
 bf16 (max |Δ| of the label logits, and whether every argmax agrees). Each step is timed
 with every --attn value: sdpa (the dense additive unified mask) and flex (the same mask as
 a FlexAttention block mask, masks.unified_block_mask), side by side on the same model and
-inputs; the flex pass's label logits are compared with the dense pass's too. One table
-with the GPU's name is printed and written as JSON (--out).
+inputs; the flex pass's label logits are compared with the dense pass's too. And with every
+--embed_modes value: index (chunks in loader order, padded), grouped (length-grouped
+chunks, padded: train.py's default) and packed (grouped + --pack, padding-free embedding
+passes). Padding only costs when lengths differ: --image_sizes gives the instances images
+of different sizes (an MMEB-like spread; without it every image is --image_size², as in
+the first H100 run). One table with the GPU's name is printed and written as JSON (--out).
 
     python bench/gpu_kit.py                                   # on a CUDA machine
     python bench/gpu_kit.py --presets qwen2-vl-2b --chunk_sizes 8 16 32 --reps 3
     python bench/gpu_kit.py --presets qwen2-vl-7b --chunk_sizes 16 --attn sdpa flex
+    python bench/gpu_kit.py --presets qwen2-vl-2b --chunk_sizes 32 --image_sizes 224 448 672 896 \
+        --embed_modes index grouped packed --reps 2          # what padding costs, and what --pack saves
+    python bench/gpu_kit.py --presets qwen2-vl-7b --chunk_sizes 32 --image_sizes 224 448 672 896 \
+        --embed_modes packed --reps 1 --warmup 1             # the 7B row, meant for one 10-minute call
+    python bench/gpu_kit.py --presets qwen3-vl-2b qwen3-vl-8b --chunk_sizes 32
     python bench/gpu_kit.py --device cpu --presets qwen2-vl-2b --layers 1 --vision_depth 1 \\
         --batch 2 --chunk_sizes 1 2 --image_size 56 --reps 1 --warmup 0   # a dry run of the code path
 

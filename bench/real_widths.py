@@ -285,7 +285,7 @@ def flops(preset, L, allowed, n_labels, layers=None):
     tc = ARCH[preset]["text_config"]
     h, I = tc["hidden_size"], tc["intermediate_size"]
     nh, nkv = tc["num_attention_heads"], tc["num_key_value_heads"]
-    dh = h // nh
+    dh = tc.get("head_dim") or h // nh                  # Qwen3-VL states it (4B: 128, not 2560 / 32)
     layers = tc["num_hidden_layers"] if layers is None else layers
     linear = 2 * L * h * (nh + 2 * nkv) * dh + 2 * L * nh * dh * h + 3 * 2 * L * h * I
     attn = lambda pairs: 2 * 2 * nh * dh * pairs  # noqa: E731
@@ -315,7 +315,8 @@ def build_decoder(preset, seed, dtype=torch.float32, init="transformers"):
     """A width-real model with 1 decoder layer and 1 vision block; the vocabulary is cut to
     16 rows (never used: the decoder is fed inputs_embeds, the LM head is not timed).
     Returns its language model (the decoder ReMatch.last_hidden calls)."""
-    cfg = build_config(preset, num_layers=1, vision_depth=1)
+    vision = ARCH[preset]["vision_config"]                   # Qwen3-VL: one block per DeepStack level
+    cfg = build_config(preset, num_layers=1, vision_depth=len(vision.get("deepstack_visual_indexes", ())) or 1)
     cfg.text_config.vocab_size = 16
     cls = width_real.FAMILY[ARCH[preset]["model_type"]]["model"]
     if init == "transformers":

@@ -8,14 +8,26 @@ included) and decoder FLOPs of the step's embedding passes and matching pass, pe
            gradients, tests/test_train.py): instances sorted by their token length first
   q / d    the same with other sort keys (query length only; longest document only), to
            show which key the default should use
-  packed   what a padding-free pass computes: every item's own tokens, nothing else (the
-           attention term with a block-diagonal causal kernel)
+  packed   train.py --pack (length-grouped chunks, padding-free embedding passes: every
+           item's own tokens, attention within each item only); the matching pass stays
+           padded to its chunk's longest row, as --pack leaves it
 
     python bench/tokens.py                                   # qwen2-vl-2b, the paper preset
     python bench/tokens.py --preset qwen3-vl-2b --chunk_sizes 16 32 64 128
     python bench/tokens.py --json runs/tokens.json
 
-No model runs: token counts come from the project's own code on the real Qwen tokenizer
+Memory (activation checkpointing, when it is needed): the bytes autograd keeps per token
+and decoder layer, measured on one width-real layer in bf16 (bench/real_widths
+activation_per_token: without checkpointing), give each chunk's activation memory in
+phase 2 of the cached-gradient step, which holds the chunk's query, document and matching
+passes at once: without checkpointing β · layers · tokens; with it (non-reentrant, per
+layer) 2·h bytes per token and layer (the layer inputs) plus one layer's β · tokens during
+its recomputation. Weights, LoRA state, the frozen vision tower and allocator slack come on
+top: the estimate is scaled by measured / estimated on bench/gpu_kit.py's own inputs (the
+H100 figures in bench/RESULTS.md), and the advice line says which chunk sizes fit a GPU
+(--gpu_gib) with and without activation checkpointing, padded and with --pack.
+
+No model runs for the token counts: they come from the project's own code on the real Qwen tokenizer
 (data.collate_embed / collate_match row lengths, the real image processor's smart_resize
 with the preset's max_pixels), FLOPs from bench/real_widths.flops (linear layers ∝ tokens,
 attention ∝ pairs; the vision tower, which sees each image once in every mode, is left out).
@@ -46,8 +58,9 @@ import train  # noqa: E402
 from common import print_table  # noqa: E402
 from data import EMBED_TEMPLATES, MATCH_PROMPTS, collate_match  # noqa: E402
 from masks import VIEW_SETS  # noqa: E402
-from real_widths import flops, real_tokenizer  # noqa: E402
-from tools.width_real import ARCH  # noqa: E402
+from real_widths import activation_per_token, flops, real_tokenizer  # noqa: E402
+import torch  # noqa: E402
+from tools.width_real import ARCH, FAMILY, build_config  # noqa: E402
 
 COCO = [(640, 480), (640, 427), (480, 640), (640, 512), (500, 375)]
 IMAGENET = [(500, 375), (500, 333), (375, 500), (500, 500), (640, 480)]
@@ -91,6 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--steps_per_subset", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--gpu_gib", type=float, default=80.0, help="memory of the GPU the advice is for")
     return p.parse_args(argv)
 
 
@@ -128,9 +142,43 @@ def cost(lengths, preset, padded):
     packed (each item its own tokens; causal pairs only, an ideal block-diagonal kernel)."""
     if padded:
         T = max(lengths)
-        f = flops(preset, T, T * T, 0)["dense"] * len(lengths)
-        return T * len(lengths), f
+        return T * len(lengths), flops(preset, T, T * T, 0)["dense"] * len(lengths)
     return sum(lengths), sum(flops(preset, L, L * (L + 1) // 2, 0)["sparse"] for L in lengths)
+
+
+MODES = ("index", "length", "q", "d", "packed")
+
+
+def step_costs(L, B, c, mode, preset):
+    """{pass: [real, computed, FLOPs]} of one step, and the largest chunk's computed tokens
+    (its three passes at once: what phase 2 of the cached-gradient step holds)."""
+    Lq, Lp, Ln, Lm = L
+    order = list(range(B)) if mode == "index" else train.length_grouped_order(
+        Lq, Lp, Ln, n_match=B, key={"length": "sum", "packed": "sum"}.get(mode, mode))
+    out = {"embed": [0, 0, 0.0], "match": [0, 0, 0.0]}
+    peak = 0
+    for lo in range(0, B, c):
+        idx = order[lo:lo + c]
+        held = 0
+        for name, rows in (("embed", [Lq[i] for i in idx]),
+                           ("embed", [Lp[i] for i in idx] + [Ln[i] for i in idx]),   # one batch [d⁺ ; d⁻]
+                           ("match", [Lm[i] for i in idx])):
+            computed, f = cost(rows, preset, padded=not (mode == "packed" and name == "embed"))
+            t = out[name]
+            t[0] += sum(rows)
+            t[1] += computed
+            t[2] += f
+            held += computed
+        peak = max(peak, held)
+    return out, peak
+
+
+def memory_gib(preset, tokens, beta, checkpointing):
+    """Activation memory (GiB) of `tokens` decoder tokens held at once (the module docstring)."""
+    tc = ARCH[preset]["text_config"]
+    layers, h = tc["num_hidden_layers"], tc["hidden_size"]
+    per_token = (2 * h * layers + beta) if checkpointing else beta * layers
+    return per_token * tokens / 2 ** 30
 
 
 def main(argv=None):
@@ -144,63 +192,114 @@ def main(argv=None):
     embed_len = lambda it: prefix + len(it["ids"]) + suffix + K            # noqa: E731  collate_embed's row
     views = VIEW_SETS[args.match_views]
 
-    def match_len(q, p, n):
-        mb = collate_match([q], [p], [n], tok, views, [1], prompt=MATCH_PROMPTS[args.match_prompt])
-        return int(mb["attention_mask"][0].sum())
+    def lengths(q, pos, neg):
+        Lm = [int(collate_match([x], [y], [z], tok, views, [1], prompt=MATCH_PROMPTS[args.match_prompt])
+                  ["attention_mask"][0].sum()) for x, y, z in zip(q, pos, neg)]   # the paper preset: M = B
+        return [embed_len(it) for it in q], [embed_len(it) for it in pos], [embed_len(it) for it in neg], Lm
 
     rng = random.Random(a.seed)
-    steps = [(s, step_items(rng, s, a.batch, px, args.max_pixels)) for s in MIX for _ in range(a.steps_per_subset)]
-    modes = ("index", "length", "q", "d")
-    totals = {}                              # (chunk, mode, pass) → [real, computed, flops_padded, flops_packed]
-    per_subset = {}
-    for subset, (q, pos, neg) in steps:
-        Lq, Lp, Ln = ([embed_len(it) for it in side] for side in (q, pos, neg))
-        Lm = [match_len(*t) for t in zip(q, pos, neg)]                       # the paper preset: M = B
+    steps = [(s, lengths(*step_items(rng, s, a.batch, px, args.max_pixels)))
+             for s in MIX for _ in range(a.steps_per_subset)]
+    totals, peaks, per_subset = {}, {}, {}
+    for subset, L in steps:
         for c in a.chunk_sizes:
-            for mode in modes:
-                order = list(range(a.batch)) if mode == "index" else \
-                    train.length_grouped_order(Lq, Lp, Ln, n_match=a.batch, key="sum" if mode == "length" else mode)
-                for lo in range(0, a.batch, c):
-                    idx = order[lo:lo + c]
-                    for name, group in (("embed", ([Lq[i] for i in idx], [Lp[i] for i in idx] + [Ln[i] for i in idx])),
-                                        ("match", ([Lm[i] for i in idx],))):
-                        t = totals.setdefault((c, mode, name), [0, 0, 0.0, 0.0])
-                        s = per_subset.setdefault((subset, c, mode, name), [0, 0])
-                        for rows in group:
-                            real, f_packed = cost(rows, a.preset, padded=False)
-                            computed, f_padded = cost(rows, a.preset, padded=True)
-                            t[0] += real
-                            t[1] += computed
-                            t[2] += f_padded
-                            t[3] += f_packed
-                            s[0] += real
-                            s[1] += computed
+            for mode in MODES:
+                out, peak = step_costs(L, a.batch, c, mode, a.preset)
+                peaks[c, mode] = max(peaks.get((c, mode), 0), peak)
+                for name, v in out.items():
+                    t = totals.setdefault((c, mode, name), [0, 0, 0.0])
+                    u = per_subset.setdefault((subset, c, mode, name), [0, 0, 0.0])
+                    for x in (t, u):
+                        for i in range(3):
+                            x[i] += v[i]
 
+    n = len(steps)
     print(f"bench/tokens.py: preset {a.preset} ({args.model}), {a.batch} instances per rank and step, "
           f"K={K}, views {args.match_views} (M = B), max_pixels {args.max_pixels} ({px} px per merged token), "
-          f"{len(steps)} steps ({a.steps_per_subset} per subset), seed {a.seed}")
+          f"{n} steps ({a.steps_per_subset} per subset), seed {a.seed}")
+    beta = activation_per_token(a.preset, a.seed)
+    factor = calibration_factor(a.seed)
     rows = []
     for c in a.chunk_sizes:
-        for mode in modes:
+        for mode in MODES:
             e, m = totals[c, mode, "embed"], totals[c, mode, "match"]
-            rows.append([str(c), mode, f"{e[0] / len(steps):,.0f}", f"{e[1] / len(steps):,.0f}", f"{e[1] / e[0]:.2f}",
-                         f"{m[0] / len(steps):,.0f}", f"{m[1] / len(steps):,.0f}", f"{m[1] / m[0]:.2f}",
-                         f"{(e[2] + m[2]) / len(steps) / 1e12:.1f}", f"{(e[3] + m[3]) / len(steps) / 1e12:.1f}"])
-    print_table(["chunk", "chunks by", "embed real/step", "embed computed", "×", "match real/step",
-                 "match computed", "×", "TFLOP/step padded", "TFLOP/step packed"], rows)
-    c = max(a.chunk_sizes) if 32 not in a.chunk_sizes else 32
-    print(f"\nPer subset at chunk {c}: computed / real tokens of the embedding passes (index → length)")
-    print_table(["subset", "index", "length", "packed"],
-                [[s, f"{per_subset[s, c, 'index', 'embed'][1] / per_subset[s, c, 'index', 'embed'][0]:.2f}",
-                  f"{per_subset[s, c, 'length', 'embed'][1] / per_subset[s, c, 'length', 'embed'][0]:.2f}", "1.00"]
+            rows.append([str(c), mode, f"{e[0] / n:,.0f}", f"{e[1] / n:,.0f}", f"{e[1] / e[0]:.2f}",
+                         f"{m[0] / n:,.0f}", f"{m[1] / n:,.0f}", f"{m[1] / m[0]:.2f}",
+                         f"{(e[1] + m[1]) / (e[0] + m[0]):.2f}", f"{(e[2] + m[2]) / n / 1e12:.0f}",
+                         f"{peaks[c, mode]:,}", f"{factor * memory_gib(a.preset, peaks[c, mode], beta, False):.0f}",
+                         f"{factor * memory_gib(a.preset, peaks[c, mode], beta, True):.1f}"])
+    print_table(["chunk", "chunks", "embed real/step", "embed computed", "×", "match real/step",
+                 "match computed", "×", "step ×", "TFLOP/step", "largest chunk tokens",
+                 "act. GiB", "act. GiB ckpt"], rows)
+    print(f"× = computed / real tokens; TFLOP: decoder, forward, all {ARCH[a.preset]['text_config']['num_hidden_layers']} "
+          f"layers; act. GiB: activation memory of the largest chunk of any step, without / with "
+          f"checkpointing ({beta / 2 ** 10:.0f} KiB per token and layer without, bf16; × {factor:.2f}, "
+          f"the calibration), weights not included")
+    weights = weight_gib(a.preset)
+    budget = 0.9 * a.gpu_gib - weights
+    advice = {}
+    for mode in ("length", "packed"):
+        for ckpt in (True, False):
+            advice[mode, ckpt] = [c for c in a.chunk_sizes
+                                  if factor * memory_gib(a.preset, peaks[c, mode], beta, ckpt) < budget]
+    print(f"Advice for a {a.gpu_gib:.0f} GB GPU: weights {weights:.1f} GiB (bf16), activations (calibrated) "
+          f"within 90% of the rest. Chunk sizes that fit: "
+          f"with activation checkpointing (the preset) {advice['length', True] or 'none'} padded, "
+          f"{advice['packed', True] or 'none'} with --pack; without it (--no-grad_checkpointing) "
+          f"{advice['length', False] or 'none'} padded, {advice['packed', False] or 'none'} with --pack.")
+    c = 32 if 32 in a.chunk_sizes else max(a.chunk_sizes)
+    print(f"\nPer subset at chunk {c}: computed / real tokens of the embedding passes")
+    print_table(["subset", "index", "length", "q", "d", "packed"],
+                [[s] + [f"{per_subset[s, c, m, 'embed'][1] / per_subset[s, c, m, 'embed'][0]:.2f}" for m in MODES]
                  for s in MIX])
-    out = {"preset": a.preset, "batch": a.batch, "steps": len(steps),
+    out = {"preset": a.preset, "batch": a.batch, "steps": n, "beta_bytes_per_token_layer": beta,
            "rows": [{"chunk_size": c, "mode": mode, "pass": name, "real_tokens": v[0], "computed_tokens": v[1],
-                     "flops_padded": v[2], "flops_packed": v[3]} for (c, mode, name), v in totals.items()]}
+                     "flops": v[2]} for (c, mode, name), v in totals.items()],
+           "largest_chunk_tokens": {f"{c}/{m}": v for (c, m), v in peaks.items()}}
+    out["advice"] = {f"{m}/{'ckpt' if c else 'no_ckpt'}": v for (m, c), v in advice.items()}
+    out["calibration_factor"], out["weights_gib"] = factor, weights
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
     return out
+
+
+MEASURED_2B = {16: 7.3, 32: 14.6, 64: 29.1}   # GiB: bench/RESULTS.md, gpu_kit.py on the H100,
+#                                              qwen2-vl-2b, 448² images, with checkpointing
+
+
+def calibration_factor(seed):
+    """Measured / estimated activation memory on bench/gpu_kit.py's inputs (every instance an
+    image query of 256 image tokens and its ~30-token instruction, an image positive, a text
+    negative) for qwen2-vl-2b at chunks 16, 32, 64: the estimate leaves out the vision
+    tower's outputs, the LM head, masks, LoRA and allocator slack; printed with the ratios."""
+    preset = "qwen2-vl-2b"
+    args = train.parse_args(["--preset", preset, "--train_data", "-", "--image_dir", "-"])
+    tok = real_tokenizer("qwen2_vl")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import DOC_IMAGE_TEXT, DOC_TEXT, QUERY_TEXT                  # the kit's strings
+    n_text = lambda s: len(tok(s.replace("<|image_1|>", ""), add_special_tokens=False)["input_ids"])  # noqa: E731
+    prefix, suffix = (len(tok(s, add_special_tokens=False)["input_ids"]) for s in EMBED_TEMPLATES[args.embed_template])
+    q, p, d = (fake_item(n_text(QUERY_TEXT.format("circle", "left")), 256), fake_item(n_text(DOC_IMAGE_TEXT), 256),
+               fake_item(n_text(DOC_TEXT.format("red", "circle", "left", "blue", "square", "right")), 0))
+    Lq, Lp, Ln = (prefix + len(it["ids"]) + suffix + args.num_tokens for it in (q, p, d))
+    Lm = int(collate_match([q], [p], [d], tok, VIEW_SETS[args.match_views], [1],
+                           prompt=MATCH_PROMPTS[args.match_prompt])["attention_mask"][0].sum())
+    beta = activation_per_token(preset, seed)
+    ratios = {c: m / memory_gib(preset, c * Lq + 2 * c * max(Lp, Ln) + c * Lm, beta, True)
+              for c, m in MEASURED_2B.items()}
+    print("calibration (qwen2-vl-2b, gpu_kit.py's inputs): measured / estimated activation memory at chunk "
+          + ", ".join(f"{c}: {r:.2f}" for c, r in ratios.items()))
+    return max(ratios.values())
+
+
+def weight_gib(preset):
+    """The preset's parameters in bf16 (counted on the meta device: no memory used)."""
+    cfg = build_config(preset, num_layers=ARCH[preset]["text_config"]["num_hidden_layers"],
+                       vision_depth=ARCH[preset]["vision_config"]["depth"])
+    with torch.device("meta"):
+        model = FAMILY[ARCH[preset]["model_type"]]["model"]._from_config(cfg)
+    return sum(p.numel() for p in model.parameters()) * 2 / 2 ** 30
 
 
 if __name__ == "__main__":

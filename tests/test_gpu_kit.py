@@ -72,3 +72,44 @@ def test_bench_separate_passes_equal_the_unified_pass(name):
         unified, _ = model.match(mb, *E)
         separate = separate_logits(model, mb, E, view_plans(mb, torch.float32))
     torch.testing.assert_close(separate, unified, atol=1e-5, rtol=0)
+
+
+def test_bench_tokens_counts_what_collate_builds():
+    """bench/tokens.py's real and computed tokens of one step == the padded batches that
+    data.collate_embed / collate_match build for the same chunks (numel vs attention_mask
+    sum), in loader order and length-grouped; packed embedding passes compute only real
+    tokens; the grouped order pads less than loader order on a mixed step."""
+    import random
+
+    import tokens
+    import train
+    from data import collate_embed, collate_match
+    from masks import VIEW_SETS
+    from real_widths import real_tokenizer
+    tok = real_tokenizer("qwen2_vl")
+    args = train.parse_args(["--preset", "qwen2-vl-2b", "--train_data", "-", "--image_dir", "-"])
+    rng = random.Random(0)
+    q, pos, neg = tokens.step_items(rng, "WebQA", 12, 28, args.max_pixels)   # text q, image + text d
+    K = args.num_tokens
+    embed = [[int(collate_embed([it], tok, K)["attention_mask"].sum()) for it in side] for side in (q, pos, neg)]
+    match = [int(collate_match([a], [b], [c], tok, VIEW_SETS["all"], [1])["attention_mask"].sum())
+             for a, b, c in zip(q, pos, neg)]
+    L = (*embed, match)
+    for mode in ("index", "length", "packed"):
+        out, _ = tokens.step_costs(L, 12, 5, mode, "qwen2-vl-2b")
+        order = list(range(12)) if mode == "index" else train.length_grouped_order(*embed, n_match=12)
+        real = computed = m_real = m_computed = 0
+        for lo in range(0, 12, 5):
+            idx = order[lo:lo + 5]
+            for b in (collate_embed([q[i] for i in idx], tok, K),
+                      collate_embed([pos[i] for i in idx] + [neg[i] for i in idx], tok, K)):
+                real += int(b["attention_mask"].sum())
+                computed += b["attention_mask"].numel()
+            mb = collate_match([q[i] for i in idx], [pos[i] for i in idx], [neg[i] for i in idx], tok,
+                               VIEW_SETS["all"], [1] * len(idx))
+            m_real += int(mb["attention_mask"].sum())
+            m_computed += mb["attention_mask"].numel()
+        assert out["embed"][:2] == [real, real if mode == "packed" else computed], mode
+        assert out["match"][:2] == [m_real, m_computed], mode
+    assert tokens.step_costs(L, 12, 5, "length", "qwen2-vl-2b")[0]["embed"][1] < \
+        tokens.step_costs(L, 12, 5, "index", "qwen2-vl-2b")[0]["embed"][1]
