@@ -142,6 +142,30 @@ class ReMatch(nn.Module):
                                             use_cache=False, **deepstack).last_hidden_state
 
     # -- §3.2.1 embeddings -------------------------------------------------------------
+    def embed_inputs(self, batch, side, images=None):
+        """
+        §3.2.1, the decoder inputs of an embedding pass: the items' token embeddings with
+        their images, and L_q (side "q") or L_d ("d") written at the K positions token_idx
+        after the template; M-RoPE positions; DeepStack inputs (Qwen3-VL). batch: a
+        data.collate_embed output; images: its per-image features if already computed.
+        Returns (input_ids (N, T), attention_mask (N, T), token_idx (N, K), x (N, T, d),
+        position_ids (3, N, T), deepstack kwargs).
+        """
+        dev = self.device
+        input_ids = batch["input_ids"].to(dev)                                # (N, T)
+        attention_mask = batch["attention_mask"].to(dev)                      # (N, T)
+        token_idx = batch["token_idx"].to(dev)                                # (N, K)
+        if images is None:
+            images = self.image_features(batch["pixel_values"], batch["image_grid_thw"])
+        x = self.input_embeds(input_ids, images=images)                      # (N, T, d)
+        if self.num_tokens > 0:
+            rows = torch.arange(len(token_idx), device=dev)[:, None].expand_as(token_idx)  # (N, K)
+            L = self.L_q if side == "q" else self.L_d                         # (K, d)
+            x = x.index_put((rows.reshape(-1), token_idx.reshape(-1)),
+                            L.to(x.dtype).repeat(len(token_idx), 1))          # token_idx ← L_1..L_K
+        position_ids = self.positions(input_ids, attention_mask, batch["image_grid_thw"])  # (3, N, T)
+        return input_ids, attention_mask, token_idx, x, position_ids, self.decoder_inputs(input_ids, images)
+
     def embed(self, batch, side, images=None):
         """
         batch: data.collate_embed output; side: "q" (uses L_q) or "d" (uses L_d);
@@ -152,21 +176,9 @@ class ReMatch(nn.Module):
         """
         if self.pack:
             return self.embed_packed(batch, side, images)
-        dev = self.device
-        input_ids = batch["input_ids"].to(dev)                                # (N, T)
-        attention_mask = batch["attention_mask"].to(dev)                      # (N, T)
-        token_idx = batch["token_idx"].to(dev)                                # (N, K)
-        if images is None:
-            images = self.image_features(batch["pixel_values"], batch["image_grid_thw"])
-        x = self.input_embeds(input_ids, images=images)                      # (N, T, d)
-        rows = torch.arange(len(token_idx), device=dev)[:, None].expand_as(token_idx)  # (N, K)
-        if self.num_tokens > 0:
-            L = self.L_q if side == "q" else self.L_d                         # (K, d)
-            x = x.index_put((rows.reshape(-1), token_idx.reshape(-1)),
-                            L.to(x.dtype).repeat(len(token_idx), 1))          # token_idx ← L_1..L_K
-        position_ids = self.positions(input_ids, attention_mask, batch["image_grid_thw"])  # (3, N, T)
-        h = self.last_hidden(x, attention_mask, position_ids,
-                             **self.decoder_inputs(input_ids, images))        # (N, T, d)
+        _, attention_mask, token_idx, x, position_ids, deepstack = self.embed_inputs(batch, side, images)
+        h = self.last_hidden(x, attention_mask, position_ids, **deepstack)   # (N, T, d)
+        rows = torch.arange(len(token_idx), device=h.device)[:, None].expand_as(token_idx)  # (N, K)
         e = h[rows, token_idx]                                                # (N, K, d)
         E = e.mean(dim=1)                                                     # (N, d)
         return E, e
@@ -181,25 +193,13 @@ class ReMatch(nn.Module):
         Σ T_n tokens instead of N · max T_n. Same E, e as the padded pass (tests/test_pack.py);
         needs the FlexAttention kernel (util/speed.set_attention(..., pack=True)).
         """
-        dev = self.device
-        input_ids = batch["input_ids"].to(dev)                                # (N, T)
-        real = batch["attention_mask"].to(dev).bool()                         # (N, T)
-        token_idx = batch["token_idx"].to(dev)                                # (N, K)
-        if images is None:
-            images = self.image_features(batch["pixel_values"], batch["image_grid_thw"])
-        x = self.input_embeds(input_ids, images=images)                      # (N, T, d)
-        rows = torch.arange(len(token_idx), device=dev)[:, None].expand_as(token_idx)  # (N, K)
-        if self.num_tokens > 0:
-            L = self.L_q if side == "q" else self.L_d                         # (K, d)
-            x = x.index_put((rows.reshape(-1), token_idx.reshape(-1)),
-                            L.to(x.dtype).repeat(len(token_idx), 1))          # token_idx ← L_1..L_K
-        position_ids = self.positions(input_ids, real, batch["image_grid_thw"])  # (3, N, T)
-        lengths = real.sum(1)                                                 # (N,) right padding
+        _, attention_mask, token_idx, x, position_ids, deepstack = self.embed_inputs(batch, side, images)
+        real = attention_mask.bool()                                          # (N, T), right padding
+        lengths = real.sum(1)                                                 # (N,)
         start = lengths.cumsum(0) - lengths                                   # (N,) offset in the row
-        deepstack = self.decoder_inputs(input_ids, images)
         if deepstack:                                                         # (N, T) → (1, Σ T_n)
             deepstack["visual_pos_masks"] = deepstack["visual_pos_masks"][real][None]
-        mask = packed_block_mask(lengths.tolist(), device=dev)                # (1, 1, ΣT, ΣT) blocks
+        mask = packed_block_mask(lengths.tolist(), device=x.device)           # (1, 1, ΣT, ΣT) blocks
         h = self.last_hidden(x[real][None], mask, position_ids[:, real][:, None],
                              **deepstack)[0]                                  # (Σ T_n, d)
         e = h[start[:, None] + token_idx]                                     # (N, K, d)
