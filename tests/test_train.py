@@ -288,6 +288,11 @@ def test_checkpoints_by_hub_id_and_model_card(fixture_dir, tmp_path, monkeypatch
     train.main(flags(fixture_dir, a, "--steps", "4", "--save_every", "2", "--keep_checkpoints", "2"))
     card = open(os.path.join(a, "checkpoint-2", "README.md")).read()
     assert "base_model: tiny-qwen2-vl" in card and "| `num_tokens` | `2` |" in card
+    assert "tags: [rematch, multimodal-embedding, retrieval, qwen2-vl]" in card
+    from util.backbone import family_tag
+    assert [family_tag(m) for m in ("Qwen/Qwen3-VL-8B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct",
+                                    "tiny-qwen2.5-vl", "Qwen/Qwen2-VL-2B-Instruct", "ckpts/w2b", None)] == \
+        ["qwen3-vl", "qwen2.5-vl", "qwen2.5-vl", "qwen2-vl", "qwen-vl", "qwen-vl"]
     assert "No evaluation was run" in card and 'Encoder("' in card
 
     snapshot = fake_hub(tmp_path, monkeypatch, "someone/rematch-tiny", os.path.join(a, "checkpoint-2"))

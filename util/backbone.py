@@ -376,6 +376,16 @@ def published_name(value):
     return value
 
 
+def family_tag(model):
+    """The hub tag of the base model's family, read off its name (a local folder whose name
+    does not say: the generic "qwen-vl")."""
+    name = str(model or "").lower().replace("_", ".")
+    for key, tag in (("qwen3", "qwen3-vl"), ("qwen2.5", "qwen2.5-vl"), ("qwen2", "qwen2-vl")):
+        if key in name:
+            return tag
+    return "qwen-vl"
+
+
 def write_model_card(path, config, results=None):
     """README.md of a checkpoint folder: what it is (base model, the training arguments
     that define it), the measured results when given ({"overall": …, "hit_at_1": {task:
@@ -393,7 +403,7 @@ def write_model_card(path, config, results=None):
     card = f"""---
 base_model: {published_name(config.get("model"))}
 library_name: rematch
-tags: [rematch, multimodal-embedding, retrieval, qwen2-vl]
+tags: [rematch, multimodal-embedding, retrieval, {family_tag(config.get("model"))}]
 ---
 # ReMatch checkpoint
 
