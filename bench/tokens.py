@@ -120,7 +120,7 @@ def fake_item(text_tokens, img_tokens):
     """An encoded item of the right length only (data.encode_item's layout: text ids and,
     with an image, <|vision_start|> + pads + <|vision_end|>); enough for row lengths."""
     n = text_tokens + (img_tokens + 2 if img_tokens else 0)
-    return {"ids": [0] * n, "pixel_values": None, "image_grid_thw": None, "n_img": img_tokens}
+    return {"ids": [0] * n, "pixel_values": None, "image_grid_thw": None}
 
 
 def draw_side(rng, spec, px, max_pixels):
