@@ -96,6 +96,8 @@ class ReMatch(nn.Module):
         out = self.backbone.model.get_image_features(pixel_values.to(dev), grid, return_dict=True,
                                                      **indices)
         levels = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]  # 1 + S tuples
+        if len(levels) == 1:                                  # S = 0: a view, no copy per step
+            return [f[:, None] for f in levels[0]]                            # (n_i, 1, d) each
         return [torch.stack(per_image, dim=1) for per_image in zip(*levels)]  # (n_i, 1 + S, d) each
 
     def input_embeds(self, input_ids, pixel_values=None, image_grid_thw=None, images=None):

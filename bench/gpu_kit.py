@@ -58,7 +58,7 @@ from util.dist import peak_tflops  # noqa: E402
 from data import collate_embed, collate_match  # noqa: E402
 from masks import VIEW_SETS  # noqa: E402
 from util.speed import ATTENTION, flex_unavailable, set_attention  # noqa: E402
-from tools.width_real import ARCH, write_checkpoint  # noqa: E402
+from tools.width_real import ARCH, merged_px, write_checkpoint  # noqa: E402
 
 
 EMBED_MODES = ("index", "grouped", "packed")
@@ -93,8 +93,7 @@ def parse_args(argv=None):
 def image_side(preset, image_size):
     """--image_size is given in Qwen2-VL pixels (28 px per merged token); a Qwen3-VL preset
     (32 px) gets the side with the same number of image tokens (448 → 512: 256 tokens)."""
-    vision = ARCH[preset]["vision_config"]
-    return image_size * vision["patch_size"] * vision["spatial_merge_size"] // 28
+    return image_size * merged_px(preset) // 28
 
 
 def sync(device):
@@ -114,7 +113,7 @@ def instances(processor, n, size, sizes=None):
 def build(preset, ckpt, device, size, mix=False):
     """train.py's model for `preset` (its flags: LoRA, K, views, τ) on the width-real `ckpt`,
     every image resized to size² px (mix: images keep their size, 4 to 1280 tokens)."""
-    px = ARCH[preset]["vision_config"]["patch_size"] * ARCH[preset]["vision_config"]["spatial_merge_size"]
+    px = merged_px(preset)
     lo, hi = (4 * px * px, 1280 * px * px) if mix else (size * size, size * size)
     flags = ["--preset", preset, "--model", ckpt, "--train_data", "-", "--image_dir", "-",
              "--min_pixels", str(lo), "--max_pixels", str(hi), "--dtype",

@@ -60,7 +60,7 @@ from data import EMBED_TEMPLATES, MATCH_PROMPTS, collate_match  # noqa: E402
 from masks import VIEW_SETS  # noqa: E402
 from real_widths import activation_per_token, flops, real_tokenizer  # noqa: E402
 import torch  # noqa: E402
-from tools.width_real import ARCH, FAMILY, build_config  # noqa: E402
+from tools.width_real import ARCH, FAMILY, build_config, merged_px  # noqa: E402
 
 COCO = [(640, 480), (640, 427), (480, 640), (640, 512), (500, 375)]
 IMAGENET = [(500, 375), (500, 333), (375, 500), (500, 500), (640, 480)]
@@ -184,8 +184,7 @@ def memory_gib(preset, tokens, beta, checkpointing):
 def main(argv=None):
     a = parse_args(argv)
     args = train.parse_args(["--preset", a.preset, "--train_data", "-", "--image_dir", "-"])
-    vision = ARCH[a.preset]["vision_config"]
-    px = vision["patch_size"] * vision["spatial_merge_size"]
+    px = merged_px(a.preset)
     tok = real_tokenizer(ARCH[a.preset]["model_type"])
     prefix, suffix = (len(tok(s, add_special_tokens=False)["input_ids"]) for s in EMBED_TEMPLATES[args.embed_template])
     K = args.num_tokens

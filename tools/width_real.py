@@ -255,6 +255,13 @@ def build_config(preset, num_layers=2, vision_depth=1):
     return family["config"](**arch)
 
 
+def merged_px(preset):
+    """Side in pixels of one merged image token of `preset`: patch × spatial merge (28 on
+    Qwen2/2.5-VL, 32 on Qwen3-VL)."""
+    vision = ARCH[preset]["vision_config"]
+    return vision["patch_size"] * vision["spatial_merge_size"]
+
+
 def deepstack_visual_indexes(vision, depth):
     """Qwen3-VL's DeepStack blocks in a tower cut to `depth` blocks: the real ones scaled,
     i · depth // real_depth ([5, 11, 17] of 24 → [0, 1, 2] at depth 3; unchanged at the full
