@@ -44,8 +44,8 @@ from masks import VIEW_SETS
 from model import ReMatch, apply_lora
 from util.backbone import MAX_MIN_PIXELS, MAX_PIXELS, TINY, load_backbone, write_model_card
 from util.dist import DIST_TIMEOUT_MINUTES, peak_tflops, print0, setup_distributed, teardown_distributed
-from util.run import (append_log, checkpoint_dirs, cut_log, load_checkpoint, run_config,
-                      save_checkpoint, start_run)
+from util.run import (append_log, checkpoint_dirs, cut_log, load_checkpoint, read_log, run_config,
+                      save_checkpoint, start_run, subset_summary)
 from util.speed import ATTENTION, flex_unavailable, set_attention
 
 # ----------------------------------------------------------------------------------
@@ -421,7 +421,8 @@ def main(argv=None):
         dt = time.time() - t0
         tokens = world * (model.tokens_processed - tokens_before)   # decoder tokens, all ranks
         tokens_before = model.tokens_processed
-        record = {"step": step + 1, **{k: round(v, 6) for k, v in zip(terms, stats.tolist())},
+        record = {"step": step + 1, **({"subset": examples[0]["subset"]} if args.homogeneous_batches else {}),
+                  **{k: round(v, 6) for k, v in zip(terms, stats.tolist())},
                   "lr": lr, "grad_norm": round(float(grad_norm), 4),
                   "samples_per_s": round(world * len(examples) / dt, 2),
                   "tokens_per_s": round(tokens / dt)}
@@ -454,6 +455,9 @@ def main(argv=None):
     train_time = time.time() - t_start
     print0(f"trained {step + 1 - start} steps in {train_time:.0f} s "
            f"({(step + 1 - start) / max(train_time, 1e-9):.1f} steps/s)")
+    summary = subset_summary(read_log(args.out_dir)) if master and step + 1 > start else ""
+    if summary:                                             # which subsets the head learns
+        print0(summary)
     if filled_total:
         print0(f"{filled_total} instances had no hard negative: d- was the next instance's positive")
     if args.skip_bad_rows:

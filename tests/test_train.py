@@ -180,6 +180,40 @@ def test_resume_continues_exactly(fixture_dir, tmp_path):
     torch.testing.assert_close(E1[0], E2[1], atol=1e-5, rtol=0)
 
 
+def test_log_names_each_steps_subset_and_the_run_ends_with_a_summary(fixture_dir, tmp_path, capsys):
+    """log.jsonl names the subset of each step's batch: the subsets TrainBatchSampler gives
+    for those steps, replayed here (subsets in sorted order, 12 rows each); the run ends by
+    printing subset_summary of that log."""
+    import train
+    from data import TrainBatchSampler
+    from util.run import read_log, subset_summary
+
+    out = str(tmp_path / "run")
+    train.main(flags(fixture_dir, out, "--steps", "6", "--seed", "3"))
+    log = read_log(out)
+    sampler = iter(TrainBatchSampler({"ImageNet_1K": range(12), "MSCOCO_t2i": range(12, 24)}, 3, seed=3))
+    expected = ["ImageNet_1K" if next(sampler)[0] < 12 else "MSCOCO_t2i" for _ in range(6)]
+    assert [r["subset"] for r in log] == expected and len(set(expected)) == 2
+    assert subset_summary(log) in capsys.readouterr().out
+    train.main(flags(fixture_dir, str(tmp_path / "mixed"), "--steps", "2", "--no-homogeneous_batches"))
+    assert "subset" not in read_log(str(tmp_path / "mixed"))[0]
+
+
+def test_subset_summary_by_hand():
+    """Means over the last `last` steps per subset, worked by hand: steps 3-5 of five."""
+    from util.run import subset_summary
+
+    def rec(step, subset, l_cl, acc):
+        return {"step": step, "subset": subset, "L_cl": l_cl, "L_qdm": 0.5, "match_acc": acc}
+    records = [rec(1, "B", 9.0, 0.0), rec(2, "A", 9.0, 0.0), rec(3, "A", 1.0, 0.5),
+               rec(4, "A", 2.0, 1.0), rec(5, "B", 0.25, 0.625)]
+    lines = subset_summary(records, last=3).splitlines()
+    assert lines[0] == "training, steps 3-5, per subset:"
+    assert lines[2].split() == ["A", "2", "1.500", "0.500", "0.750"]       # (1 + 2) / 2, (.5 + 1) / 2
+    assert lines[3].split() == ["B", "1", "0.250", "0.500", "0.625"]
+    assert subset_summary([{"step": 1, "L_cl": 1.0}]) == "" == subset_summary([])
+
+
 def test_lora_checkpoint_round_trip(fixture_dir, tmp_path):
     """--lora on the tiny model: only LoRA (language model) + tokens + projector train; the
     saved adapter reloads to the same embeddings."""

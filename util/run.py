@@ -3,6 +3,8 @@ A run on disk — plumbing behind train.py and evaluate.py, none of it in the pa
 
   write_atomic, write_json     every file written whole or not at all (tmp + fsync + rename)
   append_log, cut_log          <out_dir>/log.jsonl, one JSON record per training step
+  subset_summary               the last steps of log.jsonl per training subset (printed by
+                               train.py at the end: which judgments the matching head makes)
   start_run                    what --resume / --resume_if_exists / --resume_from /
                                --overwrite find in --out_dir, checked before anything is built
   save_checkpoint              checkpoint-<step>/ written as a .tmp folder and renamed, then
@@ -63,26 +65,59 @@ def append_log(out_dir, record):
         log.write(json.dumps(record) + "\n")
 
 
-def cut_log(out_dir, step):
-    """Keep only the log.jsonl records up to `step` (a resumed run rewrites the rest). A line
-    that is not JSON (the torn last write of a full disk) is dropped with a warning naming
-    the file and the line."""
-    path = os.path.join(out_dir, LOG_FILE)
-    if not os.path.exists(path):
-        return
-    keep = []
+def _records(path):
+    """(line, record) for each non-blank line of a log.jsonl; a line that is not JSON (the
+    torn last write of a full disk) is dropped with a warning naming the file and the line."""
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line, json.loads(line)
             except json.JSONDecodeError:
                 print0(f"{path}:{n}: not a JSON record (a torn write?), dropped: {line[:80]!r}")
-                continue
-            if record.get("step", 0) <= step:
-                keep.append(line if line.endswith("\n") else line + "\n")
+
+
+def cut_log(out_dir, step):
+    """Keep only the log.jsonl records up to `step` (a resumed run rewrites the rest); torn
+    lines are dropped (_records)."""
+    path = os.path.join(out_dir, LOG_FILE)
+    if not os.path.exists(path):
+        return
+    keep = [line if line.endswith("\n") else line + "\n"
+            for line, record in _records(path) if record.get("step", 0) <= step]
     write_atomic(path, "".join(keep))
+
+
+def read_log(out_dir):
+    """The records of <out_dir>/log.jsonl, in order ([] without one; torn lines dropped)."""
+    path = os.path.join(out_dir, LOG_FILE)
+    return [record for _, record in _records(path)] if os.path.exists(path) else []
+
+
+SUMMARY_KEYS = ("L_cl", "L_qdm", "match_acc")
+
+
+def subset_summary(records, last=300):
+    """Per training subset, the mean of L_cl, L_qdm and the training matching accuracy over
+    the records of the last `last` steps (records carry "subset" when batches come from one
+    subset, train.py --homogeneous_batches). Shows which subsets' judgments the matching
+    head makes in training and which stay at 0.5. Returns the table as text ("" when the
+    records carry no subset)."""
+    if not records or "subset" not in records[-1]:
+        return ""
+    end = records[-1]["step"]
+    rows = {}
+    for r in records:
+        if r["step"] > end - last and "subset" in r:
+            rows.setdefault(r["subset"], []).append(r)
+    width = max(len(s) for s in rows)
+    lines = [f"training, steps {max(1, end - last + 1)}-{end}, per subset:",
+             f"  {'subset':<{width}}  steps  " + "  ".join(f"{k:>9}" for k in SUMMARY_KEYS)]
+    for s in sorted(rows):
+        means = [sum(r[k] for r in rows[s]) / len(rows[s]) for k in SUMMARY_KEYS]
+        lines.append(f"  {s:<{width}}  {len(rows[s]):>5}  " + "  ".join(f"{m:>9.3f}" for m in means))
+    return "\n".join(lines)
 
 
 def remove_log(out_dir):
