@@ -588,9 +588,38 @@ def format_table(results, table, name=None, markdown=False, chance=None, matchin
                 per_task.append([label, "", "", ""] + (["", ""] if chance else [])
                                 + [percent_cell(means[v]) for v in MATCH_VIEW_TYPES])
     title = "Hit@1 (%) in the layout of Table 1: per meta-task score | average score (IND, OOD, Overall)"
+    split = yes_no_rows(matching, table, match_apart) if matching else None
     if markdown:
-        return f"### {title}\n\n{render_table(head, True)}\n\n{render_table(per_task, True)}\n"
-    return f"{title}\n{render_table(head, False)}\n\n{render_table(per_task, False)}"
+        return (f"### {title}\n\n{render_table(head, True)}\n\n{render_table(per_task, True)}\n"
+                + (f"\n### {YES_NO_TITLE}\n\n{render_table(split, True)}\n" if split else ""))
+    return (f"{title}\n{render_table(head, False)}\n\n{render_table(per_task, False)}"
+            + (f"\n\n{YES_NO_TITLE}\n{render_table(split, False)}" if split else ""))
+
+
+YES_NO_TITLE = ("Matching head, the two halves of its accuracy (%): Yes to the positive / No to the "
+                "hardest other candidate by embedding score")
+
+
+def yes_no_rows(matching, table, match_apart=()):
+    """The rows of format_table's last block: per task and view type, the fraction of
+    positives answered Yes and of hardest candidates answered No (matching_accuracy's
+    "yes" and "no"; the accuracy printed above is their mean), then their means over the
+    tasks as in the block above. None when no task has the split (older results)."""
+    tasks = [t for t in table if t in matching and "yes" in matching[t]]
+    if not tasks:
+        return None
+    cell = lambda y, n: f"{100 * y:.1f} / {100 * n:.1f}"                      # noqa: E731
+    rows = [["task", *MATCH_VIEW_TYPES]]
+    rows += [[t, *(cell(matching[t]["yes"][v], matching[t]["no"][v]) for v in MATCH_VIEW_TYPES)]
+             for t in tasks]
+    apart = [t for t in tasks if t in match_apart]
+    others = [t for t in tasks if t not in apart]
+    for label, group in ([("mean (others)", others), ("mean (" + ", ".join(apart) + ")", apart)]
+                         if apart else [("mean", others)]):
+        if group:
+            mean = lambda side, v: sum(matching[t][side][v] for t in group) / len(group)  # noqa: E731
+            rows.append([label, *(cell(mean("yes", v), mean("no", v)) for v in MATCH_VIEW_TYPES)])
+    return rows
 
 
 # ----------------------------------------------------------------------------------
@@ -636,13 +665,16 @@ def matching_accuracy(model, processor, emb, n, batch_size=16, desc="matching", 
     embeddings emb.Q, emb.D and the raw segments from emb's encoded items (embed_task);
     prompt: segment P as trained (match_prompt(config)).
     Returns {view type: accuracy over its 2·instances answers (MATCH_VIEW_TYPES),
-    "instances": count}. Sharded over ranks.
+    "yes": {view type: fraction of the positives answered Yes},
+    "no": {view type: fraction of the hardest candidates answered No},
+    "instances": count}; each view type's accuracy is the mean of its "yes" and "no".
+    Sharded over ranks.
     """
     rank, world = rank_world()
     inst = _hardest_negatives(emb.pairs, emb.scores, n)
     lo, hi = (len(inst) * rank) // world, (len(inst) * (rank + 1)) // world
     yes, no = answer_token_ids(processor.tokenizer)
-    correct = torch.zeros(8, dtype=torch.float64)                           # per view
+    right = torch.zeros(2, 8, dtype=torch.float64)          # per view: [on d⁻ ; on d⁺]
     was_training = model.training
     model.eval()
     for s in range(lo, hi, batch_size):
@@ -655,12 +687,15 @@ def matching_accuracy(model, processor, emb, n, batch_size=16, desc="matching", 
                            prompt=prompt or MATCH_PROMPTS["paper"])
         E = [X[[inst[i][k] for i in chunk]].to(model.device) for k, X in ((0, emb.Q), (1, emb.D), (2, emb.D))]
         logits, labels = model.match(mbatch, *E)                                # (M·8, vocab)
-        hit = (logits[:, yes] > logits[:, no]) == (labels == yes)           # (M·8,)
-        correct += hit.reshape(len(chunk), 8).double().sum(0).cpu()
+        is_pos = (labels == yes).reshape(len(chunk), 8)                     # (M, 8): the view reads d⁺
+        hit = ((logits[:, yes] > logits[:, no]).reshape(len(chunk), 8) == is_pos).double()  # (M, 8)
+        right += torch.stack([(hit * ~is_pos).sum(0), (hit * is_pos).sum(0)]).cpu()   # (2, 8)
     model.train(was_training)
-    correct = sum_over_ranks(correct, model.device)
+    right = sum_over_ranks(right, model.device)
     m = max(len(inst), 1)
-    return {**{k: (correct[a] + correct[b]).item() / (2 * m) for k, (a, b) in MATCH_VIEW_TYPES.items()},
+    split = {side: {k: (right[i, a] + right[i, b]).item() / m for k, (a, b) in MATCH_VIEW_TYPES.items()}
+             for i, side in ((1, "yes"), (0, "no"))}             # a view type: one d⁺, one d⁻ view
+    return {**{k: (split["yes"][k] + split["no"][k]) / 2 for k in MATCH_VIEW_TYPES}, **split,
             "instances": len(inst)}
 
 

@@ -288,7 +288,8 @@ def test_mmeb_end_to_end_matches_direct_computation(bench, tiny, reference):
 def test_matching_accuracy_matches_a_naive_loop(bench, tiny):
     """Held-out matching accuracy: for each query, the positive and the hardest other
     candidate (highest cosine by the Oracle's one-at-a-time embeddings), one instance per
-    forward, d+'s slot from the same seed; per view type the fraction of right Yes/No."""
+    forward, d+'s slot from the same seed; per view type the fraction of right Yes/No, and
+    its two halves: Yes on the positives, No on the hardest candidates."""
     import random
 
     from data import collate_match
@@ -307,6 +308,7 @@ def test_matching_accuracy_matches_a_naive_loop(bench, tiny):
     for task in TABLE:
         rows = pq.read_table(find_parquet(mmeb_dir, task, "test")[0]).to_pylist()[:5]
         right, n = [0] * 8, 0
+        right_on = {True: [0] * 8, False: [0] * 8}              # per view, on d+ / on d-
         for i, r in enumerate(rows):
             keys = list(dict.fromkeys(zip(r["tgt_text"], r["tgt_img_path"])))   # distinct, positive first
             if len(keys) < 2:
@@ -321,12 +323,17 @@ def test_matching_accuracy_matches_a_naive_loop(bench, tiny):
             with torch.no_grad():
                 logits, labels = model.match(mb, q[None], E[0][None], E[j][None])
             for v in range(8):
-                right[v] += int(bool(logits[v, yes] > logits[v, no]) == bool(labels[v] == yes))
+                ok = int(bool(logits[v, yes] > logits[v, no]) == bool(labels[v] == yes))
+                right[v] += ok
+                right_on[bool(labels[v] == yes)][v] += ok
             n += 1
         got = report["matching"][task]
         assert got["instances"] == n
         for name, (a, b) in groups.items():
             assert got[name] == pytest.approx((right[a] + right[b]) / (2 * n), abs=1e-12), (task, name)
+            # each view type holds one d+ view and one d- view per instance (slot 1 or 2)
+            assert got["yes"][name] == pytest.approx((right_on[True][a] + right_on[True][b]) / n, abs=1e-12)
+            assert got["no"][name] == pytest.approx((right_on[False][a] + right_on[False][b]) / n, abs=1e-12)
 
 
 def test_format_table_layout(reference):
@@ -373,6 +380,30 @@ def test_format_table_matching_means_apart():
     assert rows(text, "mean (TaskB)") == ["50.0", "40.0", "50.0", "60.0"]
     assert ev.matching_means(matching, ["TaskA", "TaskB"]) == pytest.approx(dict(zip(views, (0.7, 0.6, 0.6, 0.6))))
     assert ev.matching_means(matching, ["TaskC"]) == {}
+
+
+def test_format_table_yes_no_block():
+    """The last block splits each accuracy into Yes on positives / No on the hardest
+    candidates, per task and view type, with the means of each half (hand-worked); results
+    without the split (older records) print no block."""
+    views = list(ev.MATCH_VIEW_TYPES)
+    split = lambda y, n: {"yes": dict(zip(views, y)), "no": dict(zip(views, n))}  # noqa: E731
+    matching = {"TaskA": {**dict(zip(views, (0.75, 0.5, 0.5, 1.0))), "instances": 4,
+                          **split((1.0, 0.75, 0.5, 1.0), (0.5, 0.25, 0.5, 1.0))},
+                "TaskB": {**dict(zip(views, (0.5, 0.5, 0.5, 0.5))), "instances": 4,
+                          **split((0.0, 0.25, 1.0, 0.5), (1.0, 0.75, 0.0, 0.5))}}
+    results = {"TaskA": 0.75, "TaskB": 0.5}
+    text = ev.format_table(results, TABLE, matching=matching)
+    block = text.split(ev.YES_NO_TITLE)[1].splitlines()
+    row = lambda label: next(l for l in block if l.startswith(label))[len(label):].split()  # noqa: E731
+    assert row("TaskA") == ["100.0", "/", "50.0", "75.0", "/", "25.0", "50.0", "/", "50.0", "100.0", "/", "100.0"]
+    assert row("mean") == ["50.0", "/", "75.0", "50.0", "/", "50.0", "75.0", "/", "25.0", "75.0", "/", "75.0"]
+    text = ev.format_table(results, TABLE, matching=matching, match_apart=("TaskB",))
+    assert text.split(ev.YES_NO_TITLE)[1].count("mean (TaskB)") == 1
+    md = ev.format_table(results, TABLE, matching=matching, markdown=True)
+    assert f"### {ev.YES_NO_TITLE}" in md and "| TaskB | 0.0 / 100.0 |" in md
+    old = {t: {k: v for k, v in m.items() if k not in ("yes", "no")} for t, m in matching.items()}
+    assert ev.YES_NO_TITLE not in ev.format_table(results, TABLE, matching=old)
 
 
 # ----------------------------------------------------------------------------------
