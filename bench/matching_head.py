@@ -13,7 +13,7 @@ with these embeddings. Separating the head from the embedding this way tells whe
 matching run that stays at chance is held back by the embedding, by the weight and share
 matching gets in Eq. 5, or by the head itself.
 
-    python bench/matching_head.py --checkpoint runs/demo/checkpoint-1500
+    python bench/matching_head.py --checkpoint runs/demo/checkpoint-2000
     python bench/matching_head.py --checkpoint CK --views all --prompt paper --instances 16
 
 --data is a directory as the demo writes it (train/<Subset>/*.parquet, eval/<Task>/

@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--views", nargs="+", choices=VIEWS, default=list(VIEWS),
                    help="Table 5 view sets to run (row 4 flags)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per row")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's 1500)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's, 2000)")
     p.add_argument("--out_dir", default=None, help="where runs go (default: a temporary directory)")
     p.add_argument("--json", default=None, help="write every run's numbers here")
     args = p.parse_args(argv)

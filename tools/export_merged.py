@@ -15,7 +15,7 @@ What changes against the training checkpoint:
     the K tokens of its side; the embedding is the mean of their last-layer (final-norm)
     hidden states, L2-normalised (K = 0: the last token's state).
 
-    python tools/export_merged.py runs/demo/checkpoint-1500 runs/demo/merged
+    python tools/export_merged.py runs/demo/checkpoint-2000 runs/demo/merged
 
 The plain-transformers snippet that uses the directory is in the README ("Merged export");
 tests/test_export.py runs it against ReMatch.embed.

@@ -6,7 +6,7 @@ embedding retrieval's top k candidates of each query are reordered by p(Yes)
 (evaluate.matching_p_yes), and Hit@1 is reported before and after, on the same queries.
 
     python tools/rerank.py --model CKPT --mmeb_dir MMEB-eval --image_dir eval_images --top_k 4
-    python tools/rerank.py --model runs/demo/checkpoint-1500 --benchmark synthetic \\
+    python tools/rerank.py --model runs/demo/checkpoint-2000 --benchmark synthetic \\
         --mmeb_dir runs/demo/demo_data/eval --image_dir runs/demo/demo_data --top_k 4
 
 Every flag of evaluate.py applies (the MMEB ones; --out keeps per-task results for a
