@@ -578,11 +578,7 @@ def format_table(results, table, name=None, markdown=False, chance=None, matchin
                 row += [percent_cell(matching[t][v]) if t in matching else "-" for v in MATCH_VIEW_TYPES]
             per_task.append(row)
     if matching:                                   # mean over the tasks that have matching
-        apart = [t for t in table if t in match_apart and t in matching]
-        others = [t for t in table if t not in apart]
-        mean_rows = [("mean (others)", others), ("mean (" + ", ".join(apart) + ")", apart)] \
-            if apart else [("mean", others)]
-        for label, tasks in mean_rows:
+        for label, tasks in mean_groups([t for t in table if t in matching], match_apart):
             means = matching_means(matching, tasks)
             if means:
                 per_task.append([label, "", "", ""] + (["", ""] if chance else [])
@@ -612,14 +608,20 @@ def yes_no_rows(matching, table, match_apart=()):
     rows = [["task", *MATCH_VIEW_TYPES]]
     rows += [[t, *(cell(matching[t]["yes"][v], matching[t]["no"][v]) for v in MATCH_VIEW_TYPES)]
              for t in tasks]
-    apart = [t for t in tasks if t in match_apart]
-    others = [t for t in tasks if t not in apart]
-    for label, group in ([("mean (others)", others), ("mean (" + ", ".join(apart) + ")", apart)]
-                         if apart else [("mean", others)]):
+    for label, group in mean_groups(tasks, match_apart):
         if group:
             mean = lambda side, v: sum(matching[t][side][v] for t in group) / len(group)  # noqa: E731
             rows.append([label, *(cell(mean("yes", v), mean("no", v)) for v in MATCH_VIEW_TYPES)])
     return rows
+
+
+def mean_groups(tasks, match_apart=()):
+    """[(label, tasks)] of the matching mean rows: one "mean" row, or, when some tasks are
+    set apart (the demo's binding tasks), "mean (others)" and "mean (<the apart tasks>)"."""
+    apart = [t for t in tasks if t in match_apart]
+    others = [t for t in tasks if t not in apart]
+    return [("mean (others)", others), ("mean (" + ", ".join(apart) + ")", apart)] if apart \
+        else [("mean", others)]
 
 
 # ----------------------------------------------------------------------------------
