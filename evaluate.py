@@ -540,10 +540,12 @@ def render_table(rows, markdown):
     return "\n".join("  ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip() for r in rows)
 
 
-def matching_means(matching, tasks):
-    """{view type: mean matching accuracy over `tasks`} (those of them that have one)."""
+def matching_means(matching, tasks, half=None):
+    """{view type: mean matching accuracy over `tasks`} (those of them that have one);
+    half "yes" / "no": the mean of that half of it instead (matching_accuracy)."""
     done = [t for t in tasks if t in matching]
-    return {v: sum(matching[t][v] for t in done) / len(done) for v in MATCH_VIEW_TYPES} if done else {}
+    of = (lambda t: matching[t]) if half is None else (lambda t: matching[t][half])  # noqa: E731
+    return {v: sum(of(t)[v] for t in done) / len(done) for v in MATCH_VIEW_TYPES} if done else {}
 
 
 def format_table(results, table, name=None, markdown=False, chance=None, matching=None,
@@ -610,8 +612,8 @@ def yes_no_rows(matching, table, match_apart=()):
              for t in tasks]
     for label, group in mean_groups(tasks, match_apart):
         if group:
-            mean = lambda side, v: sum(matching[t][side][v] for t in group) / len(group)  # noqa: E731
-            rows.append([label, *(cell(mean("yes", v), mean("no", v)) for v in MATCH_VIEW_TYPES)])
+            y, n = (matching_means(matching, group, half) for half in ("yes", "no"))
+            rows.append([label, *(cell(y[v], n[v]) for v in MATCH_VIEW_TYPES)])
     return rows
 
 
