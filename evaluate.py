@@ -1,8 +1,10 @@
 """
 Evaluation of ReMatch: retrieval by cosine similarity (paper §3.1, Eq. 1) on MMEB (§4,
 Table 1: Hit@1 on 36 tasks) and zero-shot cross-modal retrieval (§4.2, Table 2:
-Flickr30K, COCO, ShareGPT4V, Urban1K, SugarCrepe); the matching head after training
-(Eq. 4: held-out Yes/No accuracy, p(Yes) as a scorer); `Encoder`, the embedding API.
+Flickr30K, COCO, ShareGPT4V, Urban1K, SugarCrepe); `Encoder`, the embedding API. The
+matching head after training (Eq. 4: held-out Yes/No accuracy, p(Yes) as a reranker) is
+tools/rerank.py's, plugged into mmeb_report as an extra; files, flags and arguments from
+outside are checked in util/inputs.py and read in util/benchmarks.py.
 
     d* = argmax_{d ∈ {d_1..d_N}} cos(E(q), E(d))          (Eq. 1; cosine in fp32)
 
@@ -24,7 +26,8 @@ Commands
   python evaluate.py --model CKPT --zeroshot flickr30k coco sharegpt4v urban1k sugarcrepe --data_dir DATA
   python evaluate.py --model runs/demo/checkpoint-STEP --benchmark synthetic \\
       --mmeb_dir runs/demo/demo_data/eval --image_dir runs/demo/demo_data   # train.py's demo data
-  Reranking with the matching head: tools/rerank.py.   Tests: pytest tests/test_evaluate.py
+  The matching head's accuracy (--match_queries N) and reranking (--top_k K): tools/rerank.py.
+  Tests: pytest tests/test_evaluate.py
 
 --model: a train.py checkpoint directory (has rematch_config.json) or its hub id, a hub
 id or local directory of a raw Qwen2-VL / Qwen2.5-VL / Qwen3-VL (the single-vector baseline:
@@ -33,11 +36,11 @@ tiny-qwen2-vl / tiny-qwen2.5-vl. Under torchrun each task's embedding work is cu
 one contiguous shard per rank, the embeddings are all-gathered and scored; rank 0 prints
 and writes. With --out, each finished task is saved at once (<out>/mmeb/<task>.json) and
 a restarted run skips it; the tables go to <out>/mmeb_results.{json,md} and
-<out>/zeroshot_results.{json,md}. Data layouts: the MMEB section below; zero-shot: data.py.
+<out>/zeroshot_results.{json,md}. Data layouts: the MMEB section below; zero-shot:
+util/benchmarks.py.
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 
@@ -46,16 +49,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (IMAGE_PLACEHOLDER, MATCH_PROMPTS, MMEB_EVAL_TASKS, SUGARCREPE_SUBSETS, collate_embed,
-                  collate_match, encode_item, find_subsets, leaves_image_dir, load_image, pos_slot_of,
-                  read_coco, read_eval_task, read_flickr30k, read_sharegpt4v, read_sugarcrepe,
-                  read_urban1k, resolve_dir, upscale_small, with_target_instruction)
-from losses import rank_world
-from masks import VIEW_SETS
+from data import IMAGE_PLACEHOLDER, MMEB_EVAL_TASKS, collate_embed, encode_item, with_target_instruction
 from model import load_rematch
-from util.backbone import answer_token_ids
-from util.dist import (DIST_TIMEOUT_MINUTES, broadcast_object, collective_device, print0,
-                       setup_distributed, sum_over_ranks, teardown_distributed)
+from util.benchmarks import (SUGARCREPE_SUBSETS, mmeb_preflight, read_coco, read_eval_task, read_flickr30k,
+                             read_sharegpt4v, read_sugarcrepe, read_urban1k)
+from util.dist import (DIST_TIMEOUT_MINUTES, broadcast_object, collective_device, print0, rank_world,
+                       setup_distributed, teardown_distributed)
+from util.inputs import (check_encode_args, check_eval_flags, check_side, check_text_tokens, find_subsets,
+                         load_image, read_task_table, resolve_dir, upscale_small)
 from util.run import load_finished, result_path, weights_fingerprint, write_atomic, write_json
 from util.speed import ATTENTION, set_attention
 
@@ -129,7 +130,7 @@ def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="
     """
     bad = next((i for i, x in enumerate(inputs) if x[0] not in ("q", "d")), None)
     if bad is not None:                      # a batch of another side would stay all zeros
-        _check_side(inputs[bad][0], f"{desc}: input {bad}")
+        check_side(inputs[bad][0], f"{desc}: input {bad}")
     rank, world = rank_world() if distributed else (0, 1)
     n, d = len(inputs), model.backbone.config.text_config.hidden_size
     ordinal, count = [], {"q": 0, "d": 0}              # an input's index among its side's: its name
@@ -149,13 +150,9 @@ def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="
             where = [f"{desc} {side}-item {ordinal[i]}" for i in chunk]
             enc = [_encode(processor, inputs[i][1], inputs[i][2], w)
                    for i, w in zip(chunk, where)]
-            if max_text_tokens:
-                pad = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-                for i, e, w in zip(chunk, enc, where):
-                    n_text = len(e["ids"]) - e["ids"].count(pad)
-                    if n_text > max_text_tokens:
-                        raise ValueError(f"{w}: a text of {n_text} tokens, more than --max_text_tokens "
-                                         f"{max_text_tokens}: {inputs[i][1][:60]!r}...")
+            pad = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+            for i, x, w in zip(chunk, enc, where):                       # util/inputs.py
+                check_text_tokens(x["ids"], pad, max_text_tokens, w, inputs[i][1])
             if keep is not None:
                 for i, e in zip(chunk, enc):
                     keep(i, e)
@@ -199,7 +196,7 @@ def _target_instruction_fn(config):
 
 META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
 # The 36 MMEB-eval tasks: name → (meta_task, is_ind), IND = one of the 20 MMEB-train sets.
-# One table, defined in data.py next to the target instructions built from it:
+# One table, data.MMEB_EVAL_TASKS, next to the target instructions built from it:
 #   Classification  IND ImageNet-1K N24News HatefulMemes VOC2007 SUN397
 #                   OOD Place365 ImageNet-A ImageNet-R ObjectNet Country211
 #   VQA             IND OK-VQA A-OKVQA DocVQA InfographicsVQA ChartQA Visual7W
@@ -207,14 +204,13 @@ META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
 #   Retrieval       IND VisDial CIRR VisualNews_t2i VisualNews_i2t MSCOCO_t2i MSCOCO_i2t NIGHTS WebQA
 #                   OOD FashionIQ Wiki-SS-NQ OVEN EDIS
 #   Grounding       IND MSCOCO   OOD RefCOCO RefCOCO-Matching Visual7W-Pointing
-MMEB_TASKS = MMEB_EVAL_TASKS
 BENCHMARK_NAMES = ("mmeb", "synthetic")
 
 
 def benchmarks():
     """The built-in task tables: MMEB's 36 and the CPU demo's (imported only when asked)."""
     from demo import DEMO_EVAL_TASKS
-    return {"mmeb": MMEB_TASKS, "synthetic": DEMO_EVAL_TASKS}
+    return {"mmeb": MMEB_EVAL_TASKS, "synthetic": DEMO_EVAL_TASKS}
 
 
 def _known_tasks():
@@ -227,7 +223,7 @@ def task_table(tasks=None, known=None):
     tasks of `known` (default: MMEB's and the synthetic benchmark's); a dict
     {name: (meta_task, is_ind)} (any benchmark in the MMEB file format) → itself."""
     if tasks is None:
-        return dict(known or MMEB_TASKS)
+        return dict(known or MMEB_EVAL_TASKS)
     if isinstance(tasks, dict):
         return {name: (meta, bool(ind)) for name, (meta, ind) in tasks.items()}
     known = known or _known_tasks()
@@ -247,7 +243,7 @@ def discovered_task_table(root, tasks=None, table_file=None):
         known.update(read_task_table(table_file, "--eval_task_table"))
     if tasks is None:
         if not os.path.isdir(str(root)):
-            return dict(MMEB_TASKS)
+            return dict(MMEB_EVAL_TASKS)
         tasks = find_subsets(root, "test")
         if not tasks:
             raise FileNotFoundError(f"{root}: no task folder with test parquet files "
@@ -279,16 +275,6 @@ def task_items(rows, task, config=None, meta=None):
             cands.append(d_index.setdefault((text, path), len(d_index)))
         pairs.append((qi, cands))
     return list(q_index), list(d_index), pairs
-
-
-def image_paths(rows):
-    """The task's distinct image paths (relative to --image_dir)."""
-    return ({r["qry_img_path"] for r in rows} | {p for r in rows for p in r["tgt_img_path"]}) - {""}
-
-
-def missing_images(rows, image_dir):
-    """Image paths of the task (relative) that are not files under image_dir."""
-    return sorted(p for p in image_paths(rows) if not os.path.isfile(os.path.join(image_dir, p)))
 
 
 def distinct_candidates(cands):
@@ -360,7 +346,7 @@ def embed_task(model, processor, rows, task, image_dir, config=None, meta=None, 
     """
     One eval task's rows embedded, each distinct item once (task_items, embed_inputs), as
     TaskEmbeddings. keep_rows: the encoded items of the first N rows (query and every
-    candidate) are kept for the matching passes (matching_accuracy, reranking), within
+    candidate) are kept for the matching passes (tools/rerank.py: accuracy, reranking), within
     KEEP_ITEM_BYTES, so that they are not read and encoded twice.
     """
     q_keys, d_keys, pairs = task_items(rows, task, config, meta=meta)
@@ -381,79 +367,44 @@ def embed_task(model, processor, rows, task, image_dir, config=None, meta=None, 
 EVAL_MAX_TEXT_TOKENS = 8192        # far above MMEB's longest candidates; a runaway one is refused
 
 
-def evaluate_mmeb(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
-                  out_dir=None, skip_missing=False, progress=True, name=None):
-    """Hit@1 of every task: {task: hit@1 (0..1), or None if skipped as missing}
-    (mmeb_report without matching accuracy; same arguments)."""
-    return mmeb_report(model, processor, mmeb_dir, image_dir, tasks, config, batch_size, out_dir,
-                       skip_missing, progress, name)["hit@1"]
-
-
 def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
-                out_dir=None, skip_missing=False, progress=True, name=None, match_queries=0,
-                extra=None, allow_outside_image_dir=False, max_text_tokens=EVAL_MAX_TEXT_TOKENS):
+                out_dir=None, skip_missing=False, progress=True, name=None, extras=(),
+                allow_outside_image_dir=False, max_text_tokens=EVAL_MAX_TEXT_TOKENS):
     """
     {"hit@1": {task: hit@1 (0..1) or None if skipped as missing},
-     "matching": {task: matching_accuracy(...)}  (only with match_queries > 0),
-     extra.name: {task: extra.run(...)}  (only with `extra`)}.
+     x.name: {task: x.run(...)} for each x of `extras`}.
     tasks: None (all 36), a list of task names, or {name: (meta_task, is_ind)} (task_table).
     config: the checkpoint's config (load_rematch); recorded with the results and used for
     "target_instructions". out_dir: per-task results are saved as they finish and reused
     on restart if config and weights_fingerprint match (otherwise: an error), then
-    mmeb_results.json / .md (rows labelled `name`, default config["model"]). Missing task
-    files or images raise an error naming them, unless skip_missing (the task is then
-    reported as missing). match_queries: also score the trained matching head (Eq. 4) on
-    the first N queries of each task (matching_accuracy); needs a checkpoint trained with
-    matching (config w_qdm > 0). extra: a further per-task measurement on the task's
-    TaskEmbeddings (tools/rerank.py's Reranking): an object with `name`, `settings` (kept
-    with the results: a record with other settings is not reused), `rows` (encoded items
-    to keep), run(model, processor, emb, task) → result and line(result) → str.
-    Image paths that are absolute or leave image_dir with ".." are refused, naming the task,
-    unless allow_outside_image_dir; so is a text over max_text_tokens, naming the item.
+    mmeb_results.json / .md (rows labelled `name`, default config["model"]). Every task's
+    files and images are checked first (util/benchmarks.mmeb_preflight): missing ones raise an
+    error naming them, unless skip_missing (the task is then reported as missing); image
+    paths leaving image_dir are refused unless allow_outside_image_dir; a text over
+    max_text_tokens is refused, naming the item. extras: further per-task measurements on
+    each task's TaskEmbeddings (tools/rerank.py's MatchingAccuracy, the matching head's
+    held-out Yes/No accuracy, and Reranking): objects with `name`, `settings` (kept with
+    the results: a record with other settings is not reused), `rows` (encoded items to
+    keep), run(model, processor, emb, task) → result, line(result) → str and
+    columns(results, tasks) → their part of format_table, or None.
     Summaries: summarize(results, task_table(tasks)); the table: format_table(...).
     """
     table, config = task_table(tasks), dict(config or {})
-    if match_queries:
-        require_matching(config, "matching accuracy")
     rank, _ = rank_world()
     root = resolve_dir(mmeb_dir, [f"{t}/*" for t in table])
     weights = weights_fingerprint(model)
     finished = broadcast_object(load_finished(out_dir, "mmeb", table, config, weights) if rank == 0 else None)
-    settings = {"match_queries": match_queries, **({extra.name: extra.settings} if extra else {})}
-    if match_queries or extra:                     # a record without them is not finished
-        finished = {t: r for t, r in finished.items()
-                    if all(r.get(k) == v for k, v in settings.items())}
+    finished = {t: r for t, r in finished.items()            # a record of other extras is redone
+                if all(r.get(x.name) == x.settings for x in extras)}
+    problems = mmeb_preflight(root, [t for t in table if t not in finished], image_dir,
+                              allow_outside_image_dir, skip_missing)
 
-    problems = {}                                  # check every input before the long part
-    for task in table:
-        if task in finished:
-            continue
-        try:
-            rows = read_eval_task(root, task)
-        except FileNotFoundError as err:
-            problems[task] = str(err)
-            continue
-        outside = sorted(p for p in image_paths(rows) if leaves_image_dir(p))
-        if outside and not allow_outside_image_dir:
-            raise ValueError(f"MMEB task {task}: image path(s) leave --image_dir {image_dir}: "
-                             + ", ".join(map(repr, outside[:5])) + " (allow with --allow_outside_image_dir)")
-        lost = missing_images(rows, image_dir)
-        if lost:
-            problems[task] = (f"MMEB task {task}: {len(lost)} image(s) missing under {image_dir}: "
-                              + ", ".join(os.path.join(image_dir, p) for p in lost[:5])
-                              + (" ..." if len(lost) > 5 else ""))
-    if problems and not skip_missing:
-        raise FileNotFoundError("missing MMEB data (pass skip_missing / --skip_missing to skip "
-                                "these tasks):\n" + "\n".join(problems.values()))
-
-    results, matching, extras = {}, {}, {}
+    results, measured = {}, {x.name: {} for x in extras}
     for task in table:
         if task in finished:
             results[task] = finished[task]["hit@1"]
-            if match_queries:
-                matching[task] = finished[task]["matching"]
-            if extra:
-                extras[task] = finished[task][extra.name + "_result"]
+            for x in extras:
+                measured[x.name][task] = finished[task][x.name + "_result"]
             print0(f"{task}: Hit@1 {100 * results[task]:.1f} (finished earlier, skipped)")
             continue
         if task in problems:
@@ -461,25 +412,19 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
             print0(f"{task}: missing, skipped ({problems[task]})")
             continue
         rows = read_eval_task(root, task)
-        keep_rows = max(match_queries, extra.rows if extra else 0)
         emb = embed_task(model, processor, rows, task, image_dir, config, table[task][0], batch_size,
-                         progress, keep_rows=keep_rows, max_text_tokens=max_text_tokens)
+                         progress, keep_rows=max((x.rows for x in extras), default=0),
+                         max_text_tokens=max_text_tokens)
         results[task] = hit_at_1(emb.scores)                    # same on every rank
         record = {"task": task, "meta_task": table[task][0], "is_ind": table[task][1],
                   "hit@1": results[task], "num_queries": len(rows), "num_query_items": len(emb.Q),
                   "num_candidate_items": len(emb.D), "config": config, "weights": weights}
         line = f"{task}: Hit@1 {100 * results[task]:.1f} ({len(rows)} queries, " \
                f"{len(emb.Q)} query items, {len(emb.D)} candidate items)"
-        if match_queries:
-            matching[task] = matching_accuracy(model, processor, emb, match_queries, batch_size,
-                                               desc=task, prompt=match_prompt(config))
-            record.update(matching=matching[task], match_queries=match_queries)
-            line += "; matching " + ", ".join(f"{k} {100 * v:.1f}" for k, v in matching[task].items()
-                                              if k in MATCH_VIEW_TYPES)
-        if extra:
-            extras[task] = extra.run(model, processor, emb, task)
-            record.update({extra.name + "_result": extras[task], extra.name: extra.settings})
-            line += "; " + extra.line(extras[task])
+        for x in extras:
+            measured[x.name][task] = x.run(model, processor, emb, task)
+            record.update({x.name + "_result": measured[x.name][task], x.name: x.settings})
+            line += "; " + x.line(measured[x.name][task])
         print0(line)
         if rank == 0 and out_dir:
             write_json(result_path(out_dir, "mmeb", task), record)
@@ -488,14 +433,12 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
         write_json(os.path.join(out_dir, "mmeb_results.json"), {
             "name": name, "config": config, "summary": summarize(results, table),
             "tasks": {t: {"meta_task": m, "is_ind": ind, "hit@1": results[t],
-                          **({"matching": matching[t]} if t in matching else {}),
-                          **({extra.name: extras[t]} if t in extras else {})}
+                          **{x.name: measured[x.name][t] for x in extras if t in measured[x.name]}}
                       for t, (m, ind) in table.items()}})
         write_atomic(os.path.join(out_dir, "mmeb_results.md"),
-                    format_table(results, table, name=name, markdown=True,
-                                 matching=matching if match_queries else None))
-    return {"hit@1": results, **({"matching": matching} if match_queries else {}),
-            **({extra.name: extras} if extra else {})}
+                     format_table(results, table, name=name, markdown=True,
+                                  extras=[(x, measured[x.name]) for x in extras]))
+    return {"hit@1": results, **measured}
 
 
 def _groups(table):
@@ -540,24 +483,15 @@ def render_table(rows, markdown):
     return "\n".join("  ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip() for r in rows)
 
 
-def matching_means(matching, tasks, half=None):
-    """{view type: mean matching accuracy over `tasks`} (those of them that have one);
-    half "yes" / "no": the mean of that half of it instead (matching_accuracy)."""
-    done = [t for t in tasks if t in matching]
-    of = (lambda t: matching[t]) if half is None else (lambda t: matching[t][half])  # noqa: E731
-    return {v: sum(of(t)[v] for t in done) / len(done) for v in MATCH_VIEW_TYPES} if done else {}
-
-
-def format_table(results, table, name=None, markdown=False, chance=None, matching=None,
-                 match_apart=()):
+def format_table(results, table, name=None, markdown=False, chance=None, extras=()):
     """The Table-1 layout: per meta-task scores, then IND / OOD / Overall (Hit@1, %),
     with the number of tasks behind each mean, followed by the per-task scores.
     chance: optional {task: chance Hit@1} (chance_table): adds a "chance" row of the same
     means and, per task, the chance level and Hit@1 / chance.
-    matching: optional {task: matching_accuracy(...)}: per task, the matching head's Yes/No
-    accuracy (%) per view type (query side → document side), and their mean over tasks;
-    match_apart: tasks whose matching accuracy gets a mean row of its own, outside the
-    main mean (the demo's binding tasks)."""
+    extras: optional [(x, {task: result})] of mmeb_report's extras; each x.columns(results,
+    tasks) may add (headers, {task: cells}, [(label, cells)] mean rows, (title, rows) or
+    None) — tools/rerank.py's MatchingAccuracy: the matching head's accuracy per view type,
+    its means and a last block of its two halves."""
     table = task_table(table) if not isinstance(table, dict) else table
     s = summarize(results, table)
     groups = list(s)
@@ -566,8 +500,9 @@ def format_table(results, table, name=None, markdown=False, chance=None, matchin
         c = summarize({t: chance[t] for t in table if results.get(t) is not None}, table)
         head.append(["chance", *(percent_cell(**c[g]) for g in groups)])
     head.append(["tasks", *(str(s[g]["tasks"]) for g in groups)])
+    parts = [p for p in (x.columns(r, [t for t in table if t in r]) for x, r in extras) if p]
     per_task = [["task", "meta-task", "split", "Hit@1"] + (["chance", "× chance"] if chance else [])
-                + ([f"match {v}" for v in MATCH_VIEW_TYPES] if matching else [])]
+                + [h for p in parts for h in p[0]]]
     for g in groups[:-3]:
         for t, (m, ind) in table.items():
             if m != g:
@@ -576,173 +511,29 @@ def format_table(results, table, name=None, markdown=False, chance=None, matchin
             row = [t, m, "IND" if ind else "OOD", "missing" if hit is None else percent_cell(hit)]
             if chance is not None:
                 row += [percent_cell(chance[t]), "-" if hit is None else f"{hit / chance[t]:.1f}"]
-            if matching:
-                row += [percent_cell(matching[t][v]) if t in matching else "-" for v in MATCH_VIEW_TYPES]
-            per_task.append(row)
-    if matching:                                   # mean over the tasks that have matching
-        for label, tasks in mean_groups([t for t in table if t in matching], match_apart):
-            means = matching_means(matching, tasks)
-            if means:
-                per_task.append([label, "", "", ""] + (["", ""] if chance else [])
-                                + [percent_cell(means[v]) for v in MATCH_VIEW_TYPES])
+            per_task.append(row + [c for p in parts for c in p[1].get(t, ["-"] * len(p[0]))])
+    width = [len(p[0]) for p in parts]
+    for k, p in enumerate(parts):                  # an extra's mean rows, under its columns
+        for label, cells in p[2]:
+            per_task.append([label, "", "", ""] + (["", ""] if chance else [])
+                            + [""] * sum(width[:k]) + cells + [""] * sum(width[k + 1:]))
     title = "Hit@1 (%) in the layout of Table 1: per meta-task score | average score (IND, OOD, Overall)"
-    split = yes_no_rows(matching, table, match_apart) if matching else None
+    blocks = [p[3] for p in parts if p[3]]
     if markdown:
         return (f"### {title}\n\n{render_table(head, True)}\n\n{render_table(per_task, True)}\n"
-                + (f"\n### {YES_NO_TITLE}\n\n{render_table(split, True)}\n" if split else ""))
+                + "".join(f"\n### {t}\n\n{render_table(rows, True)}\n" for t, rows in blocks))
     return (f"{title}\n{render_table(head, False)}\n\n{render_table(per_task, False)}"
-            + (f"\n\n{YES_NO_TITLE}\n{render_table(split, False)}" if split else ""))
-
-
-YES_NO_TITLE = ("Matching head, the two halves of its accuracy (%): Yes to the positive / No to the "
-                "hardest other candidate by embedding score")
-
-
-def yes_no_rows(matching, table, match_apart=()):
-    """The rows of format_table's last block: per task and view type, the fraction of
-    positives answered Yes and of hardest candidates answered No (matching_accuracy's
-    "yes" and "no"; the accuracy printed above is their mean), then their means over the
-    tasks as in the block above. None when no task has the split (older results)."""
-    tasks = [t for t in table if t in matching and "yes" in matching[t]]
-    if not tasks:
-        return None
-    cell = lambda y, n: f"{100 * y:.1f} / {100 * n:.1f}"                      # noqa: E731
-    rows = [["task", *MATCH_VIEW_TYPES]]
-    rows += [[t, *(cell(matching[t]["yes"][v], matching[t]["no"][v]) for v in MATCH_VIEW_TYPES)]
-             for t in tasks]
-    for label, group in mean_groups(tasks, match_apart):
-        if group:
-            y, n = (matching_means(matching, group, half) for half in ("yes", "no"))
-            rows.append([label, *(cell(y[v], n[v]) for v in MATCH_VIEW_TYPES)])
-    return rows
-
-
-def mean_groups(tasks, match_apart=()):
-    """[(label, tasks)] of the matching mean rows: one "mean" row, or, when some tasks are
-    set apart (the demo's binding tasks), "mean (others)" and "mean (<the apart tasks>)"."""
-    apart = [t for t in tasks if t in match_apart]
-    others = [t for t in tasks if t not in apart]
-    return [("mean (others)", others), ("mean (" + ", ".join(apart) + ")", apart)] if apart \
-        else [("mean", others)]
+            + "".join(f"\n\n{t}\n{render_table(rows, False)}" for t, rows in blocks))
 
 
 # ----------------------------------------------------------------------------------
-# The matching head after training (Eq. 4): held-out Yes/No accuracy, and p(Yes) as a scorer
-
-# view types of the 8 views (masks.VIEWS order): query side → document side
-MATCH_VIEW_TYPES = {"raw→raw": (0, 2), "raw→feat": (1, 3), "feat→raw": (4, 6), "feat→feat": (5, 7)}
-
-
-def match_prompt(config):
-    """Segment P of the matching rows as the checkpoint was trained (train.py --match_prompt)."""
-    return MATCH_PROMPTS[(config or {}).get("match_prompt") or "paper"]
-
-
-def require_matching(config, what):
-    """Scores from the matching head mean something only if it was trained (w_qdm > 0)."""
-    if not (config or {}).get("w_qdm"):
-        raise ValueError(f"{what} needs a checkpoint trained with the matching loss (w_qdm > 0); "
-                         f"this model has w_qdm={config.get('w_qdm') if config else None} "
-                         f"({config.get('model') if config else 'raw backbone'}): its projector and "
-                         "Yes/No answers are untrained, the scores would be meaningless")
-
-
-def _hardest_negatives(pairs, scores, n):
-    """(query, positive, hardest other candidate) item indices for the first n rows: the
-    other candidate the embeddings score highest (rows with one distinct candidate: none)."""
-    out = []
-    for i, (qi, cands) in enumerate(pairs[:n]):
-        cands = distinct_candidates(cands)                                     # score_rows' columns
-        if len(cands) > 1:
-            j = 1 + int(scores[i, 1:len(cands)].argmax())
-            out.append((qi, cands[0], cands[j]))
-    return out
-
-
-@torch.no_grad()
-def matching_accuracy(model, processor, emb, n, batch_size=16, desc="matching", prompt=None):
-    """
-    Yes/No accuracy of the matching head (Eq. 4, p(Yes) > p(No)) on held-out pairs: for
-    each of the first `n` rows, (query, positive) should get Yes and (query, hardest other
-    candidate by embedding score) No. One unified 8-view pass per (q, d⁺, d⁻) instance
-    (d⁺'s slot seeded per row: pos_slot_of), with Z = MLP(E) from the evaluation
-    embeddings emb.Q, emb.D and the raw segments from emb's encoded items (embed_task);
-    prompt: segment P as trained (match_prompt(config)).
-    Returns {view type: accuracy over its 2·instances answers (MATCH_VIEW_TYPES),
-    "yes": {view type: fraction of the positives answered Yes},
-    "no": {view type: fraction of the hardest candidates answered No},
-    "instances": count}; each view type's accuracy is the mean of its "yes" and "no".
-    Sharded over ranks.
-    """
-    rank, world = rank_world()
-    inst = _hardest_negatives(emb.pairs, emb.scores, n)
-    lo, hi = (len(inst) * rank) // world, (len(inst) * (rank + 1)) // world
-    yes, no = answer_token_ids(processor.tokenizer)
-    right = torch.zeros(2, 8, dtype=torch.float64)          # per view: [on d⁻ ; on d⁺]
-    was_training = model.training
-    model.eval()
-    for s in range(lo, hi, batch_size):
-        chunk = range(s, min(s + batch_size, hi))
-        q = [emb.item(processor, "q", inst[i][0], desc) for i in chunk]
-        dp = [emb.item(processor, "d", inst[i][1], desc) for i in chunk]
-        dn = [emb.item(processor, "d", inst[i][2], desc) for i in chunk]
-        pos_slot = [pos_slot_of(desc, i) for i in chunk]
-        mbatch = collate_match(q, dp, dn, processor.tokenizer, VIEW_SETS["all"], pos_slot,
-                           prompt=prompt or MATCH_PROMPTS["paper"])
-        E = [X[[inst[i][k] for i in chunk]].to(model.device) for k, X in ((0, emb.Q), (1, emb.D), (2, emb.D))]
-        logits, labels = model.match(mbatch, *E)                                # (M·8, vocab)
-        is_pos = (labels == yes).reshape(len(chunk), 8)                     # (M, 8): the view reads d⁺
-        hit = ((logits[:, yes] > logits[:, no]).reshape(len(chunk), 8) == is_pos).double()  # (M, 8)
-        right += torch.stack([(hit * ~is_pos).sum(0), (hit * is_pos).sum(0)]).cpu()   # (2, 8)
-    model.train(was_training)
-    right = sum_over_ranks(right, model.device)
-    m = max(len(inst), 1)
-    split = {side: {k: (right[i, a] + right[i, b]).item() / m for k, (a, b) in MATCH_VIEW_TYPES.items()}
-             for i, side in ((1, "yes"), (0, "no"))}             # a view type: one d⁺, one d⁻ view
-    return {**{k: (split["yes"][k] + split["no"][k]) / 2 for k in MATCH_VIEW_TYPES}, **split,
-            "instances": len(inst)}
-
-
-# the views that score a candidate, all reading slot 1 (the row holds no slot 2)
-RERANK_VIEW_SETS = {"raw": (("Q", "D1"),), "feat": (("Zq", "Zd1"),),
-                    "all": (("Q", "D1"), ("Q", "Zd1"), ("Zq", "D1"), ("Zq", "Zd1"))}
-RERANK_VIEWS = tuple(RERANK_VIEW_SETS)
-
-
-@torch.no_grad()
-def matching_p_yes(model, processor, q_item, E_q, d_items, E_d, views="raw", batch_size=16,
-                   prompt=None):
-    """
-    p(Yes | Yes or No) = sigmoid(logit_Yes − logit_No) of the trained matching prompt for
-    one query and each of its candidates. q_item, d_items: encoded items (encode_item);
-    E_q (d,), E_d (n, d): their fused embeddings (used by the feature views). Each candidate
-    gets a row of its own holding only slot 1 — [P, Q, Zq, D1, Zd1, H, answers], the
-    segments its views use — so its score depends on nothing but (query, candidate): in
-    a row with a second document, the second one's length would shift the answers'
-    positions (readings §3). views: "raw" (Q, D1), "feat" (Zq, Zd1), or "all" (the mean
-    over the 4 views). prompt: segment P as trained (match_prompt(config)). Returns (n,) fp32.
-    """
-    if views not in RERANK_VIEW_SETS:
-        raise ValueError(f"views must be one of {RERANK_VIEWS}, got {views!r}")
-    view_set = RERANK_VIEW_SETS[views]
-    yes, no = answer_token_ids(processor.tokenizer)
-    n, dev = len(d_items), model.device
-    out = torch.zeros(n)
-    for s in range(0, n, batch_size):
-        idx = list(range(s, min(s + batch_size, n)))
-        docs = [d_items[j] for j in idx]
-        mbatch = collate_match([q_item] * len(idx), docs, docs, processor.tokenizer, view_set,
-                           [1] * len(idx), prompt=prompt or MATCH_PROMPTS["paper"])   # no slot 2
-        E = [E_q.expand(len(idx), -1), E_d[idx], E_d[idx]]
-        logits, _ = model.match(mbatch, *(e.to(dev) for e in E))          # (R·V, vocab)
-        p = torch.sigmoid((logits[:, yes] - logits[:, no]).float())   # (R·V,)
-        out[idx] = p.reshape(len(idx), len(view_set)).mean(1).cpu()   # (R,)
-    return out
-
-
-# ----------------------------------------------------------------------------------
-# Zero-shot (Table 2): metrics on the datasets data.py reads (read_flickr30k, ...; their
-# on-disk layout is described there).
+# Zero-shot (Table 2): metrics on the datasets util/benchmarks.py reads (their on-disk
+# layout is described there). The test sets (the protocol of Table 2):
+#   Flickr30K   Karpathy split "test": 1000 images, the first 5 captions each (t2i, i2t R@1/5/10)
+#   COCO        Karpathy split "test": 5000 images, the first 5 captions each (R@1/5/10)
+#   ShareGPT4V  the first 1000 entries of the ShareCaptioner file; caption = the answer (R@1)
+#   Urban1K     every caption/<name>.txt (its first line) ↔ image/<name>.jpg (R@1)
+#   SugarCrepe  7 subsets of (COCO val2017 image, caption, negative caption) (accuracy)
 # Prompts (MMEB's MSCOCO_t2i / MSCOCO_i2t wording, fixed): text→image query
 # ZS_T2I_QUERY.format(caption), image candidate ZS_IMAGE_CANDIDATE; image→text query
 # ZS_I2T_QUERY, text candidate the raw caption. Identical captions (or images) are one
@@ -837,7 +628,7 @@ ZEROSHOT = {   # name: (reader, kind, recall ks)
 def evaluate_zeroshot(model, processor, datasets, data_dir, config=None, batch_size=16,
                       out_dir=None, progress=True, name=None):
     """{dataset: {metric: value (0..1)}} for the names in ZEROSHOT; results saved per
-    dataset in out_dir (reused on restart, as in evaluate_mmeb), then
+    dataset in out_dir (reused on restart, as in mmeb_report), then
     zeroshot_results.json / .md."""
     config = dict(config or {})
     unknown = [d for d in datasets if d not in ZEROSHOT]
@@ -922,9 +713,11 @@ class Encoder:
     Returns L2-normalised fp32 (N, d) on the CPU; a vector does not depend on its batch.
     side "q" for queries (L_q), "d" for the documents of an index (L_d). Text documents of
     a checkpoint trained with target instructions: pass data.with_target_instruction(text,
-    task) as the texts (and no instruction), as evaluate_mmeb does. attn: the attention of
-    rerank's matching pass ("sdpa", or "flex": util.speed.set_attention). revision: a hub
-    id's commit, branch or tag (kept in self.config).
+    task) as the texts (and no instruction), as mmeb_report does. The same checkpoint as a
+    cross-encoder (the matching head's p(Yes)): tools/rerank.py's rerank(enc, query,
+    candidates). attn: the attention of that matching pass ("sdpa", or "flex":
+    util.speed.set_attention). revision: a hub id's commit, branch or tag (kept in
+    self.config).
     """
 
     def __init__(self, path_or_hub, device=None, dtype=None, num_tokens=0, embed_template="plain",
@@ -937,22 +730,7 @@ class Encoder:
     def encode(self, texts=None, images=None, instruction=None, side="q", batch_size=32, progress=False):
         """texts: a list of str (or None); images: a list of PIL images or paths (str /
         os.PathLike; None for none); both given = (text, image) pairs. side: "q" or "d"."""
-        _check_side(side, "encode")
-        _check_batch_size(batch_size, "encode")
-        if texts is None and images is None:
-            raise ValueError("encode: give texts, images, or both (pairs)")
-        if texts is not None:
-            _check_list(texts, "texts", "encode")
-            for i, t in enumerate(texts):
-                if t is not None and not isinstance(t, str):
-                    raise TypeError(f"encode: texts[{i}] is a {type(t).__name__}; each text must be a "
-                                    "str (or None)")
-        if images is not None:
-            _check_list(images, "images", "encode")
-            for i, im in enumerate(images):
-                _check_image(im, f"encode: images[{i}]")
-        if texts is not None and images is not None and len(texts) != len(images):
-            raise ValueError(f"encode: {len(texts)} texts but {len(images)} images")
+        check_encode_args(texts, images, side, batch_size)                    # util/inputs.py
         n = len(texts) if texts is not None else len(images)
         texts = texts if texts is not None else [None] * n
         images = images if images is not None else [None] * n
@@ -960,78 +738,6 @@ class Encoder:
         E = embed_inputs(self.model, self.processor, inputs, batch_size, progress, desc="encode",
                          distributed=False)                                 # (N, d)
         return F.normalize(E.float(), dim=-1)
-
-    def rerank(self, query, candidates, views="raw", query_instruction=None, instruction=None,
-               batch_size=16):
-        """
-        Score candidates with the trained matching head (Eq. 4's chat prompt, App. S7) —
-        the same weights that embed, used as a cross-encoder. query and each candidate: a
-        text (str), an image (PIL image or pathlib.Path), or an (image, text) pair (the
-        image may be a str path there); the instructions as for encode(). views: "raw" (the raw query and candidate, default), "feat" (their
-        embeddings fed back as feature tokens) or "all" (mean of the 4 views).
-        Returns p(Yes) per candidate, (n,) fp32 — higher is more relevant. Needs a
-        checkpoint trained with matching (w_qdm > 0); others raise ValueError.
-        """
-        require_matching(self.config, "rerank")
-        _check_batch_size(batch_size, "rerank")
-        _check_list(candidates, "candidates", "rerank")
-        q_text, q_image = _split_input(query, "rerank: query")
-        cands = [_split_input(c, f"rerank: candidates[{i}]") for i, c in enumerate(candidates)]
-        q = [("q", format_input(q_text, q_image is not None, query_instruction), q_image)]
-        d = [("d", format_input(t, im is not None, instruction), im) for t, im in cands]
-        encoded = {}
-        E = embed_inputs(self.model, self.processor, q + d, batch_size, desc="rerank",
-                         distributed=False, keep=encoded.__setitem__)      # (1 + n, d)
-        items = [encoded[i] for i in range(len(q + d))]                    # encoded once
-        return matching_p_yes(self.model, self.processor, items[0], E[0], items[1:], E[1:], views,
-                              batch_size, match_prompt(self.config))
-
-
-def _split_input(x, where):
-    """A text (str), an image (PIL image or pathlib.Path), or an (image, text) pair whose
-    image may also be a str path → (text, image); anything else is refused, named."""
-    if isinstance(x, tuple):
-        if len(x) != 2 or not isinstance(x[1], str):
-            raise TypeError(f"{where}: a pair must be (image, text) with text a str, got "
-                            f"({', '.join(type(v).__name__ for v in x)})")
-        _check_image(x[0], where)
-        return x[1], x[0]
-    if isinstance(x, str):
-        return x, None
-    if isinstance(x, os.PathLike) or _is_pil(x):
-        return None, x
-    raise TypeError(f"{where}: expected a text (str), an image (PIL image or pathlib.Path) or an "
-                    f"(image, text) pair, got {type(x).__name__}")
-
-
-def _is_pil(x):
-    from PIL import Image
-    return isinstance(x, Image.Image)
-
-
-def _check_image(im, where):
-    """None, a PIL image, or a path (str / os.PathLike); anything else names the types."""
-    if im is not None and not (isinstance(im, (str, os.PathLike)) or _is_pil(im)):
-        raise TypeError(f"{where}: an image must be a PIL image or a path (str or os.PathLike), "
-                        f"got {type(im).__name__} (convert arrays with PIL.Image.fromarray)")
-
-
-def _check_list(xs, name, where):
-    """A list/tuple of inputs, not one input: a str or an image would be iterated piecewise."""
-    if not isinstance(xs, (list, tuple)):
-        raise TypeError(f"{where}: {name} must be a list, got {type(xs).__name__}"
-                        + (f" (for one, pass [{name[:-1]}])" if isinstance(xs, str) or _is_pil(xs) else ""))
-
-
-def _check_side(side, where):
-    if side not in ("q", "d"):
-        raise ValueError(f"{where}: side must be 'q' (queries, embedded with L_q) or 'd' (documents, "
-                         f"with L_d), got {side!r}")
-
-
-def _check_batch_size(batch_size, where):
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"{where}: batch_size must be an int >= 1, got {batch_size!r}")
 
 
 # ----------------------------------------------------------------------------------
@@ -1059,7 +765,7 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
                    help=f"torchrun: how long a collective waits for the other ranks (default "
                         f"{DIST_TIMEOUT_MINUTES}; rank 0 alone may be downloading the checkpoint)")
     p.add_argument("--attn", choices=ATTENTION, default="sdpa",
-                   help="attention of the matching passes (--match_queries, --rerank): sdpa = dense "
+                   help="attention of the matching passes (tools/rerank.py): sdpa = dense "
                         "mask (default), flex = FlexAttention block mask (util.speed.set_attention)")
     # MMEB
     p.add_argument("--mmeb_dir", default=None, help="MMEB-eval: local dir or hub id "
@@ -1070,11 +776,6 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the benchmark's tasks (default: all)")
     p.add_argument("--task_table", default=None, help="JSON {task: [meta_task, is_ind]}: the task "
                    "table of any other benchmark in the MMEB file format (replaces --benchmark)")
-    p.add_argument("--match_queries", type=int, default=0,
-                   help="also report the trained matching head's Yes/No accuracy per view type "
-                        "(raw/feat query → raw/feat document) on (query, positive) and (query, "
-                        "hardest other candidate) pairs of the first N queries per task (0 = off; "
-                        "needs a checkpoint trained with matching, w_qdm > 0)")
     p.add_argument("--max_text_tokens", type=int, default=EVAL_MAX_TEXT_TOKENS,
                    help="refuse (naming it) a query or candidate whose text is longer, image "
                         f"tokens not counted (default {EVAL_MAX_TEXT_TOKENS})")
@@ -1098,74 +799,37 @@ def parse_args(argv=None, parser=None):
     """Parse and check evaluate.py's flags (`parser`: build_parser's, possibly extended)."""
     p = parser or build_parser()
     args = p.parse_args(argv)
-    if not args.mmeb_dir and not args.zeroshot:
-        p.error("nothing to do: give --mmeb_dir (with --image_dir) and/or --zeroshot (with --data_dir)")
-    if args.mmeb_dir and not args.image_dir:
-        p.error("--mmeb_dir needs --image_dir")
-    if args.zeroshot and not args.data_dir:
-        p.error("--zeroshot needs --data_dir")
-    if args.match_queries < 0:
-        p.error(f"--match_queries must be >= 0, got {args.match_queries}")
-    if args.batch_size < 1:
-        p.error(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.max_text_tokens < 1:
-        p.error(f"--max_text_tokens must be >= 1, got {args.max_text_tokens}")
-    if not args.dist_timeout_minutes > 0:
-        p.error(f"--dist_timeout_minutes must be > 0, got {args.dist_timeout_minutes}")
-    if args.task_table:
-        try:
-            args.task_table_entries = read_task_table(args.task_table)
-        except ValueError as err:
-            p.error(str(err))
+    check_eval_flags(args, p.error)                          # util/inputs.py
     return args
 
 
-def read_task_table(path, flag="--task_table"):
-    """--task_table FILE.json → {task: (meta_task, is_ind)}; ValueError naming the flag, the
-    file (and the entry) on a missing file, bad JSON or a bad entry."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot read it ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag} {path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{flag} {path}: expected an object {{task: [meta_task, is_ind]}}, "
-                         f"got {type(raw).__name__}")
-    for t, v in raw.items():
-        if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], bool)):
-            raise ValueError(f"{flag} {path}: entry {t!r} must be [meta_task, true/false], got {v!r}")
-    return {t: tuple(v) for t, v in raw.items()}
-
-
-def main(argv=None, args=None, extra=None):
-    """evaluate.py's run. tools/rerank.py calls it with its parsed args and `extra`, a
-    function of the checkpoint's config that returns mmeb_report's `extra`."""
+def main(argv=None, args=None, extras=None):
+    """evaluate.py's run. tools/rerank.py calls it with its parsed args and `extras`, a
+    function of the checkpoint's config that returns mmeb_report's extras."""
     args = args or parse_args(argv)
     _, _, world, device = setup_distributed(args.device, args.dist_timeout_minutes)   # torchrun: one shard per rank
     model, processor, config = load_rematch(args.model, device=device, num_tokens=args.num_tokens,
                                             embed_template=args.embed_template, revision=args.revision)
     set_attention(model, args.attn)                             # forward only: flex runs on the CPU too
-    extra = extra(config) if extra else None
+    extras = extras(config) if extras else []
     print0(f"{args.model} on {device} × {world} rank(s): K={model.num_tokens}, "
            f"template={model.embed_template}, batch {args.batch_size} per rank")
     out = {}
     if args.mmeb_dir:
-        known = benchmarks()[args.benchmark]
-        if args.task_table:
-            known = args.task_table_entries
+        known = args.task_table_entries if args.task_table else benchmarks()[args.benchmark]
         table = task_table(args.tasks, known)
         report = mmeb_report(model, processor, args.mmeb_dir, args.image_dir, table, config,
                              args.batch_size, args.out, args.skip_missing, not args.no_progress,
-                             name=args.model, match_queries=args.match_queries, extra=extra,
+                             name=args.model, extras=extras,
                              allow_outside_image_dir=args.allow_outside_image_dir,
                              max_text_tokens=args.max_text_tokens)
-        out["mmeb"], out["matching"] = report["hit@1"], report.get("matching")
-        print0("\n" + format_table(out["mmeb"], table, name=args.model, matching=out["matching"]))
-        if extra:
-            out[extra.name] = report[extra.name]
-            print0("\n" + extra.table(out[extra.name]))
+        out["mmeb"] = report["hit@1"]
+        print0("\n" + format_table(out["mmeb"], table, name=args.model,
+                                   extras=[(x, report[x.name]) for x in extras]))
+        for x in extras:
+            out[x.name] = report[x.name]
+            if x.table(out[x.name]):
+                print0("\n" + x.table(out[x.name]))
     if args.zeroshot:
         out["zeroshot"] = evaluate_zeroshot(model, processor, args.zeroshot, args.data_dir, config,
                                             args.batch_size, args.out, not args.no_progress,

@@ -17,22 +17,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from util.dist import rank_world
+
+
 def at_least_fp32(x):
     """Upcast half-precision tensors to fp32; fp32 and fp64 pass through unchanged."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 # -----------------------------------------------------------------------------
-# distributed helpers: (rank, world size) and an all_gather that carries gradients
-
-
-def rank_world():
-    """(rank, world_size) of the default process group, or (0, 1) when none is set up.
-    The one place the project asks this (train.py and evaluate.py use it too)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
+# distributed helper: an all_gather that carries gradients ((rank, world): util/dist.py)
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 whose backward sends each rank the gradient of its own rows.

@@ -11,7 +11,7 @@ an embedding model that also judges matches.
           [P, Q, Zq, D1, Zd1, D2, Zd2, H, A_1..A_8] row per (q, d⁺, d⁻), the unified
           mask of masks.py, logits at the label positions only (Eq. 4 in losses.py).
   §4      LoRA on the language model (apply_lora); M-RoPE positions of packed rows
-          (mrope_position_ids); checkpoints (save_rematch / load_rematch).
+          (mrope_position_ids); checkpoints (load_rematch; util/backbone.save_rematch writes them).
 
 Loading a backbone (hub id, local directory, or the offline tiny-qwen2-vl /
 tiny-qwen2.5-vl / tiny-qwen3-vl) is util/backbone.py's; speed-ups proven equal to
@@ -35,8 +35,7 @@ import torch
 import torch.nn as nn
 
 from masks import additive_mask, packed_block_mask, unified_block_mask, unified_mask_batch
-from util.backbone import (CONFIG_FILE, HEADS_FILE, check_config, load_backbone, resolve_checkpoint,
-                           save_backbone, write_model_card)
+from util.backbone import CONFIG_FILE, check_config, load_backbone, load_heads, resolve_checkpoint
 from util.speed import vision_indices
 
 
@@ -341,7 +340,7 @@ def embedding_stats(W, rows=8192):
 
 
 # ----------------------------------------------------------------------------------
-# LoRA (§4) and ReMatch checkpoint folders
+# LoRA (§4) and loading a ReMatch checkpoint folder
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -352,30 +351,6 @@ def apply_lora(backbone, r=32, alpha=64, dropout=0.0):
     from peft import LoraConfig, get_peft_model
     return get_peft_model(backbone, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                                                target_modules=LORA_TARGETS))
-
-
-def save_rematch(model, processor, path, config):
-    """
-    Write the weights of a ReMatch model into directory `path` (created): the LoRA adapter
-    (peft save_pretrained, `adapter/`) or, without LoRA, the full backbone with its
-    tokenizer and image processor (`backbone/`); the learnable tokens and the projector
-    (`rematch_heads.safetensors`); and `rematch_config.json` = `config` (the run's
-    arguments: model, num_tokens, embed_template, lora, pixels, ...). load_rematch reads it.
-    """
-    import json
-
-    from safetensors.torch import save_file
-    os.makedirs(path, exist_ok=True)
-    if model.peft is not None:
-        model.peft.save_pretrained(os.path.join(path, "adapter"))
-    else:
-        save_backbone(model.backbone, processor, os.path.join(path, "backbone"))
-    heads = {"L_q": model.L_q, "L_d": model.L_d,
-             **{f"projector.{k}": v for k, v in model.projector.state_dict().items()}}
-    save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, os.path.join(path, HEADS_FILE))
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    write_model_card(path, config)
 
 
 def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_template="plain",
@@ -413,12 +388,3 @@ def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_temp
     load_heads(model, name_or_path)
     return model.eval(), processor, config
 
-
-def load_heads(model, path):
-    """Copy the learnable tokens and the projector saved by save_rematch into `model`."""
-    from safetensors.torch import load_file
-    heads = load_file(os.path.join(path, HEADS_FILE))
-    with torch.no_grad():
-        model.L_q.copy_(heads.pop("L_q"))
-        model.L_d.copy_(heads.pop("L_d"))
-        model.projector.load_state_dict({k[len("projector."):]: v for k, v in heads.items()})

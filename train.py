@@ -42,11 +42,12 @@ from losses import (at_least_fp32, info_nce, matching_loss, orthogonality_loss, 
                     total_loss)
 from masks import VIEW_SETS
 from model import ReMatch, apply_lora
-from util.backbone import MAX_MIN_PIXELS, MAX_PIXELS, TINY, load_backbone, write_model_card
+from util.backbone import TINY, load_backbone, write_model_card
 from util.dist import DIST_TIMEOUT_MINUTES, peak_tflops, print0, setup_distributed, teardown_distributed
 from util.run import (append_log, checkpoint_dirs, cut_log, load_checkpoint, read_log, run_config,
                       save_checkpoint, start_run, subset_summary)
-from util.speed import ATTENTION, flex_unavailable, set_attention
+from util.inputs import check_train_flags
+from util.speed import ATTENTION, set_attention
 
 # ----------------------------------------------------------------------------------
 # One training step (Eq. 2–5)
@@ -461,7 +462,7 @@ def main(argv=None):
     if filled_total:
         print0(f"{filled_total} instances had no hard negative: d- was the next instance's positive")
     if args.skip_bad_rows:
-        gather_skipped(dataset, world)
+        dataset.gather_skipped(world)
         print0(dataset.report())
 
     results = None
@@ -513,23 +514,6 @@ def build_dataset(args, processor, task_meta, master):
     return dataset
 
 
-def gather_skipped(dataset, world):
-    """Every rank's skip records into this rank's dataset.skipped, so rank 0 reports them
-    all: rows dropped at load time are the same on every rank, but a bad image found while
-    reading a batch is known only to the rank that read it."""
-    if world == 1:
-        return
-    parts = [None] * world
-    dist.all_gather_object(parts, dataset.skipped)                    # W × {subset: [(row, reason)]}
-    for s, records in dataset.skipped.items():
-        seen = set(records)
-        for part in parts:
-            for rec in map(tuple, part.get(s, [])):
-                if rec not in seen:
-                    seen.add(rec)
-                    records.append(rec)
-
-
 def build_loader(args, dataset, world, rank, start, device):
     """Global batches of one subset, this rank's slice, resumed at step `start`."""
     from torch.utils.data import DataLoader
@@ -566,8 +550,8 @@ def run_eval(model, processor, args, tasks, step, match_apart=()):
     accuracy is averaged apart (the demo's binding tasks). Results go to a fresh folder,
     <out_dir>/eval/step-<step> (-2, -3, ... when a rerun reaches the same step): earlier
     results are never deleted (only --overwrite clears eval/)."""
-    from evaluate import (chance_table, discovered_task_table, format_table, matching_means,
-                          mmeb_report, summarize)
+    from evaluate import chance_table, discovered_task_table, format_table, mmeb_report, summarize
+    from tools.rerank import MatchingAccuracy, matching_means     # the matching head after training
     out = base = os.path.join(args.out_dir, "eval", f"step-{step}")
     for k in itertools.count(2):                         # the same on every rank: decided first
         if not os.path.exists(out):
@@ -577,14 +561,15 @@ def run_eval(model, processor, args, tasks, step, match_apart=()):
         dist.barrier()
     model.eval()
     table = discovered_task_table(args.eval_data, tasks, args.eval_task_table)
+    extras = [MatchingAccuracy(run_config(args), args.eval_match_queries, apart=match_apart)] \
+        if args.eval_match_queries and args.w_qdm > 0 else []
     with torch.no_grad():
         report = mmeb_report(model, processor, args.eval_data, args.eval_image_dir, table,
                              config=run_config(args), out_dir=out, progress=sys.stderr.isatty(),
-                             match_queries=args.eval_match_queries if args.w_qdm > 0 else 0,
-                             allow_outside_image_dir=args.allow_outside_image_dir)
+                             extras=extras, allow_outside_image_dir=args.allow_outside_image_dir)
     results, matching = report["hit@1"], report.get("matching")
     chance = chance_table(args.eval_data, results)
-    print0(format_table(results, table, chance=chance, matching=matching, match_apart=match_apart))
+    print0(format_table(results, table, chance=chance, extras=[(x, matching) for x in extras]))
     done = {t: chance[t] for t in results if results[t] is not None}
     overall, overall_chance = (summarize(results, {t: table[t] for t in done})["Overall"]["mean"],
                                summarize(done, {t: table[t] for t in done})["Overall"]["mean"])
@@ -788,49 +773,7 @@ def parse_args(argv=None):
         args.preset = preset
     if args.lora is None:
         args.lora = args.model not in TINY
-    for name in ("steps", "batch_size", "save_every", "log_every", "keep_checkpoints", "max_text_tokens",
-                 "chunk_size", "match_instances", "max_rows_per_subset", "stop_after_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("eval_match_queries", "num_workers", "cache_items", "warmup_steps", "num_tokens",
-                 "weight_decay", "grad_clip", "w_orth", "w_qdm"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    for name in ("lr", "max_minutes", "dist_timeout_minutes"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            p.error(f"--{name} must be > 0, got {getattr(args, name)}")
-    for name, hi in (("min_pixels", MAX_MIN_PIXELS), ("max_pixels", MAX_PIXELS)):   # as load_rematch checks
-        v = getattr(args, name)
-        if v is not None and not 28 * 28 <= v <= hi:
-            p.error(f"--{name} must be in [{28 * 28}, {hi}], got {v}")
-    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
-        p.error(f"--min_pixels {args.min_pixels} > --max_pixels {args.max_pixels}")
-    if not 1e-3 <= args.tau <= 10:       # logits are cos/τ: τ = 1e-12 gives losses of 1e10
-        p.error(f"--tau must be in [1e-3, 10] (the paper uses 0.02), got {args.tau}")
-    if args.resume_revision and not args.resume_from:
-        p.error("--resume_revision pins the hub id given as --resume_from; there is none")
-    if args.resume and args.overwrite:
-        p.error("--resume and --overwrite contradict each other: pick one")
-    for flag, on in (("--attn flex", args.attn == "flex"), ("--pack", args.pack)):   # before any loading
-        why = on and flex_unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                                      training=True, flag=flag)
-        if why:
-            p.error(why)
-    args.target_prompt_table = None           # the file's contents go into the checkpoint config
-    if args.target_prompts:
-        from data import read_target_prompts
-        try:
-            args.target_prompt_table = read_target_prompts(args.target_prompts)
-        except ValueError as e:
-            p.error(str(e))
-    if args.eval_task_table:
-        from evaluate import read_task_table
-        try:
-            read_task_table(args.eval_task_table, "--eval_task_table")
-        except ValueError as e:
-            p.error(str(e))
-    if args.train_data is not None and args.image_dir is None:
-        p.error("--train_data needs --image_dir (the root of the rows' relative image paths)")
+    check_train_flags(args, p.error)           # util/inputs.py: ranges, rules, the files flags name
     return args
 
 

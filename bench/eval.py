@@ -7,12 +7,12 @@ Data: the built-in synthetic benchmark (demo.make_synthetic, MMEB's own file for
 written to a temporary directory, --queries rows per task. Images (56-112 px) are
 resized to about image_size² pixels, so an image costs (image_size/28)² tokens as an
 MMEB image does. Side by side in one run, per task:
-  dedup   evaluate.evaluate_mmeb(tasks=[task]) (its per-task print is muted);
+  dedup   evaluate.mmeb_report(tasks=[task]) (its per-task print is muted);
   naive   the loop below: per row, embed_inputs on [query] + candidates, cosine scores,
           the same rule for a copy of the positive later in its list (score_rows), Hit@1.
 Reported: embedded items and ReMatch.embed calls (batches) of each, median wall time
 (reading the parquet file and loading images included in both), their ratios, whether
-both give the same Hit@1, and the largest score difference (evaluate_mmeb's scores
+both give the same Hit@1, and the largest score difference (mmeb_report's scores
 recomputed untimed with its own evaluate.embed_task). The model
 is the untrained tiny backbone with K learnable tokens: its Hit@1 is near chance, which
 is fine for a cost comparison.
@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_common_args, fmt, print_config, print_table, ratio, setup, time_variants  # noqa: E402
-from data import read_eval_task  # noqa: E402
+from util.benchmarks import read_eval_task  # noqa: E402
 from demo import DEMO_EVAL_TASKS, make_synthetic  # noqa: E402
-from evaluate import cosine_scores, embed_inputs, embed_task, evaluate_mmeb, hit_at_1  # noqa: E402
+from evaluate import cosine_scores, embed_inputs, embed_task, hit_at_1, mmeb_report  # noqa: E402
 from model import ReMatch  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def naive_hit_at_1(model, processor, eval_dir, image_dir, task, batch_size):
 
 
 def dedup_scores(model, processor, eval_dir, image_dir, task, batch_size):
-    """The scores evaluate_mmeb computes (its own embed_task, untimed), to compare with naive's."""
+    """The scores mmeb_report computes (its own embed_task, untimed), to compare with naive's."""
     return embed_task(model, processor, read_eval_task(eval_dir, task), task, image_dir,
                       batch_size=batch_size).scores                      # (rows, max candidates)
 
@@ -100,8 +100,8 @@ def main(argv=None):
                 model.calls = model.items = 0
                 if path == "dedup":
                     with contextlib.redirect_stdout(io.StringIO()):
-                        hit = evaluate_mmeb(model, processor, data["eval"], data["image_dir"], tasks=[task],
-                                            batch_size=args.batch, progress=False)[task]
+                        hit = mmeb_report(model, processor, data["eval"], data["image_dir"], tasks=[task],
+                                          batch_size=args.batch, progress=False)["hit@1"][task]
                 else:
                     hit, scores[task] = naive_hit_at_1(model, processor, data["eval"], data["image_dir"],
                                                        task, args.batch)

@@ -6,7 +6,7 @@ A trained checkpoint is the embedder and stays frozen: the E of every query and 
 (Eq. 1's fused embedding) never changes. A copy of the checkpoint is trained with the
 matching loss alone (Eq. 4, the unified pass of Fig. 3) on the training rows' (q, d⁺, d⁻)
 instances, E coming from the frozen embedder; its held-out Yes/No accuracy per view type
-(evaluate.matching_accuracy: (query, positive) and (query, hardest other candidate) pairs)
+(tools/rerank.matching_accuracy: (query, positive) and (query, hardest other candidate) pairs)
 is printed as it trains. Beside it, what any judge that reads only cos(E_q, E_d) could
 reach on the same pairs with one threshold for all of them: the feature views' ceiling
 with these embeddings. Separating the head from the embedding this way tells whether a
@@ -37,6 +37,8 @@ from losses import matching_loss  # noqa: E402
 from masks import VIEW_SETS  # noqa: E402
 from util.dist import default_device  # noqa: E402
 from model import load_rematch  # noqa: E402
+from tools.rerank import MATCH_VIEW_TYPES, matching_accuracy  # noqa: E402
+from util.benchmarks import read_eval_task  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -74,7 +76,7 @@ def threshold_ceiling(pos, neg):
 def positive_and_hardest(scores):
     """(pos, neg): the positive's score and the hardest other candidate's, for the rows of
     score_rows' `scores` (rows, candidates; -inf padding) that have another candidate —
-    the rows evaluate.matching_accuracy judges."""
+    the rows tools/rerank.matching_accuracy judges."""
     keep = torch.isfinite(scores[:, 1:]).any(1)                               # (rows,)
     return scores[keep, 0], scores[keep, 1:].max(1).values
 
@@ -86,7 +88,7 @@ def held_out_sets(embedder, processor, config, data, n):
     table = evaluate.discovered_task_table(root)
     sets = {}
     for task, (meta, _) in table.items():
-        sets[task] = evaluate.embed_task(embedder, processor, evaluate.read_eval_task(root, task),
+        sets[task] = evaluate.embed_task(embedder, processor, read_eval_task(root, task),
                                          task, data, config, meta, keep_rows=n)
     return sets
 
@@ -95,8 +97,8 @@ def held_out(matcher, processor, sets, n, prompt):
     """{view type: mean over tasks of the held-out Yes/No accuracy}."""
     acc = {}
     for emb in sets.values():
-        r = evaluate.matching_accuracy(matcher, processor, emb, n, prompt=MATCH_PROMPTS[prompt])
-        for k in evaluate.MATCH_VIEW_TYPES:
+        r = matching_accuracy(matcher, processor, emb, n, prompt=MATCH_PROMPTS[prompt])
+        for k in MATCH_VIEW_TYPES:
             acc.setdefault(k, []).append(r[k])
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
@@ -130,8 +132,8 @@ def main(argv=None):
           f"lr {a.lr}; held-out: {a.eval_queries} queries x {len(sets)} tasks")
     print(f"one threshold on cos(E_q, E_d), best possible: {threshold_ceiling(pos, neg):.3f} "
           f"(per task: " + ", ".join(f"{t} {threshold_ceiling(*p):.2f}" for t, p in pairs.items()) + ")")
-    print("| step | train Yes/No (last steps) | " + " | ".join(evaluate.MATCH_VIEW_TYPES) + " | s |")
-    print("|---|---|" + "---|" * (len(evaluate.MATCH_VIEW_TYPES) + 1))
+    print("| step | train Yes/No (last steps) | " + " | ".join(MATCH_VIEW_TYPES) + " | s |")
+    print("|---|---|" + "---|" * (len(MATCH_VIEW_TYPES) + 1))
     t0, hits = time.time(), []
 
     def row(step):

@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 from demo import DEMO_BINDING_TASKS  # noqa: E402
-from evaluate import MATCH_VIEW_TYPES  # noqa: E402
+from tools.rerank import MATCH_VIEW_TYPES  # noqa: E402
 
 ROWS = {
     "3": ("+ hard negative", ["--num_tokens", "0", "--embed_template", "plain", "--w_orth", "0", "--w_qdm", "0"]),

@@ -1,12 +1,12 @@
 """
-Data pipeline: MMEB/mmE5 parquet reading, hard negatives, target instructions, bad-input
-handling and the batch sampler. (The demo's synthetic benchmark: tests/test_demo.py.)
+Data pipeline: MMEB/mmE5 parquet reading, hard negatives, target instructions, item
+encoding and the batch sampler. (Bad input: tests/test_inputs.py; the demo's synthetic
+benchmark: tests/test_demo.py.)
 
 Run: python -m pytest -q tests/test_data.py
 """
 import itertools
 import os
-import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import data
-from data import (BadImageError, TrainBatchSampler, TrainDataset, find_parquet, load_image,
-                  read_eval_task, with_target_instruction)
+from data import TrainBatchSampler, TrainDataset, with_target_instruction
+from util.benchmarks import read_eval_task
 
 
 @pytest.fixture(scope="module")
@@ -152,161 +152,6 @@ def test_target_instruction_tables():
 # ----------------------------------------------------------------------------------
 # Bad inputs
 
-def test_missing_image_and_empty_side(tmp_path, processor):
-    root, imgs = str(tmp_path / "train"), str(tmp_path)
-    a = write_image(imgs, "images/a.jpg")
-    write_subset(root, "CIRR", [row(IMG_Q, a, "x", ""), row(IMG_Q, "images/gone.jpg", "y", ""),
-                                row("", "", "z", ""), row(IMG_Q, a, "w", "")])
-    with pytest.raises(ValueError) as e:
-        TrainDataset(root, imgs, processor, subsets=["CIRR"])
-    msg = str(e.value)
-    assert "CIRR" in msg and "row 1" in msg and os.path.join(imgs, "images/gone.jpg") in msg
-    write_subset(root, "NIGHTS", [row(IMG_Q, a, "x", ""), row("", "", "z", "")])
-    with pytest.raises(ValueError, match=r"NIGHTS row 1 qry: no text and no image"):
-        TrainDataset(root, imgs, processor, subsets=["NIGHTS"])
-    ds = TrainDataset(root, imgs, processor, subsets=["CIRR"], skip_bad_rows=True)
-    assert len(ds) == 2 and [ds[i]["row"] for i in range(2)] == [0, 3]
-    assert [r for r, _ in ds.skipped["CIRR"]] == [1, 2]
-    assert "missing image" in ds.skipped["CIRR"][0][1]
-    report = ds.report()
-    assert "CIRR" in report and "row 1" in report and "gone.jpg" in report
-
-
-def test_corrupt_image_at_load_time(tmp_path, processor):
-    root, imgs = str(tmp_path / "train"), str(tmp_path)
-    a = write_image(imgs, "images/a.jpg")
-    os.makedirs(os.path.join(imgs, "images"), exist_ok=True)
-    with open(os.path.join(imgs, "images/bad.jpg"), "wb") as f:
-        f.write(b"not a jpeg at all" * 10)
-    write_subset(root, "WebQA", [row(IMG_Q, a, "x", ""), row(IMG_Q, "images/bad.jpg", "y", ""),
-                                 row(IMG_Q, a, "z", "")])
-    ds = TrainDataset(root, imgs, processor, subsets=["WebQA"])     # exists: passes the check
-    with pytest.raises(BadImageError) as e:
-        ds[1]
-    assert "WebQA row 1 qry" in str(e.value) and "bad.jpg" in str(e.value)
-    assert isinstance(e.value, ValueError)
-    ds = TrainDataset(root, imgs, processor, subsets=["WebQA"], skip_bad_rows=True)
-    ex = ds[1]
-    assert ex["row"] == 2 and ex["index"] == 1 and ex["subset"] == "WebQA"   # next valid row
-    assert ex["pos"]["ids"] == text_ids(processor, "Represent the caption of an image: z")
-    assert [(s, r) for s, r, _ in ex["skipped"]] == [("WebQA", 1)]           # travels with it
-    again = ds[1]
-    assert again["row"] == 2 and again["skipped"] == []                      # found once
-    ds.record_skipped([ex, again])
-    assert len(ds.skipped["WebQA"]) == 1 and "bad.jpg" in ds.report()
-
-
-def test_skips_found_in_dataloader_workers_are_counted(tmp_path, processor):
-    """A truncated PNG under --skip_bad_rows with a worker process: the skip reaches the
-    main process's report (it travels in the batch), and --check_images finds it up front."""
-    root, imgs = str(tmp_path / "train"), str(tmp_path)
-    a = write_image(imgs, "images/a.png")
-    with open(os.path.join(imgs, a), "rb") as f:
-        good = f.read()
-    with open(os.path.join(imgs, "images/cut.png"), "wb") as f:
-        f.write(good[:len(good) // 2])                                   # a truncated PNG
-    write_subset(root, "WebQA", [row(IMG_Q, a, "x", ""), row(IMG_Q, "images/cut.png", "y", ""),
-                                 row(IMG_Q, a, "z", "")])
-    ds = TrainDataset(root, imgs, processor, subsets=["WebQA"], skip_bad_rows=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=list, num_workers=1)
-    for batch in loader:
-        ds.record_skipped(batch)
-    assert [r for r, _ in ds.skipped["WebQA"]] == [1] and "cut.png" in ds.report()
-
-    strict = TrainDataset(root, imgs, processor, subsets=["WebQA"])
-    with pytest.raises(BadImageError, match=r"WebQA row 1 qry_image_path: cannot read image .*cut.png"):
-        strict.check_images()
-    checked = TrainDataset(root, imgs, processor, subsets=["WebQA"], skip_bad_rows=True)
-    assert checked.check_images() == 2                                   # distinct images
-    assert len(checked) == 2 and [checked[i]["row"] for i in range(2)] == [0, 2]
-    assert [r for r, _ in checked.skipped["WebQA"]] == [1]
-
-
-def test_values_that_must_not_pass_silently(tmp_path, processor):
-    """A number or NaN in a text column, a path leaving image_dir, an image whose header
-    claims 20000 × 20000, a text over max_text_tokens: each named by row and column."""
-    root, imgs = str(tmp_path / "train"), str(tmp_path / "imgs")
-    a = write_image(imgs, "images/a.png")
-    write_subset(root, "A", [row(IMG_Q, a, float("nan"), "")])        # a float column
-    with pytest.raises(ValueError, match=r"A row 0 pos_text: expected text or null, got float nan"):
-        TrainDataset(root, imgs, processor, subsets=["A"])
-    write_subset(root, "B", [row(7, "", "y", "")])                    # an int column
-    with pytest.raises(ValueError, match=r"B row 0 qry: expected text or null, got int 7"):
-        TrainDataset(root, imgs, processor, subsets=["B"])
-
-    write_image(str(tmp_path), "outside.png")
-    for path in ("../outside.png", os.path.join(str(tmp_path), "outside.png")):
-        write_subset(root, "C", [row(IMG_Q, path, "x", "")])
-        with pytest.raises(ValueError, match=r"C row 0 qry_image_path: image path .* leaves --image_dir"):
-            TrainDataset(root, imgs, processor, subsets=["C"])
-        assert len(TrainDataset(root, imgs, processor, subsets=["C"], allow_outside_image_dir=True)) == 1
-
-    Image.new("RGB", (1, 1)).save(os.path.join(imgs, "images/bomb.png"))
-    with open(os.path.join(imgs, "images/bomb.png"), "r+b") as f:        # IHDR: width, height, CRC
-        png = bytearray(f.read())
-        png[16:24] = (20000).to_bytes(4, "big") * 2
-        png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
-        f.seek(0)
-        f.write(png)
-    write_subset(root, "D", [row(IMG_Q, "images/bomb.png", "x", "")])
-    with pytest.raises(BadImageError, match=r"D row 0 qry: image .*bomb.png is too large to decode"):
-        TrainDataset(root, imgs, processor, subsets=["D"])[0]
-
-    write_subset(root, "E", [row("word " * 40, "", "x", ""), row("short", "", "y", "")])
-    ds = TrainDataset(root, imgs, processor, subsets=["E"], max_text_tokens=20)
-    assert ds[1]["row"] == 1
-    n = len(text_ids(processor, "word " * 40))                        # the tiny tokenizer's count
-    with pytest.raises(data.BadItemError, match=f"E row 0 qry: the text is {n} tokens, more than "
-                                                r"--max_text_tokens 20"):
-        ds[0]
-
-
-def test_missing_subset_and_bad_list_literals(tmp_path, processor):
-    root, imgs = str(tmp_path / "train"), str(tmp_path)
-    a = write_image(imgs, "images/a.jpg")
-    write_subset(root, "CIRR", [row(IMG_Q, a, "x", "")])
-    with pytest.raises(FileNotFoundError) as e:
-        TrainDataset(root, imgs, processor, subsets=["CIRR", "ChartQA"])
-    assert "ChartQA" in str(e.value) and os.path.join(root, "ChartQA") in str(e.value)
-    with pytest.raises(FileNotFoundError, match="VisDial"):
-        find_parquet(root, "VisDial", "original")
-    write_subset(root, "ChartQA", [row(IMG_Q, a, "x", "", neg_text="['a', 'b'", neg_image_path="")])
-    with pytest.raises(ValueError, match=r"ChartQA row 0 neg_text: cannot parse"):
-        TrainDataset(root, imgs, processor, subsets=["ChartQA"])
-    write_subset(root, "DocVQA", [row(IMG_Q, a, "x", "", neg_text="['y']", neg_image_path=""),
-                                  row(IMG_Q, a, "x", "", neg_text="[1, 2]", neg_image_path="")])
-    with pytest.raises(ValueError, match=r"DocVQA row 1 neg_text: expected a list of strings"):
-        TrainDataset(root, imgs, processor, subsets=["DocVQA"])
-    ds = TrainDataset(root, imgs, processor, subsets=["DocVQA"], skip_bad_rows=True)
-    assert len(ds) == 1 and ds.skipped["DocVQA"][0][0] == 1
-    # mixed: one plain string among list literals is itself; the lists give their first
-    write_subset(root, "DocVQA", [row(IMG_Q, a, "x", "", neg_text="['blue square', 'other']"),
-                                  row(IMG_Q, a, "x", "", neg_text="red circle")])
-    ds = TrainDataset(root, imgs, processor, subsets=["DocVQA"], target_instructions=False)
-    assert [ds[i]["neg"]["ids"] for i in range(2)] == [text_ids(processor, "blue square"),
-                                                       text_ids(processor, "red circle")]
-    # a plain-string (MMEB) column is never parsed, even where a value starts with "["
-    write_subset(root, "ChartQA", [row(IMG_Q, a, "x", "", neg_text="[2019, 2020]", neg_image_path=""),
-                                   row(IMG_Q, a, "x", "", neg_text="2021", neg_image_path="")])
-    ex = TrainDataset(root, imgs, processor, subsets=["ChartQA"], target_instructions=False)[0]
-    assert ex["neg"]["ids"] == text_ids(processor, "[2019, 2020]")
-    # an image given to a text without <|image_1|> is a bad row too
-    write_subset(root, "A-OKVQA", [row("no placeholder", a, "x", "")])
-    with pytest.raises(ValueError, match=r"A-OKVQA row 0 qry: 0 <\|image_1\|> placeholders"):
-        TrainDataset(root, imgs, processor, subsets=["A-OKVQA"])
-
-
-def test_small_image_is_upscaled(tmp_path, processor):
-    write_image(str(tmp_path), "tiny.png", size=(10, 5))
-    im = load_image(str(tmp_path / "tiny.png"))
-    assert im.size == (56, 28) and im.mode == "RGB"
-    item = data.encode_item(processor, IMG_Q, im)
-    assert item["pixel_values"] is not None
-    root = str(tmp_path / "train")
-    write_subset(root, "SUN397", [row(IMG_Q, "tiny.png", "x", "")])
-    ex = TrainDataset(root, str(tmp_path), processor, subsets=["SUN397"])[0]
-    assert ex["q"]["image_grid_thw"] is not None
-
 
 def test_eval_reader(tmp_path):
     rows = [{"qry_text": "q", "qry_img_path": "", "tgt_text": ["a", "b"], "tgt_img_path": ["", ""]}]
@@ -365,23 +210,25 @@ def test_sampler_epoch_proportional_and_resume():
 # ----------------------------------------------------------------------------------
 # encode_item: image processor and tokenizer called apart == the processor's own call
 
-def real_qwen_processor(tmp_path):
-    """Qwen2VLProcessor with Qwen's real tokenizer and preprocessor_config.json (the files
-    tools/width_real.py writes for a checkpoint, without the weights)."""
+def real_qwen_processor(tmp_path, model_type="qwen2_vl"):
+    """Qwen2VLProcessor with Qwen's real tokenizer, the family's chat template and its real
+    preprocessor_config.json (the files tools/width_real.py writes for a checkpoint, without
+    the weights), built as load_backbone builds it."""
     import json
 
     from transformers import AutoTokenizer
 
     from util.backbone import ImageOnlyQwenVLProcessor, image_processor_for
     from tools import width_real
-    family = width_real.FAMILY["qwen2_vl"]
+    family = width_real.FAMILY[model_type]
     width_real.write_tokenizer(width_real.tokenizer_source(), tmp_path, family)
-    pre = dict(width_real.PREPROCESSOR, processor_class=family["processor_class"])
+    pre = dict(family["preprocessor"], processor_class=family["processor_class"])
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
     return ImageOnlyQwenVLProcessor(image_processor=image_processor_for(str(tmp_path), None, None),
                                     tokenizer=AutoTokenizer.from_pretrained(tmp_path))   # as load_backbone
 
 
+@pytest.mark.proof
 @pytest.mark.parametrize("which", ["tiny", "real-qwen"])
 def test_encode_item_equals_the_processor_call(which, processor, tmp_path):
     """The ids, pixel values and grid of encode_item (image processor + tokenizer on the

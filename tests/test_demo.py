@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import data
-from data import TrainBatchSampler, TrainDataset, find_parquet, read_eval_task, with_target_instruction
+from data import TrainBatchSampler, TrainDataset, with_target_instruction
+from util.benchmarks import read_eval_task
+from util.inputs import find_parquet
 from demo import (DEMO_BINDING_TASKS, DEMO_EVAL_TASKS, DEMO_META, DEMO_TRAIN_SUBSETS, make_synthetic,
                   tokenizer_corpus)
 from demo.synthetic import COLOURS, SHAPES, TRAIN_SHARE, synthetic_texts

@@ -28,9 +28,12 @@ import data
 import evaluate as ev
 from tools import rerank
 from conftest import run_processes, shape_image
-from data import collate_embed, encode_item, find_parquet, load_image, read_eval_task
-from model import ReMatch, save_rematch
-from util.backbone import load_backbone
+from data import collate_embed, encode_item
+from model import ReMatch
+from util import benchmarks
+from util.backbone import load_backbone, save_rematch
+from util.benchmarks import read_eval_task
+from util.inputs import find_parquet, load_image
 from util.dist import teardown_distributed
 
 TABLE = {"TaskA": ("Classification", True), "TaskB": ("Retrieval", False)}
@@ -57,6 +60,7 @@ def naive_recall(scores, is_pos, k):
     return hits / len(scores)
 
 
+@pytest.mark.proof
 @pytest.mark.parametrize("seed,nq,nc", [(0, 7, 5), (1, 30, 12), (2, 1, 3), (3, 50, 2)])
 def test_metrics_match_naive_loops(seed, nq, nc):
     g = torch.Generator().manual_seed(seed)
@@ -70,6 +74,7 @@ def test_metrics_match_naive_loops(seed, nq, nc):
         assert ev.recall_at_k(scores, is_pos, k) == pytest.approx(naive_recall(scores, is_pos, k))
 
 
+@pytest.mark.proof
 def test_metric_ties_and_hand_cases():
     assert ev.hit_at_1(torch.zeros(5, 4)) == 0.0                             # constant model: 0, not 1
     assert ev.hit_at_1(torch.tensor([[0.5, 0.5, 0.1], [0.5, 0.4, 0.1]])) == 0.5   # tie with a negative
@@ -88,9 +93,9 @@ def test_metric_ties_and_hand_cases():
 
 
 def test_task_table_and_summary():
-    assert len(ev.MMEB_TASKS) == 36
-    assert sum(ind for _, ind in ev.MMEB_TASKS.values()) == 20
-    assert [sum(m == g for m, _ in ev.MMEB_TASKS.values()) for g in ev.META_TASKS] == [10, 10, 12, 4]
+    assert len(data.MMEB_EVAL_TASKS) == 36
+    assert sum(ind for _, ind in data.MMEB_EVAL_TASKS.values()) == 20
+    assert [sum(m == g for m, _ in data.MMEB_EVAL_TASKS.values()) for g in ev.META_TASKS] == [10, 10, 12, 4]
     assert list(ev.task_table(["VOC2007", "GQA"])) == ["VOC2007", "GQA"]
     with pytest.raises(KeyError, match="CIFAR-100"):
         ev.task_table(["CIFAR-100"])
@@ -246,16 +251,17 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def reference(bench, tiny):
-    """evaluate_mmeb in this process, with the embedding calls recorded."""
+    """mmeb_report in this process, with the embedding calls recorded."""
     model, processor = tiny
     rec = Recorder(model)
     try:
-        results = ev.evaluate_mmeb(model, processor, *bench, TABLE, batch_size=3, progress=False)
+        results = ev.mmeb_report(model, processor, *bench, TABLE, batch_size=3, progress=False)["hit@1"]
     finally:
         rec.restore()
     return results, rec
 
 
+@pytest.mark.proof
 def test_mmeb_end_to_end_matches_direct_computation(bench, tiny, reference):
     model, processor = tiny
     results, rec = reference
@@ -299,9 +305,10 @@ def test_matching_accuracy_matches_a_naive_loop(bench, tiny):
     mmeb_dir, image_dir = bench
     config = {"w_qdm": 0.1, "model": "tiny"}
     report = ev.mmeb_report(model, processor, mmeb_dir, image_dir, TABLE, config, batch_size=3,
-                            progress=False, match_queries=5)
+                            progress=False, extras=[rerank.MatchingAccuracy(config, 5, batch_size=3)])
     with pytest.raises(ValueError, match="trained with the matching loss"):
-        ev.mmeb_report(model, processor, mmeb_dir, image_dir, TABLE, {"w_qdm": 0}, match_queries=5)
+        ev.mmeb_report(model, processor, mmeb_dir, image_dir, TABLE, {"w_qdm": 0},
+                       extras=[rerank.MatchingAccuracy({"w_qdm": 0}, 5)])
     oracle, (yes, no) = Oracle(model, processor), answer_token_ids(processor.tokenizer)
     path = lambda p: os.path.join(image_dir, p) if p else None  # noqa: E731
     groups = {"raw→raw": (0, 2), "raw→feat": (1, 3), "feat→raw": (4, 6), "feat→feat": (5, 7)}
@@ -363,47 +370,53 @@ def test_format_table_with_chance(tmp_path):
     assert task_b[3:] == ["missing", "37.5", "-"]
 
 
+def fmt_matching(results, table, matching, match_apart=(), **kw):
+    """format_table with the matching head's columns (tools/rerank.py's MatchingAccuracy extra)."""
+    x = rerank.MatchingAccuracy({"w_qdm": 1}, 10, apart=match_apart)
+    return ev.format_table(results, table, extras=[(x, matching)], **kw)
+
+
 def test_format_table_matching_means_apart():
     """The matching rows: per task and view type, one mean over all tasks, or (match_apart)
     one over the others and one over the apart tasks; hand-worked means."""
-    views = list(ev.MATCH_VIEW_TYPES)
+    views = list(rerank.MATCH_VIEW_TYPES)
     matching = {"TaskA": dict(zip(views, (0.9, 0.8, 0.7, 0.6)), instances=10),
                 "TaskB": dict(zip(views, (0.5, 0.4, 0.5, 0.6)), instances=10)}
     results = {"TaskA": 0.75, "TaskB": 0.5}
 
     def rows(text, label):
         return next(l for l in text.splitlines() if l.startswith(label)).split()[-4:]
-    text = ev.format_table(results, TABLE, matching=matching)
+    text = fmt_matching(results, TABLE, matching=matching)
     assert rows(text, "mean") == ["70.0", "60.0", "60.0", "60.0"]            # (A + B) / 2
-    text = ev.format_table(results, TABLE, matching=matching, match_apart=("TaskB", "TaskC"))
+    text = fmt_matching(results, TABLE, matching=matching, match_apart=("TaskB", "TaskC"))
     assert rows(text, "mean (others)") == ["90.0", "80.0", "70.0", "60.0"]
     assert rows(text, "mean (TaskB)") == ["50.0", "40.0", "50.0", "60.0"]
-    assert ev.matching_means(matching, ["TaskA", "TaskB"]) == pytest.approx(dict(zip(views, (0.7, 0.6, 0.6, 0.6))))
-    assert ev.matching_means(matching, ["TaskC"]) == {}
+    assert rerank.matching_means(matching, ["TaskA", "TaskB"]) == pytest.approx(dict(zip(views, (0.7, 0.6, 0.6, 0.6))))
+    assert rerank.matching_means(matching, ["TaskC"]) == {}
 
 
 def test_format_table_yes_no_block():
     """The last block splits each accuracy into Yes on positives / No on the hardest
     candidates, per task and view type, with the means of each half (hand-worked); results
     without the split (older records) print no block."""
-    views = list(ev.MATCH_VIEW_TYPES)
+    views = list(rerank.MATCH_VIEW_TYPES)
     split = lambda y, n: {"yes": dict(zip(views, y)), "no": dict(zip(views, n))}  # noqa: E731
     matching = {"TaskA": {**dict(zip(views, (0.75, 0.5, 0.5, 1.0))), "instances": 4,
                           **split((1.0, 0.75, 0.5, 1.0), (0.5, 0.25, 0.5, 1.0))},
                 "TaskB": {**dict(zip(views, (0.5, 0.5, 0.5, 0.5))), "instances": 4,
                           **split((0.0, 0.25, 1.0, 0.5), (1.0, 0.75, 0.0, 0.5))}}
     results = {"TaskA": 0.75, "TaskB": 0.5}
-    text = ev.format_table(results, TABLE, matching=matching)
-    block = text.split(ev.YES_NO_TITLE)[1].splitlines()
+    text = fmt_matching(results, TABLE, matching=matching)
+    block = text.split(rerank.YES_NO_TITLE)[1].splitlines()
     row = lambda label: next(l for l in block if l.startswith(label))[len(label):].split()  # noqa: E731
     assert row("TaskA") == ["100.0", "/", "50.0", "75.0", "/", "25.0", "50.0", "/", "50.0", "100.0", "/", "100.0"]
     assert row("mean") == ["50.0", "/", "75.0", "50.0", "/", "50.0", "75.0", "/", "25.0", "75.0", "/", "75.0"]
-    text = ev.format_table(results, TABLE, matching=matching, match_apart=("TaskB",))
-    assert text.split(ev.YES_NO_TITLE)[1].count("mean (TaskB)") == 1
-    md = ev.format_table(results, TABLE, matching=matching, markdown=True)
-    assert f"### {ev.YES_NO_TITLE}" in md and "| TaskB | 0.0 / 100.0 |" in md
+    text = fmt_matching(results, TABLE, matching=matching, match_apart=("TaskB",))
+    assert text.split(rerank.YES_NO_TITLE)[1].count("mean (TaskB)") == 1
+    md = fmt_matching(results, TABLE, matching=matching, markdown=True)
+    assert f"### {rerank.YES_NO_TITLE}" in md and "| TaskB | 0.0 / 100.0 |" in md
     old = {t: {k: v for k, v in m.items() if k not in ("yes", "no")} for t, m in matching.items()}
-    assert ev.YES_NO_TITLE not in ev.format_table(results, TABLE, matching=old)
+    assert rerank.YES_NO_TITLE not in fmt_matching(results, TABLE, matching=old)
 
 
 # ----------------------------------------------------------------------------------
@@ -416,8 +429,8 @@ def _dist_worker(rank, world, rendezvous, mmeb_dir, image_dir, out_dir):
                                 world_size=world, timeout=timedelta(seconds=TIMEOUT_S // 2))
         model, processor = tiny_rematch()
         rec = Recorder(model)
-        results = ev.evaluate_mmeb(model, processor, mmeb_dir, image_dir, TABLE, batch_size=2,
-                                   out_dir=os.path.join(out_dir, "run"), progress=False)
+        results = ev.mmeb_report(model, processor, mmeb_dir, image_dir, TABLE, batch_size=2,
+                                   out_dir=os.path.join(out_dir, "run"), progress=False)["hit@1"]
         torch.save({"results": results, "q": rec.items("q"), "d": rec.items("d")},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         rec.restore()
@@ -459,13 +472,13 @@ def test_resume_skips_finished_tasks(bench, tiny, reference, tmp_path):
     rec = Recorder(model, before=interrupt_after_task_a)
     try:
         with pytest.raises(KeyboardInterrupt):
-            ev.evaluate_mmeb(model, processor, *bench, TABLE, batch_size=3, out_dir=out, progress=False)
+            ev.mmeb_report(model, processor, *bench, TABLE, batch_size=3, out_dir=out, progress=False)["hit@1"]
     finally:
         rec.restore()
     assert not os.path.exists(os.path.join(out, "mmeb", "TaskB.json"))
     rec = Recorder(model)
     try:
-        results = ev.evaluate_mmeb(model, processor, *bench, TABLE, batch_size=3, out_dir=out, progress=False)
+        results = ev.mmeb_report(model, processor, *bench, TABLE, batch_size=3, out_dir=out, progress=False)["hit@1"]
     finally:
         rec.restore()
     nq, nd = distinct_counts(bench[0], "TaskB")
@@ -473,14 +486,14 @@ def test_resume_skips_finished_tasks(bench, tiny, reference, tmp_path):
     assert results == reference[0]
     assert ev.format_table(results, TABLE) == ev.format_table(reference[0], TABLE)
     with pytest.raises(ValueError, match="another model/config"):
-        ev.evaluate_mmeb(model, processor, *bench, TABLE, config={"model": "other"}, out_dir=out,
-                         progress=False)
+        ev.mmeb_report(model, processor, *bench, TABLE, config={"model": "other"}, out_dir=out,
+                         progress=False)["hit@1"]
     saved = model.L_q.detach().clone()             # same config, other weights: not reused either
     with torch.no_grad():
         model.L_q.add_(1e-3)
     try:
         with pytest.raises(ValueError, match="other weights"):
-            ev.evaluate_mmeb(model, processor, *bench, TABLE, out_dir=out, progress=False)
+            ev.mmeb_report(model, processor, *bench, TABLE, out_dir=out, progress=False)["hit@1"]
     finally:
         with torch.no_grad():
             model.L_q.copy_(saved)
@@ -490,9 +503,9 @@ def test_missing_task_file_and_images(bench, tiny, reference, tmp_path):
     model, processor = tiny
     table = dict(TABLE, TaskC=("Retrieval", True))
     with pytest.raises(FileNotFoundError, match="TaskC") as err:
-        ev.evaluate_mmeb(model, processor, *bench, table, progress=False)
+        ev.mmeb_report(model, processor, *bench, table, progress=False)["hit@1"]
     assert os.path.join(bench[0], "TaskC") in str(err.value)
-    results = ev.evaluate_mmeb(model, processor, *bench, table, skip_missing=True, progress=False)
+    results = ev.mmeb_report(model, processor, *bench, table, skip_missing=True, progress=False)["hit@1"]
     assert results == dict(reference[0], TaskC=None)
     text = ev.format_table(results, table)
     assert "missing" in text and "n/a (1 missing)" in text
@@ -504,8 +517,8 @@ def test_missing_task_file_and_images(bench, tiny, reference, tmp_path):
     shutil.copytree(bench[1], images)
     os.remove(os.path.join(images, "TaskB", "c1.png"))
     with pytest.raises(FileNotFoundError, match="c1.png"):
-        ev.evaluate_mmeb(model, processor, bench[0], images, TABLE, progress=False)
-    results = ev.evaluate_mmeb(model, processor, bench[0], images, TABLE, skip_missing=True, progress=False)
+        ev.mmeb_report(model, processor, bench[0], images, TABLE, progress=False)["hit@1"]
+    results = ev.mmeb_report(model, processor, bench[0], images, TABLE, skip_missing=True, progress=False)["hit@1"]
     assert results == {"TaskA": reference[0]["TaskA"], "TaskB": None}
 
 
@@ -522,41 +535,6 @@ def test_cli_main(bench, tmp_path):
     assert saved["name"] == "tiny-qwen2-vl"
     assert "Overall" in (out / "mmeb_results.md").read_text()
     assert sorted(os.listdir(out / "mmeb")) == ["TaskA.json", "TaskB.json"]
-
-
-def test_bad_eval_inputs_are_named(bench, tmp_path, capsys):
-    """An empty task file, a null tgt_text, a malformed or missing --task_table, --batch_size 0
-    and a missing absolute --model directory: each a message naming the file, row or flag."""
-    from data import read_eval_task
-    root = tmp_path / "mmeb"
-    os.makedirs(root / "Empty")
-    schema = pa.schema([("qry_text", pa.string()), ("qry_img_path", pa.string()),
-                        ("tgt_text", pa.list_(pa.string())), ("tgt_img_path", pa.list_(pa.string()))])
-    pq.write_table(schema.empty_table(), root / "Empty" / "test-00000-of-00001.parquet")
-    with pytest.raises(ValueError, match=r"MMEB task Empty: no rows in .*Empty"):
-        read_eval_task(str(root), "Empty")
-    os.makedirs(root / "Nulls")
-    pq.write_table(pa.Table.from_pylist([dict(qry_text="q", qry_img_path="", tgt_text=["a"], tgt_img_path=[""]),
-                                         dict(qry_text="q", qry_img_path="", tgt_text=None, tgt_img_path=None)],
-                                        schema=schema), root / "Nulls" / "test-00000-of-00001.parquet")
-    with pytest.raises(ValueError, match=r"MMEB task Nulls row 1 tgt_text: expected a list of strings"):
-        read_eval_task(str(root), "Nulls")
-
-    base = ["--model", "tiny-qwen2-vl", "--mmeb_dir", bench[0], "--image_dir", bench[1]]
-    bad_json = tmp_path / "table.json"
-    bad_json.write_text('{"TaskA": ["Classification", true],')
-    bad_entry = tmp_path / "entry.json"
-    bad_entry.write_text('{"TaskA": ["Classification", "yes"]}')
-    for extra, message in [(["--task_table", str(bad_json)], f"--task_table {bad_json}: not valid JSON"),
-                           (["--task_table", str(bad_entry)], "entry 'TaskA' must be [meta_task, true/false]"),
-                           (["--task_table", str(tmp_path / "none.json")], "none.json: cannot read it"),
-                           (["--batch_size", "0"], "--batch_size must be >= 1")]:
-        with pytest.raises(SystemExit):
-            ev.parse_args(base + extra)
-        assert message in capsys.readouterr().err
-    missing = str(tmp_path / "no" / "such-checkpoint")
-    with pytest.raises(FileNotFoundError, match=f"{missing}: no such directory"):
-        ev.main(["--model", missing, "--mmeb_dir", bench[0], "--image_dir", bench[1], "--device", "cpu"])
 
 
 # ----------------------------------------------------------------------------------
@@ -592,7 +570,7 @@ def write_zeroshot(root):
                              {"from": "gpt", "value": f"A long caption.\nThe {COLOURS[i]} object."}]}
           for i in range(4)]
     os.makedirs(os.path.join(root, "sharegpt4v"))
-    json.dump(sg, open(os.path.join(root, "sharegpt4v", data.SHAREGPT4V_JSON), "w"))
+    json.dump(sg, open(os.path.join(root, "sharegpt4v", benchmarks.SHAREGPT4V_JSON), "w"))
     for i, e in enumerate(sg):
         img(os.path.join(root, "sharegpt4v", e["image"]), i + 1)
     for i in range(3):
@@ -601,7 +579,7 @@ def write_zeroshot(root):
         with open(os.path.join(root, "Urban1k", "caption", f"{i + 1}.txt"), "w") as f:
             f.write(f"A street with a {COLOURS[i + 5]} car.\nsecond line\n")
     os.makedirs(os.path.join(root, "sugarcrepe"))
-    for k, s in enumerate(data.SUGARCREPE_SUBSETS):
+    for k, s in enumerate(benchmarks.SUGARCREPE_SUBSETS):
         json.dump({str(j): {"filename": f"{j:012d}.jpg", "caption": f"a {COLOURS[j]} {s} shape",
                             "negative_caption": f"a {COLOURS[(j + k + 1) % 8]} {s} shape"} for j in range(3)},
                   open(os.path.join(root, "sugarcrepe", f"{s}.json"), "w"))
@@ -634,26 +612,26 @@ def direct_retrieval(oracle, pairs, ks):
 
 def test_zeroshot_readers(tmp_path):
     root = write_zeroshot(str(tmp_path))
-    fl = data.read_flickr30k(root)
+    fl = benchmarks.read_flickr30k(root)
     assert len(fl) == 15 and fl[0] == (os.path.join(root, "flickr30k", "flickr30k-images", "100.jpg"),
                                        "a red thing number 0")
-    co = data.read_coco(root)
+    co = benchmarks.read_coco(root)
     assert len(co) == 10 and co[0][0] == os.path.join(root, "coco", "val2014", "COCO_val2014_000000000000.jpg")
     assert "a yellow shape 5" not in [c for _, c in co]                      # first 5 captions only
-    sg = data.read_sharegpt4v(root, limit=3)
+    sg = benchmarks.read_sharegpt4v(root, limit=3)
     assert len(sg) == 3 and sg[1] == (os.path.join(root, "sharegpt4v", "sam/images/1.jpg"),
                                       "A long caption. The green object.")
-    ur = data.read_urban1k(root)
+    ur = benchmarks.read_urban1k(root)
     assert ur[2] == (os.path.join(root, "Urban1k", "image", "3.jpg"), "A street with a black car.")
-    sc = data.read_sugarcrepe(root)
-    assert sorted(sc) == sorted(data.SUGARCREPE_SUBSETS) and len(sc["swap_att"]) == 3
+    sc = benchmarks.read_sugarcrepe(root)
+    assert sorted(sc) == sorted(benchmarks.SUGARCREPE_SUBSETS) and len(sc["swap_att"]) == 3
     assert sc["add_obj"][1] == (os.path.join(root, "coco", "val2017", "000000000001.jpg"),
                                 "a green add_obj shape", "a blue add_obj shape")
     os.remove(os.path.join(root, "Urban1k", "image", "2.jpg"))
     with pytest.raises(FileNotFoundError, match="2.jpg"):
-        data.read_urban1k(root)
+        benchmarks.read_urban1k(root)
     with pytest.raises(FileNotFoundError, match="dataset_flickr30k.json"):
-        data.read_flickr30k(str(tmp_path / "nowhere"))
+        benchmarks.read_flickr30k(str(tmp_path / "nowhere"))
 
 
 def test_zeroshot_metrics_match_direct_computation(tiny, tmp_path):
@@ -664,11 +642,11 @@ def test_zeroshot_metrics_match_direct_computation(tiny, tmp_path):
     res = ev.evaluate_zeroshot(model, processor, names, root, batch_size=4, out_dir=out, progress=False,
                                name="tiny")
     oracle = Oracle(model, processor)
-    for name, reader, ks in (("flickr30k", data.read_flickr30k, (1, 5, 10)), ("coco", data.read_coco, (1, 5, 10)),
-                             ("sharegpt4v", data.read_sharegpt4v, (1,)), ("urban1k", data.read_urban1k, (1,))):
+    for name, reader, ks in (("flickr30k", benchmarks.read_flickr30k, (1, 5, 10)), ("coco", benchmarks.read_coco, (1, 5, 10)),
+                             ("sharegpt4v", benchmarks.read_sharegpt4v, (1,)), ("urban1k", benchmarks.read_urban1k, (1,))):
         expect = direct_retrieval(oracle, reader(root), ks)
         assert res[name] == pytest.approx(expect, abs=1e-12), name
-    for s, samples in data.read_sugarcrepe(root).items():
+    for s, samples in benchmarks.read_sugarcrepe(root).items():
         acc = sum(cos(oracle("q", ev.ZS_I2T_QUERY, p), oracle("d", c)) > cos(oracle("q", ev.ZS_I2T_QUERY, p), oracle("d", n))
                   for p, c, n in samples) / len(samples)
         assert res["sugarcrepe"][s] == pytest.approx(acc, abs=1e-12), s
@@ -748,15 +726,15 @@ def test_matching_p_yes_equals_one_row_per_candidate(tiny, views):
     q_item = encode_item(processor, "<|image_1|>\nWhat is it?", shape_image("red"))
     g = torch.Generator().manual_seed(0)
     E_q, E_d = torch.randn(64, generator=g), torch.randn(5, 64, generator=g)
-    p = ev.matching_p_yes(model, processor, q_item, E_q, items, E_d, views, batch_size=2)
+    p = rerank.matching_p_yes(model, processor, q_item, E_q, items, E_d, views, batch_size=2)
     assert p.shape == (5,) and ((p > 0) & (p < 1)).all()
     for j in range(5):
         ref = single_p_yes(model, processor, q_item, E_q, items[j], E_d[j], views)
         assert p[j].item() == pytest.approx(ref, abs=1e-5), (views, j)
     # a checkpoint trained with --match_prompt header is scored with that prompt
     from data import USER
-    assert ev.match_prompt({"match_prompt": "header"}) == USER and ev.match_prompt({}) == ev.MATCH_PROMPTS["paper"]
-    p_h = ev.matching_p_yes(model, processor, q_item, E_q, items, E_d, views, prompt=USER)
+    assert rerank.match_prompt({"match_prompt": "header"}) == USER and rerank.match_prompt({}) == data.MATCH_PROMPTS["paper"]
+    p_h = rerank.matching_p_yes(model, processor, q_item, E_q, items, E_d, views, prompt=USER)
     ref = single_p_yes(model, processor, q_item, E_q, items[0], E_d[0], views, prompt=USER)
     assert p_h[0].item() == pytest.approx(ref, abs=1e-5) and not torch.allclose(p_h, p)
 
@@ -793,14 +771,14 @@ def test_rerank_hits_and_encoder_rerank(bench, tiny, tmp_path):
         got = report["rerank"][task]
         assert (got["queries"], got["k"], got["views"]) == (4, k, "raw")
         assert got["hit@1_before"] == pytest.approx(before / 4) and got["hit@1_after"] == pytest.approx(after / 4)
-    # Encoder.rerank: the same p(Yes) as the core, whatever the batch; refuses untrained heads
+    # rerank(Encoder): the same p(Yes) as the core, whatever the batch; refuses untrained heads
     ckpt = str(tmp_path / "ckpt")
     save_rematch(model, processor, ckpt, {"model": "tiny-qwen2-vl", "num_tokens": 4,
                                           "embed_template": "chat", "w_qdm": 0.1})
     enc_ = ev.Encoder(ckpt, device="cpu")
     cands = ["a red circle", "a blue square", (shape_image("green"), "a green circle")]
-    p1 = enc_.rerank("a red circle", cands, batch_size=1)
-    p2 = enc_.rerank("a red circle", cands, batch_size=8)
+    p1 = rerank.rerank(enc_, "a red circle", cands, batch_size=1)
+    p2 = rerank.rerank(enc_, "a red circle", cands, batch_size=8)
     assert p1.shape == (3,) and torch.allclose(p1, p2, atol=1e-5)
     with pytest.raises(ValueError, match="trained with the matching loss"):
-        ev.Encoder("tiny-qwen2-vl", device="cpu").rerank("a red circle", cands)
+        rerank.rerank(ev.Encoder("tiny-qwen2-vl", device="cpu"), "a red circle", cands)

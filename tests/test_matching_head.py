@@ -1,7 +1,7 @@
 """
 bench/matching_head.py: the matching head trained alone on a frozen checkpoint's
 embeddings (docs/demo.md §3.3). Its threshold ceiling against a brute-force scan, its
-step-0 held-out accuracy against evaluate.matching_accuracy called directly on a freshly
+step-0 held-out accuracy against tools/rerank.matching_accuracy called directly on a freshly
 loaded checkpoint, and its refusal of a data directory without train/ and eval/.
 
 Run: python -m pytest -q tests/test_matching_head.py
@@ -17,8 +17,10 @@ import matching_head  # noqa: E402
 
 import evaluate  # noqa: E402
 from demo import make_synthetic  # noqa: E402
-from model import ReMatch, load_rematch, save_rematch  # noqa: E402
-from util.backbone import load_backbone  # noqa: E402
+from model import ReMatch, load_rematch  # noqa: E402
+from tools import rerank  # noqa: E402
+from util.backbone import load_backbone, save_rematch  # noqa: E402
+from util.benchmarks import read_eval_task  # noqa: E402
 
 
 def brute_force_ceiling(pos, neg):
@@ -66,18 +68,18 @@ def test_held_out_accuracy_at_step_0_equals_evaluate_and_training_runs(small):
                                  "--views", "all", "--device", "cpu"])
     assert sorted(result) == [0, 2, 4]
     for acc in result.values():
-        assert set(acc) == set(evaluate.MATCH_VIEW_TYPES) and all(0 <= v <= 1 for v in acc.values())
+        assert set(acc) == set(rerank.MATCH_VIEW_TYPES) and all(0 <= v <= 1 for v in acc.values())
     model, processor, config = load_rematch(ckpt, device="cpu")              # independent path
     root = os.path.join(data, "eval")
-    want = {k: [] for k in evaluate.MATCH_VIEW_TYPES}
+    want = {k: [] for k in rerank.MATCH_VIEW_TYPES}
     for task, (meta, _) in evaluate.discovered_task_table(root).items():
-        qk, dk, pairs = evaluate.task_items(evaluate.read_eval_task(root, task), task, config, meta=meta)
+        qk, dk, pairs = evaluate.task_items(read_eval_task(root, task), task, config, meta=meta)
         iq = [(t, os.path.join(data, p) if p else None) for t, p in qk]
         idd = [(t, os.path.join(data, p) if p else None) for t, p in dk]
         E = evaluate.embed_inputs(model, processor, [("q", *x) for x in iq] + [("d", *x) for x in idd])
         Q, D = E[:len(qk)], E[len(qk):]
         emb = evaluate.TaskEmbeddings(iq, idd, pairs, Q, D, evaluate.score_rows(Q, D, pairs))
-        r = evaluate.matching_accuracy(model, processor, emb, 4)
+        r = rerank.matching_accuracy(model, processor, emb, 4)
         for k in want:
             want[k].append(r[k])
     assert result[0] == pytest.approx({k: sum(v) / len(v) for k, v in want.items()})
@@ -94,7 +96,7 @@ def test_bad_data_directory_and_flags_are_named(small, tmp_path, capsys):
 
 
 def test_positive_and_hardest_skips_rows_without_another_candidate():
-    """The ceiling is taken over the rows evaluate.matching_accuracy judges: a row whose only
+    """The ceiling is taken over the rows tools/rerank.matching_accuracy judges: a row whose only
     candidate is its positive (the rest -inf padding) has no hardest other candidate."""
     inf = float("inf")
     scores = torch.tensor([[0.9, 0.2, 0.7], [0.5, -inf, -inf], [0.1, 0.4, -inf]])

@@ -1,8 +1,8 @@
 """
-What a careful user and a failing cluster do to the project: the library API refuses what
-it cannot do (one row per bad call, each with its message), checkpoint names are matched
-exactly, a torn log line does not stop a resume, and a checkpoint save is flushed to the
-disk before it counts and cleans up after itself when it fails.
+What a failing cluster does to a run: checkpoint names are matched exactly, a torn log
+line does not stop a resume, a checkpoint save is flushed to the disk before it counts and
+cleans up after itself when it fails, resume falls back past a damaged checkpoint. (Bad
+input from a careful user — files, rows, flags, API calls: tests/test_inputs.py.)
 
     pytest tests/test_reliability.py
 """
@@ -13,83 +13,17 @@ import pathlib
 import pytest
 import torch
 
-import data
 import evaluate as ev
 from conftest import shape_image
 from losses import info_nce
 from model import ReMatch
+from tools.rerank import matching_accuracy
 from util import run as util_run
 from util.backbone import load_backbone, resolve_checkpoint
+from util.benchmarks import read_eval_task
 
 # ----------------------------------------------------------------------------------
 # The library API refuses instead of guessing
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    return ev.Encoder("tiny-qwen2-vl", device="cpu")
-
-
-class _Array:                      # an image-like object of a type Encoder does not take
-    shape = (56, 56, 3)
-
-
-BAD_ENCODE_CALLS = [   # (keyword arguments of Encoder.encode, error type, message part)
-    (dict(texts=["a red circle"], side="query"), ValueError, "side must be 'q'"),
-    (dict(texts=["a red circle"], side="Q"), ValueError, "got 'Q'"),
-    (dict(texts=["a red circle"], side="doc"), ValueError, "'d' (documents"),
-    (dict(texts="circle"), TypeError, "texts must be a list, got str (for one, pass [text])"),
-    (dict(images=shape_image("red")), TypeError, "images must be a list, got Image"),
-    (dict(images=[_Array()]), TypeError, "images[0]: an image must be a PIL image or a path"),
-    (dict(images=[torch.zeros(3, 56, 56)]), TypeError, "got Tensor"),
-    (dict(texts=[3]), TypeError, "texts[0] is a int"),
-    (dict(texts=["a"], batch_size=0), ValueError, "batch_size must be an int >= 1, got 0"),
-    (dict(texts=["a"], batch_size=2.5), ValueError, "batch_size must be an int >= 1, got 2.5"),
-    (dict(), ValueError, "give texts, images, or both"),
-    (dict(texts=["a", "b"], images=[None]), ValueError, "2 texts but 1 images"),
-]
-
-
-@pytest.mark.parametrize("kwargs, error, message", BAD_ENCODE_CALLS,
-                         ids=[str(i) for i in range(len(BAD_ENCODE_CALLS))])
-def test_encode_refuses_bad_calls(encoder, kwargs, error, message):
-    with pytest.raises(error, match=_literal(message)):
-        encoder.encode(**kwargs)
-
-
-def test_encode_still_takes_what_it_documents(encoder):
-    """The refusals leave the documented calls alone: lists of texts, PIL images, paths."""
-    img = shape_image("red")
-    E = encoder.encode(texts=["a red circle", None], images=[img, img], side="d", batch_size=1)
-    assert E.shape[0] == 2 and torch.isfinite(E).all()
-    assert torch.allclose(E.norm(dim=-1), torch.ones(2), atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def matching_encoder(tmp_path_factory):
-    from model import save_rematch
-    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu", seed=0)
-    ckpt = str(tmp_path_factory.mktemp("ckpt") / "ckpt")
-    save_rematch(ReMatch(backbone, num_tokens=2), processor, ckpt,
-                 {"model": "tiny-qwen2-vl", "num_tokens": 2, "embed_template": "chat", "w_qdm": 0.1})
-    return ev.Encoder(ckpt, device="cpu")
-
-
-BAD_RERANK_CALLS = [   # (query, candidates, keyword arguments, error type, message part)
-    ("a red circle", "red circle", {}, TypeError, "candidates must be a list, got str"),
-    ("a red circle", ["a", ("a red circle", shape_image("red"))], {}, TypeError,
-     "candidates[1]: a pair must be (image, text)"),
-    ("a red circle", ["a", _Array()], {}, TypeError, "candidates[1]: expected a text (str), an image"),
-    (_Array(), ["a"], {}, TypeError, "query: expected a text"),
-    ("a red circle", ["a"], {"batch_size": 0}, ValueError, "batch_size must be an int >= 1"),
-]
-
-
-@pytest.mark.parametrize("query, candidates, kwargs, error, message", BAD_RERANK_CALLS,
-                         ids=[str(i) for i in range(len(BAD_RERANK_CALLS))])
-def test_rerank_refuses_bad_calls(matching_encoder, query, candidates, kwargs, error, message):
-    with pytest.raises(error, match=_literal(message)):
-        matching_encoder.rerank(query, candidates, **kwargs)
 
 
 def test_info_nce_refuses_a_temperature_that_is_not_positive():
@@ -97,16 +31,6 @@ def test_info_nce_refuses_a_temperature_that_is_not_positive():
     for tau in (0, 0.0, -0.02):
         with pytest.raises(ValueError, match="tau must be > 0"):
             info_nce(q, q, tau=tau)
-
-
-def test_a_missing_local_looking_path_says_so_at_once(tmp_path, monkeypatch):
-    """runs/typo with a runs/ folder here is a missing directory, not a hub id to retry."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs").mkdir()
-    for call in (lambda: resolve_checkpoint("runs/typo"), lambda: load_backbone("runs/typo"),
-                 lambda: ev.Encoder("runs/typo")):
-        with pytest.raises(FileNotFoundError, match="runs/typo: no such directory"):
-            call()
 
 
 # ----------------------------------------------------------------------------------
@@ -176,14 +100,15 @@ def _full_disk(path):
 def test_a_failed_save_cleans_up_and_names_the_last_checkpoint(tmp_path, small_model, monkeypatch, fail_at):
     """A full disk at each part of a save: its .tmp folder is removed, the previous
     checkpoint stays whole, and the error names the cause and that checkpoint."""
-    import model as model_py
     import safetensors.torch
+
+    import util.backbone as backbone_py
     model, processor, opt = small_model
     out = str(tmp_path)
     first = util_run.save_checkpoint(model, processor, opt, 1, {"model": "tiny-qwen2-vl"}, out, keep=2)
     before = {p.relative_to(first): p.read_bytes() for p in pathlib.Path(first).rglob("*") if p.is_file()}
     if fail_at == "backbone":                        # the full backbone (no LoRA)
-        monkeypatch.setattr(model_py, "save_backbone",
+        monkeypatch.setattr(backbone_py, "save_backbone",
                             lambda m, proc, path: _full_disk(os.path.join(path, "model.safetensors")))
     elif fail_at == "rematch_heads.safetensors":
         monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, path, **kw: _full_disk(path))
@@ -231,34 +156,6 @@ def test_collectives_wait_as_long_as_the_flag_says(monkeypatch):
     assert seen["t"] == datetime.timedelta(minutes=90)
     with pytest.raises(SystemExit):
         train.parse_args(["--dist_timeout_minutes", "0"])
-
-
-@pytest.mark.slow
-def test_ddp_reports_the_skips_of_every_rank(tmp_path):
-    """torchrun, 2 ranks, --skip_bad_rows: a truncated image that only rank 1 reads is in
-    rank 0's report (each rank used to report its own skips, and only rank 0 prints)."""
-    import shutil
-    import subprocess
-    import sys
-
-    from data import TrainBatchSampler, TrainDataset
-    from test_train import REPO, flags, write_train_fixture
-    root = write_train_fixture(str(tmp_path / "fx"), n=6)
-    shutil.rmtree(os.path.join(root, "MSCOCO_t2i"))                 # one subset, 6 rows
-    _, processor = load_backbone("tiny-qwen2-vl", device="cpu")
-    ds = TrainDataset(root, root, processor)
-    rank1 = next(iter(TrainBatchSampler(ds, 3, 2, 1, seed=0)))       # rank 1's rows at step 0
-    row = ds.rows[rank1[0]][1]
-    png = os.path.join(root, "ImageNet_1K", f"{row}.png")
-    data = pathlib.Path(png).read_bytes()
-    pathlib.Path(png).write_bytes(data[:len(data) // 2])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO, "train.py"), *flags(root, str(tmp_path / "out"), "--steps", "1",
-                                                   "--skip_bad_rows")]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"skipped ImageNet_1K row {row}: ImageNet_1K row {row} qry: cannot read image" in proc.stdout
 
 
 # ----------------------------------------------------------------------------------
@@ -353,40 +250,6 @@ def test_autocast_follows_dtype():
         assert train.uses_autocast(args, cuda) is on_cuda and train.uses_autocast(args, cpu) is False
 
 
-GOOD_CONFIG = {"model": "tiny-qwen2-vl", "num_tokens": 4, "embed_template": "chat", "min_pixels": None,
-               "max_pixels": 12544, "seed": 0, "w_qdm": 0.1, "match_prompt": "paper",
-               "target_instructions": True, "lora": False}
-BAD_CONFIGS = [   # (key, value, message part)
-    ("num_tokens", "2", "num_tokens must be an integer in [0, 1024], got '2'"),
-    ("num_tokens", -3, "num_tokens must be an integer in [0, 1024], got -3"),
-    ("num_tokens", True, "num_tokens must be"),
-    ("embed_template", "fancy", "embed_template must be 'chat' or 'plain'"),
-    ("min_pixels", 4_000_000, "min_pixels must be null or an integer in [784, 1310720], got 4000000"),
-    ("max_pixels", 10, "max_pixels must be null or an integer"),
-    ("min_pixels", 20000, "min_pixels must be <= max_pixels (12544)"),
-    ("model", 7, "model must be the base model's hub id"),
-    ("seed", "0", "seed must be an integer"),
-    ("w_qdm", -1, "w_qdm must be a number >= 0"),
-    ("match_prompt", "long", "match_prompt must be 'paper' or 'header'"),
-    ("target_instructions", "yes", "target_instructions must be true or false"),
-    ("model_revision", 5, "model_revision must be null or the base model's commit"),
-]
-
-
-@pytest.mark.parametrize("key, value, message", BAD_CONFIGS, ids=[f"{k}={v!r}" for k, v, _ in BAD_CONFIGS])
-def test_a_checkpoint_config_is_checked_key_by_key(tmp_path, key, value, message):
-    from util.backbone import check_config
-    assert check_config(dict(GOOD_CONFIG), "cfg") == GOOD_CONFIG
-    with pytest.raises(ValueError, match=_literal(f"cfg: {message}")):
-        check_config(dict(GOOD_CONFIG, **{key: value}), "cfg")
-    path = tmp_path / "ckpt"                               # load_rematch checks before building
-    path.mkdir()
-    (path / "rematch_config.json").write_text(json.dumps(dict(GOOD_CONFIG, **{key: value})))
-    from model import load_rematch
-    with pytest.raises(ValueError, match=_literal(message)):
-        load_rematch(str(path), device="cpu")
-
-
 def test_a_hub_checkpoint_downloads_only_what_the_project_reads(monkeypatch, tmp_path):
     import huggingface_hub
     calls = {}
@@ -422,147 +285,12 @@ def test_evaluation_after_training_never_deletes_earlier_results(tmp_path, monke
     assert (earlier / "mmeb_results.json").read_text() == "{}" and out["overall"] == 1.0
 
 
-BAD_EVAL_ROWS = [   # (a task's row, message part)
-    (dict(qry_text="q", qry_img_path="", tgt_text=["a", "b"], tgt_img_path="a.png"),
-     "row 0 tgt_img_path: expected a list of strings, got 'a.png'"),
-    (dict(qry_text="q", qry_img_path=7, tgt_text=["a", "b"], tgt_img_path=["", ""]),
-     "row 0 qry_img_path: expected a string"),
-    (dict(qry_text="q", qry_img_path="", tgt_text=["a", "a", "a"], tgt_img_path=["", "", ""]),
-     "row 0: every candidate equals the positive"),
-]
-
-
-@pytest.mark.parametrize("row, message", BAD_EVAL_ROWS, ids=["str-paths", "int-path", "no-negative"])
-def test_malformed_eval_rows_are_named(tmp_path, row, message):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from data import read_eval_task
-    (tmp_path / "T").mkdir()
-    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "T" / "test-00000-of-00001.parquet")
-    with pytest.raises(ValueError, match=_literal(f"MMEB task T {message}")):
-        read_eval_task(str(tmp_path), "T")
-
-
-def test_evaluation_confines_image_paths_as_training_does(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    (tmp_path / "imgs").mkdir()
-    shape_image("red").save(tmp_path / "x.png")                      # outside --image_dir
-    (tmp_path / "mmeb" / "T").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([dict(qry_text="<|image_1|>\nq", qry_img_path="../x.png",
-                                              tgt_text=["a", "b"], tgt_img_path=["", ""])]),
-                   tmp_path / "mmeb" / "T" / "test-00000-of-00001.parquet")
-    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu")
-    model = ReMatch(backbone, num_tokens=2).eval()
-    table, args = {"T": ("Other", True)}, (str(tmp_path / "mmeb"), str(tmp_path / "imgs"))
-    with pytest.raises(ValueError, match=_literal("MMEB task T: image path(s) leave --image_dir")
-                       + ".*'../x.png'.*--allow_outside_image_dir"):
-        ev.mmeb_report(model, processor, *args, table, progress=False)
-    report = ev.mmeb_report(model, processor, *args, table, progress=False, allow_outside_image_dir=True)
-    assert set(report["hit@1"]) == {"T"}
-
-
-CRAFTED_CELLS = [   # (an mmE5 neg_text cell, message part)
-    ("[{}]", "expected a list of strings (mmE5 format)"),
-    ("[{[]}]", "cannot parse the list literal '[{[]}]' (TypeError"),
-    ("[" * 5000 + "]" * 5000, "cannot parse the list literal"),
-    ("['" + "a" * 200_000 + "']", "a list cell of 200,004 characters (at most 100,000)"),
-    ("[1, 2", "cannot parse the list literal '[1, 2'"),
-]
-
-
-@pytest.mark.parametrize("cell, message", CRAFTED_CELLS, ids=["dict", "unhashable", "deep", "huge", "torn"])
-def test_crafted_list_cells_are_named_row_errors(cell, message):
-    from data import _is_list_literal, first_negative
-    _is_list_literal(cell)                                 # never raises, whatever the cell
-    with pytest.raises(ValueError, match=_literal(f"Sub row 3 neg_text: {message}")):
-        first_negative(cell, "Sub row 3 neg_text")
-
-
-def test_an_image_too_large_to_decode_is_refused_from_its_header(tmp_path):
-    """A PNG of 10000 × 9000 = 90M pixels (PIL only warns up to 179M) is refused by name,
-    before a pixel is decoded; one just below the bound loads."""
-    import struct
-    import zlib
-
-    from data import MAX_DECODE_PIXELS, BadImageError, load_image
-
-    def png_header(w, h):                              # a valid header; the pixel data is never read
-        def chunk(kind, data):
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-    big = tmp_path / "big.png"
-    big.write_bytes(png_header(10000, 9000))
-    assert 10000 * 9000 > MAX_DECODE_PIXELS
-    with pytest.raises(BadImageError, match=_literal(f"row 2 qry: image {big} is 10000 × 9000 = 90,000,000 pixels")):
-        load_image(str(big), "row 2 qry")
-    small = tmp_path / "small.png"
-    shape_image("red").save(small)
-    assert load_image(str(small)).size == (56, 56)
-
-
-def test_evaluation_refuses_a_runaway_text_by_name(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    (tmp_path / "T").mkdir()
-    long_text = " ".join(["circle"] * 300)
-    pq.write_table(pa.Table.from_pylist([dict(qry_text="a red circle", qry_img_path="",
-                                              tgt_text=["a", long_text], tgt_img_path=["", ""])]),
-                   tmp_path / "T" / "test-00000-of-00001.parquet")
-    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu")
-    model = ReMatch(backbone, num_tokens=2).eval()
-    table = {"T": ("Other", True)}
-    with pytest.raises(ValueError, match=r"T d-item 1: a text of \d+ tokens, more than --max_text_tokens 100"):
-        ev.mmeb_report(model, processor, str(tmp_path), str(tmp_path), table, progress=False, max_text_tokens=100)
-    assert set(ev.mmeb_report(model, processor, str(tmp_path), str(tmp_path), table, progress=False)["hit@1"]) == {"T"}
-    with pytest.raises(SystemExit):
-        ev.parse_args(["--model", "m", "--mmeb_dir", "d", "--image_dir", "d", "--max_text_tokens", "0"])
-
-
-def _write_json(path, obj):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
-
-
-BAD_ZEROSHOT = [   # (reader, relative file, content, message part)
-    ("read_flickr30k", "flickr30k/dataset_flickr30k.json",
-     {"images": [{"split": "test", "filename": "1.jpg", "sentences": [{"raw": None}]}]},
-     "entry 1.jpg: malformed (TypeError: expected a caption string, got NoneType)"),
-    ("read_flickr30k", "flickr30k/dataset_flickr30k.json",
-     {"images": [{"split": "train", "filename": "1.jpg", "sentences": []}]}, "holds no usable entry"),
-    ("read_coco", "coco/dataset_coco.json", {"images": [{"filename": "1.jpg"}]},
-     "entry 0: malformed (KeyError: 'split')"),
-    ("read_sharegpt4v", "sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json",
-     [{"image": "a.jpg", "conversations": [{"value": "q"}]}], "entry 0: malformed (IndexError"),
-    ("read_sugarcrepe", "sugarcrepe/add_obj.json", {"7": {"filename": "a.jpg", "caption": "c"}},
-     "entry 7: malformed (KeyError: 'negative_caption')"),
-    ("read_coco", "coco/dataset_coco.json", "not json", "is not valid JSON"),
-]
-
-
-@pytest.mark.parametrize("reader, rel, content, message", BAD_ZEROSHOT,
-                         ids=[f"{r}-{i}" for i, (r, *_) in enumerate(BAD_ZEROSHOT)])
-def test_zeroshot_readers_name_the_file_and_entry(tmp_path, reader, rel, content, message):
-    if content == "not json":
-        (tmp_path / rel).parent.mkdir(parents=True)
-        (tmp_path / rel).write_text("{")
-    else:
-        _write_json(tmp_path / rel, content)
-    if reader == "read_sugarcrepe":                              # the other six subsets: well formed
-        for sub in data.SUGARCREPE_SUBSETS[1:]:
-            _write_json(tmp_path / "sugarcrepe" / f"{sub}.json", {})
-    with pytest.raises(ValueError, match=_literal(str(tmp_path / rel)) + ".*" + _literal(message)):
-        getattr(data, reader)(str(tmp_path))
-
-
 def test_a_hub_revision_is_pinned_and_recorded(monkeypatch, tmp_path):
     """--revision reaches every hub download and the returned config; a local path with a
     revision is refused."""
     import huggingface_hub
 
-    from model import save_rematch
+    from util.backbone import save_rematch
     backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu", seed=0)
     ckpt = tmp_path / "snapshot"
     save_rematch(ReMatch(backbone, num_tokens=2), processor, str(ckpt),
@@ -602,16 +330,16 @@ def test_matching_passes_reuse_encodings_within_a_memory_budget(tmp_path, monkey
     model = ReMatch(backbone, num_tokens=2).eval()
     encodes, real = [], ev._encode
     monkeypatch.setattr(ev, "_encode", lambda *a, **kw: encodes.append(a[3]) or real(*a, **kw))
-    read = lambda: data.read_eval_task(str(tmp_path), "T")                    # noqa: E731
+    read = lambda: read_eval_task(str(tmp_path), "T")                    # noqa: E731
     emb = ev.embed_task(model, processor, read(), "T", str(tmp_path), keep_rows=3)
     n_embed = len(encodes)
-    kept = ev.matching_accuracy(model, processor, emb, 3)
+    kept = matching_accuracy(model, processor, emb, 3)
     assert len(encodes) == n_embed == 6                                       # 3 queries + 3 images, once
     emb0 = ev.embed_task(model, processor, read(), "T", str(tmp_path), keep_rows=3)
     emb0.items.clear()
     emb0.budget = 0                                                           # nothing fits
     encodes.clear()
-    assert ev.matching_accuracy(model, processor, emb0, 3) == kept
+    assert matching_accuracy(model, processor, emb0, 3) == kept
     assert len(encodes) == 9 and not emb0.items                               # 3 instances × 3 items
 
 
@@ -644,7 +372,8 @@ def test_train_pins_the_base_model_and_the_resumed_checkpoint(monkeypatch, tmp_p
     download of a hub --resume_from; --resume_revision alone is refused."""
     import model as model_py
     import train
-    from model import apply_lora, load_rematch, save_rematch
+    from model import apply_lora, load_rematch
+    from util.backbone import save_rematch
     seen = []
     real = model_py.load_backbone
 

@@ -6,6 +6,7 @@ demo visibly learns (shortened).
     pytest tests/test_train.py
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -104,6 +105,7 @@ def test_two_process_ddp_training(fixture_dir, tmp_path, chunk):
             torch.testing.assert_close(r0["grads"][name], p.grad, atol=1e-9, rtol=1e-7, msg=name)
 
 
+@pytest.mark.proof
 @pytest.mark.parametrize("chunk,M,grouped", [(2, 3, True), (1, None, True), (4, 1, True),
                                              (2, 3, False)])
 def test_chunked_step_gives_the_same_gradients(fixture_dir, tmp_path, chunk, M, grouped):
@@ -139,6 +141,7 @@ def test_chunked_step_gives_the_same_gradients(fixture_dir, tmp_path, chunk, M, 
         torch.testing.assert_close(g1[name], g0[name], atol=1e-10, rtol=1e-8, msg=name)
 
 
+@pytest.mark.proof
 def test_length_grouped_order_by_hand():
     """Matching instances first, each group longest first, ties in step order; the three keys."""
     import train
@@ -150,6 +153,22 @@ def test_length_grouped_order_by_hand():
 
 
 # ---------------------------------------------------------------------------- resume
+
+@pytest.mark.proof
+def test_one_step_smoke_run(fixture_dir, tmp_path):
+    """train.py end to end for one step on MMEB-format files: the full objective (K=2
+    learnable tokens, Eq. 2, Eq. 3 with hard negatives, the 8-view matching pass of Eq. 4),
+    one logged step whose loss is Eq. 5 of its logged terms, and checkpoint-1 written."""
+    import train
+    out = str(tmp_path / "smoke")
+    train.main(flags(fixture_dir, out, "--steps", "1"))
+    r = last_log(out)
+    assert r["step"] == 1 and all(math.isfinite(r[k]) for k in ("loss", "L_cl", "L_orth", "L_qdm"))
+    assert r["L_qdm"] > 0 and r["L_orth"] >= 0
+    assert r["loss"] == pytest.approx(r["L_cl"] + 0.5 * r["L_orth"] + 0.1 * r["L_qdm"], abs=1e-5)
+    with open(os.path.join(out, "checkpoint-1", "rematch_config.json")) as f:
+        assert json.load(f)["num_tokens"] == 2
+
 
 def test_resume_continues_exactly(fixture_dir, tmp_path):
     """N steps in one go == N/2 steps, stop, --resume to N: same final loss and weights;
@@ -387,25 +406,6 @@ def test_finite_loss_with_non_finite_gradients_stops_before_the_update(fixture_d
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [1, 2]
 
 
-def test_skips_in_a_dataloader_worker_reach_the_report(tmp_path, capsys):
-    """The issue's case: --skip_bad_rows --num_workers 1 and a truncated PNG. The report at
-    the end of training counts it (the worker's own record used to be lost)."""
-    import shutil
-
-    import train
-    root = write_train_fixture(str(tmp_path / "fx"), n=6)
-    png = os.path.join(root, "ImageNet_1K", "0.png")
-    with open(png, "rb") as f:
-        data = f.read()
-    with open(png, "wb") as f:
-        f.write(data[:len(data) // 2])
-    shutil.rmtree(os.path.join(root, "MSCOCO_t2i"))
-    train.main(flags(root, str(tmp_path / "out"), "--steps", "2", "--batch_size", "6",
-                     "--skip_bad_rows", "--num_workers", "1"))
-    report = capsys.readouterr().out
-    assert "ImageNet_1K" in report and "skipped ImageNet_1K row 0: ImageNet_1K row 0 qry: cannot read image" in report
-
-
 class Payload:
     """Unpickling this runs os.system: what a planted train_state.pt would do."""
     def __init__(self, marker):
@@ -459,26 +459,6 @@ def test_resume_guards(fixture_dir, tmp_path, capsys):
         assert json.load(f)["resumed_with_changes"] == {"lr": [0.001, 0.002]}
 
 
-@pytest.mark.parametrize("bad,message", [
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--train_data", "x"], "--train_data needs --image_dir"),
-    (["--chunk_size", "0"], "--chunk_size must be >= 1"),
-    (["--tau", "0"], "--tau"),
-    (["--match_views", "everything"], "invalid choice"),
-    (["--save_every", "0"], "--save_every must be >= 1"),
-    (["--log_every", "0"], "--log_every must be >= 1"),
-    (["--keep_checkpoints", "0"], "--keep_checkpoints must be >= 1"),
-    (["--tau", "1e-12"], "--tau must be in [1e-3, 10]"),
-    (["--num_workers", "-1"], "--num_workers must be >= 0"),
-    (["--resume", "--overwrite"], "--resume and --overwrite contradict"),
-])
-def test_bad_flags_are_rejected_by_name(bad, message, capsys):
-    import train
-    with pytest.raises(SystemExit):
-        train.parse_args(bad)
-    assert message in capsys.readouterr().err
-
-
 def test_presets_and_explicit_flags():
     import train
     a = train.parse_args(["--preset", "qwen2-vl-2b", "--train_data", "d", "--image_dir", "i"])
@@ -518,6 +498,7 @@ def test_demo_learns_shortened(tmp_path):
         assert len(res[key]) == 4
 
 
+@pytest.mark.slow
 def test_demo_matching_head_learns(tmp_path):
     """The guard of the demo's point: the matching head (Eq. 4) learns. The demo preset,
     shortened to GUARD_STEPS steps on the colour subset alone (the judgment the full demo's head

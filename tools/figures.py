@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import collate_embed, encode_item, load_image, read_eval_task  # noqa: E402
+from data import collate_embed, encode_item  # noqa: E402
+from util.benchmarks import read_eval_task  # noqa: E402
+from util.inputs import load_image  # noqa: E402
 
 
 def pyplot():

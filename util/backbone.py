@@ -14,7 +14,9 @@ model.py, none of it in the paper.
                                 patches): the same code paths as the real checkpoints
   refuse_hybrid(config)         decoders with linear-attention layers (Qwen3-Next, Qwen3.5)
                                 cannot carry the unified matching mask: refused, with why
-  answer_token_ids(tokenizer)   the Yes/No label tokens of Eq. 4
+  answer_token_ids(tokenizer)   the Yes/No label tokens of Eq. 4 (ANSWER_WORDS)
+  save_rematch, load_heads      a ReMatch checkpoint folder's weights (LoRA adapter or full
+                                backbone, the learnable tokens and the projector) and config
   resolve_checkpoint(name)      a ReMatch checkpoint folder's hub id → its local copy
   write_model_card(path, ...)   the README.md of a checkpoint folder
 
@@ -29,9 +31,9 @@ from transformers import (AutoConfig, AutoTokenizer, PreTrainedTokenizerFast,
                           Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil,
                           Qwen2VLProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
 
-from data import ANSWER_WORDS, looks_like_hub_id, rank0_first, resolve_dir
-from util.chat_templates import QWEN2VL_CHAT_TEMPLATE, QWEN3VL_CHAT_TEMPLATE
+from util.chat_templates import ANSWER_WORDS, QWEN2VL_CHAT_TEMPLATE, QWEN3VL_CHAT_TEMPLATE
 from util.dist import default_device
+from util.inputs import MAX_MIN_PIXELS, MAX_PIXELS, looks_like_hub_id, rank0_first, resolve_dir
 from util.speed import patch_embed_as_matmul, vision_attention_by_size
 
 # ----------------------------------------------------------------------------------
@@ -292,14 +294,46 @@ def save_backbone(model, processor, path):
 
 
 # ----------------------------------------------------------------------------------
-# ReMatch checkpoint folders (model.save_rematch / load_rematch): the hub and the card
+# ReMatch checkpoint folders (save_rematch / model.load_rematch): weights, the hub, the card
 
 CONFIG_FILE = "rematch_config.json"
 HEADS_FILE = "rematch_heads.safetensors"
 # what a checkpoint folder's hub copy may bring: only the files the project reads
 CHECKPOINT_FILES = [CONFIG_FILE, HEADS_FILE, "train_state.pt", "README.md", "adapter/*", "backbone/*"]
-MAX_PIXELS = 16384 * 32 * 32           # Qwen3-VL's own upper bound of an image's size (Qwen2-VL's: 16384 · 28²)
-MAX_MIN_PIXELS = 1280 * 32 * 32        # the paper presets' max_pixels: no image forced above it
+
+
+def save_rematch(model, processor, path, config):
+    """
+    Write the weights of a ReMatch model into directory `path` (created): the LoRA adapter
+    (peft save_pretrained, `adapter/`) or, without LoRA, the full backbone with its
+    tokenizer and image processor (`backbone/`); the learnable tokens and the projector
+    (`rematch_heads.safetensors`); and `rematch_config.json` = `config` (the run's
+    arguments: model, num_tokens, embed_template, lora, pixels, ...). load_rematch reads it.
+    """
+    import json
+
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    if model.peft is not None:
+        model.peft.save_pretrained(os.path.join(path, "adapter"))
+    else:
+        save_backbone(model.backbone, processor, os.path.join(path, "backbone"))
+    heads = {"L_q": model.L_q, "L_d": model.L_d,
+             **{f"projector.{k}": v for k, v in model.projector.state_dict().items()}}
+    save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, os.path.join(path, HEADS_FILE))
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    write_model_card(path, config)
+
+
+def load_heads(model, path):
+    """Copy the learnable tokens and the projector saved by save_rematch into `model`."""
+    from safetensors.torch import load_file
+    heads = load_file(os.path.join(path, HEADS_FILE))
+    with torch.no_grad():
+        model.L_q.copy_(heads.pop("L_q"))
+        model.L_d.copy_(heads.pop("L_d"))
+        model.projector.load_state_dict({k[len("projector."):]: v for k, v in heads.items()})
 
 
 def check_config(config, where):

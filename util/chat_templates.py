@@ -5,6 +5,11 @@ into width-real checkpoints. Data, not code: the embedding and matching template
 data.py are checked against what these render (tests/test_model.py, tests/test_width_real.py).
 """
 
+# The words of the assistant's answers in data.py's matching rows, label l of Eq. 4: "Yes"
+# for d⁺, "No" for d⁻. Each must be one token of the checkpoint's tokenizer (util/backbone.py
+# checks it when loading).
+ANSWER_WORDS = ("Yes", "No")
+
 # The official Qwen2-VL chat template (one vision block per image).
 QWEN2VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"

@@ -1,8 +1,8 @@
 """
 torchrun plumbing shared by train.py and evaluate.py: process-group set-up (nccl on CUDA,
 gloo on the CPU) and teardown, rank-0 printing, the collectives evaluation uses, and the
-peak TFLOP/s behind the MFU estimate. (rank, world) itself is losses.rank_world, next to
-the gather of Eq. 3 that needs it. Tests: tests/test_distributed_losses.py, the DDP tests
+peak TFLOP/s behind the MFU estimate; rank_world, the one place the project asks for
+(rank, world). Tests: tests/test_distributed_losses.py, the DDP tests
 of tests/test_train.py and tests/test_evaluate.py.
 """
 import datetime
@@ -12,7 +12,13 @@ import os
 import torch
 import torch.distributed as dist
 
-from losses import rank_world
+
+def rank_world():
+    """(rank, world_size) of the default process group, or (0, 1) when none is set up.
+    The one place the project asks this (losses.py, train.py and evaluate.py use it)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def default_device():

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import load_heads, save_rematch
-from util.backbone import CONFIG_FILE, HEADS_FILE, load_backbone, published_name, resolve_checkpoint
+from util.backbone import (CONFIG_FILE, HEADS_FILE, load_backbone, load_heads, published_name, resolve_checkpoint,
+                           save_rematch)
 from util.dist import print0
 
 LOG_FILE = "log.jsonl"
