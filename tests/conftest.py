@@ -1,4 +1,12 @@
-"""Shared test set-up: the repo root on sys.path, 2 threads, tiny backbones built once."""
+"""Shared test set-up: the repo root on sys.path, 2 threads, tiny backbones built once; the
+two suites.
+
+`pytest` alone runs the proof of the paper: the tests marked `proof` (Eq. 1–5 against
+naive loops, Fig. 3's mask, the one-pass claim, M-RoPE positions, App. S7's templates with
+Qwen's real tokenizer, one chunked step, a one-step run), in about two minutes on 2 cores.
+`pytest --full` runs everything (CI): the boundary tests of tests/test_inputs.py, learning
+runs, width-real checkpoints, the real path, DDP, the speed oracles, the tools. Naming a
+test file or test on the command line runs it whole, as --full would."""
 import os
 import sys
 
@@ -54,18 +62,32 @@ def run_processes(target, args_per_rank, err_dir, timeout):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a test over ~10 s on 2 CPU cores; the quick loop "
-                                       "`pytest -q -m 'not slow'` leaves them out, CI runs them")
+    config.addinivalue_line("markers", "proof: part of the two-minute proof of the paper that plain "
+                                       "`pytest` runs (the rest needs `pytest --full`)")
+    config.addinivalue_line("markers", "slow: a test over ~10 s on 2 CPU cores; `pytest --full "
+                                       "-m 'not slow'` leaves them out, CI runs them")
     config.addinivalue_line("markers", "big: needs ~8 GB of disk and memory (a width-real 8B "
                                        "checkpoint); runs only with `pytest --big`, a smaller "
-                                       "model of the same family covers it in the default suite")
+                                       "model of the same family covers it in the full suite")
 
 
 def pytest_addoption(parser):
     parser.addoption("--big", action="store_true", help="also run the tests marked big")
+    parser.addoption("--full", action="store_true", help="the full suite (CI); without it and "
+                     "without named test files only the tests marked proof run")
+
+
+def _names_tests(config):
+    """Test files or node ids were named on the command line (not just the tests folder)."""
+    return any(a.split("::")[0].endswith(".py") for a in config.args)
 
 
 def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--full") and not _names_tests(config):
+        rest = [item for item in items if "proof" not in item.keywords]
+        if rest:
+            config.hook.pytest_deselected(items=rest)
+            items[:] = [item for item in items if "proof" in item.keywords]
     if config.getoption("--big"):
         return
     skip = pytest.mark.skip(reason="big (~8 GB): run with pytest --big")

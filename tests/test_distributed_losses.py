@@ -20,6 +20,8 @@ from conftest import run_processes
 from losses import info_nce
 from util.dist import teardown_distributed
 
+pytestmark = pytest.mark.proof          # part of the two-minute proof (tests/conftest.py)
+
 W, B, D_IN, D = 2, 3, 6, 5  # ranks, queries per rank, raw input size, embedding size
 TAU = 0.05
 TIMEOUT_S = 60  # bound on every wait: a hang fails the test instead of blocking CI

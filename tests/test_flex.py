@@ -27,7 +27,8 @@ from util.speed import flex_unavailable, set_attention
 from test_matching import embeddings, instances
 
 # on the CPU flex runs uncompiled on purpose (the reference forward), and torch warns so
-pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+              pytest.mark.proof]          # part of the two-minute proof (tests/conftest.py)
 
 
 def lift(block_mask, L):

@@ -9,6 +9,8 @@ import torch
 
 from losses import info_nce, matching_loss, orthogonality_loss, total_loss
 
+pytestmark = pytest.mark.proof          # part of the two-minute proof (tests/conftest.py)
+
 # -----------------------------------------------------------------------------
 # Eq. 2: orthogonality
 

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from masks import (PAD, SEGMENTS, VIEW_SETS, VIEWS, additive_mask, answer_name,
                    segments_used, unified_mask, unified_mask_batch)
 
+pytestmark = pytest.mark.proof          # part of the two-minute proof (tests/conftest.py)
+
 CONTENT = ("Q", "Zq", "D1", "Zd1", "D2", "Zd2")
 SEEDS = range(6)
 

@@ -20,6 +20,8 @@ from masks import VIEW_SETS, additive_mask
 from model import ReMatch
 from util.backbone import answer_token_ids
 
+pytestmark = pytest.mark.proof          # part of the two-minute proof (tests/conftest.py)
+
 QUERIES = ["<|image_1|>\nRepresent the given image with the following question: What colour is the circle?",
            "<|image_1|>\nRepresent the given image for classification"]
 DOCS = ["<|image_1|>\nRepresent the given image.", "<|image_1|>\nRepresent the given image."]

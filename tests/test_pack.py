@@ -27,6 +27,8 @@ from test_flex import lift
 from test_model import mixed_items
 from util.speed import flex_unavailable, set_attention
 
+pytestmark = pytest.mark.proof          # part of the two-minute proof (tests/conftest.py)
+
 
 @pytest.mark.parametrize("block_size", [4, 16, 128])
 def test_packed_block_mask_is_the_block_diagonal_causal_mask(block_size):

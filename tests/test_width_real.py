@@ -113,6 +113,16 @@ def backbone(ckpt):
     return preset, path, model, processor
 
 
+@pytest.fixture(scope="session", params=PRESETS)
+def real_processor(request, tmp_path_factory):
+    """(preset, processor): the preset's real tokenizer, chat template and image processor as
+    load_backbone builds them from a written checkpoint, without writing the weights."""
+    from test_data import real_qwen_processor
+    path = tmp_path_factory.mktemp("processor") / request.param
+    path.mkdir()
+    return request.param, real_qwen_processor(path, REAL[request.param]["model_type"])
+
+
 SYSTEM_MESSAGE = {"role": "system", "content": "You are a helpful assistant."}   # data.SYSTEM
 
 
@@ -332,12 +342,13 @@ def test_tokenizer_added_tokens_are_the_familys(ckpt):
     "<|image_1|> Represent the given image with the following question: What colour is the circle?",
     "Represent the given text. a red circle on the left",
 ])
-def test_embed_prompt_is_the_chat_template(backbone, mmeb_text):
+@pytest.mark.proof
+def test_embed_prompt_is_the_chat_template(real_processor, mmeb_text):
     """data.py's embedding input (template prefix + content + suffix, each tokenized
     separately by collate_embed) = the checkpoint's own chat template of the system message
     and the same user message, as a string and as ids. Qwen2/2.5-VL's template writes that
     system message unasked; Qwen3-VL's writes none unless given."""
-    preset, _, _, processor = backbone
+    preset, processor = real_processor
     tok = processor.tokenizer
     prefix, suffix = data.EMBED_TEMPLATES["chat"]
     built = prefix + mmeb_text.replace(data.IMAGE_PLACEHOLDER, data.IMAGE_BLOCK) + suffix
@@ -379,10 +390,11 @@ def _match_case(processor):
     return row, built, messages
 
 
-def test_match_prompt_string_is_the_chat_template(backbone):
+@pytest.mark.proof
+def test_match_prompt_string_is_the_chat_template(real_processor):
     """data.MATCH_P + raw Q / D1 / D2 segments + data.MATCH_H, both as built from data.py's
     strings and as collate_match's decoded row = the chat template of the same message."""
-    _, _, _, processor = backbone
+    _, processor = real_processor
     tok = processor.tokenizer
     row, built, messages = _match_case(processor)
     rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -390,8 +402,9 @@ def test_match_prompt_string_is_the_chat_template(backbone):
     assert tok.decode(row) == rendered
 
 
-def test_match_prompt_ids_are_the_chat_template(backbone):
-    _, _, _, processor = backbone
+@pytest.mark.proof
+def test_match_prompt_ids_are_the_chat_template(real_processor):
+    _, processor = real_processor
     row, _, messages = _match_case(processor)
     assert row == _ids(processor.tokenizer.apply_chat_template(messages, tokenize=True,
                                                                add_generation_prompt=True))
