@@ -365,7 +365,8 @@ def main(argv=None):
     ddp, rank, world, device = setup_distributed(timeout_minutes=args.dist_timeout_minutes)
     master = rank == 0
     seed_everything(args.seed + rank)                 # dropout masks differ per rank, repeat per run
-    source = start_run(args, world, master, ddp)      # before building anything (util/run.py)
+    source, state = start_run(args, world, master, ddp,    # before building anything (util/run.py)
+                              defaults=vars(build_parser().parse_args([])))
     eval_tasks, task_meta, match_apart = args.eval_tasks, None, ()
     if args.train_data is None:                  # the built-in synthetic benchmark (demo/)
         eval_tasks, task_meta, match_apart = demo_data(args, master, ddp)
@@ -379,10 +380,14 @@ def main(argv=None):
                             fused=True)
     start = 0
     if source:
-        start = load_checkpoint(source, model, opt)
+        start = load_checkpoint(source, model, opt, state)
         if master:
             cut_log(args.out_dir, start)                 # steps after the checkpoint run again
         print0(f"resumed from {source} at step {start}")
+    if start >= args.steps:                           # a finished run resumed: no step, no eval
+        print0(f"{source} is at step {start} of --steps {args.steps}: nothing to train")
+        teardown_distributed()
+        return None
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=args.find_unused_parameters) if ddp else model
     loader = build_loader(args, dataset, world, rank, start, device)
@@ -615,7 +620,8 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None):
+def build_parser():
+    """train.py's flags, with their defaults before any preset."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -765,6 +771,11 @@ def parse_args(argv=None):
     p.add_argument("--find_unused_parameters", action="store_true",
                    help="DDP find_unused_parameters (needed when some trainable weights get no "
                         "gradient in a step, e.g. a fully trained vision tower on text-only batches)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     preset = args.preset or ("demo" if args.train_data is None else None)
     if preset:                                     # preset values, unless given explicitly

@@ -31,10 +31,11 @@ import torch.distributed as dist
 
 from util.backbone import (CONFIG_FILE, HEADS_FILE, load_backbone, load_heads, published_name, resolve_checkpoint,
                            save_rematch)
-from util.dist import print0
+from util.dist import broadcast_object, print0
 
 LOG_FILE = "log.jsonl"
 TRAIN_STATE = "train_state.pt"
+MANIFEST = "files.json"         # every file of a checkpoint and its size, written last by the save
 
 # ----------------------------------------------------------------------------------
 # Files written whole or not at all
@@ -197,6 +198,9 @@ def save_checkpoint(model, processor, opt, step, config, out_dir, keep):
         save_rematch(model, processor, tmp, config)
         torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng_state()},
                    os.path.join(tmp, TRAIN_STATE))
+        sizes = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
+                 for d, _, files in os.walk(tmp) for f in files}
+        write_json(os.path.join(tmp, MANIFEST), dict(sorted(sizes.items())))
         fsync_tree(tmp)
     except (OSError, RuntimeError) as e:          # torch.save reports ENOSPC as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -208,8 +212,7 @@ def save_checkpoint(model, processor, opt, step, config, out_dir, keep):
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_path(out_dir)                               # the rename is on the disk before rotation
-    for old in checkpoint_dirs(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    rotate(out_dir, step, keep)
     return final
 
 
@@ -227,57 +230,179 @@ def read_train_state(path):
             f"not possible). Loader said: {str(e).splitlines()[0]}") from None
 
 
-def checkpoint_damage(path):
-    """Why the checkpoint folder `path` cannot be resumed from — a missing file, or one that
-    does not read (a truncated .safetensors header or length, bad JSON, a torn
-    train_state.pt), named — or None when it is whole. A train_state.pt that would run code
-    is not damage: read_train_state refuses it by name."""
+DAMAGED = ".damaged"      # a damaged checkpoint set aside: checkpoint-N.damaged, never resumed or rotated
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint file that is there but does not parse."""
+
+
+def _first_line(e):
+    """An exception as "Type: the first line of its message" (an empty message too)."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def _is_format_error(e):
+    """A file that does not parse: truncated or invalid safetensors, JSON, or torch.save's
+    zip. Anything else (EIO, EACCES, ENOSPC, MemoryError) is the machine's, not damage."""
+    from safetensors import SafetensorError
+    return isinstance(e, (CheckpointFormatError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError,
+                          EOFError)) or (isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e))
+
+
+def _weight_files(path):
+    """The weight files (relative) a checkpoint folder must hold: the LoRA adapter, or the
+    backbone's config and every safetensors shard its index names."""
+    if os.path.isdir(os.path.join(path, "adapter")):
+        return ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
+    index = os.path.join(path, "backbone", "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return ["backbone/config.json", "backbone/model.safetensors"]
+    with open(index) as f:
+        weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointFormatError("no weight_map")
+    return ["backbone/config.json"] + [f"backbone/{s}" for s in sorted(set(map(str, weight_map.values())))]
+
+
+def inspect_checkpoint(path):
+    """
+    (why, train state) of the checkpoint folder `path`: why it cannot be resumed from — a
+    required file missing (config, heads, train_state.pt, the adapter's or the backbone's
+    weights, any file the save listed in files.json), one of another size than the save
+    wrote, or one that does not parse (truncated or invalid safetensors, JSON,
+    train_state.pt), named — with state None; or (None, its train state, read once,
+    weights-only). Only format errors are damage: an error of the machine (EIO, EACCES,
+    MemoryError) is raised as an OSError naming the file, so that a transient one never
+    steps a run back. A train_state.pt that would run code is refused by name.
+    """
     from safetensors import safe_open
-    for name in (CONFIG_FILE, HEADS_FILE, TRAIN_STATE):
-        if not os.path.isfile(os.path.join(path, name)):
-            return f"{name} is missing"
-    if not any(os.path.isdir(os.path.join(path, d)) for d in ("adapter", "backbone")):
-        return "neither adapter/ nor backbone/ is there"
-    for d, _, files in os.walk(path):
-        for f in sorted(files):
-            file = os.path.join(d, f)
-            try:
+    file = path
+    try:
+        for name in (CONFIG_FILE, HEADS_FILE, TRAIN_STATE):
+            if not os.path.isfile(os.path.join(path, name)):
+                return f"{name} is missing", None
+        if not any(os.path.isdir(os.path.join(path, d)) for d in ("adapter", "backbone")):
+            return "neither adapter/ nor backbone/ is there", None
+        file = os.path.join(path, "backbone", "model.safetensors.index.json")
+        missing = [f for f in _weight_files(path) if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            return f"{', '.join(missing)} missing", None
+        file = os.path.join(path, MANIFEST)
+        if os.path.isfile(file):                          # older checkpoints have none
+            with open(file) as f:
+                sizes = json.load(f)
+            if not isinstance(sizes, dict):
+                raise CheckpointFormatError(f"expected {{file: size}}, got {type(sizes).__name__}")
+            missing = [rel for rel in sizes if not os.path.isfile(os.path.join(path, rel))]
+            if missing:
+                return f"{', '.join(missing)} missing", None
+        else:
+            sizes = {}
+        for d, _, files in os.walk(path):
+            for f in sorted(files):
+                file = os.path.join(d, f)
                 if f.endswith(".safetensors"):
                     with safe_open(file, "pt"):              # header and length, no tensor read
                         pass
                 elif f.endswith(".json"):
                     with open(file) as fh:
                         json.load(fh)
-            except Exception as e:                            # noqa: BLE001 (any reader error is damage)
-                return f"{os.path.relpath(file, path)} does not read ({type(e).__name__}: {e})"
-    try:
-        read_train_state(path)
-    except ValueError:
-        raise                                                 # refused on purpose, not damaged
-    except Exception as e:                                    # noqa: BLE001
-        return f"{TRAIN_STATE} does not read ({type(e).__name__}: {str(e).splitlines()[0]})"
-    return None
+        file = os.path.join(path, TRAIN_STATE)
+        state = read_train_state(path)
+        for rel, size in sizes.items():                   # a cut that still parses
+            if os.path.getsize(os.path.join(path, rel)) != size:
+                return f"{rel} is {os.path.getsize(os.path.join(path, rel)):,} bytes, the save wrote {size:,}", None
+        return None, state
+    except Exception as e:                                    # noqa: BLE001 (sorted out here)
+        if _is_format_error(e):
+            return f"{os.path.relpath(file, path)} does not read ({_first_line(e)})", None
+        if isinstance(e, ValueError):
+            raise                                             # read_train_state's refusal, by name
+        raise OSError(f"reading {file} failed ({_first_line(e)}): an error of the machine, not of the "
+                      "checkpoint, which is not passed over for it; fix it and resume again") from e
+
+
+def checkpoint_damage(path):
+    """Why `path` cannot be resumed from, or None when it is whole (inspect_checkpoint)."""
+    return inspect_checkpoint(path)[0]
+
+
+def set_aside(path, why):
+    """Rename a damaged checkpoint-N to checkpoint-N.damaged (kept for inspection; resume and
+    rotation no longer see it), named once with why. Returns the new path."""
+    dest, k = path + DAMAGED, 2
+    while os.path.exists(dest):
+        dest, k = f"{path}{DAMAGED}-{k}", k + 1
+    os.replace(path, dest)
+    fsync_path(os.path.dirname(path) or ".")
+    print0(f"{path} is damaged ({why}): set aside as {os.path.basename(dest)}")
+    return dest
 
 
 def latest_intact(checkpoints):
-    """The newest of `checkpoints` (oldest first) that checkpoint_damage finds whole; a
-    damaged newer one is named with its damage and the one used instead. None intact:
+    """(path, train state, [(damaged path, why)]): the newest of `checkpoints` (oldest first)
+    that inspect_checkpoint finds whole, and the damaged newer ones. None intact:
     SystemExit naming each."""
     damaged = []
     for path in reversed(checkpoints):
-        why = checkpoint_damage(path)
+        why, state = inspect_checkpoint(path)
         if why is None:
-            for bad, reason in damaged:
-                print0(f"{bad} is damaged ({reason}); resuming from {path} instead")
-            return path
+            return path, state, damaged
         damaged.append((path, why))
     raise SystemExit("--resume: no intact checkpoint: " + "; ".join(f"{p}: {w}" for p, w in damaged))
 
 
-def load_checkpoint(path, model, opt):
-    """Restore weights, optimizer and RNG state into the freshly built model; → step."""
+def resume_point(out_dir, master):
+    """The checkpoint of out_dir to resume from, decided once on rank 0 and broadcast, so
+    that every rank resumes from the same step or stops with the same named error. The
+    damaged newer checkpoints are set aside. Returns (path, its train state on rank 0;
+    None on the others, which read it in load_checkpoint)."""
+    decision, state = None, None
+    if master:
+        try:
+            decision, state, damaged = latest_intact(checkpoint_dirs(out_dir))
+            for bad, why in damaged:
+                set_aside(bad, why)
+            if damaged:
+                print0(f"resuming from {decision} instead, the newest intact checkpoint")
+        except (SystemExit, OSError, ValueError) as e:
+            decision = ("error", type(e).__name__, str(e))
+    decision = broadcast_object(decision)
+    if isinstance(decision, tuple):
+        _, kind, message = decision
+        raise {"SystemExit": SystemExit, "ValueError": ValueError}.get(kind, OSError)(message)
+    return decision, state
+
+
+def rotate(out_dir, step, keep):
+    """After checkpoint-<step> is saved: keep it and the keep - 1 newest intact checkpoints
+    older than it, delete the other older ones. A damaged one met on the way is set aside,
+    never counted, so at least `keep` intact checkpoints survive any mix of damage,
+    fallback and save; one that cannot be read for a machine error is kept, uncounted.
+    Newer checkpoints (none after a fallback, which sets them aside) are left alone."""
+    kept = 1
+    for old in reversed([c for c in checkpoint_dirs(out_dir) if int(c.rsplit("-", 1)[1]) < step]):
+        if kept >= keep:
+            shutil.rmtree(old, ignore_errors=True)
+            continue
+        try:
+            why = checkpoint_damage(old)
+        except (OSError, ValueError) as e:
+            print0(f"{old}: kept, not counted ({e})")
+            continue
+        if why:
+            set_aside(old, why)
+        else:
+            kept += 1
+
+
+def load_checkpoint(path, model, opt, state=None):
+    """Restore weights, optimizer and RNG state into the freshly built model; → step.
+    state: train_state.pt as inspect_checkpoint read it (rank 0), else read here."""
     from safetensors.torch import load_file
-    state = read_train_state(path)                        # first: refuse before touching anything
+    state = state or read_train_state(path)               # first: refuse before touching anything
     if os.path.isdir(os.path.join(path, "adapter")):
         from peft import set_peft_model_state_dict
         adapter = load_file(os.path.join(path, "adapter", "adapter_model.safetensors"))
@@ -325,22 +450,24 @@ def run_config(args, world=None):
     return config
 
 
-def resume_changes(path, args, world):
+def resume_changes(path, args, world, defaults=None):
     """{flag: (checkpoint value, this run's value)} for the flags that define the run
-    (all but RESUME_FREE) and the number of ranks."""
+    (all but RESUME_FREE) and the number of ranks. A flag the checkpoint's config lacks (it
+    was written before the flag existed) counts as `defaults[flag]`, the value it ran with."""
     with open(os.path.join(path, "rematch_config.json")) as f:
         saved = json.load(f)
     now = run_config(args, world)
+    saved = {**{k: v for k, v in (defaults or {}).items() if k in now}, **saved}
     keys = (set(saved) | set(now)) - RESUME_FREE
     return {k: (saved.get(k, "(absent)"), now.get(k, "(absent)")) for k in sorted(keys)
             if saved.get(k, "(absent)") != now.get(k, "(absent)")}
 
 
-def check_resume(path, args, world):
+def check_resume(path, args, world, defaults=None):
     """Stop when this run's flags differ from the checkpoint's, naming every difference,
     unless --allow_changed names them all (then they are printed and kept in the
     checkpoint config's `resumed_with_changes`)."""
-    changes = resume_changes(path, args, world)
+    changes = resume_changes(path, args, world, defaults)
     allowed = set(args.allow_changed or [])
     refused = {k: v for k, v in changes.items() if k not in allowed}
     listing = "; ".join(f"--{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in refused.items())
@@ -351,20 +478,44 @@ def check_resume(path, args, world):
     return changes
 
 
-def start_run(args, world, master, ddp):
+def check_leftovers(out_dir, master, ddp):
+    """What killed or odd runs leave in out_dir, named: a checkpoint-N.tmp folder of a save
+    that never finished is removed (rank 0); a checkpoint-N that is a symbolic link stops
+    the run (rotation and a new save would reach into its target)."""
+    names = sorted(os.listdir(out_dir))
+    links = [n for n in names if CHECKPOINT_NAME.fullmatch(n) and os.path.islink(os.path.join(out_dir, n))]
+    if links:
+        raise SystemExit(f"{out_dir}: {', '.join(links)} is a symbolic link, not a checkpoint folder of this "
+                         "run: replace it by a copy (or move it away) and run again")
+    for n in names:
+        if n.endswith(".tmp") and CHECKPOINT_NAME.fullmatch(n[:-4]) and master:
+            print0(f"{os.path.join(out_dir, n)}: the partial folder of a save that never finished; removed")
+            shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
+    if ddp:
+        dist.barrier()
+
+
+def start_run(args, world, master, ddp, defaults=None):
     """
-    Decide, before anything is built, what this run continues: the checkpoint to resume
-    from (--resume / --resume_if_exists: out_dir's latest; --resume_from: a folder or hub
-    id) or None for a fresh start. A fresh start in an out_dir with checkpoints needs
-    --overwrite (then they, their eval/ and log.jsonl are deleted); a resumed run whose
-    flags differ stops here, naming them (check_resume).
+    Decide, before anything is built, what this run continues: (the checkpoint to resume
+    from, its train state if already read) — --resume / --resume_if_exists: out_dir's
+    newest intact one (resume_point: decided on rank 0, damaged newer ones set aside);
+    --resume_from: a folder or hub id — or (None, None) for a fresh start. A fresh start in
+    an out_dir with checkpoints needs --overwrite (then they, their eval/ and log.jsonl are
+    deleted); a resumed run whose flags differ stops here, naming them (check_resume;
+    `defaults`: each flag's default, what a checkpoint written before the flag ran with).
+    Leftovers are named first: a killed save's .tmp folder is removed, a checkpoint name
+    that is a symbolic link stops the run.
     """
     os.makedirs(args.out_dir, exist_ok=True)
+    check_leftovers(args.out_dir, master, ddp)
     existing = checkpoint_dirs(args.out_dir)
     if args.resume and not existing:
         raise SystemExit(f"--resume: no checkpoint in {args.out_dir} (checkpoint-<step> folders); "
                          "check --out_dir, or use --resume_if_exists to start afresh when there is none")
-    source = latest_intact(existing) if existing and (args.resume or args.resume_if_exists) else None
+    source, state = None, None
+    if existing and (args.resume or args.resume_if_exists):
+        source, state = resume_point(args.out_dir, master)    # rank 0 decides, damaged set aside
     if args.resume_from:
         if existing:
             raise SystemExit(f"--resume_from: {args.out_dir} already holds checkpoints; continue "
@@ -373,16 +524,16 @@ def start_run(args, world, master, ddp):
         if not os.path.isfile(os.path.join(source, TRAIN_STATE)):
             raise SystemExit(f"--resume_from {args.resume_from}: {source} has no {TRAIN_STATE} "
                              "(not a train.py checkpoint folder, or uploaded without it)")
-        why = checkpoint_damage(source)
+        why, state = inspect_checkpoint(source)
         if why:
             raise SystemExit(f"--resume_from {args.resume_from}: {source} is damaged: {why}")
     if source:
-        changes = check_resume(source, args, world)
+        changes = check_resume(source, args, world, defaults)
         if changes:
             args.resumed_with_changes = {k: list(v) for k, v in changes.items()}
             print0("resuming with changed flags (--allow_changed): " + "; ".join(
                 f"--{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
-        return source
+        return source, state
     if existing and not args.overwrite:
         raise SystemExit(f"{args.out_dir} already holds {', '.join(map(os.path.basename, existing))}: "
                          "pass --resume to continue, --overwrite to start over, or another --out_dir")
@@ -395,7 +546,7 @@ def start_run(args, world, master, ddp):
         remove_log(args.out_dir)
     if existing and ddp:
         dist.barrier()
-    return None
+    return None, None
 
 
 # ----------------------------------------------------------------------------------

@@ -1,0 +1,316 @@
+"""Nothing lost on resume, whatever the disk did (util/run.py): a damaged checkpoint is set
+aside as checkpoint-N.damaged and never counted; rotation deletes only intact checkpoints
+older than the newest intact one; damage is decided once, on rank 0, and only format errors
+are damage; old runs resume; leftovers of killed saves are named.
+
+Run:  python -m pytest -q tests/test_resume.py
+
+The fault-injection test (test_random_faults_never_lose_a_run) draws 14 rounds from a seeded
+generator; each applies one fault to a run of the tiny model (--keep_checkpoints 2, a
+checkpoint every step), then resumes it for one step and checks the invariants. The faults:
+truncating or deleting a random file of a random intact checkpoint (weights, heads, config,
+train_state.pt), a torn last line of log.jsonl, a stray checkpoint-N.tmp folder, phantom
+names (a folder checkpoint-9-best, a file checkpoint-20), and a save killed at a random
+point (inside save_rematch, before the rename, before rotation). After every round: at
+least one intact checkpoint remains, no intact checkpoint was deleted while a damaged one
+kept its name, and the run ends with the same weights as an uninterrupted run.
+"""
+import json
+import os
+import pathlib
+import random
+import shutil
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+import train
+from conftest import run_processes
+from test_train import flags, write_train_fixture
+from util import run as util_run
+from util.dist import teardown_distributed
+
+STEPS = 16       # the fault-injection run's length: one round a step, more after fallbacks
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    return write_train_fixture(str(tmp_path_factory.mktemp("fx")), n=6)
+
+
+def final_weights(ckpt):
+    return {f: load_file(os.path.join(ckpt, f)) for f in ("backbone/model.safetensors", "rematch_heads.safetensors")}
+
+
+def same_weights(a, b):
+    return all(a[f].keys() == b[f].keys() and all(torch.equal(a[f][k], b[f][k]) for k in a[f]) for f in a)
+
+
+def truncate(path):
+    data = pathlib.Path(path).read_bytes()
+    pathlib.Path(path).write_bytes(data[:len(data) // 2])
+
+
+def names(out):
+    return sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+
+
+# ----------------------------------------------------------------------------------
+# The issue's case: a fallback resume used to leave the damaged newest counted
+
+def test_a_fallback_sets_the_damaged_checkpoint_aside_and_keeps_the_intact_one(fx, tmp_path, capsys):
+    """4 steps, checkpoints 2 and 4; checkpoint-4's train_state.pt truncated; --resume
+    --stop_after_steps 1 --keep_checkpoints 1 resumes from 2, saves 3, and keeps 3 (the old
+    rotation by step number kept the damaged 4 and deleted 3 and 2: nothing left to resume)."""
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "4", "--save_every", "2"))
+    truncate(os.path.join(out, "checkpoint-4", "train_state.pt"))
+    capsys.readouterr()
+    train.main(flags(fx, out, "--steps", "4", "--save_every", "2", "--resume", "--stop_after_steps", "1",
+                     "--keep_checkpoints", "1"))
+    printed = capsys.readouterr().out
+    assert names(out) == ["checkpoint-3", "checkpoint-4.damaged"]
+    assert printed.count("checkpoint-4 is damaged (train_state.pt does not read") == 1
+    assert "set aside as checkpoint-4.damaged" in printed
+    assert util_run.checkpoint_damage(os.path.join(out, "checkpoint-3")) is None
+    train.main(flags(fx, out, "--steps", "4", "--save_every", "2", "--resume", "--keep_checkpoints", "1"))
+    assert names(out) == ["checkpoint-4", "checkpoint-4.damaged"]          # 4 written anew, 3 rotated
+
+
+def test_rotation_sets_an_older_damaged_checkpoint_aside_instead_of_counting_it(fx, tmp_path):
+    """keep 2: checkpoints 1, 2 and 3 saved; checkpoint-2 damaged behind the run's back. The
+    next save keeps 4 and the newest intact older one, 3; at 5 the damaged 2 is met, set
+    aside, not counted, and the intact ones kept are 4 and 5."""
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "3", "--save_every", "1", "--keep_checkpoints", "3"))
+    truncate(os.path.join(out, "checkpoint-3", "rematch_heads.safetensors"))
+    os.remove(os.path.join(out, "checkpoint-2", "backbone", "model.safetensors"))
+    train.main(flags(fx, out, "--steps", "5", "--save_every", "1", "--keep_checkpoints", "2", "--resume",
+                     "--allow_changed", "steps"))
+    assert names(out) == ["checkpoint-2.damaged", "checkpoint-3.damaged", "checkpoint-4", "checkpoint-5"]
+    assert all(util_run.checkpoint_damage(os.path.join(out, f"checkpoint-{s}")) is None for s in (4, 5))
+
+
+# ----------------------------------------------------------------------------------
+# What counts as damage; decided once
+
+def test_a_missing_weight_file_is_damage(fx, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "2", "--save_every", "1"))
+    os.remove(os.path.join(out, "checkpoint-2", "backbone", "model.safetensors"))
+    assert util_run.checkpoint_damage(os.path.join(out, "checkpoint-2")) == "backbone/model.safetensors missing"
+    train.main(flags(fx, out, "--steps", "2", "--save_every", "1", "--resume"))
+    assert "resumed from" in capsys.readouterr().out and "checkpoint-2.damaged" in names(out)
+
+
+def test_machine_errors_are_raised_with_the_path_never_read_as_damage(fx, tmp_path, monkeypatch):
+    """EIO, EACCES and MemoryError while reading train_state.pt: an OSError naming the file,
+    and no checkpoint is passed over or renamed. An error without a message is named too
+    (it used to raise IndexError inside the check)."""
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "2", "--save_every", "1"))
+    state = os.path.join(out, "checkpoint-2", "train_state.pt")
+    for err in (OSError(5, "Input/output error"), PermissionError(13, "Permission denied"), MemoryError()):
+        def load(*a, err=err, **kw):
+            raise err
+        monkeypatch.setattr(util_run.torch, "load", load)
+        with pytest.raises(OSError, match=f"reading {state} failed .*{type(err).__name__}"):
+            train.main(flags(fx, out, "--steps", "2", "--resume"))
+        assert names(out) == ["checkpoint-1", "checkpoint-2"]
+    monkeypatch.undo()
+    truncate(state)
+    pathlib.Path(state).write_bytes(b"")                                     # torch.load: EOFError()
+    assert util_run.checkpoint_damage(os.path.join(out, "checkpoint-2")) == "train_state.pt does not read (EOFError)"
+
+
+def test_train_state_is_read_once_on_resume(fx, tmp_path, monkeypatch):
+    """The damage check reads train_state.pt and load_checkpoint reuses what it read
+    (--keep_checkpoints 1: the save at step 3 rotates without reading checkpoint-2 again)."""
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "2", "--save_every", "1"))
+    reads, real = [], util_run.read_train_state
+    monkeypatch.setattr(util_run, "read_train_state", lambda path: reads.append(path) or real(path))
+    train.main(flags(fx, out, "--steps", "3", "--save_every", "1", "--keep_checkpoints", "1", "--resume",
+                     "--allow_changed", "steps"))
+    assert reads == [os.path.join(out, "checkpoint-2")]
+
+
+def _rank_worker(rank, world, rendezvous, out, err_dir, case):
+    """start_run on 2 gloo ranks. Rank 1 must not judge damage itself (its inspection
+    raises here); both must resume from the same checkpoint, or stop with one message."""
+    import sys
+    import traceback
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        if rank == 1:
+            def refuse(path):
+                raise AssertionError("rank 1 inspected a checkpoint itself")
+            util_run.inspect_checkpoint = refuse
+        elif case == "machine error":
+            def eio(path):
+                raise OSError(f"reading {path}/train_state.pt failed (OSError: [Errno 5] Input/output error)")
+            util_run.inspect_checkpoint = eio
+        util_run.check_resume = lambda *a, **kw: {}          # the flags are not the subject here
+        args = train.parse_args(["--train_data", out, "--image_dir", out, "--out_dir", out, "--resume"])
+        try:
+            source, _ = util_run.start_run(args, world, rank == 0, True)
+            result = f"source {os.path.basename(source)}"
+        except (SystemExit, OSError) as e:
+            result = f"{type(e).__name__}: {e}"
+        with open(os.path.join(err_dir, f"result{rank}.txt"), "w") as f:
+            f.write(result)
+        teardown_distributed()
+    except BaseException:                                   # noqa: BLE001
+        with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        sys.exit(1)
+
+
+@pytest.mark.parametrize("case", ["damaged newest", "machine error"])
+def test_damage_is_decided_once_for_all_ranks(fx, tmp_path, case):
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "2", "--save_every", "1"))
+    if case == "damaged newest":
+        truncate(os.path.join(out, "checkpoint-2", "rematch_heads.safetensors"))
+    err = tmp_path / "err"
+    err.mkdir()
+    run_processes(_rank_worker, [(r, 2, str(tmp_path / "rdv"), out, str(err), case) for r in range(2)],
+                  str(err), timeout=120)
+    results = [(err / f"result{r}.txt").read_text() for r in range(2)]
+    assert results[0] == results[1], results
+    if case == "damaged newest":
+        assert results[0] == "source checkpoint-1" and "checkpoint-2.damaged" in names(out)
+    else:
+        assert results[0].startswith("OSError: reading") and "Input/output error" in results[0]
+        assert names(out) == ["checkpoint-1", "checkpoint-2"]
+
+
+# ----------------------------------------------------------------------------------
+# Old runs, finished runs, leftovers
+
+def test_a_checkpoint_written_before_a_flag_existed_resumes(fx, tmp_path, capsys):
+    """Flags absent from the checkpoint's config (model_revision, pack, length_grouped_chunks,
+    match_prompt) compare as their defaults: the run resumes without --allow_changed."""
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "2", "--save_every", "1"))
+    path = os.path.join(out, "checkpoint-2", "rematch_config.json")
+    config = json.loads(pathlib.Path(path).read_text())
+    for k in ("model_revision", "pack", "length_grouped_chunks", "match_prompt"):
+        config.pop(k)
+    pathlib.Path(path).write_text(json.dumps(config))
+    os.remove(os.path.join(out, "checkpoint-2", util_run.MANIFEST))      # as an older checkpoint: none
+    train.main(flags(fx, out, "--steps", "3", "--save_every", "1", "--resume", "--allow_changed", "steps"))
+    assert f"resumed from {os.path.join(out, 'checkpoint-2')} at step 2" in capsys.readouterr().out
+    config["match_views"] = "feat"                                    # a real difference still stops
+    pathlib.Path(os.path.join(out, "checkpoint-3", "rematch_config.json")).write_text(json.dumps(config))
+    os.remove(os.path.join(out, "checkpoint-3", util_run.MANIFEST))
+    with pytest.raises(SystemExit, match="--match_views: 'feat' in the checkpoint, 'all' now"):
+        train.main(flags(fx, out, "--steps", "4", "--resume", "--allow_changed", "steps"))
+
+
+def test_a_finished_run_resumed_says_there_is_nothing_to_train(fx, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "2"))
+    capsys.readouterr()
+    assert train.main(flags(fx, out, "--steps", "2", "--resume")) is None
+    printed = capsys.readouterr().out
+    assert "checkpoint-2 is at step 2 of --steps 2: nothing to train" in printed and "trained" not in printed
+    assert names(out) == ["checkpoint-2"] and not os.path.exists(os.path.join(out, "eval"))
+
+
+def test_leftovers_of_killed_saves_and_linked_checkpoints_are_named(fx, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "2", "--save_every", "1"))
+    os.makedirs(os.path.join(out, "checkpoint-3.tmp", "adapter"))
+    capsys.readouterr()
+    train.main(flags(fx, out, "--steps", "3", "--save_every", "1", "--resume", "--allow_changed", "steps"))
+    assert "checkpoint-3.tmp: the partial folder of a save that never finished; removed" in capsys.readouterr().out
+    assert names(out) == ["checkpoint-2", "checkpoint-3"]
+    other = tmp_path / "elsewhere"
+    shutil.copytree(os.path.join(out, "checkpoint-3"), other)
+    os.symlink(other, os.path.join(out, "checkpoint-7"))
+    with pytest.raises(SystemExit, match="checkpoint-7 is a symbolic link"):
+        train.main(flags(fx, out, "--steps", "8", "--resume", "--allow_changed", "steps"))
+
+
+# ----------------------------------------------------------------------------------
+# Fault injection
+
+class Killed(BaseException):
+    """kill -9 in the middle of a save: no except clause of the save runs."""
+
+
+def _intact(out):
+    return [c for c in util_run.checkpoint_dirs(out) if util_run.checkpoint_damage(c) is None]
+
+
+def _inject(rng, out, monkeypatch):
+    """One random fault; returns its name. A checkpoint is damaged only while another
+    intact one remains, so that the run can always be resumed."""
+    intact = _intact(out)
+    faults = ["torn log", "stray tmp", "phantom names", "killed save"] + ["truncate", "delete"] * (len(intact) >= 2)
+    fault = rng.choice(faults)
+    if fault in ("truncate", "delete"):
+        victim = rng.choice(intact)
+        files = sorted(str(p) for p in pathlib.Path(victim).rglob("*") if p.is_file() and p.name != "README.md")
+        path = rng.choice(files)
+        truncate(path) if fault == "truncate" else os.remove(path)
+        return f"{fault} {os.path.relpath(path, out)}"
+    if fault == "torn log":
+        with open(os.path.join(out, util_run.LOG_FILE), "a") as f:
+            f.write('{"step": 99, "loss": 0.')
+    elif fault == "stray tmp":
+        os.makedirs(os.path.join(out, f"checkpoint-{rng.randint(1, STEPS)}.tmp", "backbone"), exist_ok=True)
+    elif fault == "phantom names":
+        os.makedirs(os.path.join(out, "checkpoint-9-best"), exist_ok=True)
+        pathlib.Path(out, "checkpoint-20").write_text("not a checkpoint")
+    else:                                            # killed save: the next resume's save dies
+        where = rng.choice(["save_rematch", "replace", "rotate"])
+        target = {"save_rematch": (util_run, "save_rematch"), "replace": (util_run.os, "replace"),
+                  "rotate": (util_run, "rotate")}[where]
+        real = getattr(*target)
+
+        def die(*a, **kw):
+            if where == "replace" and not str(a[0]).endswith(".tmp"):
+                return real(*a, **kw)                # set_aside's renames still work
+            raise Killed(where)
+        monkeypatch.setattr(*target, die)
+        return f"killed save ({where})"
+    return fault
+
+
+@pytest.mark.slow
+def test_random_faults_never_lose_a_run(fx, tmp_path, monkeypatch):
+    ref = str(tmp_path / "reference")
+    train.main(flags(fx, ref, "--steps", str(STEPS), "--save_every", str(STEPS)))
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", str(STEPS), "--save_every", "1", "--keep_checkpoints", "2",
+                     "--stop_after_steps", "2"))
+    rng, seen, rounds = random.Random(0), [], 0
+    while util_run.checkpoint_dirs(out)[-1] != os.path.join(out, f"checkpoint-{STEPS}"):
+        rounds += 1
+        assert rounds <= 3 * STEPS, (seen, names(out))
+        fault = _inject(rng, out, monkeypatch)
+        seen.append(fault)
+        before = {c: util_run.checkpoint_damage(c) is None for c in util_run.checkpoint_dirs(out)}
+        try:                                         # one step further, a save and a rotation
+            train.main(flags(fx, out, "--steps", str(STEPS), "--save_every", "1", "--keep_checkpoints", "2",
+                             "--resume", "--stop_after_steps", "1"))
+        except Killed:
+            pass
+        monkeypatch.undo()
+        intact = _intact(out)
+        assert intact, (rounds, fault, names(out))
+        deleted_intact = [c for c, ok in before.items() if ok and not os.path.exists(c)]
+        kept_damaged = [c for c in util_run.checkpoint_dirs(out) if c not in intact]
+        assert not (deleted_intact and kept_damaged), (rounds, fault, deleted_intact, kept_damaged)
+    final = os.path.join(out, f"checkpoint-{STEPS}")
+    assert util_run.checkpoint_damage(final) is None
+    assert same_weights(final_weights(final), final_weights(os.path.join(ref, f"checkpoint-{STEPS}"))), seen
+    kinds = {f.split()[0] for f in seen}
+    assert rounds >= STEPS - 2 and {"truncate", "delete", "killed"} <= kinds, seen
