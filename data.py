@@ -31,7 +31,8 @@ import torch
 
 from masks import answer_name, segments_used
 from util.chat_templates import ANSWER_WORDS
-from util.inputs import IMAGE_PLACEHOLDER, TrainRows, check_item_text, check_text_tokens, load_image
+from util.inputs import (IMAGE_PLACEHOLDER, TrainRows, check_item_text, check_text_length, check_text_tokens,
+                         load_image)
 
 # ----------------------------------------------------------------------------------
 # Templates (App. S7). Marker strings such as <QUERY> are ordinary text, not new vocab.
@@ -359,8 +360,8 @@ class TrainDataset(TrainRows, torch.utils.data.Dataset):
     MMEB-train subsets (TIGER-Lab/MMEB-train, or mmE5's hard-negative files with the same
     columns, split "train") as (q, d⁺, d⁻) instances, one per row. The rows arrive read
     and checked (util/inputs.TrainRows: root, image_dir, subsets, split,
-    max_rows_per_subset, skip_bad_rows, allow_outside_image_dir; the skip policy and its
-    report live there).
+    max_rows_per_subset, skip_bad_rows, allow_outside_image_dir, revision; the skip policy
+    and its report live there).
 
     Hard negative (§4, Table 3 row 3): the row's neg_text / neg_image_path — a plain
     string in MMEB-train; in mmE5's files a list, of which the first element is taken; a
@@ -384,9 +385,9 @@ class TrainDataset(TrainRows, torch.utils.data.Dataset):
     def __init__(self, root, image_dir, processor, subsets=None, split="original",
                  max_rows_per_subset=None, target_instructions=True, skip_bad_rows=False,
                  cache_items=0, task_meta=None, max_text_tokens=None, allow_outside_image_dir=False,
-                 target_prompts=None):
+                 target_prompts=None, revision=None):
         super().__init__(root, image_dir, subsets, split, max_rows_per_subset, skip_bad_rows,
-                         allow_outside_image_dir, hub_subsets=MMEB_TRAIN_SUBSETS)
+                         allow_outside_image_dir, hub_subsets=MMEB_TRAIN_SUBSETS, revision=revision)
         self.processor, self.max_text_tokens = processor, max_text_tokens
         self._image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.task_meta, self.target_prompts = dict(task_meta or {}), dict(target_prompts or {})
@@ -431,6 +432,7 @@ class TrainDataset(TrainRows, torch.utils.data.Dataset):
                     self._images[image] = pixels
                     if len(self._images) > self.cache_items:
                         self._images.popitem(last=False)
+            check_text_length(self.processor.tokenizer, text, self.max_text_tokens, where)
             items.append(encode_item(self.processor, text, where=where, image_inputs=pixels))
             check_text_tokens(items[-1]["ids"], self._image_token_id, self.max_text_tokens, where, text)
             if self.cache_items:

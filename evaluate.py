@@ -51,11 +51,12 @@ from tqdm import tqdm
 
 from data import IMAGE_PLACEHOLDER, MMEB_EVAL_TASKS, collate_embed, encode_item, with_target_instruction
 from model import load_rematch
+from util.backbone import published_name
 from util.benchmarks import (SUGARCREPE_SUBSETS, mmeb_preflight, read_coco, read_eval_task, read_flickr30k,
                              read_sharegpt4v, read_sugarcrepe, read_urban1k)
 from util.dist import (DIST_TIMEOUT_MINUTES, broadcast_object, collective_device, print0, rank_world,
                        setup_distributed, teardown_distributed)
-from util.inputs import (check_encode_args, check_eval_flags, check_side, check_text_tokens, find_subsets,
+from util.inputs import (check_encode_args, check_eval_flags, check_side, check_text_length, check_text_tokens, find_subsets,
                          load_image, read_task_table, resolve_dir, upscale_small)
 from util.run import load_finished, result_path, weights_fingerprint, write_atomic, write_json
 from util.speed import ATTENTION, set_attention
@@ -114,9 +115,12 @@ def _encode(processor, text, image, where):
     return encode_item(processor, text, _as_image(image, where), where=where)
 
 
+EVAL_MAX_TEXT_TOKENS = 8192        # far above MMEB's longest candidates; a runaway one is refused
+
+
 @torch.no_grad()
 def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="embed",
-                 distributed=True, keep=None, max_text_tokens=None):
+                 distributed=True, keep=None, max_text_tokens=EVAL_MAX_TEXT_TOKENS):
     """
     inputs: list of (side, text, image): side "q" or "d", text the MMEB-format string
     (`<|image_1|>` where the image goes), image None / a path / a PIL image.
@@ -148,6 +152,8 @@ def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
             where = [f"{desc} {side}-item {ordinal[i]}" for i in chunk]
+            for i, w in zip(chunk, where):                           # util/inputs.py
+                check_text_length(processor.tokenizer, inputs[i][1] or "", max_text_tokens, w)
             enc = [_encode(processor, inputs[i][1], inputs[i][2], w)
                    for i, w in zip(chunk, where)]
             pad = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
@@ -251,9 +257,9 @@ def discovered_task_table(root, tasks=None, table_file=None):
     return {t: tuple(known.get(t, ("Other", True))) for t in tasks}
 
 
-def chance_table(root, tasks):
+def chance_table(root, tasks, revision=None):
     """{task: expected Hit@1 of a random ranking} of the tasks' MMEB files under `root`."""
-    root = resolve_dir(root, [f"{t}/*" for t in tasks])
+    root = resolve_dir(root, [f"{t}/*" for t in tasks], revision=revision)
     return {t: chance_hit_at_1(read_eval_task(root, t)) for t in tasks}
 
 
@@ -342,7 +348,7 @@ class TaskEmbeddings:
 
 
 def embed_task(model, processor, rows, task, image_dir, config=None, meta=None, batch_size=16,
-               progress=False, keep_rows=0, max_text_tokens=None):
+               progress=False, keep_rows=0, max_text_tokens=EVAL_MAX_TEXT_TOKENS):
     """
     One eval task's rows embedded, each distinct item once (task_items, embed_inputs), as
     TaskEmbeddings. keep_rows: the encoded items of the first N rows (query and every
@@ -364,18 +370,16 @@ def embed_task(model, processor, rows, task, image_dir, config=None, meta=None, 
     return emb
 
 
-EVAL_MAX_TEXT_TOKENS = 8192        # far above MMEB's longest candidates; a runaway one is refused
-
-
 def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, batch_size=16,
                 out_dir=None, skip_missing=False, progress=True, name=None, extras=(),
-                allow_outside_image_dir=False, max_text_tokens=EVAL_MAX_TEXT_TOKENS):
+                allow_outside_image_dir=False, max_text_tokens=EVAL_MAX_TEXT_TOKENS, data_revision=None):
     """
     {"hit@1": {task: hit@1 (0..1) or None if skipped as missing},
      x.name: {task: x.run(...)} for each x of `extras`}.
     tasks: None (all 36), a list of task names, or {name: (meta_task, is_ind)} (task_table).
     config: the checkpoint's config (load_rematch); recorded with the results and used for
-    "target_instructions". out_dir: per-task results are saved as they finish and reused
+    "target_instructions"; data_revision (a hub id's commit of mmeb_dir) is added to it, so
+    it is recorded and a result of another revision is not reused. out_dir: per-task results are saved as they finish and reused
     on restart if config and weights_fingerprint match (otherwise: an error), then
     mmeb_results.json / .md (rows labelled `name`, default config["model"]). Every task's
     files and images are checked first (util/benchmarks.mmeb_preflight): missing ones raise an
@@ -389,9 +393,9 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
     columns(results, tasks) → their part of format_table, or None.
     Summaries: summarize(results, task_table(tasks)); the table: format_table(...).
     """
-    table, config = task_table(tasks), dict(config or {})
+    table, config = task_table(tasks), dict(config or {}, **({"data_revision": data_revision} if data_revision else {}))
     rank, _ = rank_world()
-    root = resolve_dir(mmeb_dir, [f"{t}/*" for t in table])
+    root = resolve_dir(mmeb_dir, [f"{t}/*" for t in table], revision=data_revision)
     weights = weights_fingerprint(model)
     finished = broadcast_object(load_finished(out_dir, "mmeb", table, config, weights) if rank == 0 else None)
     finished = {t: r for t, r in finished.items()            # a record of other extras is redone
@@ -626,10 +630,11 @@ ZEROSHOT = {   # name: (reader, kind, recall ks)
 
 
 def evaluate_zeroshot(model, processor, datasets, data_dir, config=None, batch_size=16,
-                      out_dir=None, progress=True, name=None):
+                      out_dir=None, progress=True, name=None, allow_outside_image_dir=False):
     """{dataset: {metric: value (0..1)}} for the names in ZEROSHOT; results saved per
     dataset in out_dir (reused on restart, as in mmeb_report), then
-    zeroshot_results.json / .md."""
+    zeroshot_results.json / .md. Image paths leaving data_dir are refused unless
+    allow_outside_image_dir."""
     config = dict(config or {})
     unknown = [d for d in datasets if d not in ZEROSHOT]
     if unknown:
@@ -645,7 +650,7 @@ def evaluate_zeroshot(model, processor, datasets, data_dir, config=None, batch_s
             print0(f"{ds}: finished earlier, skipped")
             continue
         reader, kind, ks = ZEROSHOT[ds]
-        data = reader(data_dir)
+        data = reader(data_dir, allow_outside=allow_outside_image_dir)
         if kind == "retrieval":
             results[ds] = eval_retrieval(model, processor, data, ks, config, batch_size, progress, ds)
         else:
@@ -760,6 +765,9 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
                    help="raw backbones only: plain = VLM2Vec layout, chat = MVQDM++ template")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available; "
                    "under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float64"), default="auto",
+                   help="weights: auto = the checkpoint's training dtype if it trained in full precision, "
+                        "else bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--batch_size", type=int, default=16, help="items per embedding forward (per rank)")
     p.add_argument("--dist_timeout_minutes", type=float, default=DIST_TIMEOUT_MINUTES,
                    help=f"torchrun: how long a collective waits for the other ranks (default "
@@ -771,6 +779,8 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
     p.add_argument("--mmeb_dir", default=None, help="MMEB-eval: local dir or hub id "
                    "(TIGER-Lab/MMEB-eval); <root>/<Task>/test-*.parquet or <root>/<Task>/test/*.parquet")
     p.add_argument("--image_dir", default=None, help="folder the *_img_path columns are relative to")
+    p.add_argument("--data_revision", default=None, help="a hub id as --mmeb_dir: the dataset's commit, "
+                   "branch or tag (recorded with the results)")
     p.add_argument("--benchmark", default="mmeb", choices=BENCHMARK_NAMES,
                    help="task table: mmeb = the 36 MMEB tasks, synthetic = demo.make_synthetic's eval split")
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the benchmark's tasks (default: all)")
@@ -780,7 +790,7 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
                    help="refuse (naming it) a query or candidate whose text is longer, image "
                         f"tokens not counted (default {EVAL_MAX_TEXT_TOKENS})")
     p.add_argument("--allow_outside_image_dir", action="store_true",
-                   help="accept image paths that are absolute or leave --image_dir with '..'")
+                   help="accept image paths that are absolute or leave --image_dir (--data_dir) with '..'")
     p.add_argument("--skip_missing", action="store_true", help="skip tasks whose files or images "
                    "are missing (reported as missing; their group means as n/a) instead of failing")
     # zero-shot
@@ -809,7 +819,9 @@ def main(argv=None, args=None, extras=None):
     args = args or parse_args(argv)
     _, _, world, device = setup_distributed(args.device, args.dist_timeout_minutes)   # torchrun: one shard per rank
     model, processor, config = load_rematch(args.model, device=device, num_tokens=args.num_tokens,
-                                            embed_template=args.embed_template, revision=args.revision)
+                                            embed_template=args.embed_template, revision=args.revision,
+                                            dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
+    name = published_name(args.model)                           # no local path in a result file
     set_attention(model, args.attn)                             # forward only: flex runs on the CPU too
     extras = extras(config) if extras else []
     print0(f"{args.model} on {device} × {world} rank(s): K={model.num_tokens}, "
@@ -820,11 +832,11 @@ def main(argv=None, args=None, extras=None):
         table = task_table(args.tasks, known)
         report = mmeb_report(model, processor, args.mmeb_dir, args.image_dir, table, config,
                              args.batch_size, args.out, args.skip_missing, not args.no_progress,
-                             name=args.model, extras=extras,
+                             name=name, extras=extras,
                              allow_outside_image_dir=args.allow_outside_image_dir,
-                             max_text_tokens=args.max_text_tokens)
+                             max_text_tokens=args.max_text_tokens, data_revision=args.data_revision)
         out["mmeb"] = report["hit@1"]
-        print0("\n" + format_table(out["mmeb"], table, name=args.model,
+        print0("\n" + format_table(out["mmeb"], table, name=name,
                                    extras=[(x, report[x.name]) for x in extras]))
         for x in extras:
             out[x.name] = report[x.name]
@@ -833,8 +845,8 @@ def main(argv=None, args=None, extras=None):
     if args.zeroshot:
         out["zeroshot"] = evaluate_zeroshot(model, processor, args.zeroshot, args.data_dir, config,
                                             args.batch_size, args.out, not args.no_progress,
-                                            name=args.model)
-        print0("\n" + format_zeroshot_table(out["zeroshot"], name=args.model))
+                                            name=name, allow_outside_image_dir=args.allow_outside_image_dir)
+        print0("\n" + format_zeroshot_table(out["zeroshot"], name=name))
     del model                                                   # then leave the process group
     teardown_distributed()
     return out

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from masks import additive_mask, packed_block_mask, unified_block_mask, unified_mask_batch
-from util.backbone import CONFIG_FILE, check_config, load_backbone, load_heads, resolve_checkpoint
+from util.backbone import CONFIG_FILE, check_config, load_backbone, load_heads, published_name, resolve_checkpoint
 from util.speed import vision_indices
 
 
@@ -361,7 +361,10 @@ def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_temp
     id, local directory, tiny-*) evaluated as the single-vector baseline: `num_tokens`
     (default 0 = last-token pooling) and `embed_template` (default "plain", VLM2Vec's
     layout) apply only to raw backbones. revision: the hub id's commit, branch or tag,
-    recorded in the returned config (and so in evaluation results).
+    recorded in the returned config (and so in evaluation results). dtype: default, the
+    checkpoint's training dtype when it trained in full precision (--dtype float32 /
+    float64), else bf16 on CUDA and fp32 on the CPU. A local path is recorded by its last
+    component only.
     """
     import json
 
@@ -370,11 +373,14 @@ def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_temp
     config_path = os.path.join(str(name_or_path), CONFIG_FILE)
     if not os.path.isfile(config_path):
         backbone, processor = load_backbone(name_or_path, device=device, dtype=dtype, revision=revision)
-        config = {"model": name_or_path, "num_tokens": num_tokens, "embed_template": embed_template, **pin}
+        config = {"model": published_name(name_or_path), "num_tokens": num_tokens,
+                  "embed_template": embed_template, **pin}
         return ReMatch(backbone, num_tokens, embed_template).eval(), processor, config
     with open(config_path) as f:
         config = dict(check_config(json.load(f), config_path), **pin)
     pixels = dict(min_pixels=config.get("min_pixels"), max_pixels=config.get("max_pixels"))
+    if dtype is None and config.get("dtype") in ("float32", "float64"):   # as train.py evaluated it
+        dtype = getattr(torch, config["dtype"])
     if os.path.isdir(os.path.join(name_or_path, "adapter")):
         from peft import PeftModel
         base, processor = load_backbone(config["model"], device=device, dtype=dtype,    # tiny: same init
@@ -383,7 +389,7 @@ def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_temp
         backbone = PeftModel.from_pretrained(base, os.path.join(name_or_path, "adapter"))
     else:
         backbone, processor = load_backbone(os.path.join(name_or_path, "backbone"),
-                                            device=device, dtype=dtype)
+                                            device=device, dtype=dtype, **pixels)
     model = ReMatch(backbone, config["num_tokens"], config["embed_template"])
     load_heads(model, name_or_path)
     return model.eval(), processor, config

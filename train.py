@@ -509,7 +509,7 @@ def build_dataset(args, processor, task_meta, master):
                            skip_bad_rows=args.skip_bad_rows, cache_items=args.cache_items,
                            task_meta=task_meta, max_text_tokens=args.max_text_tokens,
                            allow_outside_image_dir=args.allow_outside_image_dir,
-                           target_prompts=args.target_prompt_table)
+                           target_prompts=args.target_prompt_table, revision=args.data_revision)
     if dataset.no_target_prompt:
         print0(f"no target prompt for subset(s) {', '.join(dataset.no_target_prompt)}: they train "
                "without one (give them one with --target_prompts FILE.json)")
@@ -660,6 +660,8 @@ def build_parser():
                    help="MMEB-train (hub id or dir of <Subset>/original-*.parquet) or mmE5 "
                         "hard-negative files; default: the built-in synthetic benchmark")
     p.add_argument("--image_dir", default=None, help="root the rows' image paths are relative to")
+    p.add_argument("--data_revision", default=None,
+                   help="hub ids only: the commit, branch or tag of --train_data (recorded in the checkpoint)")
     p.add_argument("--subsets", nargs="+", default=None, help="training subsets (default: all)")
     p.add_argument("--split", default="original", help="MMEB-train split (original | diverse_instruction)")
     p.add_argument("--max_rows_per_subset", type=int, default=None, help="cap rows per subset (head)")

@@ -117,16 +117,6 @@ def test_rerank_refuses_bad_calls(matching_encoder, query, candidates, kwargs, e
         rerank(matching_encoder, query, candidates, **kwargs)
 
 
-def test_a_missing_local_looking_path_says_so_at_once(tmp_path, monkeypatch):
-    """runs/typo with a runs/ folder here is a missing directory, not a hub id to retry."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs").mkdir()
-    for call in (lambda: resolve_checkpoint("runs/typo"), lambda: load_backbone("runs/typo"),
-                 lambda: ev.Encoder("runs/typo")):
-        with pytest.raises(FileNotFoundError, match="runs/typo: no such directory"):
-            call()
-
-
 GOOD_CONFIG = {"model": "tiny-qwen2-vl", "num_tokens": 4, "embed_template": "chat", "min_pixels": None,
                "max_pixels": 12544, "seed": 0, "w_qdm": 0.1, "match_prompt": "paper",
                "target_instructions": True, "lora": False}
@@ -146,6 +136,9 @@ BAD_CONFIGS = [   # (key, value, message part)
     ("match_prompt", "long", "match_prompt must be 'paper' or 'header'"),
     ("target_instructions", "yes", "target_instructions must be true or false"),
     ("model_revision", 5, "model_revision must be null or the base model's commit"),
+    ("target_prompt_table", {"VOC2007": ""}, "target_prompt_table must be null or {subset"),
+    ("target_prompt_table", ["x"], "target_prompt_table must be null or {subset"),
+    ("dtype", "float8", "dtype must be 'auto', 'float32', 'bfloat16' or 'float64'"),
 ]
 
 
@@ -567,3 +560,170 @@ def test_bad_items_raise_naming_the_item(tiny):
         encode_item(processor, Q_IMG, None, where="row 3")
     with pytest.raises(ValueError, match="row 4: an image was given but the text has 0"):
         encode_item(processor, "a red circle", shape_image("red"), where="row 4")
+
+
+# ----------------------------------------------------------------------------------
+# Evaluation as strict as training
+
+def test_a_hub_checkpoint_downloads_exactly_the_files_evaluation_reads(monkeypatch, tmp_path):
+    """Evaluation fetches the checkpoint's config, heads, card and weights, never
+    train_state.pt and no subfolder; --resume_from also fetches the training state."""
+    import fnmatch
+
+    import huggingface_hub
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **kw: str(tmp_path / name))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: calls.append(kw["allow_patterns"]) or str(tmp_path))
+    resolve_checkpoint("someone/rematch-2b")
+    resolve_checkpoint("someone/rematch-2b", train_state=True)
+    evaluation, resume = calls
+    match = lambda path, pats: any(fnmatch.fnmatch(path, p) for p in pats)  # noqa: E731 (as huggingface_hub)
+    saved = ["rematch_config.json", "rematch_heads.safetensors", "README.md", "adapter/adapter_config.json",
+             "adapter/adapter_model.safetensors", "backbone/config.json", "backbone/model.safetensors",
+             "backbone/model-00001-of-00002.safetensors", "backbone/model.safetensors.index.json",
+             "backbone/tokenizer.json", "backbone/tokenizer_config.json", "backbone/chat_template.jinja",
+             "backbone/preprocessor_config.json", "backbone/generation_config.json"]
+    assert all(match(f, evaluation) for f in saved)
+    for f in ("train_state.pt", "files.json", "backbone/sub/config.json", "adapter/x/adapter_model.safetensors",
+              "other/model.safetensors", "backbone/modeling_evil.py"):
+        assert not match(f, evaluation), f
+    assert match("train_state.pt", resume) and match("files.json", resume)
+
+
+def test_a_hub_id_is_never_refused_for_an_unrelated_local_folder(tmp_path, monkeypatch):
+    """Qwen/Qwen2-VL-2B-Instruct with a folder Qwen/ here is still a hub id; a local path
+    that does not exist says so when it starts with ./ or /."""
+    import huggingface_hub
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Qwen").mkdir()
+    asked = []
+
+    def download(repo, name, **kw):
+        asked.append(repo)
+        from huggingface_hub.errors import LocalEntryNotFoundError
+        raise LocalEntryNotFoundError("offline")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert resolve_checkpoint("Qwen/Qwen2-VL-2B-Instruct") == "Qwen/Qwen2-VL-2B-Instruct" and asked
+    for call in (lambda: load_backbone("./runs/typo"), lambda: ev.Encoder(str(tmp_path / "runs" / "typo"))):
+        with pytest.raises(FileNotFoundError, match="runs/typo: no such directory"):
+            call()
+
+
+def test_a_full_checkpoints_own_pixel_bounds_are_checked(tmp_path):
+    """A backbone/preprocessor_config.json with min_pixels of millions (a 56-px image would
+    become 20,736 patches) is refused by name; the config's bounds apply to it too."""
+    from util.backbone import save_rematch
+    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu")
+    ckpt = str(tmp_path / "ckpt")
+    save_rematch(ReMatch(backbone, num_tokens=2), processor, ckpt,
+                 {"model": "tiny-qwen2-vl", "num_tokens": 2, "embed_template": "chat", "max_pixels": 3136})
+    from model import load_rematch
+    _, proc, _ = load_rematch(ckpt, device="cpu")
+    assert proc.image_processor.size.longest_edge == 3136                     # the config's bound
+    pre = pathlib.Path(ckpt, "backbone", "preprocessor_config.json")
+    cfg = json.loads(pre.read_text())
+    cfg.update(min_pixels=16_000_000, size={"shortest_edge": 16_000_000, "longest_edge": 16_000_000})
+    pre.write_text(json.dumps(cfg))
+    config = pathlib.Path(ckpt, "rematch_config.json")
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_pixels": None}))
+    with pytest.raises(ValueError, match="backbone: preprocessor_config.json's min_pixels is 16000000, outside"):
+        load_rematch(ckpt, device="cpu")
+
+
+def test_evaluation_uses_the_checkpoints_training_dtype(tmp_path):
+    from model import load_rematch
+    from util.backbone import save_rematch
+    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu")
+    ckpt = str(tmp_path / "ckpt")
+    save_rematch(ReMatch(backbone, num_tokens=2), processor, ckpt,
+                 {"model": "tiny-qwen2-vl", "num_tokens": 2, "embed_template": "chat", "dtype": "float64"})
+    assert next(load_rematch(ckpt, device="cpu")[0].parameters()).dtype == torch.float64
+    assert next(load_rematch(ckpt, device="cpu", dtype=torch.float32)[0].parameters()).dtype == torch.float32
+    assert ev.parse_args(["--model", ckpt, "--mmeb_dir", "d", "--image_dir", "d", "--dtype", "float32"]).dtype == "float32"
+
+
+def test_a_runaway_text_is_refused_before_it_is_tokenized_whole(monkeypatch):
+    """Encoder (and so rerank and zero-shot, through embed_inputs) caps texts by default;
+    a 2-MB text is refused from its first 64 · cap characters, the rest never tokenized."""
+    enc = ev.Encoder("tiny-qwen2-vl", device="cpu")
+    seen, real = [], enc.processor.tokenizer.__class__.__call__
+    monkeypatch.setattr(enc.processor.tokenizer.__class__, "__call__",
+                        lambda self, text, *a, **kw: seen.append(len(text)) or real(self, text, *a, **kw))
+    with pytest.raises(BadItemError, match="encode d-item 1: the text is 2,000,000 characters, over "
+                                           "--max_text_tokens 8192 tokens"):
+        enc.encode(texts=["a red circle", "w" * 1_999_998 + " x"], side="d")
+    assert max(seen) == 64 * ev.EVAL_MAX_TEXT_TOKENS
+
+
+def test_zeroshot_image_paths_stay_under_the_data_dir(tmp_path):
+    _write_json(tmp_path / "sharegpt4v" / benchmarks.SHAREGPT4V_JSON,
+                [{"image": "../../etc/passwd", "conversations": [{}, {"value": "a cat"}]}])
+    with pytest.raises(ValueError, match="ShareGPT4V: image path.* leave --data_dir .*allow_outside_image_dir"):
+        benchmarks.read_sharegpt4v(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="passwd"):                    # allowed: read, then missing
+        benchmarks.read_sharegpt4v(str(tmp_path), allow_outside=True)
+
+
+def test_a_task_of_single_candidates_is_refused_by_name(tmp_path, capsys):
+    (tmp_path / "One").mkdir()
+    rows = [dict(qry_text="q", qry_img_path="", tgt_text=["a"], tgt_img_path=[""])] * 2
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "One" / "test-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match="MMEB task One: every row has a single candidate"):
+        read_eval_task(str(tmp_path), "One")
+    (tmp_path / "Some").mkdir()
+    rows = rows[:1] + [dict(qry_text="q", qry_img_path="", tgt_text=["a", "b"], tgt_img_path=["", ""])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "Some" / "test-00000-of-00001.parquet")
+    assert len(read_eval_task(str(tmp_path), "Some")) == 2
+    assert "MMEB task Some: 1 of 2 rows have a single candidate (rows 0): each counts as a hit" in capsys.readouterr().out
+
+
+def test_matching_without_pairs_is_na_and_left_out_of_the_means():
+    """A task whose judged rows have no other candidate: n/a, not 0.0, and outside the means;
+    the rerank table's mean with no task is n/a, not a division by zero."""
+    from tools import rerank as rr
+    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu")
+    emb = ev.TaskEmbeddings([("q", None)], [("a", None)], [(0, [0])], torch.zeros(1, 64), torch.zeros(1, 64),
+                            torch.zeros(1, 1))
+    none = rr.matching_accuracy(ReMatch(backbone, num_tokens=2), processor, emb, 5)
+    assert none["instances"] == 0 and all(none[v] is None for v in rr.MATCH_VIEW_TYPES)
+    views = list(rr.MATCH_VIEW_TYPES)
+    full = {**dict(zip(views, (0.5, 0.25, 0.75, 1.0))), "instances": 4,
+            "yes": dict(zip(views, (0.5, 0.5, 1.0, 1.0))), "no": dict(zip(views, (0.5, 0.0, 0.5, 1.0)))}
+    matching = {"TaskA": none, "TaskB": full}
+    assert rr.matching_means(matching, ["TaskA", "TaskB"]) == dict(zip(views, (0.5, 0.25, 0.75, 1.0)))
+    x = rr.MatchingAccuracy({"w_qdm": 1}, 5)
+    text = ev.format_table({"TaskA": 0.5, "TaskB": 1.0}, {"TaskA": ("Classification", True),
+                                                          "TaskB": ("Retrieval", True)}, extras=[(x, matching)])
+    row = next(line for line in text.splitlines() if line.startswith("TaskA")).split()
+    assert row[-4:] == ["n/a"] * 4 and "mean" in text and x.line(none).startswith("matching n/a")
+    assert rr.format_rerank_table({}).splitlines()[-1].split()[-2:] == ["n/a", "n/a"]
+
+
+def test_result_files_hold_no_local_path_and_record_the_data_revision(bench, tmp_path, monkeypatch):  # noqa: F811
+    """A raw backbone given as an absolute local folder is named by its last component in
+    mmeb_results.{json,md}; --data_revision is recorded (and a local dir with one refused)."""
+    from util.backbone import save_backbone
+    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu")
+    local = tmp_path / "my-secret-folder" / "backbone"
+    save_backbone(backbone, processor, str(local))
+    out = tmp_path / "out"
+    ev.main(["--model", str(local), "--mmeb_dir", bench[0], "--image_dir", bench[1], "--tasks", "TaskA",
+             "--task_table", _table(tmp_path), "--out", str(out), "--no_progress", "--device", "cpu"])
+    for f in ("mmeb_results.json", "mmeb_results.md", "mmeb/TaskA.json"):
+        assert str(tmp_path) not in (out / f).read_text(), f
+    assert json.loads((out / "mmeb_results.json").read_text())["name"] == "backbone"
+    with pytest.raises(ValueError, match="revision v2: .* is a local directory"):
+        ev.mmeb_report(backbone, processor, bench[0], bench[1], {"TaskA": ("Other", True)}, data_revision="v2")
+    monkeypatch.setattr(ev, "resolve_dir", lambda name, patterns, revision=None: bench[0])
+    model = ReMatch(backbone, num_tokens=0).eval()
+    ev.mmeb_report(model, processor, "someone/mmeb", bench[1], {"TaskA": ("Other", True)}, out_dir=str(tmp_path / "o2"),
+                   data_revision="v2", progress=False)
+    assert json.loads((tmp_path / "o2" / "mmeb_results.json").read_text())["config"]["data_revision"] == "v2"
+
+
+def _table(tmp_path):
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"TaskA": ["Classification", True], "TaskB": ["Retrieval", False]}))
+    return str(path)

@@ -250,18 +250,6 @@ def test_autocast_follows_dtype():
         assert train.uses_autocast(args, cuda) is on_cuda and train.uses_autocast(args, cpu) is False
 
 
-def test_a_hub_checkpoint_downloads_only_what_the_project_reads(monkeypatch, tmp_path):
-    import huggingface_hub
-    calls = {}
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **kw: str(tmp_path / name))
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        lambda repo, **kw: calls.update(kw) or str(tmp_path))
-    assert resolve_checkpoint("someone/rematch-2b") == str(tmp_path)
-    assert sorted(calls["allow_patterns"]) == sorted(["rematch_config.json", "rematch_heads.safetensors",
-                                                      "train_state.pt", "README.md", "adapter/*", "backbone/*"])
-
-
 def test_evaluation_after_training_never_deletes_earlier_results(tmp_path, monkeypatch):
     """run_eval writes to eval/step-<N>, or a fresh -2, -3 ... beside an existing one."""
     import argparse
@@ -396,7 +384,7 @@ def test_train_pins_the_base_model_and_the_resumed_checkpoint(monkeypatch, tmp_p
     load_rematch(ckpt, device="cpu")
     assert seen == [("tiny-qwen2-vl", "abc123")]
 
-    def resolve(name, revision=None):
+    def resolve(name, revision=None, train_state=False):
         seen.append((name, revision))
         raise SystemExit("stop here")
     monkeypatch.setattr(util_run, "resolve_checkpoint", resolve)

@@ -105,8 +105,10 @@ def matching_accuracy(model, processor, emb, n, batch_size=16, desc="matching", 
         right += torch.stack([(hit * ~is_pos).sum(0), (hit * is_pos).sum(0)]).cpu()   # (2, 8)
     model.train(was_training)
     right = sum_over_ranks(right, model.device)
-    m = max(len(inst), 1)
-    split = {side: {k: (right[i, a] + right[i, b]).item() / m for k, (a, b) in MATCH_VIEW_TYPES.items()}
+    if not inst:                                 # no row with another candidate: n/a, not 0.0
+        return {**dict.fromkeys(MATCH_VIEW_TYPES), "yes": dict.fromkeys(MATCH_VIEW_TYPES),
+                "no": dict.fromkeys(MATCH_VIEW_TYPES), "instances": 0}
+    split = {side: {k: (right[i, a] + right[i, b]).item() / len(inst) for k, (a, b) in MATCH_VIEW_TYPES.items()}
              for i, side in ((1, "yes"), (0, "no"))}             # a view type: one d⁺, one d⁻ view
     return {**{k: (split["yes"][k] + split["no"][k]) / 2 for k in MATCH_VIEW_TYPES}, **split,
             "instances": len(inst)}
@@ -213,9 +215,10 @@ def rerank_hits(model, processor, emb, k, views="raw", n=None, batch_size=16, de
 # The head's report (matching means, the Yes/No halves) and the two mmeb_report extras
 
 def matching_means(matching, tasks, half=None):
-    """{view type: mean matching accuracy over `tasks`} (those of them that have one);
-    half "yes" / "no": the mean of that half of it instead (matching_accuracy)."""
-    done = [t for t in tasks if t in matching]
+    """{view type: mean matching accuracy over `tasks`} (those of them that have one; a
+    task without instances, n/a, is left out); half "yes" / "no": the mean of that half of
+    it instead (matching_accuracy)."""
+    done = [t for t in tasks if t in matching and matching[t].get("instances") != 0]
     of = (lambda t: matching[t]) if half is None else (lambda t: matching[t][half])  # noqa: E731
     return {v: sum(of(t)[v] for t in done) / len(done) for v in MATCH_VIEW_TYPES} if done else {}
 
@@ -232,7 +235,7 @@ def yes_no_rows(matching, table, match_apart=()):
     tasks = [t for t in table if t in matching and "yes" in matching[t]]
     if not tasks:
         return None
-    cell = lambda y, n: f"{100 * y:.1f} / {100 * n:.1f}"                      # noqa: E731
+    cell = lambda y, n: "n/a" if y is None else f"{100 * y:.1f} / {100 * n:.1f}"   # noqa: E731
     rows = [["task", *MATCH_VIEW_TYPES]]
     rows += [[t, *(cell(matching[t]["yes"][v], matching[t]["no"][v]) for v in MATCH_VIEW_TYPES)]
              for t in tasks]
@@ -259,10 +262,12 @@ def format_rerank_table(rerank):
     for t, r in rerank.items():
         rows.append([t, str(r["queries"]), str(r["k"]), r["views"], evaluate.percent_cell(r["hit@1_before"]),
                      evaluate.percent_cell(r["hit@1_after"])])
-    mean = lambda key: sum(r[key] for r in rerank.values()) / len(rerank)   # noqa: E731
-    rows.append(["mean", "", "", "", evaluate.percent_cell(mean("hit@1_before")), evaluate.percent_cell(mean("hit@1_after"))])
+    done = [r for r in rerank.values() if r is not None and r["queries"]]   # a missing task has none
+    mean = lambda key: evaluate.percent_cell(sum(r[key] for r in done) / len(done)) if done else "n/a"  # noqa: E731
+    rows.append(["mean", "", "", "", mean("hit@1_before"), mean("hit@1_after")])
     return ("Reranking the embedding's top k with the matching head (Eq. 4)\n"
             + evaluate.render_table(rows, False))
+
 
 class MatchingAccuracy:
     """The matching head's held-out accuracy as an evaluate.mmeb_report extra:
@@ -281,6 +286,8 @@ class MatchingAccuracy:
                                  prompt=self.prompt)
 
     def line(self, r):
+        if not r["instances"]:
+            return "matching n/a (no row with another candidate)"
         return "matching " + ", ".join(f"{k} {100 * v:.1f}" for k, v in r.items() if k in MATCH_VIEW_TYPES)
 
     def columns(self, matching, tasks):
@@ -288,7 +295,8 @@ class MatchingAccuracy:
         document side), the mean rows, and the Yes/No halves as a last block."""
         if not matching:
             return None
-        cells = {t: [evaluate.percent_cell(matching[t][v]) for v in MATCH_VIEW_TYPES] for t in matching}
+        cells = {t: [evaluate.percent_cell(matching[t][v]) if matching[t][v] is not None else "n/a"
+                     for v in MATCH_VIEW_TYPES] for t in matching}
         means = [(label, [evaluate.percent_cell(m[v]) for v in MATCH_VIEW_TYPES])
                  for label, group in mean_groups(tasks, self.apart)
                  for m in [matching_means(matching, group)] if m]

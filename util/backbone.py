@@ -172,6 +172,16 @@ def image_processor_for(path, min_pixels, max_pixels, revision=None, **defaults)
             else Qwen2VLImageProcessorPil(**defaults, **bounds))
 
 
+def check_pixel_bounds(image_processor, where):
+    """The image processor's own bounds (a checkpoint's preprocessor_config.json is data too)
+    within the flags' ranges: a min_pixels of millions would blow a 56-px image up to
+    20,000 patches. ValueError naming the checkpoint."""
+    size = image_processor.size
+    for key, value, hi in (("min_pixels", size.shortest_edge, MAX_MIN_PIXELS), ("max_pixels", size.longest_edge, MAX_PIXELS)):
+        if value is not None and not 28 * 28 <= value <= hi:
+            raise ValueError(f"{where}: preprocessor_config.json's {key} is {value}, outside [{28 * 28}, {hi}]")
+
+
 def refuse_hybrid(config, where):
     """A decoder with recurrent (linear-attention) layers, such as Qwen3-Next's or Qwen3.5's
     Gated DeltaNet, cannot run the unified matching pass: it needs every layer to attend
@@ -221,15 +231,6 @@ def _check_tokenizer(tok, config, where):
     answer_token_ids(tok, where)
 
 
-def refuse_missing_local(name):
-    """owner/name whose `owner` is a directory here reads as a local path that does not
-    exist (a typo in runs/<run>), not as a hub id: say so at once instead of asking the hub."""
-    owner = name.split("/")[0]
-    if os.path.isdir(owner):
-        raise FileNotFoundError(f"{name}: no such directory ({owner}/ exists here, so this reads "
-                                f"as a local path, not as a hub id owner/name)")
-
-
 def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None, max_pixels=None,
                   revision=None):
     """
@@ -258,9 +259,7 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
                           or name_or_path.count("/") != 1):
             raise FileNotFoundError(f"{name_or_path}: no such directory, and not a hub id of the "
                                     "form owner/name (nor one of " + ", ".join(sorted(TINY)) + ")")
-        if not local:
-            refuse_missing_local(name_or_path)
-        elif revision:
+        if local and revision:
             raise ValueError(f"--revision {revision}: {name_or_path} is a local directory, not a hub id")
         pin = {"revision": revision} if revision else {}
         if local and not os.path.isfile(os.path.join(name_or_path, "config.json")):
@@ -277,6 +276,7 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
         image_processor = image_processor_for(name_or_path, min_pixels, max_pixels, revision)
         model = BACKBONES[config.model_type].from_pretrained(name_or_path, dtype=dtype,
                                                              attn_implementation="sdpa", **pin)
+    check_pixel_bounds(image_processor, name_or_path)
     patch_embed_as_matmul(model.model.visual.patch_embed)
     for block in model.model.visual.blocks:
         vision_attention_by_size(block.attn)
@@ -299,7 +299,14 @@ def save_backbone(model, processor, path):
 CONFIG_FILE = "rematch_config.json"
 HEADS_FILE = "rematch_heads.safetensors"
 # what a checkpoint folder's hub copy may bring: only the files the project reads
-CHECKPOINT_FILES = [CONFIG_FILE, HEADS_FILE, "train_state.pt", "README.md", "adapter/*", "backbone/*"]
+# (fnmatch patterns; `?` stands for one digit of a shard's number, and no name reaches a subfolder)
+BACKBONE_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                  "model-?????-of-?????.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                  "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                  "chat_template.json", "preprocessor_config.json"]
+CHECKPOINT_FILES = [CONFIG_FILE, HEADS_FILE, "README.md", "adapter/adapter_config.json",
+                    "adapter/adapter_model.safetensors", *(f"backbone/{f}" for f in BACKBONE_FILES)]
+RESUME_FILES = ["train_state.pt", "files.json"]     # only --resume_from needs the training state
 
 
 def save_rematch(model, processor, path, config):
@@ -370,28 +377,36 @@ def check_config(config, where):
     for key in ("target_instructions", "lora"):
         if key in config and not isinstance(config[key], bool):
             raise bad(key, "true or false")
+    table = config.get("target_prompt_table")
+    if table is not None and not (isinstance(table, dict) and all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in table.items())):
+        raise bad("target_prompt_table", "null or {subset, task or meta-task: prompt} with non-empty strings")
+    if config.get("dtype", "auto") not in ("auto", "float32", "bfloat16", "float64"):
+        raise bad("dtype", "'auto', 'float32', 'bfloat16' or 'float64'")
     return config
 
 
-def resolve_checkpoint(name_or_path, revision=None):
+def resolve_checkpoint(name_or_path, revision=None, train_state=False):
     """A local directory as is; a hub id of a ReMatch checkpoint folder (one holding
     rematch_config.json) → its local copy, downloaded once (rank 0 first, then the other
-    ranks reuse the cache; no code from the repo is ever run); anything else (a raw
-    backbone's hub id such as Qwen/Qwen2-VL-2B-Instruct, tiny-*) unchanged."""
+    ranks reuse the cache; no code from the repo is ever run): exactly the files
+    CHECKPOINT_FILES names, and with train_state (--resume_from) RESUME_FILES too;
+    anything else (a raw backbone's hub id such as Qwen/Qwen2-VL-2B-Instruct, tiny-*)
+    unchanged. owner/name is a hub id even where a folder `owner/` exists here: a local
+    path that does not exist starts with ./ or /."""
     name = str(name_or_path)
     if os.path.isdir(name) or name in TINY or not looks_like_hub_id(name):
         if revision:
             raise ValueError(f"--revision {revision}: {name} is not a hub id (a revision pins a "
                              "hub repository's commit, branch or tag)")
         return name
-    refuse_missing_local(name)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     try:
         rank0_first(lambda: hf_hub_download(name, CONFIG_FILE, revision=revision))
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return name                                   # no rematch_config.json: a raw backbone
-    return resolve_dir(name, CHECKPOINT_FILES, repo_type="model", revision=revision)
+    return resolve_dir(name, CHECKPOINT_FILES + RESUME_FILES * train_state, repo_type="model", revision=revision)
 
 
 CARD_KEYS = ("model", "model_revision", "lora", "lora_r", "lora_alpha", "num_tokens", "embed_template", "tau",

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 
+from util.dist import print0
 from util.inputs import find_parquet, leaves_image_dir, read_rows
 
 
@@ -24,7 +25,8 @@ def read_eval_task(root, task, split="test", max_rows=None):
     One MMEB-eval task → rows {"qry_text", "qry_img_path", "tgt_text": list[str],
     "tgt_img_path": list[str]}: candidate 0 is the positive, "" = no image (a null image
     column becomes "" / a list of ""). Missing columns, or candidate lists that are empty
-    or of unequal length, raise ValueError naming the task and row.
+    or of unequal length, raise ValueError naming the task and row; so does a task whose
+    rows all have a single candidate (a row alone with one is named, and counts as a hit).
     """
     files = find_parquet(root, task, split)
     rows = read_rows(files, max_rows)
@@ -55,6 +57,13 @@ def read_eval_task(root, task, split="test", max_rows=None):
         if len(candidates) > 1 and all(c == candidates[0] for c in candidates):
             raise ValueError(f"MMEB task {task} row {i}: every candidate equals the positive, so no "
                              "negative is left to rank against (it would count as a hit)")
+    single = [i for i, r in enumerate(rows) if len(r["tgt_text"]) == 1]
+    if len(single) == len(rows):
+        raise ValueError(f"MMEB task {task}: every row has a single candidate, nothing to rank against "
+                         "(its Hit@1 would be 100)")
+    if single:
+        print0(f"MMEB task {task}: {len(single)} of {len(rows)} rows have a single candidate (rows "
+              f"{', '.join(map(str, single[:5]))}{' ...' if len(single) > 5 else ''}): each counts as a hit")
     return rows
 
 
@@ -143,7 +152,17 @@ def _text(x):
     return x
 
 
-def _karpathy(json_path, image_dir_of, what):
+def _confine(paths, data_dir, what, allow_outside):
+    """Every image path stays under --data_dir (an entry's "../x" or "/x" would open any file
+    of the machine), unless allow_outside (--allow_outside_image_dir); ValueError naming them."""
+    root = os.path.abspath(data_dir)
+    outside = sorted({p for p in paths if os.path.relpath(os.path.abspath(p), root).split(os.sep)[0] == ".."})
+    if outside and not allow_outside:
+        raise ValueError(f"{what}: image path(s) leave --data_dir {data_dir}: " + ", ".join(map(repr, outside[:5]))
+                         + " (allow with --allow_outside_image_dir)")
+
+
+def _karpathy(json_path, image_dir_of, what, data_dir, allow_outside):
     """(image path, caption) positive pairs of the Karpathy "test" split, the first 5 captions each."""
     data = _load_json(json_path, what)
     images = _each(enumerate(data["images"] if isinstance(data, dict) and "images" in data else []),
@@ -151,25 +170,26 @@ def _karpathy(json_path, image_dir_of, what):
     positives = _each(((im.get("filename", i), im) for i, im in enumerate(images)), json_path, what,
                       lambda im: [(os.path.join(image_dir_of(im), _text(im["filename"])), _text(s["raw"]).strip())
                                   for s in im["sentences"][:5]])
+    _confine([p for p, _ in positives], data_dir, what, allow_outside)
     _require(sorted({p for p, _ in positives}), what)
     return positives
 
 
-def read_flickr30k(data_dir):
+def read_flickr30k(data_dir, allow_outside=False):
     """Flickr30K 1k test: 1000 images × 5 captions (flickr30k/dataset_flickr30k.json)."""
     root = os.path.join(data_dir, "flickr30k")
     return _karpathy(os.path.join(root, "dataset_flickr30k.json"),
-                     lambda im: os.path.join(root, "flickr30k-images"), "Flickr30K")
+                     lambda im: os.path.join(root, "flickr30k-images"), "Flickr30K", data_dir, allow_outside)
 
 
-def read_coco(data_dir):
+def read_coco(data_dir, allow_outside=False):
     """COCO 5k test: 5000 images, first 5 captions each (coco/dataset_coco.json)."""
     root = os.path.join(data_dir, "coco")
     return _karpathy(os.path.join(root, "dataset_coco.json"),
-                     lambda im: os.path.join(root, im.get("filepath", "val2014")), "COCO")
+                     lambda im: os.path.join(root, im.get("filepath", "val2014")), "COCO", data_dir, allow_outside)
 
 
-def read_sharegpt4v(data_dir, limit=1000):
+def read_sharegpt4v(data_dir, limit=1000, allow_outside=False):
     """ShareGPT4V-1k: the first `limit` entries; caption = the answer, newlines → spaces."""
     root = os.path.join(data_dir, "sharegpt4v")
     path = os.path.join(root, SHAREGPT4V_JSON)
@@ -179,11 +199,12 @@ def read_sharegpt4v(data_dir, limit=1000):
         raise ValueError(f"ShareGPT4V: {path}: expected a list of entries, got {type(entries).__name__}")
     positives = _each(enumerate(entries[:limit]), path, "ShareGPT4V", lambda e: (
         os.path.join(root, _text(e["image"])), _text(e["conversations"][1]["value"]).replace("\n", " ")))
+    _confine([p for p, _ in positives], data_dir, "ShareGPT4V", allow_outside)
     _require([p for p, _ in positives], "ShareGPT4V")
     return positives
 
 
-def read_urban1k(data_dir):
+def read_urban1k(data_dir, allow_outside=False):
     """Urban1k: Urban1k/caption/<name>.txt (first line) ↔ Urban1k/image/<name>.jpg."""
     root = os.path.join(data_dir, "Urban1k")
     captions = sorted(glob.glob(os.path.join(root, "caption", "*.txt")))
@@ -199,7 +220,7 @@ def read_urban1k(data_dir):
     return positives
 
 
-def read_sugarcrepe(data_dir):
+def read_sugarcrepe(data_dir, allow_outside=False):
     """{subset: [(image path, caption, negative caption)]} for the 7 SugarCrepe subsets
     (sugarcrepe/<subset>.json, images in coco/val2017/)."""
     paths = {s: os.path.join(data_dir, "sugarcrepe", f"{s}.json") for s in SUGARCREPE_SUBSETS}
@@ -212,5 +233,6 @@ def read_sugarcrepe(data_dir):
             raise ValueError(f"SugarCrepe: {path}: expected an object {{id: entry}}, got {type(data).__name__}")
         out[sub] = _each(data.items(), path, "SugarCrepe", lambda v: (
             os.path.join(image_dir, _text(v["filename"])), _text(v["caption"]), _text(v["negative_caption"])))
+    _confine([p for rows in out.values() for p, _, _ in rows], data_dir, "SugarCrepe", allow_outside)
     _require(sorted({p for rows in out.values() for p, _, _ in rows}), "SugarCrepe")
     return out

@@ -110,6 +110,18 @@ def check_item_text(text, has_image, where, image_token="<|image_pad|>"):
         raise ValueError(f"{where}: the text holds {image_token} itself: {text[:80]!r}")
 
 
+def check_text_length(tokenizer, text, limit, where):
+    """Before a text is tokenized whole: a text of more than 64·limit characters whose first
+    64·limit characters already hold more than limit + 16 tokens (a token may straddle the
+    cut, <|image_1|> is a few) is refused, BadItemError naming `where`: a 100-MB cell costs
+    no tokenizer pass. Shorter texts are capped after encoding (check_text_tokens)."""
+    if limit and len(text) > 64 * limit:
+        n = len(tokenizer(text[:64 * limit], add_special_tokens=False)["input_ids"])
+        if n > limit + 16:
+            raise BadItemError(f"{where}: the text is {len(text):,} characters, over --max_text_tokens "
+                               f"{limit} tokens in its first {64 * limit:,} already: {text[:60]!r}...")
+
+
 def check_text_tokens(ids, image_token_id, limit, where, text):
     """An encoded item's text (its ids less the image pads) is at most `limit` tokens
     (--max_text_tokens; None = no cap): a 20k-word text would ask for gigabytes.
@@ -155,6 +167,8 @@ def resolve_dir(name_or_dir, allow_patterns=None, repo_type="dataset", revision=
     """
     name_or_dir = os.path.expanduser(str(name_or_dir))
     if os.path.isdir(name_or_dir):
+        if revision:
+            raise ValueError(f"revision {revision}: {name_or_dir} is a local directory, not a hub id")
         return name_or_dir
     if not looks_like_hub_id(name_or_dir):
         raise FileNotFoundError(f"{name_or_dir}: no such directory (and not a hub id owner/name)")
@@ -273,7 +287,7 @@ class TrainRows:
     data.TrainDataset builds its instances from.
 
     root: local dir or hub id (only the `split` files of `subsets`, else of `hub_subsets`,
-      are fetched); image_dir: the root the image paths are relative to; subsets: names
+      are fetched; `revision` pins the hub dataset's commit); image_dir: the root the image paths are relative to; subsets: names
       (default: every subset under root with `split` files); max_rows_per_subset: the head.
     rows: (subset, file row, q, pos, neg), each side (text, image path or ""); neg None
       without a hard negative (counted in no_negative[subset]). mmE5's neg_* list cells
@@ -292,10 +306,10 @@ class TrainRows:
     """
 
     def __init__(self, root, image_dir, subsets=None, split="original", max_rows_per_subset=None,
-                 skip_bad_rows=False, allow_outside_image_dir=False, hub_subsets=()):
+                 skip_bad_rows=False, allow_outside_image_dir=False, hub_subsets=(), revision=None):
         patterns = [p for s in (subsets or hub_subsets)
                     for p in (f"{s}/{split}-*.parquet", f"{s}/{split}/*.parquet")]
-        self.root = resolve_dir(root, patterns)
+        self.root = resolve_dir(root, patterns, revision=revision)
         self.image_dir, self.split = image_dir, split
         self.skip_bad_rows, self.allow_outside_image_dir = skip_bad_rows, allow_outside_image_dir
         self.subsets = list(subsets) if subsets else find_subsets(self.root, split)

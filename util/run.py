@@ -520,7 +520,7 @@ def start_run(args, world, master, ddp, defaults=None):
         if existing:
             raise SystemExit(f"--resume_from: {args.out_dir} already holds checkpoints; continue "
                              "them with --resume, or pick an empty --out_dir")
-        source = resolve_checkpoint(args.resume_from, getattr(args, "resume_revision", None))
+        source = resolve_checkpoint(args.resume_from, getattr(args, "resume_revision", None), train_state=True)
         if not os.path.isfile(os.path.join(source, TRAIN_STATE)):
             raise SystemExit(f"--resume_from {args.resume_from}: {source} has no {TRAIN_STATE} "
                              "(not a train.py checkpoint folder, or uploaded without it)")
