@@ -44,8 +44,8 @@ from masks import VIEW_SETS
 from model import ReMatch, apply_lora
 from util.backbone import TINY, load_backbone, write_model_card
 from util.dist import DIST_TIMEOUT_MINUTES, peak_tflops, print0, setup_distributed, teardown_distributed
-from util.run import (append_log, checkpoint_dirs, cut_log, load_checkpoint, read_log, run_config,
-                      save_checkpoint, start_run, subset_summary)
+from util.run import (append_log, checkpoint_dirs, cut_log, last_intact, load_checkpoint, read_log,
+                      run_config, save_checkpoint, start_run, subset_summary)
 from util.inputs import check_train_flags
 from util.speed import ATTENTION, set_attention
 
@@ -417,11 +417,11 @@ def main(argv=None):
         stats = all_ranks_finite(terms, step, args.out_dir, world)          # (5,) mean over ranks
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         if not math.isfinite(float(grad_norm)):  # DDP: gradients are all-reduced, every rank sees it
-            last = checkpoint_dirs(args.out_dir)
+            last = last_intact(args.out_dir)
             raise FloatingPointError(
                 f"step {step}: finite loss ({stats[0].item():.4g}) but non-finite gradient norm "
                 f"({float(grad_norm)}); stopping before the optimizer step, so no NaN reaches the "
-                f"weights. Last checkpoint: {last[-1] if last else 'none'} (intact).")
+                f"weights. Last checkpoint: {last} (intact).")
         opt.step()
 
         dt = time.time() - t0
@@ -541,11 +541,11 @@ def all_ranks_finite(terms, step, out_dir, world):
         stats /= world
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if finite.item() == 0:
-        last = checkpoint_dirs(out_dir)
+        last = last_intact(out_dir)
         raise FloatingPointError(
             f"step {step}: non-finite loss on some rank (this rank: "
             + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-            + f"); stopping. Last checkpoint: {last[-1] if last else 'none'} (intact).")
+            + f"); stopping. Last checkpoint: {last} (intact).")
     return stats
 
 

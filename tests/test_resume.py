@@ -321,3 +321,19 @@ def test_random_faults_never_lose_a_run(fx, tmp_path, monkeypatch):
     assert same_weights(final_weights(final), final_weights(os.path.join(ref, f"checkpoint-{STEPS}"))), seen
     kinds = {f.split()[0] for f in seen}
     assert rounds >= STEPS - 2 and {"truncate", "delete", "killed"} <= kinds, seen
+
+
+def test_messages_never_name_a_damaged_checkpoint_as_intact(fx, tmp_path, monkeypatch):
+    """A non-finite loss after checkpoint-2 was damaged behind the run's back names
+    checkpoint-1 as the intact one, not the newest by number."""
+    real, calls = train.info_nce, {"n": 0}
+
+    def nan_on_the_third_call(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:                               # step 3, after checkpoint-2 was saved,
+            truncate(os.path.join(out, "checkpoint-2", "train_state.pt"))   # which is now damaged
+        return real(*a, **k) * (float("nan") if calls["n"] == 3 else 1)
+    monkeypatch.setattr(train, "info_nce", nan_on_the_third_call)
+    out = str(tmp_path / "run")
+    with pytest.raises(FloatingPointError, match=r"step 2: non-finite loss.*Last checkpoint: .*checkpoint-1 \(intact\)"):
+        train.main(flags(fx, out, "--steps", "5", "--save_every", "1", "--keep_checkpoints", "3"))

@@ -204,11 +204,11 @@ def save_checkpoint(model, processor, opt, step, config, out_dir, keep):
         fsync_tree(tmp)
     except (OSError, RuntimeError) as e:          # torch.save reports ENOSPC as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        last = checkpoint_dirs(out_dir)
+        last = last_intact(out_dir)
         free = shutil.disk_usage(out_dir).free
         raise OSError(f"saving {final} failed: {type(e).__name__}: {e} ({free / 2**30:.1f} GiB "
                       f"free in {out_dir}); its partial folder was removed. Last intact "
-                      f"checkpoint: {last[-1] if last else 'none'}") from e
+                      f"checkpoint: {last}") from e
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_path(out_dir)                               # the rename is on the disk before rotation
@@ -327,6 +327,18 @@ def inspect_checkpoint(path):
 def checkpoint_damage(path):
     """Why `path` cannot be resumed from, or None when it is whole (inspect_checkpoint)."""
     return inspect_checkpoint(path)[0]
+
+
+def last_intact(out_dir):
+    """The newest checkpoint of out_dir that inspect_checkpoint finds whole, or "none" (for
+    messages: a damaged or unreadable folder is never named as the one to resume from)."""
+    for path in reversed(checkpoint_dirs(out_dir)):
+        try:
+            if checkpoint_damage(path) is None:
+                return path
+        except (OSError, ValueError):
+            continue
+    return "none"
 
 
 def set_aside(path, why):
