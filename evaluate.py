@@ -379,8 +379,9 @@ def mmeb_report(model, processor, mmeb_dir, image_dir, tasks=None, config=None, 
     tasks: None (all 36), a list of task names, or {name: (meta_task, is_ind)} (task_table).
     config: the checkpoint's config (load_rematch); recorded with the results and used for
     "target_instructions"; data_revision (a hub id's commit of mmeb_dir) is added to it, so
-    it is recorded and a result of another revision is not reused. out_dir: per-task results are saved as they finish and reused
-    on restart if config and weights_fingerprint match (otherwise: an error), then
+    it is recorded and a result of another revision is not reused. out_dir: per-task
+    results are saved as they finish and reused on restart if config and
+    weights_fingerprint match (otherwise: an error), then
     mmeb_results.json / .md (rows labelled `name`, default config["model"]). Every task's
     files and images are checked first (util/benchmarks.mmeb_preflight): missing ones raise an
     error naming them, unless skip_missing (the task is then reported as missing); image

@@ -117,8 +117,6 @@ def matching_accuracy(model, processor, emb, n, batch_size=16, desc="matching", 
 # the views that score a candidate, all reading slot 1 (the row holds no slot 2)
 RERANK_VIEW_SETS = {"raw": (("Q", "D1"),), "feat": (("Zq", "Zd1"),),
                     "all": (("Q", "D1"), ("Q", "Zd1"), ("Zq", "D1"), ("Zq", "Zd1"))}
-
-
 RERANK_VIEWS = tuple(RERANK_VIEW_SETS)
 
 
@@ -151,6 +149,7 @@ def matching_p_yes(model, processor, q_item, E_q, d_items, E_d, views="raw", bat
         p = torch.sigmoid((logits[:, yes] - logits[:, no]).float())   # (R·V,)
         out[idx] = p.reshape(len(idx), len(view_set)).mean(1).cpu()   # (R,)
     return out
+
 
 def rerank(encoder, query, candidates, views="raw", query_instruction=None, instruction=None,
            batch_size=16):

@@ -312,8 +312,9 @@ def inspect_checkpoint(path):
         file = os.path.join(path, TRAIN_STATE)
         state = read_train_state(path)
         for rel, size in sizes.items():                   # a cut that still parses
-            if os.path.getsize(os.path.join(path, rel)) != size:
-                return f"{rel} is {os.path.getsize(os.path.join(path, rel)):,} bytes, the save wrote {size:,}", None
+            found = os.path.getsize(os.path.join(path, rel))
+            if found != size:
+                return f"{rel} is {found:,} bytes, the save wrote {size:,}", None
         return None, state
     except Exception as e:                                    # noqa: BLE001 (sorted out here)
         if _is_format_error(e):
