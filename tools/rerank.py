@@ -122,10 +122,11 @@ RERANK_VIEWS = tuple(RERANK_VIEW_SETS)
 
 @torch.no_grad()
 def matching_p_yes(model, processor, q_item, E_q, d_items, E_d, views="raw", batch_size=16,
-                   prompt=None):
+                   prompt=None, logit=False):
     """
     p(Yes | Yes or No) = sigmoid(logit_Yes − logit_No) of the trained matching prompt for
-    one query and each of its candidates. q_item, d_items: encoded items (encode_item);
+    one query and each of its candidates (logit=True: logit_Yes − logit_No itself, what the
+    export's CrossEncoder returns). q_item, d_items: encoded items (encode_item);
     E_q (d,), E_d (n, d): their fused embeddings (used by the feature views). Each candidate
     gets a row of its own holding only slot 1 — [P, Q, Zq, D1, Zd1, H, answers], the
     segments its views use — so its score depends on nothing but (query, candidate): in
@@ -146,7 +147,8 @@ def matching_p_yes(model, processor, q_item, E_q, d_items, E_d, views="raw", bat
                            [1] * len(idx), prompt=prompt or MATCH_PROMPTS["paper"])   # no slot 2
         E = [E_q.expand(len(idx), -1), E_d[idx], E_d[idx]]
         logits, _ = model.match(mbatch, *(e.to(dev) for e in E))          # (R·V, vocab)
-        p = torch.sigmoid((logits[:, yes] - logits[:, no]).float())   # (R·V,)
+        p = (logits[:, yes] - logits[:, no]).float()                  # (R·V,)
+        p = p if logit else torch.sigmoid(p)
         out[idx] = p.reshape(len(idx), len(view_set)).mean(1).cpu()   # (R,)
     return out
 
