@@ -163,6 +163,9 @@ def test_refusals_name_what_is_wrong(exported, tmp_path):
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         st.SentenceTransformer(path)
     m = st.SentenceTransformer(path, trust_remote_code=True)
+    # the image-only processor of the folder, not the stock one (whose video half needs torchvision)
+    assert type(m[0].processor).__name__ == "RematchProcessor"
+    assert getattr(m[0].processor, "video_processor", None) is None
     with pytest.raises(Exception, match="system message"):
         m.encode_query(["a red circle"], prompt="Represent the query: ")
     with pytest.raises(Exception, match="one image per input"):
@@ -233,3 +236,84 @@ def test_width_real_qwen2_vl_2b(tmp_path):
     export_merged(str(tmp_path / "ckpt"), str(tmp_path / "export"))
     check_embedder(str(tmp_path / "export"), model, processor)
     check_cross_encoder(str(tmp_path / "export"), model, processor, config)
+
+
+# ----------------------------------------------------------------------------------
+# tools/vllm_embed.py: the client side of the exact vLLM route, vLLM stood in for by the
+# same folder under transformers (per-token final-norm states, what token_embed returns)
+
+class _FakeVLLM:
+    """LLM.encode(prompts, pooling_task="token_embed") as vLLM answers it: per prompt, its
+    token ids (the image pad expanded by the processor) and every token's last state."""
+
+    def __init__(self, path):
+        from transformers import AutoModel, AutoProcessor
+        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        self.model = AutoModel.from_pretrained(path).eval()
+
+    def encode(self, prompts, pooling_task=None, pooling_params=None, use_tqdm=True):
+        from types import SimpleNamespace
+        assert pooling_task == "token_embed" and pooling_params.use_activation is False
+        out = []
+        for p in prompts:
+            images = [p["multi_modal_data"]["image"]] if "multi_modal_data" in p else None
+            x = self.processor(text=[p["prompt"]], images=images, return_tensors="pt")
+            with torch.no_grad():
+                h = self.model(**x).last_hidden_state[0]                  # (T, d)
+            out.append(SimpleNamespace(prompt_token_ids=x["input_ids"][0].tolist(),
+                                       outputs=SimpleNamespace(data=h)))
+        return out
+
+
+def test_vllm_client_pools_the_side_tokens(exported, monkeypatch):
+    """ReMatchVLLM.embed (render with the export's template, token_embed states, last-K
+    mean, normalise) == ReMatch.embed, both sides; a prompt without the side's tokens
+    raises."""
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    from tools import vllm_embed
+    family, path, model, processor, _ = exported
+    fake = ModuleType("vllm")
+    fake.PoolingParams = lambda **kw: SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    rm = vllm_embed.ReMatchVLLM(_FakeVLLM(path), path)
+    inputs = [(t, im) if im is not None else t for t, im in INPUTS]
+    for side, s in (("query", "q"), ("document", "d")):
+        torch.testing.assert_close(rm.embed(inputs, side), reference_embeddings(model, processor, s),
+                                   rtol=0, atol=1e-5)
+    h = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="not the side's tokens"):
+        vllm_embed.pool([1, 2, 3, 4, 5, 6], h, [5, 7])
+    with pytest.raises(ValueError, match="per-token states"):
+        vllm_embed.pool([1, 2, 3], h, [2, 3])
+
+
+# ----------------------------------------------------------------------------------
+# bench/serving.py and bench/vllm_parity.py
+
+def test_bench_serving_matches_the_repository(tmp_path):
+    """On a checkpoint trained a few steps on the demo's data: Hit@1 before and after
+    reranking through SentenceTransformer + CrossEncoder == evaluate + tools/rerank.py,
+    task by task (the bench's side-by-side columns)."""
+    import train
+    from bench import serving
+    from demo import make_synthetic
+    paths = make_synthetic(str(tmp_path / "data"), seed=0)
+    train.main(["--train_data", paths["train"], "--image_dir", paths["image_dir"], "--model", "tiny-qwen2-vl",
+                "--steps", "3", "--batch_size", "8", "--num_tokens", "4", "--lr", "1e-3", "--warmup_steps", "1",
+                "--num_workers", "0", "--out_dir", str(tmp_path / "run"), "--log_every", "10"])
+    rows, cost = serving.main(["--checkpoint", str(tmp_path / "run" / "checkpoint-3"), "--data",
+                               str(tmp_path / "data"), "--tasks", "ShapesColour", "ShapesVQA", "--queries", "12",
+                               "--reps", "1", "--timed_queries", "2"])
+    for task, repo_before, st_before, repo_after, st_after in rows:
+        assert (st_before, st_after) == (repo_before, repo_after), task
+    assert cost["retrieve + rerank"] > 0 and cost["retrieve"] > 0
+
+
+def test_bench_vllm_parity_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the script measures (bench/vllm_parity.py)")
+    from bench import vllm_parity
+    vllm_parity.main([])
+    assert "nothing measured" in capsys.readouterr().out
