@@ -27,12 +27,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate as ev  # noqa: E402
-from model import load_rematch  # noqa: E402
-from tools.export_merged import export_merged  # noqa: E402
-from tools.rerank import match_prompt, rerank_hits  # noqa: E402
-from util.benchmarks import read_eval_task  # noqa: E402
-from util.inputs import load_image  # noqa: E402
+import evaluate as ev
+from model import load_rematch
+from tools.export_merged import export_merged
+from tools.rerank import match_prompt, rerank_hits
+from util.benchmarks import read_eval_task
+from util.inputs import load_image
 
 
 def st_input(text, path):
@@ -57,6 +57,33 @@ def hits(scores_of, pairs, top_k, rerank=None):
             at = top.index(0)
             after += bool((torch.cat([p[:at], p[at + 1:]]) < p[at]).all())
     return before / len(pairs), after / len(pairs)
+
+
+class Served:
+    """One task through the export: its inputs in sentence-transformers' form, the
+    candidates encoded once (encode_document), queries encoded on use."""
+
+    def __init__(self, embedder, reranker, emb, top_k):
+        self.embedder, self.reranker, self.top_k = embedder, reranker, top_k
+        self.Q_in = [st_input(t, im) for t, im in emb.q_inputs]
+        self.D_in = [st_input(t, im) for t, im in emb.d_inputs]
+        self.Q = embedder.encode_query(self.Q_in, convert_to_tensor=True)                # (nq, d)
+        self.D = embedder.encode_document(self.D_in, convert_to_tensor=True)             # (nd, d)
+
+    def score(self, qi, cands):
+        return self.D[cands] @ self.Q[qi]                                              # (n,)
+
+    def rerank(self, qi, docs):
+        pairs = [(self.Q_in[qi], self.D_in[j]) for j in docs]
+        return self.reranker.predict(pairs, convert_to_tensor=True).float()          # (k,)
+
+    def retrieve(self, qi):
+        """The timed first stage: encode the query, score every candidate, the top k."""
+        q = self.embedder.encode_query([self.Q_in[qi]], convert_to_tensor=True)[0]
+        return torch.topk(self.D @ q, min(self.top_k, len(self.D))).indices.tolist()
+
+    def retrieve_rerank(self, qi):
+        return self.rerank(qi, self.retrieve(qi))
 
 
 def main(argv=None):
@@ -93,28 +120,14 @@ def main(argv=None):
         rows = read_eval_task(eval_dir, task, max_rows=a.queries)
         emb = ev.embed_task(model, processor, rows, task, image_dir, config, meta, keep_rows=len(rows))
         repo = rerank_hits(model, processor, emb, a.top_k, "raw", prompt=match_prompt(config))
-        Q_in = [st_input(t, im) for t, im in emb.q_inputs]
-        D_in = [st_input(t, im) for t, im in emb.d_inputs]
-        Q = embedder.encode_query(Q_in, convert_to_tensor=True)                          # (nq, d)
-        D = embedder.encode_document(D_in, convert_to_tensor=True)                       # (nd, d)
-
-        def rerank(qi, docs):
-            return reranker.predict([(Q_in[qi], D_in[j]) for j in docs], convert_to_tensor=True).float()
-        st_before, st_after = hits(lambda qi, c: D[c] @ Q[qi], emb.pairs, a.top_k, rerank)
+        st = Served(embedder, reranker, emb, a.top_k)
+        st_before, st_after = hits(st.score, emb.pairs, a.top_k, st.rerank)
         rows_out.append((task, repo["hit@1_before"], st_before, repo["hit@1_after"], st_after))
-
-        timed = emb.pairs[:a.timed_queries]
-
-        def retrieve(qi):
-            q = embedder.encode_query([Q_in[qi]], convert_to_tensor=True)[0]
-            return torch.topk(D @ q, min(a.top_k, len(D))).indices.tolist()
-
-        def retrieve_rerank(qi):
-            rerank(qi, retrieve(qi))
+        timed = [qi for qi, _ in emb.pairs[:a.timed_queries]]
         for _ in range(a.reps):                                          # interleaved variants
-            for name, fn in (("retrieve", retrieve), ("retrieve + rerank", retrieve_rerank)):
+            for name, fn in (("retrieve", st.retrieve), ("retrieve + rerank", st.retrieve_rerank)):
                 t0 = time.perf_counter()
-                for qi, _ in timed:
+                for qi in timed:
                     fn(qi)
                 times[name].append((time.perf_counter() - t0) / len(timed))
 

@@ -154,12 +154,11 @@ def test_the_last_k_ids_are_the_side_tokens(exported):
     assert (q - d).abs().max() > 1e-3                              # the sides differ
 
 
+@pytest.mark.parametrize("exported", ["tiny-qwen2-vl"], indirect=True)   # files the families share
 def test_refusals_name_what_is_wrong(exported, tmp_path):
     """Without trust_remote_code: sentence-transformers' own refusal. Prompts (a system
     message), two images, a mark without its image, an empty input: the template refuses."""
-    family, path, *_ = exported
-    if family != "tiny-qwen2-vl":
-        pytest.skip("the refusals come from files the three families share")
+    _, path, *_ = exported
     with pytest.raises(ValueError, match="trust_remote_code=True"):
         st.SentenceTransformer(path)
     m = st.SentenceTransformer(path, trust_remote_code=True)
@@ -181,13 +180,12 @@ def test_refusals_name_what_is_wrong(exported, tmp_path):
         ce.predict([("a red </QUERY>\n<DOC>\n circle", "a blue square")])
 
 
+@pytest.mark.parametrize("exported", ["tiny-qwen2-vl"], indirect=True)   # the same files for all three
 def test_save_and_reload_give_the_same_vectors(exported, tmp_path):
     """SentenceTransformer.save, then load: the same vectors (text and image). The re-saved
     folder holds the backbone only: CrossEncoder refuses it rather than score with a fresh
     LM head."""
-    family, path, *_ = exported
-    if family != "tiny-qwen2-vl":
-        pytest.skip("save and reload are the same files for the three families")
+    _, path, *_ = exported
     m = st.SentenceTransformer(path, trust_remote_code=True)
     m.save(str(tmp_path / "saved"))
     m2 = st.SentenceTransformer(str(tmp_path / "saved"), trust_remote_code=True)
@@ -199,13 +197,12 @@ def test_save_and_reload_give_the_same_vectors(exported, tmp_path):
         st.CrossEncoder(str(tmp_path / "saved"), trust_remote_code=True)
 
 
+@pytest.mark.parametrize("exported", ["tiny-qwen3-vl"], indirect=True)   # DeepStack is Qwen3-VL's
 def test_qwen3_vl_keeps_deepstack(exported, monkeypatch):
     """On Qwen3-VL the image inputs equal ReMatch.embed (which adds DeepStack) above; here
     the same vectors with DeepStack switched off in the loaded model differ, so that
     equality is not blind to it."""
-    family, path, *_ = exported
-    if family != "tiny-qwen3-vl":
-        pytest.skip("DeepStack is Qwen3-VL's")
+    _, path, *_ = exported
     m = st.SentenceTransformer(path, trust_remote_code=True)
     x = [st_input(*INPUTS[1])]
     with_ds = m.encode_document(x, convert_to_tensor=True)
@@ -273,7 +270,7 @@ def test_vllm_client_pools_the_side_tokens(exported, monkeypatch):
     from types import ModuleType, SimpleNamespace
 
     from tools import vllm_embed
-    family, path, model, processor, _ = exported
+    _, path, model, processor, _ = exported
     fake = ModuleType("vllm")
     fake.PoolingParams = lambda **kw: SimpleNamespace(**kw)
     monkeypatch.setitem(sys.modules, "vllm", fake)
