@@ -101,13 +101,43 @@ def recall_at_k(scores, is_pos, k):
     return hit.sum().item() / len(hit)
 
 
+def graded_ranking(scores, grades, ks=(1, 5, 10)):
+    """
+    MMEB-V2's visual-document metrics (not the paper's) of a global ranking: scores (Nq, Nd)
+    against the whole corpus, grades (Nq, Nd) graded relevance (0 = not relevant, ≥ 1
+    relevant document per row). Documents rank by score, and among equal scores the lower
+    grade first (a tie never helps, as in hit_at_1; a NaN score counts against the query).
+    Per query, with the reference harness's names: hit@1 (the first is relevant),
+    recall@k (the share of the relevant documents in the top k), ndcg_linear@k
+    (DCG@k = Σ_i g_i / log2(i + 2) over the top k, divided by the same sum over the grades
+    sorted descending). Returns {name: mean over queries (float)}.
+    """
+    rel = grades > 0
+    if not bool(rel.any(dim=1).all()):
+        raise ValueError("graded_ranking: every query needs at least one relevant document")
+    s = scores.float().masked_fill(scores.isnan() & rel, float("-inf"))
+    s = s.masked_fill(s.isnan(), float("inf"))                               # (Nq, Nd)
+    k_max = min(max(ks), s.shape[1])
+    by_grade = torch.argsort(grades, dim=1, stable=True)                     # (Nq, Nd) grade ascending
+    top = torch.argsort(-s.gather(1, by_grade), dim=1, stable=True)[:, :k_max]   # (Nq, k) ties: grade asc
+    g = grades.float().gather(1, by_grade.gather(1, top))                    # (Nq, k) grades, ranked
+    discount = 1 / torch.log2(torch.arange(k_max, dtype=torch.float32) + 2)  # (k,)
+    ideal = grades.float().sort(dim=1, descending=True).values[:, :k_max]    # (Nq, k)
+    out = {"hit@1": (g[:, 0] > 0).float().mean().item()}
+    for k in ks:
+        out[f"recall@{k}"] = ((g[:, :k] > 0).sum(1) / rel.sum(1)).mean().item()
+        dcg, idcg = (g[:, :k] * discount[:k]).sum(1), (ideal[:, :k] * discount[:k]).sum(1)
+        out[f"ndcg_linear@{k}"] = (dcg / idcg).mean().item()
+    return out
+
+
 # ----------------------------------------------------------------------------------
 # Embedding items: each distinct (text, image) once per side, sharded over ranks
 
 def _as_image(x, where):
     if x is None:
         return None
-    return load_image(x, where) if isinstance(x, (str, os.PathLike)) else upscale_small(x)
+    return load_image(x, where) if isinstance(x, (str, os.PathLike, bytes)) else upscale_small(x)
 
 
 def _encode(processor, text, image, where):
@@ -123,7 +153,7 @@ def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="
                  distributed=True, keep=None, max_text_tokens=EVAL_MAX_TEXT_TOKENS):
     """
     inputs: list of (side, text, image): side "q" or "d", text the MMEB-format string
-    (`<|image_1|>` where the image goes), image None / a path / a PIL image.
+    (`<|image_1|>` where the image goes), image None / a path / a PIL image / encoded bytes.
     Each input is encoded (data.encode_item) and embedded exactly once. Under
     torch.distributed the list is cut into W contiguous shards, rank r embeds shard r, and
     every rank receives all rows (all_gather). keep: optional function (input index,
@@ -210,13 +240,14 @@ META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
 #   Retrieval       IND VisDial CIRR VisualNews_t2i VisualNews_i2t MSCOCO_t2i MSCOCO_i2t NIGHTS WebQA
 #                   OOD FashionIQ Wiki-SS-NQ OVEN EDIS
 #   Grounding       IND MSCOCO   OOD RefCOCO RefCOCO-Matching Visual7W-Pointing
-BENCHMARK_NAMES = ("mmeb", "synthetic")
+BENCHMARK_NAMES = ("mmeb", "synthetic", "mmeb-v2")   # mmeb-v2: not the paper's (tools/mmeb_v2.py)
 
 
 def benchmarks():
-    """The built-in task tables: MMEB's 36 and the CPU demo's (imported only when asked)."""
+    """The built-in task tables: MMEB's 36 and the CPU demo's (imported only when asked);
+    MMEB-V2's image tasks are MMEB's 36."""
     from demo import DEMO_EVAL_TASKS
-    return {"mmeb": MMEB_EVAL_TASKS, "synthetic": DEMO_EVAL_TASKS}
+    return {"mmeb": MMEB_EVAL_TASKS, "synthetic": DEMO_EVAL_TASKS, "mmeb-v2": MMEB_EVAL_TASKS}
 
 
 def _known_tasks():
@@ -783,7 +814,11 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
     p.add_argument("--data_revision", default=None, help="a hub id as --mmeb_dir: the dataset's commit, "
                    "branch or tag (recorded with the results)")
     p.add_argument("--benchmark", default="mmeb", choices=BENCHMARK_NAMES,
-                   help="task table: mmeb = the 36 MMEB tasks, synthetic = demo.make_synthetic's eval split")
+                   help="task table: mmeb = the 36 MMEB tasks, synthetic = demo.make_synthetic's eval split, "
+                        "mmeb-v2 = MMEB-V2's leaderboard (not the paper's: image via --mmeb_dir, "
+                        "visual documents via --visdoc_dir; tools/mmeb_v2.py)")
+    p.add_argument("--visdoc_dir", default=None, help="--benchmark mmeb-v2: one folder per visual-document "
+                   "task, a copy of its hub dataset in the BEIR layout (tools/mmeb_v2.py)")
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the benchmark's tasks (default: all)")
     p.add_argument("--task_table", default=None, help="JSON {task: [meta_task, is_ind]}: the task "
                    "table of any other benchmark in the MMEB file format (replaces --benchmark)")
@@ -828,7 +863,18 @@ def main(argv=None, args=None, extras=None):
     print0(f"{args.model} on {device} × {world} rank(s): K={model.num_tokens}, "
            f"template={model.embed_template}, batch {args.batch_size} per rank")
     out = {}
-    if args.mmeb_dir:
+    if args.benchmark == "mmeb-v2":                             # not the paper's protocol
+        from tools import mmeb_v2
+        tasks = args.tasks or []
+        out["mmeb_v2"] = mmeb_v2.mmeb_v2_report(
+            model, processor, args.mmeb_dir, args.image_dir, args.visdoc_dir, config, args.batch_size,
+            args.out, not args.no_progress, name,
+            image_tasks=[t for t in tasks if t in MMEB_EVAL_TASKS] if tasks else None,
+            visdoc_tasks=[t for t in tasks if t not in MMEB_EVAL_TASKS] if tasks else None,
+            skip_missing=args.skip_missing, data_revision=args.data_revision,
+            max_text_tokens=args.max_text_tokens)
+        print0("\n" + mmeb_v2.format_v2_table(out["mmeb_v2"], name=name))
+    elif args.mmeb_dir:
         known = args.task_table_entries if args.task_table else benchmarks()[args.benchmark]
         table = task_table(args.tasks, known)
         report = mmeb_report(model, processor, args.mmeb_dir, args.image_dir, table, config,

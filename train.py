@@ -565,6 +565,7 @@ def run_eval(model, processor, args, tasks, step, match_apart=()):
     if dist.is_initialized():
         dist.barrier()
     model.eval()
+    eval_dir = out
     table = discovered_task_table(args.eval_data, tasks, args.eval_task_table)
     extras = [MatchingAccuracy(run_config(args), args.eval_match_queries, apart=match_apart)] \
         if args.eval_match_queries and args.w_qdm > 0 else []
@@ -583,6 +584,14 @@ def run_eval(model, processor, args, tasks, step, match_apart=()):
     if matching:                                      # {view type: mean}, the apart tasks apart
         out["matching_mean"] = matching_means(matching, [t for t in matching if t not in match_apart])
         out["matching_mean_apart"] = matching_means(matching, [t for t in matching if t in match_apart])
+    if args.eval_visdoc_dir:                          # MMEB-V2's visual documents (not the paper's)
+        from tools import mmeb_v2
+        v2 = mmeb_v2.mmeb_v2_report(model, processor, visdoc_dir=args.eval_visdoc_dir, config=run_config(args),
+                                    out_dir=eval_dir, progress=sys.stderr.isatty(), image_tasks=[],
+                                    visdoc_tasks=mmeb_v2.visdoc_tasks_in(args.eval_visdoc_dir))
+        v2["image"] = {t: v for t, v in results.items() if t in mmeb_v2.MMEB_EVAL_TASKS}
+        print0("\n" + mmeb_v2.format_v2_table(v2))
+        out["mmeb_v2"] = v2
     last = checkpoint_dirs(args.out_dir)
     if rank_world()[0] == 0 and last:                 # the final checkpoint's card gets the results
         with open(os.path.join(last[-1], "rematch_config.json")) as f:
@@ -748,6 +757,9 @@ def build_parser():
     p.add_argument("--eval_data", default=None,
                    help="MMEB-eval dir/hub id to evaluate after training (demo: the synthetic eval split)")
     p.add_argument("--eval_image_dir", default=None, help="image root of --eval_data")
+    p.add_argument("--eval_visdoc_dir", default=None,
+                   help="also MMEB-V2's visual-document tasks after training (not the paper's): a folder "
+                        "of task folders in the BEIR layout (tools/mmeb_v2.py); needs --eval_data")
     p.add_argument("--eval_tasks", nargs="+", default=None,
                    help="tasks to evaluate (default: every task folder of a local --eval_data; "
                         "MMEB's 36 for a hub id)")

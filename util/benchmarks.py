@@ -8,6 +8,8 @@ Every malformed input raises an error naming the file (or task), the entry or ro
   read_sharegpt4v                the first 1000 entries of ShareGPT4V's caption file
   read_urban1k, read_sugarcrepe  Urban1k's caption/image folders; SugarCrepe's 7 json files
   mmeb_preflight                 every MMEB task's files and images, before the long part
+  read_visdoc_task               one MMEB-V2 visual-document task (BEIR layout: queries, a corpus
+                                 of page images, graded qrels) — not the paper's protocol
 
 The protocol (which split, which captions, which prompts) is stated where a paper reader
 looks: evaluate.py's MMEB and zero-shot sections. Tests: pytest tests/test_inputs.py
@@ -94,6 +96,98 @@ def mmeb_preflight(root, tasks, image_dir, allow_outside_image_dir=False, skip_m
         raise FileNotFoundError("missing MMEB data (pass skip_missing / --skip_missing to skip "
                                 "these tasks):\n" + "\n".join(problems.values()))
     return problems
+
+# ----------------------------------------------------------------------------------
+# MMEB-V2 visual documents (docs/readings.md §6; not the paper's protocol). One folder per
+# task, a local copy of the task's hub dataset in the BEIR layout:
+#   <root>/<Task>/queries/<split>-*.parquet   query-id, query (, language)
+#   <root>/<Task>/corpus/<split>-*.parquet    corpus-id, image ({"bytes", "path"} or bytes)
+#   <root>/<Task>/qrels/<split>-*.parquet     query-id, corpus-id, score (graded relevance)
+# (<config>/<split>/*.parquet too). As the reference harness: only qrels with score > 0
+# count, a repeated (query, document) pair keeps its higher grade, the language filter
+# applies to the queries.
+
+def _ident(v, where):
+    """A query or corpus id: a str or an int (kept as its str), else ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, (str, int)) or (isinstance(v, str) and not v):
+        raise ValueError(f"{where}: expected an id (a non-empty string or an integer), got {v!r:.80}")
+    return str(v)
+
+
+def _image_bytes(v, where):
+    """The bytes of a parquet image cell (the datasets Image feature's {"bytes", "path"})."""
+    if isinstance(v, dict):
+        v = v.get("bytes")
+    if not isinstance(v, (bytes, bytearray)) or not v:
+        raise ValueError(f"{where}: expected an image (bytes, or {{'bytes': ..., 'path': ...}} with "
+                         f"bytes), got {type(v).__name__}")
+    return bytes(v)
+
+
+def _columns(rows, need, what):
+    missing = sorted(set(need) - set(rows[0])) if rows else []
+    if not rows:
+        raise ValueError(f"{what}: no rows")
+    if missing:
+        raise ValueError(f"{what}: columns {missing} missing (has {sorted(rows[0])})")
+
+
+def read_visdoc_task(root, task, split="test", language=None):
+    """
+    One MMEB-V2 visual-document task → (queries [(query-id, text)], corpus [(corpus-id,
+    image bytes)], qrels {query-id: {corpus-id: grade > 0}}). Every query keeps at least
+    one relevant document; a malformed row (an id missing or not an id, a score not a
+    finite number, an unknown query or corpus id, a repeated corpus id, an image cell
+    without bytes, a query without a relevant document) raises ValueError naming the
+    task, the file part and the row.
+    """
+    import math
+    parts = {}
+    for part in ("queries", "corpus", "qrels"):
+        files = find_parquet(os.path.join(root, task), part, split)
+        parts[part] = (read_rows(files), f"MMEB-V2 task {task} {part}")
+    rows, what = parts["queries"]
+    _columns(rows, ("query-id", "query") + (("language",) if language else ()), what)
+    queries = []
+    for i, r in enumerate(rows):
+        if language and r["language"] != language:
+            continue
+        if not isinstance(r["query"], str) or not r["query"].strip():
+            raise ValueError(f"{what} row {i}: query must be a non-empty string, got {r['query']!r:.80}")
+        queries.append((_ident(r["query-id"], f"{what} row {i} query-id"), r["query"]))
+    rows, what = parts["corpus"]
+    _columns(rows, ("corpus-id", "image"), what)
+    corpus, seen = [], set()
+    for i, r in enumerate(rows):
+        cid = _ident(r["corpus-id"], f"{what} row {i} corpus-id")
+        if cid in seen:
+            raise ValueError(f"{what} row {i}: corpus-id {cid!r} repeated")
+        seen.add(cid)
+        corpus.append((cid, _image_bytes(r["image"], f"{what} row {i} image")))
+    rows, what = parts["qrels"]
+    _columns(rows, ("query-id", "corpus-id", "score"), what)
+    qids, qrels = {q for q, _ in queries}, {}
+    every_qid = {_ident(r["query-id"], f"{parts['queries'][1]} row {i} query-id")
+                 for i, r in enumerate(parts["queries"][0])}
+    for i, r in enumerate(rows):
+        qid = _ident(r["query-id"], f"{what} row {i} query-id")
+        cid = _ident(r["corpus-id"], f"{what} row {i} corpus-id")
+        score = r["score"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ValueError(f"{what} row {i}: score must be a finite number, got {score!r:.80}")
+        if qid not in every_qid:
+            raise ValueError(f"{what} row {i}: query-id {qid!r} is not in the queries")
+        if cid not in seen:
+            raise ValueError(f"{what} row {i}: corpus-id {cid!r} is not in the corpus")
+        if qid in qids and score > 0:
+            grades = qrels.setdefault(qid, {})
+            grades[cid] = max(grades.get(cid, 0), score)
+    lonely = [q for q, _ in queries if q not in qrels]
+    if lonely:
+        raise ValueError(f"MMEB-V2 task {task}: {len(lonely)} quer(ies) without a relevant document "
+                         f"(qrels score > 0): {', '.join(map(repr, lonely[:5]))}")
+    return queries, corpus, qrels
+
 
 # ----------------------------------------------------------------------------------
 # Zero-shot datasets (Table 2). One folder --data_dir, laid out as the sources ship it

@@ -55,14 +55,18 @@ def load_image(path, where="image"):
     An unreadable or missing file, or one of more than MAX_DECODE_PIXELS pixels (PIL only
     warns below twice that; such an image takes seconds and gigabytes to decode and is
     resized to at most the processor's max_pixels anyway), raises BadImageError naming
-    `where` and `path`."""
+    `where` and `path`. `path` may also be the encoded image's bytes (a parquet cell)."""
+    import io
     import warnings
 
     from PIL import Image
+    source = path
+    if isinstance(path, (bytes, bytearray)):
+        source, path = io.BytesIO(path), f"({len(path):,} embedded bytes)"
     try:
         with warnings.catch_warnings():             # PIL's bomb warning: refused below instead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            im = Image.open(source)
         with im:
             if im.size[0] * im.size[1] > MAX_DECODE_PIXELS:           # the header, before decoding
                 raise BadImageError(f"{where}: image {path} is {im.size[0]} × {im.size[1]} = "
@@ -544,6 +548,8 @@ def check_train_flags(args, error):
         error("--resume_revision pins the hub id given as --resume_from; there is none")
     if args.resume and args.overwrite:
         error("--resume and --overwrite contradict each other: pick one")
+    if getattr(args, "eval_visdoc_dir", None) and not args.eval_data and args.train_data is not None:
+        error("--eval_visdoc_dir runs with the evaluation after training: it needs --eval_data")
     for flag, on in (("--attn flex", args.attn == "flex"), ("--pack", args.pack)):   # before any loading
         why = on and flex_unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                                       training=True, flag=flag)
@@ -564,8 +570,14 @@ def check_train_flags(args, error):
 def check_eval_flags(args, error):
     """evaluate.py's (and tools/rerank.py's) flags: something to do, with its data, the
     ranges, the --task_table file (read into args.task_table_entries)."""
-    if not args.mmeb_dir and not args.zeroshot:
-        error("nothing to do: give --mmeb_dir (with --image_dir) and/or --zeroshot (with --data_dir)")
+    visdoc = getattr(args, "visdoc_dir", None)
+    if not args.mmeb_dir and not args.zeroshot and not visdoc:
+        error("nothing to do: give --mmeb_dir (with --image_dir) and/or --zeroshot (with --data_dir)"
+              + (" or, with --benchmark mmeb-v2, --visdoc_dir" if hasattr(args, "visdoc_dir") else ""))
+    if visdoc and getattr(args, "benchmark", None) != "mmeb-v2":
+        error("--visdoc_dir is MMEB-V2's: add --benchmark mmeb-v2")
+    if getattr(args, "benchmark", None) == "mmeb-v2" and args.task_table:
+        error("--task_table replaces the task table of MMEB-format benchmarks, not MMEB-V2's")
     if args.mmeb_dir and not args.image_dir:
         error("--mmeb_dir needs --image_dir")
     if args.zeroshot and not args.data_dir:

@@ -1,0 +1,219 @@
+"""
+MMEB-V2 beside the paper's MMEB (tools/mmeb_v2.py, util/benchmarks.read_visdoc_task,
+evaluate.graded_ranking): visual-document retrieval in the BEIR layout, ranked against the
+whole corpus, NDCG@5 with graded relevance (linear gain), Hit@1, Recall@k.
+
+  - NDCG@5 by hand: one query, two relevant documents of different grades, score ties;
+  - the global ranking's metrics == a naive per-query loop (random scores with ties);
+  - the reader: graded qrels, the language filter, each malformed row named;
+  - end to end on a synthetic page task (coloured shapes on pages, graded qrels) through
+    evaluate.py --benchmark mmeb-v2: the score file == the metrics of Encoder's vectors,
+    the report lists what is missing and never averages it; train.py --eval_visdoc_dir.
+
+    pytest tests/test_mmeb_v2.py
+"""
+import io
+import json
+import math
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import evaluate as ev
+from conftest import shape_image
+from tools import mmeb_v2
+from util.benchmarks import read_visdoc_task
+
+COLOURS = ("red", "green", "blue", "yellow")
+
+
+def png(image):
+    b = io.BytesIO()
+    image.save(b, format="PNG")
+    return b.getvalue()
+
+
+def write_visdoc(root, task, queries, corpus, qrels, split="test"):
+    """A task in the BEIR layout: <root>/<task>/{queries,corpus,qrels}/<split>-00000-of-00001.parquet."""
+    for part, rows in (("queries", queries), ("corpus", corpus), ("qrels", qrels)):
+        os.makedirs(os.path.join(root, task, part), exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), os.path.join(root, task, part, f"{split}-00000-of-00001.parquet"))
+    return os.path.join(root, task)
+
+
+def synthetic_pages(root, task="ShapesPages"):
+    """Eight pages (a shape of one colour, or of two colours: the second one smaller), one
+    query per colour: grade 2 for the page of that colour alone, 1 for a page that also
+    has it; queries carry a language (one in German, filtered out in a test)."""
+    corpus, qrels, queries = [], [], []
+    for i, c in enumerate(COLOURS):
+        corpus.append({"corpus-id": f"p{i}", "image": {"bytes": png(shape_image(c, 84)), "path": None}})
+        other = COLOURS[(i + 1) % 4]
+        im = shape_image(c, 84, "square")
+        im.paste(shape_image(other, 28), (56, 56))
+        corpus.append({"corpus-id": f"m{i}", "image": {"bytes": png(im), "path": None}})
+        queries.append({"query-id": f"q{i}", "query": f"a page with a {c} shape", "language": "english"})
+        qrels += [{"query-id": f"q{i}", "corpus-id": f"p{i}", "score": 2},
+                  {"query-id": f"q{i}", "corpus-id": f"m{i}", "score": 1},
+                  {"query-id": f"q{i}", "corpus-id": f"p{(i + 2) % 4}", "score": 0}]   # judged, not relevant
+    queries.append({"query-id": "q-de", "query": "eine Seite mit einer roten Form", "language": "german"})
+    qrels.append({"query-id": "q-de", "corpus-id": "p0", "score": 1})
+    return write_visdoc(root, task, queries, corpus, qrels)
+
+
+# ----------------------------------------------------------------------------------
+# Metrics
+
+def test_ndcg_at_5_by_hand_with_grades_and_ties():
+    """Scores d0 .9 (grade 0), d1 .8 (grade 1), d2 .8 (grade 0), d3 .7 (grade 2), d4 .1, d5 .5:
+    the tie d1 = d2 ranks the non-relevant d2 first, so the top 5 is d0 d2 d1 d3 d5 with
+    gains 0 0 1 2 0; the ideal order has gains 2 1."""
+    scores = torch.tensor([[0.9, 0.8, 0.8, 0.7, 0.1, 0.5]])
+    grades = torch.tensor([[0.0, 1.0, 0.0, 2.0, 0.0, 0.0]])
+    got = ev.graded_ranking(scores, grades, ks=(1, 5))
+    dcg = 1 / math.log2(2 + 2) + 2 / math.log2(3 + 2)          # d1 at rank 2, d3 at rank 3 (0-based)
+    idcg = 2 / math.log2(0 + 2) + 1 / math.log2(1 + 2)
+    assert got["ndcg_linear@5"] == pytest.approx(dcg / idcg, abs=1e-6)
+    assert got["ndcg_linear@5"] == pytest.approx(0.517442, abs=1e-6)
+    assert (got["hit@1"], got["recall@1"], got["recall@5"]) == (0.0, 0.0, 1.0)
+    # each document keeps its own grade: swapping the grades of d1 and d3 changes the score
+    swapped = ev.graded_ranking(scores, torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.0, 0.0]]), ks=(5,))
+    assert swapped["ndcg_linear@5"] == pytest.approx((2 / math.log2(4) + 1 / math.log2(5)) / idcg, abs=1e-6)
+
+
+def naive(scores, grades, k):
+    """One query at a time: sort by (-score, grade), then the definitions."""
+    out = {"hit@1": 0.0, f"recall@{k}": 0.0, f"ndcg_linear@{k}": 0.0}
+    for s, g in zip(scores.tolist(), grades.tolist()):
+        order = sorted(range(len(s)), key=lambda j: (-s[j], g[j]))
+        top = [g[j] for j in order[:k]]
+        ideal = sorted(g, reverse=True)[:k]
+        out["hit@1"] += float(top[0] > 0)
+        out[f"recall@{k}"] += sum(x > 0 for x in top) / sum(x > 0 for x in g)
+        out[f"ndcg_linear@{k}"] += sum(x / math.log2(i + 2) for i, x in enumerate(top)) / \
+            sum(x / math.log2(i + 2) for i, x in enumerate(ideal))
+    return {name: v / len(scores) for name, v in out.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_global_ranking_equals_a_naive_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    nq, nd = 7, 40
+    scores = (torch.rand(nq, nd, generator=g) * 4).round() / 4         # many ties
+    grades = (torch.rand(nq, nd, generator=g) < 0.15).float() * torch.randint(1, 4, (nq, nd), generator=g)
+    grades[:, 0] = grades[:, 0].clamp(min=1)                           # ≥ 1 relevant per query
+    got = ev.graded_ranking(scores, grades, ks=(1, 5, 10))
+    for k in (5, 10):
+        want = naive(scores, grades, k)
+        for name, v in want.items():
+            assert got[name] == pytest.approx(v, abs=1e-6), (name, k)
+
+
+# ----------------------------------------------------------------------------------
+# The reader
+
+def test_reader_grades_language_and_named_errors(tmp_path):
+    synthetic_pages(str(tmp_path))
+    queries, corpus, qrels = read_visdoc_task(str(tmp_path), "ShapesPages")
+    assert len(queries) == 5 and len(corpus) == 8
+    assert qrels["q0"] == {"p0": 2, "m0": 1}                          # grade 0 is not relevant
+    queries, _, qrels = read_visdoc_task(str(tmp_path), "ShapesPages", language="english")
+    assert [q for q, _ in queries] == ["q0", "q1", "q2", "q3"] and "q-de" not in qrels
+
+    def broken(name, **change):
+        q = [{"query-id": "a", "query": "x"}]
+        c = [{"corpus-id": "d", "image": {"bytes": png(shape_image("red")), "path": None}}]
+        r = [{"query-id": "a", "corpus-id": "d", "score": 1}]
+        parts = {"queries": q, "corpus": c, "qrels": r}
+        for part, rows in change.items():
+            parts[part] = rows
+        write_visdoc(str(tmp_path), name, parts["queries"], parts["corpus"], parts["qrels"])
+        return name
+    cases = [(dict(qrels=[{"query-id": "a", "corpus-id": "d", "score": "high"}]), "qrels row 0: score"),
+             (dict(qrels=[{"query-id": "a", "corpus-id": "zz", "score": 1}]), "qrels row 0: corpus-id 'zz'"),
+             (dict(qrels=[{"query-id": "b", "corpus-id": "d", "score": 1}]), "qrels row 0: query-id 'b'"),
+             (dict(qrels=[{"query-id": "a", "corpus-id": "d", "score": 0}]), "without a relevant document"),
+             (dict(corpus=[{"corpus-id": "d", "image": {"bytes": None, "path": "x.png"}}]), "corpus row 0 image"),
+             (dict(queries=[{"query-id": "a", "query": ""}]), "queries row 0: query")]
+    for i, (change, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=message):
+            read_visdoc_task(str(tmp_path), broken(f"bad{i}", **change))
+    with pytest.raises(ValueError, match=r"qrels: columns \['score'\] missing"):
+        read_visdoc_task(str(tmp_path), broken("bad_cols", qrels=[{"query-id": "a", "corpus-id": "d"}]))
+    with pytest.raises(FileNotFoundError, match="corpus"):
+        os.remove(os.path.join(tmp_path, "bad0", "corpus", "test-00000-of-00001.parquet"))
+        read_visdoc_task(str(tmp_path), "bad0")
+
+
+# ----------------------------------------------------------------------------------
+# End to end
+
+def test_evaluate_mmeb_v2_on_a_synthetic_page_task(tmp_path):
+    """evaluate.py --benchmark mmeb-v2 on one synthetic visdoc task (tiny-qwen2-vl, K = 2):
+    the score file holds the reference harness's names and equals graded_ranking of
+    Encoder's vectors with the same instructions; the other 77 tasks are listed as
+    missing (not requested, video not supported), and no mean includes them."""
+    root = tmp_path / "visdoc"
+    synthetic_pages(str(root), "ViDoRe_arxivqa")                # a name of the 24: the leaderboard path
+    out = tmp_path / "eval"
+    res = ev.main(["--model", "tiny-qwen2-vl", "--num_tokens", "2", "--embed_template", "chat",
+                   "--benchmark", "mmeb-v2", "--visdoc_dir", str(root), "--tasks", "ViDoRe_arxivqa",
+                   "--out", str(out), "--no_progress"])["mmeb_v2"]
+    score = json.loads((out / "mmeb_v2" / "ViDoRe_arxivqa_score.json").read_text())
+    assert {"hit@1", "ndcg_linear@5", "recall@5", "ndcg_linear@10", "num_pred", "num_data"} <= set(score)
+
+    enc = ev.Encoder("tiny-qwen2-vl", device="cpu", num_tokens=2, embed_template="chat")
+    queries, corpus, qrels = read_visdoc_task(str(root), "ViDoRe_arxivqa")
+    Q = enc.encode(texts=[mmeb_v2.VISDOC_QUERY.format(t) for _, t in queries], side="q")
+    from PIL import Image
+    D = enc.encode(texts=[mmeb_v2.VISDOC_DOCUMENT] * len(corpus), side="d",
+                   images=[Image.open(io.BytesIO(b)) for _, b in corpus])
+    grades = torch.tensor([[qrels[q].get(c, 0) for c, _ in corpus] for q, _ in queries], dtype=torch.float)
+    want = naive(Q @ D.T, grades, 5)
+    for name, v in want.items():
+        assert score[name] == pytest.approx(v, abs=1e-5), name
+    assert len(res["missing"]) == 36 + 23 + 18                    # listed with their reasons
+    summary = mmeb_v2.summarize_v2(res)
+    assert summary["visdoc"][1:] == (1, 24) and summary["image"] == (None, 0, 36)
+    assert summary["Overall"][0] == pytest.approx(score["ndcg_linear@5"]) and summary["Overall"][1:] == (1, 78)
+    table = mmeb_v2.format_v2_table(res)
+    assert "ndcg_linear@5" in table and "missing (18)" in table and "video is not supported" in table
+    preds = [json.loads(line) for line in (out / "mmeb_v2" / "ViDoRe_arxivqa_pred.jsonl").read_text().splitlines()]
+    assert len(preds) == 5 and all(len(p["top"]) == 8 for p in preds)
+    # a restart reuses the finished task
+    again = ev.main(["--model", "tiny-qwen2-vl", "--num_tokens", "2", "--embed_template", "chat",
+                     "--benchmark", "mmeb-v2", "--visdoc_dir", str(root), "--tasks", "ViDoRe_arxivqa",
+                     "--out", str(out), "--no_progress"])["mmeb_v2"]
+    assert again["visdoc"]["ViDoRe_arxivqa"] == res["visdoc"]["ViDoRe_arxivqa"]
+
+
+def test_a_missing_task_folder_is_named_or_listed(tmp_path):
+    (tmp_path / "visdoc").mkdir()
+    args = ["--model", "tiny-qwen2-vl", "--benchmark", "mmeb-v2", "--visdoc_dir", str(tmp_path / "visdoc"),
+            "--tasks", "VisRAG_ChartQA", "--no_progress"]
+    with pytest.raises(FileNotFoundError, match="VisRAG_ChartQA.*openbmb/VisRAG-Ret-Test-ChartQA"):
+        ev.main(args)
+    res = ev.main(args + ["--skip_missing"])["mmeb_v2"]
+    assert res["visdoc"]["VisRAG_ChartQA"] is None and "VisRAG_ChartQA" in res["missing"]
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--model", "tiny-qwen2-vl", "--visdoc_dir", str(tmp_path)])   # needs mmeb-v2
+
+
+def test_train_eval_visdoc_dir(tmp_path):
+    """train.py's evaluation after training runs the synthetic page task beside the demo's."""
+    import train
+    from demo import make_synthetic
+    paths = make_synthetic(str(tmp_path / "data"), seed=0)
+    synthetic_pages(str(tmp_path / "visdoc"))
+    res = train.main(["--train_data", paths["train"], "--image_dir", paths["image_dir"],
+                      "--eval_data", paths["eval"], "--eval_image_dir", paths["image_dir"],
+                      "--eval_tasks", "ShapesColour", "--eval_visdoc_dir", str(tmp_path / "visdoc"),
+                      "--model", "tiny-qwen2-vl", "--steps", "2", "--batch_size", "8", "--num_tokens", "2",
+                      "--num_workers", "0", "--out_dir", str(tmp_path / "run"), "--log_every", "10"])
+    v2 = res["mmeb_v2"]
+    assert 0 <= v2["visdoc"]["ShapesPages"]["ndcg_linear@5"] <= 1
+    assert mmeb_v2.summarize_v2(v2)["visdoc"][1] == 0          # a task outside the 24: in no mean
+    assert "other (not in the means)" in mmeb_v2.format_v2_table(v2)

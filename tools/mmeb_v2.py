@@ -1,0 +1,261 @@
+"""
+MMEB-V2 — where embedding models report now, beside the paper's MMEB (v1, Table 1). Not
+the paper's protocol: the paper reports MMEB v1 only, and evaluate.py's v1 table stays as
+it is. MMEB-V2 has 78 tasks in three groups, each with the leaderboard's metric:
+
+  image  (36)  MMEB v1's tasks, local ranking of each query's candidates, Hit@1
+               (evaluate.mmeb_report, unchanged)
+  visdoc (24)  page retrieval (ViDoRe v1 and v2, VisRAG, ViDoSeek, MMLongBench): each query
+               ranked against the task's whole corpus of page images, NDCG@5 with graded
+               relevance and linear gain ("ndcg_linear@5"), plus Hit@1 and Recall@k
+  video  (18)  not supported yet: each is listed as missing with the reason, never
+               averaged as zero
+
+The group means and the overall mean are over the tasks that ran, each printed with its
+task count and metric; missing tasks are named. Per task, a score file with the reference
+harness's names (<out>/mmeb_v2/<Task>_score.json: hit@1, ndcg_linear@5, recall@5, ...,
+num_pred, num_data) and a ranking file (<Task>_pred.jsonl: the top 10 corpus ids per query
+with the judged grades) for comparison with its outputs; a restart reuses finished tasks.
+How this reads the harness where it is open (ties, grades, instructions): docs/readings.md §6.
+
+    python evaluate.py --model CKPT --benchmark mmeb-v2 --mmeb_dir MMEB-eval --image_dir eval_images \\
+        --visdoc_dir visdoc --out runs/eval_v2
+
+--visdoc_dir: one folder per task (names below), each a local copy of the task's hub dataset
+in the BEIR layout (util/benchmarks.read_visdoc_task); VISDOC_TASKS names the hub ids.
+Tests: pytest tests/test_mmeb_v2.py
+"""
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import evaluate as ev  # noqa: E402
+from data import MMEB_EVAL_TASKS  # noqa: E402
+from util.benchmarks import read_visdoc_task  # noqa: E402
+from util.dist import print0, rank_world  # noqa: E402
+from util.run import load_finished, result_path, weights_fingerprint, write_atomic, write_json  # noqa: E402
+
+# The 24 visual-document tasks of the leaderboard: name → (group, hub dataset, split,
+# language filter of the queries). The reference config lists 27: the three English-only
+# ViDoRe v2 sets are not on the leaderboard, and the two "-page" sets are the "-fixed" releases.
+_V1 = ("arxivqa_test_subsampled", "docvqa_test_subsampled", "infovqa_test_subsampled",
+       "tabfquad_test_subsampled", "tatdqa_test", "shiftproject_test",
+       "syntheticDocQA_artificial_intelligence_test", "syntheticDocQA_energy_test",
+       "syntheticDocQA_government_reports_test", "syntheticDocQA_healthcare_industry_test")
+VISDOC_TASKS = {
+    **{"ViDoRe_" + n.replace("_test_subsampled", "").replace("_test", ""): ("ViDoRe-V1", f"vidore/{n}_beir", "test", None)
+       for n in _V1},
+    "ViDoRe_esg_reports_human_labeled_v2": ("ViDoRe-V2", "vidore/esg_reports_human_labeled_v2", "test", None),
+    "ViDoRe_biomedical_lectures_v2_multilingual": ("ViDoRe-V2", "vidore/biomedical_lectures_v2", "test", None),
+    "ViDoRe_economics_reports_v2_multilingual": ("ViDoRe-V2", "vidore/economics_reports_v2", "test", None),
+    "ViDoRe_esg_reports_v2_multilingual": ("ViDoRe-V2", "vidore/esg_reports_v2", "test", None),
+    **{f"VisRAG_{n}": ("VisRAG", f"openbmb/VisRAG-Ret-Test-{n}", "train", None)
+       for n in ("ArxivQA", "ChartQA", "MP-DocVQA", "SlideVQA", "InfoVQA", "PlotQA")},
+    "ViDoSeek-page": ("VisDoc-OOD", "VLM2Vec/ViDoSeek-page-fixed", "test", None),
+    "ViDoSeek-doc": ("VisDoc-OOD", "VLM2Vec/ViDoSeek", "test", None),
+    "MMLongBench-page": ("VisDoc-OOD", "VLM2Vec/MMLongBench-page-fixed", "test", None),
+    "MMLongBench-doc": ("VisDoc-OOD", "VLM2Vec/MMLongBench-doc", "test", None),
+}
+# The 18 video tasks: name → group. Not supported yet (frames through the backbone's own
+# video input are not built): reported as missing with VIDEO_MISSING.
+VIDEO_TASKS = {**dict.fromkeys(("K700", "SmthSmthV2", "HMDB51", "UCF101", "Breakfast"), "V-CLS"),
+               **dict.fromkeys(("MVBench", "Video-MME", "NExTQA", "EgoSchema", "ActivityNetQA"), "V-QA"),
+               **dict.fromkeys(("DiDeMo", "MSR-VTT", "MSVD", "VATEX", "YouCook2"), "V-RET"),
+               **dict.fromkeys(("QVHighlight", "Charades-STA", "MomentSeeker"), "V-MRET")}
+VIDEO_MISSING = "video is not supported yet (frames through the backbone's video input)"
+IMAGE_GROUP = {"Classification": "I-CLS", "VQA": "I-QA", "Retrieval": "I-RET", "Grounding": "I-VG"}
+MODALITIES = {"image": ("hit@1", ("I-CLS", "I-QA", "I-RET", "I-VG")),
+              "video": ("hit@1", ("V-CLS", "V-QA", "V-RET", "V-MRET")),
+              "visdoc": ("ndcg_linear@5", ("ViDoRe-V1", "ViDoRe-V2", "VisRAG", "VisDoc-OOD"))}
+
+# Instructions of the reference harness for every visdoc task (query: text only; document: the page)
+VISDOC_QUERY = "Find a document image that matches the given query: {}"
+VISDOC_DOCUMENT = "<|image_1|> Understand the content of the provided document image."
+KS = (1, 5, 10)
+
+
+def visdoc_table(tasks=None):
+    """The visdoc tasks to run: all 24 (None), the named ones (unknown names: KeyError), or
+    a dict {name: (group, source, split, language)} of any tasks in the same layout (one
+    outside the 24 is scored and listed, never in the leaderboard's means)."""
+    if tasks is None:
+        return dict(VISDOC_TASKS)
+    if isinstance(tasks, dict):
+        return dict(tasks)
+    unknown = [t for t in tasks if t not in VISDOC_TASKS]
+    if unknown:
+        raise KeyError(f"unknown MMEB-V2 visdoc task(s) {unknown}; known: {list(VISDOC_TASKS)}")
+    return {t: VISDOC_TASKS[t] for t in tasks}
+
+
+def visdoc_tasks_in(root):
+    """The task folders under root as a visdoc_table dict: the 24 by their entries, any
+    other folder as ("other", root, "test", None)."""
+    names = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+    return {n: VISDOC_TASKS.get(n, ("other", os.path.basename(os.path.normpath(root)), "test", None))
+            for n in names}
+
+
+def revision_of(folder):
+    """The revision a task folder holds: the commit of a Hugging Face cache snapshot
+    (…/snapshots/<commit>/…), else None (a local copy of unknown revision)."""
+    parts = os.path.realpath(folder).split(os.sep)
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
+def eval_visdoc_task(model, processor, root, task, split="test", language=None, batch_size=16,
+                     progress=False, max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS):
+    """One visual-document task: every query against the whole corpus (global ranking).
+    Returns (scores {hit@1, recall@k, ndcg_linear@k, num_pred, num_data, num_docs},
+    ranking [{query-id, top: [corpus-id] (10), grades: {corpus-id: grade}}])."""
+    queries, corpus, qrels = read_visdoc_task(root, task, split, language)
+    inputs = [("q", VISDOC_QUERY.format(text), None) for _, text in queries] + \
+             [("d", VISDOC_DOCUMENT, image) for _, image in corpus]
+    E = ev.embed_inputs(model, processor, inputs, batch_size, progress, desc=task,
+                        max_text_tokens=max_text_tokens)              # (nq + nd, d)
+    Q, D = E[:len(queries)], E[len(queries):]
+    scores = ev.cosine_scores(Q, D)                                   # (nq, nd)
+    col = {cid: j for j, (cid, _) in enumerate(corpus)}
+    grades = torch.zeros_like(scores)                                 # (nq, nd)
+    for i, (qid, _) in enumerate(queries):
+        for cid, g in qrels[qid].items():
+            grades[i, col[cid]] = g
+    out = ev.graded_ranking(scores, grades, KS)
+    top = torch.argsort(-scores, dim=1, stable=True)[:, :10].tolist()
+    ranking = [{"query-id": qid, "top": [corpus[j][0] for j in t], "grades": qrels[qid]}
+               for (qid, _), t in zip(queries, top)]
+    return {**out, "num_pred": len(queries), "num_data": len(queries), "num_docs": len(corpus)}, ranking
+
+
+def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=None, config=None,
+                   batch_size=16, out_dir=None, progress=True, name=None, image_tasks=None,
+                   visdoc_tasks=None, skip_missing=False, data_revision=None,
+                   max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS):
+    """
+    {"image": {task: Hit@1 or None}, "visdoc": {task: scores or None}, "video": {task: None},
+    "missing": {task: why}}. Image tasks through evaluate.mmeb_report (its resume and
+    checks); visdoc tasks under visdoc_dir (a task folder that is absent is missing: an
+    error unless skip_missing); video: missing (VIDEO_MISSING). out_dir: per-task files
+    (reused on restart with the same config and weights), mmeb_v2_results.json / .md.
+    """
+    config = dict(config or {}, **({"data_revision": data_revision} if data_revision else {}))
+    rank, _ = rank_world()
+    missing, image = {}, {}
+    itable = ev.task_table(image_tasks, MMEB_EVAL_TASKS)
+    if mmeb_dir:
+        image = ev.mmeb_report(model, processor, mmeb_dir, image_dir, itable, config, batch_size, out_dir,
+                               skip_missing, progress, name, data_revision=data_revision,
+                               max_text_tokens=max_text_tokens)["hit@1"]
+    else:
+        image = dict.fromkeys(itable)
+    missing.update({t: "no --mmeb_dir" if not mmeb_dir else "missing (--skip_missing)"
+                    for t, v in image.items() if v is None})
+    vtable, visdoc = visdoc_table(visdoc_tasks), {}
+    weights = weights_fingerprint(model)
+    finished = load_finished(out_dir, "mmeb_v2", vtable, config, weights) if rank == 0 else {}
+    for task, (group, hub, split, language) in vtable.items():
+        folder = os.path.join(visdoc_dir, task) if visdoc_dir else None
+        if task in finished:
+            visdoc[task] = finished[task]["scores"]
+            print0(f"{task}: NDCG@5 {100 * visdoc[task]['ndcg_linear@5']:.1f} (finished earlier, skipped)")
+            continue
+        if folder is None or not os.path.isdir(folder):
+            why = "no --visdoc_dir" if folder is None else f"no folder {folder} (a copy of {hub})"
+            if folder is not None and not skip_missing:
+                raise FileNotFoundError(f"MMEB-V2 task {task}: {why}; pass --skip_missing to report it as missing")
+            visdoc[task], missing[task] = None, why
+            continue
+        visdoc[task], ranking = eval_visdoc_task(model, processor, visdoc_dir, task, split, language,
+                                                 batch_size, progress, max_text_tokens)
+        print0(f"{task}: NDCG@5 (linear) {100 * visdoc[task]['ndcg_linear@5']:.1f}, Hit@1 "
+               f"{100 * visdoc[task]['hit@1']:.1f} ({visdoc[task]['num_data']} queries, "
+               f"{visdoc[task]['num_docs']} documents)")
+        if rank == 0 and out_dir:
+            write_json(result_path(out_dir, "mmeb_v2", task), {
+                "task": task, "group": group, "source": hub, "split": split, "revision": revision_of(folder),
+                "scores": visdoc[task],
+                "config": config, "weights": weights})
+            write_json(os.path.join(out_dir, "mmeb_v2", f"{task}_score.json"), visdoc[task])
+            write_atomic(os.path.join(out_dir, "mmeb_v2", f"{task}_pred.jsonl"),
+                         "".join(json.dumps(r) + "\n" for r in ranking))
+    video = dict.fromkeys(VIDEO_TASKS)
+    missing.update(dict.fromkeys(VIDEO_TASKS, VIDEO_MISSING))
+    missing.update({t: "not requested (--tasks)" for t in [*MMEB_EVAL_TASKS, *VISDOC_TASKS]
+                    if t not in itable and t not in vtable})
+    results = {"image": image, "visdoc": visdoc, "video": video, "missing": missing}
+    if rank == 0 and out_dir:
+        write_json(os.path.join(out_dir, "mmeb_v2_results.json"), {
+            "name": name or config.get("model"), "config": config, "summary": summarize_v2(results),
+            "visdoc_sources": {t: {"dataset": v[1], "split": v[2], "language": v[3],
+                                   "revision": revision_of(os.path.join(visdoc_dir, t)) if visdoc_dir else None}
+                               for t, v in vtable.items()},
+            **results})
+        write_atomic(os.path.join(out_dir, "mmeb_v2_results.md"), format_v2_table(results, name, markdown=True))
+    return results
+
+
+def _score(results, modality, task):
+    v = results[modality].get(task)
+    return v if modality != "visdoc" or v is None else v["ndcg_linear@5"]
+
+
+def _groups_of(modality):
+    if modality == "image":
+        return {t: IMAGE_GROUP[m] for t, (m, _) in MMEB_EVAL_TASKS.items()}
+    return {t: v[0] for t, v in VISDOC_TASKS.items()} if modality == "visdoc" else dict(VIDEO_TASKS)
+
+
+def summarize_v2(results):
+    """{group or modality or "Overall": (mean over the tasks that ran or None, tasks that ran,
+    tasks of the group)}: each mean over its own tasks, the overall over all tasks that ran."""
+    out, every = {}, []
+    for modality, (_, groups) in MODALITIES.items():
+        of = _groups_of(modality)
+        ran = {t: _score(results, modality, t) for t in of if _score(results, modality, t) is not None}
+        every += ran.values()
+        for g in groups:
+            vals = [v for t, v in ran.items() if of[t] == g]
+            n = sum(1 for t in of if of[t] == g)
+            out[g] = (sum(vals) / len(vals) if vals else None, len(vals), n)
+        out[modality] = (sum(ran.values()) / len(ran) if ran else None, len(ran), len(of))
+    n_all = sum(len(_groups_of(m)) for m in MODALITIES)
+    out["Overall"] = (sum(every) / len(every) if every else None, len(every), n_all)
+    return out
+
+
+def format_v2_table(results, name=None, markdown=False):
+    """The leaderboard's layout: overall, the three modalities and their groups (each with
+    its metric and 'ran / total' tasks), then every task's score, then the missing tasks."""
+    summary = summarize_v2(results)
+
+    def cell(k):                      # a mean over fewer tasks than the group's is starred
+        mean, ran, total = summary[k]
+        return "-" if not ran else f"{100 * mean:.1f}" + ("*" if ran < total else "")
+    head = ["model", "Overall"] + [c for m, (_, gs) in MODALITIES.items() for c in (m, *gs)]
+    metric = ["metric", "mixed"] + [c for m, (mt, gs) in MODALITIES.items() for c in [mt] * (1 + len(gs))]
+    count = ["tasks"] + [f"{summary[k][1]}/{summary[k][2]}" for k in head[1:]]
+    rows = [head, [name or "model"] + [cell(k) for k in head[1:]], metric, count]
+    lines = [ev.render_table(rows, markdown)]
+    if any(summary[k][1] < summary[k][2] for k in head[1:]):
+        lines.append("* over the tasks that ran only (count below): not comparable with the leaderboard's mean")
+    lines.append("")
+    task_rows = [["task", "group", "metric", "score"]]
+    for modality, (mt, _) in MODALITIES.items():
+        for task, group in _groups_of(modality).items():
+            v = _score(results, modality, task)
+            if v is not None:
+                task_rows.append([task, group, mt, f"{100 * v:.1f}"])
+    for task, v in results["visdoc"].items():
+        if task not in VISDOC_TASKS and v is not None:
+            task_rows.append([task, "other (not in the means)", "ndcg_linear@5", f"{100 * v['ndcg_linear@5']:.1f}"])
+    lines.append(ev.render_table(task_rows, markdown))
+    if results["missing"]:
+        by_reason = {}
+        for t, why in results["missing"].items():
+            by_reason.setdefault(why, []).append(t)
+        lines.append("")
+        lines += [f"missing ({len(ts)}): {', '.join(ts)} — {why}" for why, ts in by_reason.items()]
+    return "\n".join(lines)
