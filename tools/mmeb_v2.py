@@ -22,7 +22,8 @@ How this reads the harness where it is open (ties, grades, instructions): docs/r
         --visdoc_dir visdoc --out runs/eval_v2
 
 --visdoc_dir: one folder per task (names below), each a local copy of the task's hub dataset
-in the BEIR layout (util/benchmarks.read_visdoc_task); VISDOC_TASKS names the hub ids.
+in the BEIR layout (util/benchmarks.read_visdoc_task); VISDOC_TASKS names the hub ids, e.g.
+    hf download vidore/arxivqa_test_subsampled_beir --repo-type dataset --local-dir visdoc/ViDoRe_arxivqa
 Tests: pytest tests/test_mmeb_v2.py
 """
 import json
