@@ -101,7 +101,7 @@ def recall_at_k(scores, is_pos, k):
     return hit.sum().item() / len(hit)
 
 
-def graded_ranking(scores, grades, ks=(1, 5, 10)):
+def graded_ranking(scores, grades, ks=(1, 5, 10), return_top=False):
     """
     MMEB-V2's visual-document metrics (not the paper's) of a global ranking: scores (Nq, Nd)
     against the whole corpus, grades (Nq, Nd) graded relevance (0 = not relevant, ≥ 1
@@ -110,7 +110,8 @@ def graded_ranking(scores, grades, ks=(1, 5, 10)):
     Per query, with the reference harness's names: hit@1 (the first is relevant),
     recall@k (the share of the relevant documents in the top k), ndcg_linear@k
     (DCG@k = Σ_i g_i / log2(i + 2) over the top k, divided by the same sum over the grades
-    sorted descending). Returns {name: mean over queries (float)}.
+    sorted descending). Returns {name: mean over queries (float)}, and with return_top the
+    ranked document indices (Nq, max k) the metrics read.
     """
     rel = grades > 0
     if not bool(rel.any(dim=1).all()):
@@ -119,8 +120,9 @@ def graded_ranking(scores, grades, ks=(1, 5, 10)):
     s = s.masked_fill(s.isnan(), float("inf"))                               # (Nq, Nd)
     k_max = min(max(ks), s.shape[1])
     by_grade = torch.argsort(grades, dim=1, stable=True)                     # (Nq, Nd) grade ascending
-    top = torch.argsort(-s.gather(1, by_grade), dim=1, stable=True)[:, :k_max]   # (Nq, k) ties: grade asc
-    g = grades.float().gather(1, by_grade.gather(1, top))                    # (Nq, k) grades, ranked
+    order = torch.argsort(-s.gather(1, by_grade), dim=1, stable=True)[:, :k_max]   # ties: grade asc
+    top = by_grade.gather(1, order)                                          # (Nq, k) document indices
+    g = grades.float().gather(1, top)                                        # (Nq, k) grades, ranked
     discount = 1 / torch.log2(torch.arange(k_max, dtype=torch.float32) + 2)  # (k,)
     ideal = grades.float().sort(dim=1, descending=True).values[:, :k_max]    # (Nq, k)
     out = {"hit@1": (g[:, 0] > 0).float().mean().item()}
@@ -128,7 +130,7 @@ def graded_ranking(scores, grades, ks=(1, 5, 10)):
         out[f"recall@{k}"] = ((g[:, :k] > 0).sum(1) / rel.sum(1)).mean().item()
         dcg, idcg = (g[:, :k] * discount[:k]).sum(1), (ideal[:, :k] * discount[:k]).sum(1)
         out[f"ndcg_linear@{k}"] = (dcg / idcg).mean().item()
-    return out
+    return (out, top) if return_top else out
 
 
 # ----------------------------------------------------------------------------------

@@ -584,7 +584,7 @@ def run_eval(model, processor, args, tasks, step, match_apart=()):
     if matching:                                      # {view type: mean}, the apart tasks apart
         out["matching_mean"] = matching_means(matching, [t for t in matching if t not in match_apart])
         out["matching_mean_apart"] = matching_means(matching, [t for t in matching if t in match_apart])
-    if args.eval_visdoc_dir:                          # MMEB-V2's visual documents (not the paper's)
+    if getattr(args, "eval_visdoc_dir", None):        # MMEB-V2's visual documents (not the paper's)
         from tools import mmeb_v2
         v2 = mmeb_v2.mmeb_v2_report(model, processor, visdoc_dir=args.eval_visdoc_dir, config=run_config(args),
                                     out_dir=eval_dir, progress=sys.stderr.isatty(), image_tasks=[],

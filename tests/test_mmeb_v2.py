@@ -183,6 +183,8 @@ def test_evaluate_mmeb_v2_on_a_synthetic_page_task(tmp_path):
     assert "ndcg_linear@5" in table and "missing (18)" in table and "video is not supported" in table
     preds = [json.loads(line) for line in (out / "mmeb_v2" / "ViDoRe_arxivqa_pred.jsonl").read_text().splitlines()]
     assert len(preds) == 5 and all(len(p["top"]) == 8 for p in preds)
+    # the ranking file is the ranking the metrics read: its first documents give Hit@1
+    assert sum(p["top"][0] in p["grades"] for p in preds) / len(preds) == pytest.approx(score["hit@1"])
     # a restart reuses the finished task
     again = ev.main(["--model", "tiny-qwen2-vl", "--num_tokens", "2", "--embed_template", "chat",
                      "--benchmark", "mmeb-v2", "--visdoc_dir", str(root), "--tasks", "ViDoRe_arxivqa",
@@ -217,3 +219,46 @@ def test_train_eval_visdoc_dir(tmp_path):
     assert 0 <= v2["visdoc"]["ShapesPages"]["ndcg_linear@5"] <= 1
     assert mmeb_v2.summarize_v2(v2)["visdoc"][1] == 0          # a task outside the 24: in no mean
     assert "other (not in the means)" in mmeb_v2.format_v2_table(v2)
+
+
+def _rank_worker(rank, world, rendezvous, visdoc, out, err_dir):
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        from model import load_rematch
+        model, processor, config = load_rematch("tiny-qwen2-vl", device="cpu", num_tokens=2)
+        for _ in range(2):                      # the second run finds the task finished, on every rank
+            res = mmeb_v2.mmeb_v2_report(model, processor, visdoc_dir=visdoc, config=config, out_dir=out,
+                                         progress=False, image_tasks=[], visdoc_tasks=["ViDoRe_arxivqa"])
+        if rank == 1:
+            with open(os.path.join(out, "rank1.json"), "w") as f:
+                json.dump(res["visdoc"], f)
+        dist.destroy_process_group()
+    except BaseException:                                   # noqa: BLE001
+        with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_two_ranks_score_what_one_process_scores(tmp_path):
+    """Queries and pages sharded over 2 gloo ranks: the same scores as one process; a restart
+    skips the finished task on both ranks (decided on rank 0, broadcast: no rank waits)."""
+    from conftest import run_processes
+    from model import load_rematch
+    synthetic_pages(str(tmp_path / "visdoc"), "ViDoRe_arxivqa")
+    model, processor, config = load_rematch("tiny-qwen2-vl", device="cpu", num_tokens=2)
+    one = mmeb_v2.mmeb_v2_report(model, processor, visdoc_dir=str(tmp_path / "visdoc"), config=config,
+                                 progress=False, image_tasks=[], visdoc_tasks=["ViDoRe_arxivqa"])["visdoc"]
+    err = tmp_path / "err"
+    err.mkdir()
+    (tmp_path / "out").mkdir()
+    run_processes(_rank_worker, [(r, 2, str(tmp_path / "rdv"), str(tmp_path / "visdoc"), str(tmp_path / "out"),
+                                  str(err)) for r in range(2)], str(err), timeout=180)
+    two = json.loads((tmp_path / "out" / "rank1.json").read_text())
+    for name, v in one["ViDoRe_arxivqa"].items():
+        assert two["ViDoRe_arxivqa"][name] == pytest.approx(v, abs=1e-5), name

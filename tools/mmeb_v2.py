@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate as ev  # noqa: E402
 from data import MMEB_EVAL_TASKS  # noqa: E402
 from util.benchmarks import read_visdoc_task  # noqa: E402
-from util.dist import print0, rank_world  # noqa: E402
+from util.dist import broadcast_object, print0, rank_world  # noqa: E402
 from util.run import load_finished, result_path, weights_fingerprint, write_atomic, write_json  # noqa: E402
 
 # The 24 visual-document tasks of the leaderboard: name → (group, hub dataset, split,
@@ -124,10 +124,9 @@ def eval_visdoc_task(model, processor, root, task, split="test", language=None, 
     for i, (qid, _) in enumerate(queries):
         for cid, g in qrels[qid].items():
             grades[i, col[cid]] = g
-    out = ev.graded_ranking(scores, grades, KS)
-    top = torch.argsort(-scores, dim=1, stable=True)[:, :10].tolist()
+    out, top = ev.graded_ranking(scores, grades, KS, return_top=True)   # top: (nq, 10) indices
     ranking = [{"query-id": qid, "top": [corpus[j][0] for j in t], "grades": qrels[qid]}
-               for (qid, _), t in zip(queries, top)]
+               for (qid, _), t in zip(queries, top.tolist())]
     return {**out, "num_pred": len(queries), "num_data": len(queries), "num_docs": len(corpus)}, ranking
 
 
@@ -156,7 +155,8 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
                     for t, v in image.items() if v is None})
     vtable, visdoc = visdoc_table(visdoc_tasks), {}
     weights = weights_fingerprint(model)
-    finished = load_finished(out_dir, "mmeb_v2", vtable, config, weights) if rank == 0 else {}
+    finished = broadcast_object(load_finished(out_dir, "mmeb_v2", vtable, config, weights)
+                                if rank == 0 else None)              # every rank skips the same tasks
     for task, (group, hub, split, language) in vtable.items():
         folder = os.path.join(visdoc_dir, task) if visdoc_dir else None
         if task in finished:
