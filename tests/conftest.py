@@ -7,6 +7,7 @@ Qwen's real tokenizer, one chunked step, a one-step run), in about two minutes o
 `pytest --full` runs everything (CI): the boundary tests of tests/test_inputs.py, learning
 runs, width-real checkpoints, the real path, DDP, the speed oracles, the tools. Naming a
 test file or test on the command line runs it whole, as --full would."""
+import contextlib
 import os
 import sys
 
@@ -59,6 +60,30 @@ def run_processes(target, args_per_rank, err_dir, timeout):
     assert not hung, f"worker(s) did not finish within {timeout}s\n{errors}"
     assert [p.exitcode for p in procs] == [0] * len(procs), \
         f"worker exit codes {[p.exitcode for p in procs]}\n{errors}"
+
+
+@contextlib.contextmanager
+def gloo_worker(rank, world, rendezvous, err_dir, timeout_s=60):
+    """Inside a worker that run_processes spawned: 1 thread (2 processes on 2 cores), a gloo
+    process group through the rendezvous file, left with teardown_distributed on success;
+    any exception's traceback goes to err_dir/rank<rank>.err (run_processes shows it) and
+    is raised again, so the worker exits non-zero."""
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from util.dist import teardown_distributed
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+        yield
+        teardown_distributed()
+    except BaseException:                                   # noqa: BLE001
+        with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
 
 
 def pytest_configure(config):

@@ -7,18 +7,14 @@ rows; the reference is the same code in this (non-distributed) test process on a
 The two workers run every case once (module fixture) and save their results with
 torch.save; each test then compares one case.
 """
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import run_processes
+from conftest import gloo_worker, run_processes
 from losses import info_nce
-from util.dist import teardown_distributed
 
 pytestmark = pytest.mark.proof          # part of the two-minute proof (tests/conftest.py)
 
@@ -79,10 +75,7 @@ def run_cases(rows, distributed=False):
 
 
 def _worker(rank, rendezvous_file, out_dir):
-    torch.set_num_threads(1)  # 2 processes on 2 cores
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous_file}", rank=rank,
-                                world_size=W, timeout=timedelta(seconds=TIMEOUT_S // 2))
+    with gloo_worker(rank, W, rendezvous_file, out_dir, TIMEOUT_S // 2):
         results = run_cases(slice(rank * B, (rank + 1) * B), distributed=True)
         # unequal batch sizes (B on rank 0, B-1 on rank 1) must raise on every rank, not hang
         n = B if rank == 0 else B - 1
@@ -93,11 +86,6 @@ def _worker(rank, rendezvous_file, out_dir):
             results["unequal"] = str(err)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
         del results                               # gloo can abort at exit otherwise
-        teardown_distributed()
-    except BaseException:
-        with open(f"{out_dir}/rank{rank}.err", "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 @pytest.fixture(scope="module")

@@ -14,27 +14,23 @@ Run:  python -m pytest -q tests/test_evaluate.py
 import json
 import os
 import shutil
-import traceback
-from datetime import timedelta
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
 import evaluate as ev
 from tools import rerank
-from conftest import run_processes, shape_image
+from conftest import gloo_worker, run_processes, shape_image
 from data import collate_embed, encode_item
 from model import ReMatch
 from util import benchmarks
 from util.backbone import load_backbone, save_rematch
 from util.benchmarks import read_eval_task
 from util.inputs import find_parquet, load_image
-from util.dist import teardown_distributed
 
 TABLE = {"TaskA": ("Classification", True), "TaskB": ("Retrieval", False)}
 TIMEOUT_S = 120
@@ -423,10 +419,7 @@ def test_format_table_yes_no_block():
 # 2 gloo processes == 1 process
 
 def _dist_worker(rank, world, rendezvous, mmeb_dir, image_dir, out_dir):
-    torch.set_num_threads(1)                       # 2 processes on 2 cores
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=TIMEOUT_S // 2))
+    with gloo_worker(rank, world, rendezvous, out_dir, TIMEOUT_S // 2):
         model, processor = tiny_rematch()
         rec = Recorder(model)
         results = ev.mmeb_report(model, processor, mmeb_dir, image_dir, TABLE, batch_size=2,
@@ -435,11 +428,6 @@ def _dist_worker(rank, world, rendezvous, mmeb_dir, image_dir, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
         rec.restore()
         del model, rec
-        teardown_distributed()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 def test_two_gloo_processes_equal_one(bench, reference, tmp_path):

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import evaluate as ev
-from conftest import shape_image
+from conftest import gloo_worker, shape_image
 from tools import mmeb_v2
 from util.benchmarks import read_visdoc_task
 
@@ -222,14 +222,7 @@ def test_train_eval_visdoc_dir(tmp_path):
 
 
 def _rank_worker(rank, world, rendezvous, visdoc, out, err_dir):
-    import traceback
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
+    with gloo_worker(rank, world, rendezvous, err_dir):
         from model import load_rematch
         model, processor, config = load_rematch("tiny-qwen2-vl", device="cpu", num_tokens=2)
         for _ in range(2):                      # the second run finds the task finished, on every rank
@@ -238,11 +231,6 @@ def _rank_worker(rank, world, rendezvous, visdoc, out, err_dir):
         if rank == 1:
             with open(os.path.join(out, "rank1.json"), "w") as f:
                 json.dump(res["visdoc"], f)
-        dist.destroy_process_group()
-    except BaseException:                                   # noqa: BLE001
-        with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 def test_two_ranks_score_what_one_process_scores(tmp_path):

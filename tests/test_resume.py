@@ -27,18 +27,15 @@ import os
 import pathlib
 import random
 import shutil
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 import train
-from conftest import run_processes
+from conftest import gloo_worker, run_processes
 from test_train import flags, write_train_fixture
 from util import run as util_run
-from util.dist import teardown_distributed
 
 STEPS = 16       # the fault-injection run's length: one round a step, more after fallbacks
 
@@ -148,12 +145,7 @@ def test_train_state_is_read_once_on_resume(fx, tmp_path, monkeypatch):
 def _rank_worker(rank, world, rendezvous, out, err_dir, case):
     """start_run on 2 gloo ranks. Rank 1 must not judge damage itself (its inspection
     raises here); both must resume from the same checkpoint, or stop with one message."""
-    import sys
-    import traceback
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
+    with gloo_worker(rank, world, rendezvous, err_dir):
         if rank == 1:
             def refuse(path):
                 raise AssertionError("rank 1 inspected a checkpoint itself")
@@ -171,11 +163,6 @@ def _rank_worker(rank, world, rendezvous, out, err_dir, case):
             result = f"{type(e).__name__}: {e}"
         with open(os.path.join(err_dir, f"result{rank}.txt"), "w") as f:
             f.write(result)
-        teardown_distributed()
-    except BaseException:                                   # noqa: BLE001
-        with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        sys.exit(1)
 
 
 @pytest.mark.parametrize("case", ["damaged newest", "machine error"])

@@ -10,21 +10,17 @@ Run:  python -m pytest -q tests/test_search.py
 """
 import json
 import os
-import traceback
-from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-import torch.distributed as dist
 
 pytest.importorskip("faiss")
 
 import evaluate as ev  # noqa: E402
 import train  # noqa: E402
-from conftest import run_processes, shape_image  # noqa: E402
+from conftest import gloo_worker, run_processes, shape_image  # noqa: E402
 from tools import search  # noqa: E402
 from util.benchmarks import read_eval_task  # noqa: E402
 
@@ -107,17 +103,9 @@ def test_encoding_resumes_from_finished_shards(tmp_path, monkeypatch):
 
 
 def _rank_worker(rank, world, rendezvous, corpus, out, err_dir):
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
+    with gloo_worker(rank, world, rendezvous, err_dir):
         enc = ev.Encoder("tiny-qwen2-vl", device="cpu")
         search.encode_corpus(enc, search.read_corpus(corpus), out, shard_size=2, progress=False)
-        dist.destroy_process_group()
-    except BaseException:                                   # noqa: BLE001
-        with open(os.path.join(err_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
 
 
 def test_two_ranks_write_what_one_process_writes(tmp_path):
