@@ -98,7 +98,7 @@ def mmeb_preflight(root, tasks, image_dir, allow_outside_image_dir=False, skip_m
     return problems
 
 # ----------------------------------------------------------------------------------
-# MMEB-V2 visual documents (docs/readings.md §6; not the paper's protocol). One folder per
+# MMEB-V2 visual documents (docs/readings.md §10; not the paper's protocol). One folder per
 # task, a local copy of the task's hub dataset in the BEIR layout:
 #   <root>/<Task>/queries/<split>-*.parquet   query-id, query (, language)
 #   <root>/<Task>/corpus/<split>-*.parquet    corpus-id, image ({"bytes", "path"} or bytes)
@@ -125,9 +125,9 @@ def _image_bytes(v, where):
 
 
 def _columns(rows, need, what):
-    missing = sorted(set(need) - set(rows[0])) if rows else []
     if not rows:
         raise ValueError(f"{what}: no rows")
+    missing = sorted(set(need) - set(rows[0]))
     if missing:
         raise ValueError(f"{what}: columns {missing} missing (has {sorted(rows[0])})")
 
@@ -148,13 +148,15 @@ def read_visdoc_task(root, task, split="test", language=None):
         parts[part] = (read_rows(files), f"MMEB-V2 task {task} {part}")
     rows, what = parts["queries"]
     _columns(rows, ("query-id", "query") + (("language",) if language else ()), what)
-    queries = []
+    queries, every_qid = [], set()                # every_qid: the language filter's too
     for i, r in enumerate(rows):
+        qid = _ident(r["query-id"], f"{what} row {i} query-id")
+        every_qid.add(qid)
         if language and r["language"] != language:
             continue
         if not isinstance(r["query"], str) or not r["query"].strip():
             raise ValueError(f"{what} row {i}: query must be a non-empty string, got {r['query']!r:.80}")
-        queries.append((_ident(r["query-id"], f"{what} row {i} query-id"), r["query"]))
+        queries.append((qid, r["query"]))
     rows, what = parts["corpus"]
     _columns(rows, ("corpus-id", "image"), what)
     corpus, seen = [], set()
@@ -167,8 +169,6 @@ def read_visdoc_task(root, task, split="test", language=None):
     rows, what = parts["qrels"]
     _columns(rows, ("query-id", "corpus-id", "score"), what)
     qids, qrels = {q for q, _ in queries}, {}
-    every_qid = {_ident(r["query-id"], f"{parts['queries'][1]} row {i} query-id")
-                 for i, r in enumerate(parts["queries"][0])}
     for i, r in enumerate(rows):
         qid = _ident(r["query-id"], f"{what} row {i} query-id")
         cid = _ident(r["corpus-id"], f"{what} row {i} corpus-id")
