@@ -52,6 +52,7 @@ from data import (
     MATCH_H,
     MATCH_PROMPTS,
     MATCH_RAW,
+    _ids,
 )
 from model import load_rematch
 from util.backbone import answer_token_ids, published_name
@@ -157,8 +158,9 @@ def write_sentence_transformers(out_dir, K, query_ids, document_ids):
                          for i, (path, t) in enumerate(modules)],
         "sentence_bert_config.json": {
             "transformer_task": "feature-extraction",      # AutoModel: the final-norm states
-            "modality_config": {m: {"method": "forward", "method_output_name": "last_hidden_state"}
-                                for m in ("text", "image", "message")},
+            "modality_config": {
+                **{m: {"method": "forward", "method_output_name": "last_hidden_state"} for m in ("text", "image")},
+                "message": {"method": "forward", "method_output_name": "last_hidden_state", "format": "structured"}},
             "module_output_name": "token_embeddings",
             "unpad_inputs": False},                        # M-RoPE needs the padded batch
         "config_sentence_transformers.json": {
@@ -169,7 +171,6 @@ def write_sentence_transformers(out_dir, K, query_ids, document_ids):
         "2_Normalize/config.json": {"module_input_name": "sentence_embedding",
                                     "module_output_name": "sentence_embedding"},
     }
-    files["sentence_bert_config.json"]["modality_config"]["message"]["format"] = "structured"
     for name, obj in files.items():
         os.makedirs(os.path.dirname(os.path.join(out_dir, name)), exist_ok=True)
         with open(os.path.join(out_dir, name), "w") as f:
@@ -204,9 +205,9 @@ def export_merged(checkpoint, out_dir, dtype=torch.float32):
     # score is logit(Yes) - logit(No), returned as is (Identity; sigmoid gives p(Yes))
     backbone.config.auto_map = {"AutoModelForSequenceClassification": f"rematch_hf.{MATCHER[family]}"}
     P = MATCH_PROMPTS[config.get("match_prompt") or "paper"]
-    backbone.config.rematch = {       # the matching row's fixed pieces (rematch_hf.matching_segments)
-        "answer_token_ids": list(answer_token_ids(tok, "export")),
-        **{k: tok(s, add_special_tokens=False)["input_ids"] for k, s in (
+    backbone.config.rematch = {       # the matching row's fixed pieces (rematch_hf.matching_segments),
+        "answer_token_ids": list(answer_token_ids(tok, "export")),   # tokenized as collate_match does
+        **{k: _ids(tok, s) for k, s in (
             ("prompt_ids", P), ("query_open_ids", MATCH_RAW["Q"][0]),
             ("query_close_ids", MATCH_RAW["Q"][1]), ("document_open_ids", MATCH_RAW["D"][0]),
             ("document_close_ids", MATCH_RAW["D"][1]), ("head_ids", MATCH_H),

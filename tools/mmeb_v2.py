@@ -215,7 +215,7 @@ def summarize_v2(results):
     out, every = {}, []
     for modality, (_, groups) in MODALITIES.items():
         of = _groups_of(modality)
-        ran = {t: _score(results, modality, t) for t in of if _score(results, modality, t) is not None}
+        ran = {t: v for t in of if (v := _score(results, modality, t)) is not None}
         every += ran.values()
         for g in groups:
             vals = [v for t, v in ran.items() if of[t] == g]
