@@ -33,6 +33,7 @@ from masks import answer_name, segments_used
 from util.chat_templates import ANSWER_WORDS
 from util.inputs import (IMAGE_PLACEHOLDER, TrainRows, check_item_text, check_text_length, check_text_tokens,
                          load_image)
+from util.video import VIDEO_BLOCK, VIDEO_PLACEHOLDER, encode_video
 
 # ----------------------------------------------------------------------------------
 # Templates (App. S7). Marker strings such as <QUERY> are ordinary text, not new vocab.
@@ -158,8 +159,8 @@ def doc_id(text, image_path):
 # Items: one (text, image) → content token ids (image pads expanded) + pixel values.
 
 def content_text(text):
-    """MMEB string → Qwen content string: <|image_1|> becomes the Qwen vision block."""
-    return text.replace(IMAGE_PLACEHOLDER, IMAGE_BLOCK)
+    """MMEB string → Qwen content string: <|image_1|> (<|video_1|>) becomes the Qwen vision block."""
+    return text.replace(IMAGE_PLACEHOLDER, IMAGE_BLOCK).replace(VIDEO_PLACEHOLDER, VIDEO_BLOCK)
 
 
 def encode_image(processor, image):
@@ -169,31 +170,37 @@ def encode_image(processor, image):
     return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
 
-def encode_item(processor, text, image=None, where="item", image_inputs=None):
+def encode_item(processor, text, image=None, where="item", image_inputs=None, video=None):
     """
     Encode one query or document once. `text` is the MMEB string (instruction included,
     `<|image_1|>` where the image goes), `image` a PIL image or None, `where` names the
     item in error messages (e.g. "VisDial row 17 qry"); `image_inputs`: that image's
-    encode_image output if already computed (it is then not processed again).
+    encode_image output if already computed (it is then not processed again). `video`: a
+    util.video.Clip, placed at `<|video_1|>` (MMEB-V2's video tasks; evaluation only).
     What processor(text=, images=) returns, computed in its two parts: the image processor
     (encode_image), and the tokenizer on the text whose image pad the processor's own
     replace_image_token has expanded to one pad per merged patch (tests/test_data.py
     checks equality with the processor call, for the tiny and the real Qwen tokenizer).
     Returns {"ids": list[int], "pixel_values": (n_patch, C·p·p) or None,
-             "image_grid_thw": (1, 3) or None}.
+             "image_grid_thw": (1, 3) or None, and with a video "pixel_values_videos",
+             "video_grid_thw" (1, 3), "second_per_grid_ts" (1,)}.
     """
     text = text or ""
     has_image = image is not None or image_inputs is not None
-    check_item_text(text, has_image, where, processor.image_token)      # util/inputs.py
+    check_item_text(text, has_image, where, processor.image_token, has_video=video is not None)  # util/inputs.py
     text = content_text(text)
     if has_image:
         image_inputs = image_inputs or encode_image(processor, image)
         pads = processor.replace_image_token(image_inputs, 0)              # n merged patches × pad
         text = text.replace(processor.image_token, pads)
+    out = {}
+    if video is not None:                                                  # util/video.py
+        out = encode_video(processor, video, where)
+        text = text.replace(VIDEO_BLOCK, out.pop("text"))
     ids = processor.tokenizer(text)["input_ids"]
     return {"ids": list(ids),
             "pixel_values": image_inputs["pixel_values"] if has_image else None,
-            "image_grid_thw": image_inputs["image_grid_thw"] if has_image else None}
+            "image_grid_thw": image_inputs["image_grid_thw"] if has_image else None, **out}
 
 
 _TEMPLATE_IDS = weakref.WeakKeyDictionary()      # tokenizer → {template string: ids}
@@ -210,13 +217,11 @@ def _ids(tokenizer, s):
     return list(known[s])
 
 
-def _stack_images(parts):
-    """Concatenate the pixel values / grids of the items that have an image, in order."""
-    parts = [p for p in parts if p["pixel_values"] is not None]
-    if not parts:
-        return None, None
-    return (torch.cat([p["pixel_values"] for p in parts]),        # (Σ n_patch, C·p·p)
-            torch.cat([p["image_grid_thw"] for p in parts]))      # (n_img, 3)
+def _stack_images(parts, keys=("pixel_values", "image_grid_thw")):
+    """Concatenate the pixel values / grids (`keys`) of the items that have an image (a
+    video), in order: (Σ n_patch, C·p·p), (n_img, 3), ..."""
+    parts = [p for p in parts if p.get(keys[0]) is not None]
+    return tuple(torch.cat([p[k] for p in parts]) if parts else None for k in keys)
 
 
 def _pad_right(rows, pad_id):
@@ -250,8 +255,11 @@ def collate_embed(items, tokenizer, num_tokens, template="chat"):
     K = max(num_tokens, 1)
     token_idx = lengths[:, None] - K + torch.arange(K)[None, :]             # (N, K)
     pixel_values, image_grid_thw = _stack_images(items)
+    video = _stack_images(items, ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_idx": token_idx,
-            "pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+            "pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
+            **({} if video[0] is None else dict(zip(("pixel_values_videos", "video_grid_thw",
+                                                      "second_per_grid_ts"), video)))}
 
 
 # ----------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import torch.nn as nn
 from masks import additive_mask, packed_block_mask, unified_block_mask, unified_mask_batch
 from util.backbone import CONFIG_FILE, check_config, load_backbone, load_heads, published_name, resolve_checkpoint
 from util.speed import vision_indices
+from util.video import is_timestamped, temporal_step
 
 
 class ReMatch(nn.Module):
@@ -83,11 +84,13 @@ class ReMatch(nn.Module):
 
     # -- backbone pieces -------------------------------------------------------------
     def image_features(self, pixel_values, image_grid_thw):
-        """The vision tower's output for each image: a list of (n_i, 1 + S, d), one per row
-        of image_grid_thw ([] without images). [:, 0] is the merged features that replace the
-        image's <|image_pad|> tokens; [:, 1:] are Qwen3-VL's DeepStack features (S = number
-        of deepstack_visual_indexes; S = 0 on Qwen2/2.5-VL), which the decoder adds to its
-        hidden states at the same positions after layers 0..S-1 (decoder_inputs)."""
+        """The vision tower's output for each image (or video: the same tower over its
+        temporal patches, given pixel_values_videos and video_grid_thw): a list of
+        (n_i, 1 + S, d), one per row of the grid ([] without images). [:, 0] is the merged
+        features that replace the image's <|image_pad|> (video: <|video_pad|>) tokens;
+        [:, 1:] are Qwen3-VL's DeepStack features (S = number of deepstack_visual_indexes;
+        S = 0 on Qwen2/2.5-VL), which the decoder adds to its hidden states at the same
+        positions after layers 0..S-1 (decoder_inputs)."""
         if pixel_values is None:
             return []
         dev, grid = self.device, image_grid_thw.to(self.device)
@@ -99,39 +102,74 @@ class ReMatch(nn.Module):
             return [f[:, None] for f in levels[0]]                            # (n_i, 1, d) each
         return [torch.stack(per_image, dim=1) for per_image in zip(*levels)]  # (n_i, 1 + S, d) each
 
-    def input_embeds(self, input_ids, pixel_values=None, image_grid_thw=None, images=None):
-        """Token embeddings with the images' merged features scattered into the
-        <|image_pad|> positions. (N, T) → (N, T, d). `images`: the per-image features
-        (image_features) when already computed, else the vision tower runs on pixel_values."""
+    def vision_tokens(self, input_ids, images, videos=()):
+        """Where the vision features go and which: (mask (N, T) of the <|image_pad|> and
+        <|video_pad|> positions, feats (n_tok, 1 + S, d) in row-major token order), or
+        (None, None) without images and videos. images, videos: image_features outputs."""
+        cfg = self.backbone.config
+        parts = []
+        for kind, token_id, feats in (("image", cfg.image_token_id, images),
+                                      ("video", cfg.video_token_id, videos)):
+            if not feats:
+                continue
+            mask, f = input_ids == token_id, torch.cat(feats, dim=0)          # (N, T), (n, 1 + S, d)
+            if int(mask.sum()) != f.shape[0]:
+                raise ValueError(f"{int(mask.sum())} {kind} tokens but {f.shape[0]} {kind} "
+                                 f"features: text placeholders and {kind}s do not match")
+            parts.append((mask, f))
+        if len(parts) < 2:
+            return parts[0] if parts else (None, None)
+        mask = parts[0][0] | parts[1][0]                                      # (N, T)
+        joint = parts[0][1].new_empty(int(mask.sum()), *parts[0][1].shape[1:])  # (n_tok, 1 + S, d)
+        for m, f in parts:
+            joint[m[mask]] = f
+        return mask, joint
+
+    def input_embeds(self, input_ids, pixel_values=None, image_grid_thw=None, images=None, videos=()):
+        """Token embeddings with the images' (and videos') merged features scattered into
+        the <|image_pad|> (<|video_pad|>) positions. (N, T) → (N, T, d). `images`: the
+        per-image features (image_features) when already computed, else the vision tower
+        runs on pixel_values; `videos`: the per-video features."""
         hf = self.backbone
         x = hf.get_input_embeddings()(input_ids)                              # (N, T, d)
         if images is None:
             images = self.image_features(pixel_values, image_grid_thw)
-        if images:
-            img = torch.cat(images, dim=0)[:, 0].to(x.dtype)                  # (n_img_tok, d)
-            is_img = input_ids == hf.config.image_token_id                    # (N, T)
-            if int(is_img.sum()) != img.shape[0]:
-                raise ValueError(f"{int(is_img.sum())} image tokens but {img.shape[0]} image "
-                                 "features: text placeholders and images do not match")
-            x = x.masked_scatter(is_img[..., None], img)
+        mask, feats = self.vision_tokens(input_ids, images, videos)
+        if mask is not None:
+            x = x.masked_scatter(mask[..., None], feats[:, 0].to(x.dtype))    # (n_tok, d) into (N, T, d)
         return x
 
-    def decoder_inputs(self, input_ids, images):
+    def decoder_inputs(self, input_ids, images, videos=()):
         """Qwen3-VL's DeepStack: the keyword arguments that make the decoder add each image's
-        DeepStack features (image_features [:, 1:]) to its hidden states at the image's
-        <|image_pad|> positions after layers 0..S-1, exactly as the backbone's own forward
-        does — {} on Qwen2/2.5-VL and without images. Any pass that builds inputs_embeds
-        itself must pass these to last_hidden, or it silently computes another model."""
-        if not images or images[0].shape[1] == 1:
+        (video's) DeepStack features (image_features [:, 1:]) to its hidden states at its
+        pad positions after layers 0..S-1, exactly as the backbone's own forward does
+        (images and videos merged in token order) — {} on Qwen2/2.5-VL and without images.
+        Any pass that builds inputs_embeds itself must pass these to last_hidden, or it
+        silently computes another model."""
+        mask, feats = self.vision_tokens(input_ids, images, videos)
+        if mask is None or feats.shape[1] == 1:
             return {}
-        feats = torch.cat(images, dim=0)                                      # (n_img_tok, 1 + S, d)
-        return {"visual_pos_masks": input_ids == self.backbone.config.image_token_id,  # (N, T)
-                "deepstack_visual_embeds": list(feats[:, 1:].unbind(1))}     # S × (n_img_tok, d)
+        return {"visual_pos_masks": mask,                                     # (N, T)
+                "deepstack_visual_embeds": list(feats[:, 1:].unbind(1))}     # S × (n_tok, d)
 
-    def positions(self, input_ids, attention_mask, image_grid_thw):
-        hf = self.backbone
-        return mrope_position_ids(input_ids, attention_mask, image_grid_thw,
-                                  hf.config.image_token_id, hf.config.vision_config.spatial_merge_size)
+    def positions(self, input_ids, attention_mask, image_grid_thw, video_grid_thw=None,
+                  second_per_grid_ts=None):
+        """M-RoPE positions (3, N, T) as the backbone's get_rope_index gives them. Videos:
+        Qwen2-VL steps time by 1 per temporal patch, Qwen2.5-VL by tokens_per_second ·
+        second_per_grid_t; Qwen3-VL writes a timestamp before each temporal patch, so each
+        is its own one-frame grid (its get_rope_index splits video_grid_thw the same way)."""
+        cfg = self.backbone.config
+        step = None
+        if video_grid_thw is not None:
+            video_grid_thw = video_grid_thw.to(input_ids.device)
+            if is_timestamped(cfg):                                           # (Σ gt, 3), t = 1
+                video_grid_thw = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)
+                video_grid_thw[:, 0] = 1
+            else:
+                step = temporal_step(cfg, second_per_grid_ts, len(video_grid_thw))   # (n_vid,)
+        return mrope_position_ids(input_ids, attention_mask, image_grid_thw, cfg.image_token_id,
+                                  cfg.vision_config.spatial_merge_size,
+                                  video_grid_thw, cfg.video_token_id, step)
 
     def last_hidden(self, inputs_embeds, attention_mask, position_ids, **deepstack):
         """Decoder over inputs_embeds; last-layer (post-norm) states (N, T, d). The LM head
@@ -158,14 +196,17 @@ class ReMatch(nn.Module):
         token_idx = batch["token_idx"].to(dev)                                # (N, K)
         if images is None:
             images = self.image_features(batch["pixel_values"], batch["image_grid_thw"])
-        x = self.input_embeds(input_ids, images=images)                      # (N, T, d)
+        videos = self.image_features(batch.get("pixel_values_videos"), batch.get("video_grid_thw"))
+        x = self.input_embeds(input_ids, images=images, videos=videos)       # (N, T, d)
         if self.num_tokens > 0:
             rows = torch.arange(len(token_idx), device=dev)[:, None].expand_as(token_idx)  # (N, K)
             L = self.L_q if side == "q" else self.L_d                         # (K, d)
             x = x.index_put((rows.reshape(-1), token_idx.reshape(-1)),
                             L.to(x.dtype).repeat(len(token_idx), 1))          # token_idx ← L_1..L_K
-        position_ids = self.positions(input_ids, attention_mask, batch["image_grid_thw"])  # (3, N, T)
-        return input_ids, attention_mask, token_idx, x, position_ids, self.decoder_inputs(input_ids, images)
+        position_ids = self.positions(input_ids, attention_mask, batch["image_grid_thw"],
+                                      batch.get("video_grid_thw"), batch.get("second_per_grid_ts"))  # (3, N, T)
+        return (input_ids, attention_mask, token_idx, x, position_ids,
+                self.decoder_inputs(input_ids, images, videos))
 
     def embed(self, batch, side, images=None):
         """
@@ -298,32 +339,43 @@ class ReMatch(nn.Module):
 # M-RoPE positions (Qwen2-VL §2.1), written out so that packed rows get exactly the
 # positions of an ordinary sequence. Tested against the backbone's own get_rope_index.
 
-def mrope_position_ids(input_ids, attention_mask, image_grid_thw, image_token_id, merge):
+def mrope_position_ids(input_ids, attention_mask, image_grid_thw, image_token_id, merge,
+                       video_grid_thw=None, video_token_id=None, video_step=None):
     """
     input_ids, attention_mask (N, T) right- or left-padded; image_grid_thw (n_img, 3) of
-    the images in row-major token order. Text token: t = h = w = p, p += 1. Image of
-    merged grid (gt, h, w): p + (frame, row, col) for each patch, then p += max(h, w).
+    the images in row-major token order (video_grid_thw (n_vid, 3) of the videos, their
+    pads video_token_id). Text token: t = h = w = p, p += 1. Image (video) of merged grid
+    (gt, h, w): p + (⌊frame · step⌋, row, col) for each patch, step 1 for images and
+    video_step[v] (n_vid,) for video v, then p += max(h, w).
     Returns (3, N, T) long on input_ids' device; padding positions are 0.
     Vectorised: p before each token is an exclusive cumulative sum of per-token advances
     (1 per text token, max(h, w) at an image's last token, 0 elsewhere).
     """
     dev = input_ids.device
     real = attention_mask.to(dev).bool()                                    # (N, T)
-    is_img = (input_ids == image_token_id) & real                          # (N, T)
     advance = real.long()                                                   # (N, T)
     offset = torch.zeros(3, *input_ids.shape, dtype=torch.long, device=dev)  # (3, N, T)
-    n_img_tok = int(is_img.sum())
-    if n_img_tok:
-        g = image_grid_thw.to(dev).long()                                   # (n_img, 3)
-        h, w = g[:, 1] // merge, g[:, 2] // merge                           # (n_img,)
-        n = g[:, 0] * h * w                                                 # tokens per image
-        if int(n.sum()) != n_img_tok:
-            raise ValueError(f"{n_img_tok} image tokens but image_grid_thw describes {int(n.sum())}")
-        img = torch.repeat_interleave(torch.arange(len(g), device=dev), n)  # (n_img_tok,) image of each
-        k = torch.arange(n_img_tok, device=dev) - (n.cumsum(0) - n)[img]    # index within its image
-        hi, wi = h[img], w[img]
-        offset[:, is_img] = torch.stack([k // (hi * wi), (k // wi) % hi, k % wi])  # (3, n_img_tok)
-        advance[is_img] = torch.where(k == n[img] - 1, torch.maximum(hi, wi), 0)
+    for kind, token_id, grid, step in (("image", image_token_id, image_grid_thw, None),
+                                       ("video", video_token_id, video_grid_thw, video_step)):
+        is_vis = (input_ids == token_id) & real if token_id is not None else None  # (N, T)
+        n_tok = int(is_vis.sum()) if is_vis is not None else 0
+        if not n_tok:
+            continue
+        if grid is None:
+            raise ValueError(f"{n_tok} {kind} tokens but no {kind}_grid_thw")
+        g = grid.to(dev).long()                                             # (n_item, 3)
+        h, w = g[:, 1] // merge, g[:, 2] // merge                           # (n_item,)
+        n = g[:, 0] * h * w                                                 # tokens per item
+        if int(n.sum()) != n_tok:
+            raise ValueError(f"{n_tok} {kind} tokens but {kind}_grid_thw describes {int(n.sum())}")
+        item = torch.repeat_interleave(torch.arange(len(g), device=dev), n)  # (n_tok,) item of each
+        k = torch.arange(n_tok, device=dev) - (n.cumsum(0) - n)[item]       # index within its item
+        hi, wi = h[item], w[item]
+        t = k // (hi * wi)                                                  # (n_tok,) temporal patch
+        if step is not None:                                                # get_rope_index's float32 rule
+            t = (t.float() * step.to(dev, torch.float32)[item]).long()
+        offset[:, is_vis] = torch.stack([t, (k // wi) % hi, k % wi])        # (3, n_tok)
+        advance[is_vis] = torch.where(k == n[item] - 1, torch.maximum(hi, wi), 0)
     p = advance.cumsum(1) - advance                                         # (N, T) p before each token
     return (p[None] + offset) * real[None]                                  # (3, N, T)
 

@@ -132,7 +132,7 @@ def test_unified_pass_keeps_deepstack_and_dropping_it_is_caught(monkeypatch):
         ref = torch.cat([separate_pass_logits(rm, x, pos, mb["segments"], mb["label_idx"], views, r, mb, D)
                          for r in range(len(q))])
         torch.testing.assert_close(rm.match(mb, E_q, E_pos, E_neg)[0], ref, atol=1e-5, rtol=0)
-        monkeypatch.setattr(ReMatch, "decoder_inputs", lambda self, ids, images: {})
+        monkeypatch.setattr(ReMatch, "decoder_inputs", lambda self, ids, images, videos=(): {})
         dropped = rm.match(mb, E_q, E_pos, E_neg)[0]
     assert (dropped - ref).abs().max() > 1e-3
 

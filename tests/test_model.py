@@ -456,7 +456,7 @@ def test_deepstack_is_kept_in_the_embedding_pass(monkeypatch):
         item = encode_item(processor, D_IMG, shape_image("blue", (84, 56)))
         E, _ = rm.embed(collate_embed([item], processor.tokenizer, 0), "d")
         torch.testing.assert_close(E[0], ref[0, int(am[0].sum()) - 1], atol=1e-5, rtol=0)
-        monkeypatch.setattr(ReMatch, "decoder_inputs", lambda self, ids, images: {})
+        monkeypatch.setattr(ReMatch, "decoder_inputs", lambda self, ids, images, videos=(): {})
         E_dropped, _ = rm.embed(collate_embed([item], processor.tokenizer, 0), "d")
     assert (E_dropped[0] - ref[0, int(am[0].sum()) - 1]).abs().max() > 1e-3
 

@@ -17,7 +17,8 @@ For each backbone:
      nothing in the vision tower (Qwen2.5-VL's vision MLP has gate/up/down_proj too);
   4. the embedding path (vision features scattered into <|image_pad|>, M-RoPE positions,
      DeepStack, decoder) == the backbone's own forward at every position, an image over
-     two vision windows; on Qwen3-VL, DeepStack dropped fails it;
+     two vision windows; on Qwen3-VL, DeepStack dropped fails it; the same for a video
+     row beside an image row (temporal patches, video M-RoPE, Qwen3-VL's timestamps);
   5. train.py end to end with the paper preset on MMEB-format files (LoRA adapter
      checkpoint that peft loads against the base directory), then evaluate.py on it, and
      on Qwen3-VL the merged export under plain transformers (Qwen2.5-VL: skipped, the
@@ -187,7 +188,7 @@ def test_unified_matching_pass_equals_one_pass_per_view(real_backbone, real_rema
     assert (logits[1] - logits[5]).abs().max() > 1e-3      # (Q, Zd1) vs (Zq, Zd1)
     if preset.startswith("qwen3"):                         # mutation: DeepStack dropped
         with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-            mp.setattr(ReMatch, "decoder_inputs", lambda self, ids, images: {})
+            mp.setattr(ReMatch, "decoder_inputs", lambda self, ids, images, videos=(): {})
             dropped = rm.match(mb, E_q, E_pos, E_neg)[0]
         assert (dropped - ref).abs().max() > 100 * MATCH_ATOL
 
@@ -270,6 +271,29 @@ def test_embedding_path_equals_the_backbone_forward(real_backbone, real_rematch)
                    ["deepstack_visual_embeds"]) == 3
         with torch.no_grad():
             assert (ours(deepstack=False) - ref).abs().max().item() > 1e-3
+
+
+def test_video_embedding_path_equals_the_backbone_forward(real_backbone, monkeypatch):
+    """4b. The video input (util/video.py: 5 frames → 3 temporal patches, the last padded;
+    Qwen2.5-VL's temporal step from second_per_grid_ts, Qwen3-VL's timestamped blocks) in a
+    batch with an image row: ReMatch's embedding pieces == the backbone's own forward
+    (pixel_values_videos, video_grid_thw, mm_token_type_ids) at every real position, with
+    Qwen's real tokenizer at real widths. Frames are kept at the images' small bounds (the
+    processor's video_pixels, the same code) to stay quick on the CPU."""
+    from test_video import hf_forward_hidden, ours_hidden, video_batch
+    preset, _, model, processor = real_backbone
+    ip = processor.image_processor
+    monkeypatch.setattr(processor, "video_pixels", (ip.size.shortest_edge, 16 * (ip.patch_size * ip.merge_size) ** 2),
+                        raising=False)
+    batch = video_batch(processor)
+    assert int(batch["video_grid_thw"][0, 0]) == 3
+    with torch.no_grad():
+        ref = hf_forward_hidden(model, batch, processor)                      # (2, T, d)
+        h = ours_hidden(ReMatch(model, num_tokens=0), batch)
+    real = batch["attention_mask"].bool()
+    diff = (h - ref)[real].abs().max().item()
+    print(f"\n{preset}: video embedding path vs HF forward, max |Δ| = {diff:.2e}")
+    assert diff <= 1e-5, diff
 
 
 # ----------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from util.chat_templates import ANSWER_WORDS, QWEN2VL_CHAT_TEMPLATE, QWEN3VL_CHA
 from util.dist import default_device
 from util.inputs import MAX_MIN_PIXELS, MAX_PIXELS, looks_like_hub_id, rank0_first, resolve_dir
 from util.speed import patch_embed_as_matmul, vision_attention_by_size
+from util.video import is_timestamped
 
 # ----------------------------------------------------------------------------------
 # Tokenizer and processor
@@ -282,6 +283,7 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
         vision_attention_by_size(block.attn)
     processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tok,
                                          chat_template=tok.chat_template)
+    processor.video_timestamps = is_timestamped(model.config)   # Qwen3-VL: util/video.py
     return model.to(device=device, dtype=dtype), processor
 
 

@@ -31,6 +31,7 @@ import json
 import os
 
 IMAGE_PLACEHOLDER = "<|image_1|>"      # MMEB's (Phi-3.5-V) image placeholder in its text columns
+VIDEO_PLACEHOLDER = "<|video_1|>"      # where a video goes (util/video.py; MMEB-V2's video tasks)
 MAX_PIXELS = 16384 * 32 * 32           # Qwen3-VL's own upper bound of an image's size (Qwen2-VL's: 16384 · 28²)
 MAX_MIN_PIXELS = 1280 * 32 * 32        # the paper presets' max_pixels: no image forced above it
 
@@ -98,20 +99,22 @@ def upscale_small(image):
 # ----------------------------------------------------------------------------------
 # Items: an MMEB string and its image; the text cap
 
-def check_item_text(text, has_image, where, image_token="<|image_pad|>"):
-    """An item's MMEB string fits its image: not empty without one, exactly one
-    <|image_1|> with one and none without, no raw Qwen image token of its own.
-    ValueError naming `where`."""
-    n_placeholders = text.count(IMAGE_PLACEHOLDER)
-    if not has_image and not text.strip():
+def check_item_text(text, has_image, where, image_token="<|image_pad|>", has_video=False):
+    """An item's MMEB string fits its image (video): not empty without one, exactly one
+    <|image_1|> (<|video_1|>) with one and none without, no raw Qwen image or video token
+    of its own. ValueError naming `where`."""
+    if not has_image and not has_video and not text.strip():
         raise ValueError(f"{where}: empty text and no image")
-    if not has_image and n_placeholders:
-        raise ValueError(f"{where}: text has {IMAGE_PLACEHOLDER} but no image was given")
-    if has_image and n_placeholders != 1:
-        raise ValueError(f"{where}: an image was given but the text has {n_placeholders} "
-                         f"{IMAGE_PLACEHOLDER} placeholders (expected exactly 1): {text[:80]!r}")
-    if image_token in text:
-        raise ValueError(f"{where}: the text holds {image_token} itself: {text[:80]!r}")
+    for kind, mark, given in (("an image", IMAGE_PLACEHOLDER, has_image), ("a video", VIDEO_PLACEHOLDER, has_video)):
+        n_placeholders = text.count(mark)
+        if not given and n_placeholders:
+            raise ValueError(f"{where}: text has {mark} but no {kind.split()[1]} was given")
+        if given and n_placeholders != 1:
+            raise ValueError(f"{where}: {kind} was given but the text has {n_placeholders} "
+                             f"{mark} placeholders (expected exactly 1): {text[:80]!r}")
+    for token in (image_token, "<|video_pad|>"):
+        if token in text:
+            raise ValueError(f"{where}: the text holds {token} itself: {text[:80]!r}")
 
 
 def check_text_length(tokenizer, text, limit, where):
@@ -127,11 +130,13 @@ def check_text_length(tokenizer, text, limit, where):
 
 
 def check_text_tokens(ids, image_token_id, limit, where, text):
-    """An encoded item's text (its ids less the image pads) is at most `limit` tokens
-    (--max_text_tokens; None = no cap): a 20k-word text would ask for gigabytes.
+    """An encoded item's text (its ids less the image pads; image_token_id may be a tuple
+    of pad ids, e.g. image and video) is at most `limit` tokens (--max_text_tokens; None =
+    no cap): a 20k-word text would ask for gigabytes.
     BadItemError naming `where` (train.py's --skip_bad_rows can then drop its row)."""
     if limit and len(ids) > limit:
-        n_text = len(ids) - ids.count(image_token_id)
+        pads = image_token_id if isinstance(image_token_id, tuple) else (image_token_id,)
+        n_text = len(ids) - sum(ids.count(p) for p in pads)
         if n_text > limit:
             raise BadItemError(f"{where}: the text is {n_text} tokens, more than "
                                f"--max_text_tokens {limit}: {text[:60]!r}...")
@@ -548,8 +553,9 @@ def check_train_flags(args, error):
         error("--resume_revision pins the hub id given as --resume_from; there is none")
     if args.resume and args.overwrite:
         error("--resume and --overwrite contradict each other: pick one")
-    if getattr(args, "eval_visdoc_dir", None) and not args.eval_data and args.train_data is not None:
-        error("--eval_visdoc_dir runs with the evaluation after training: it needs --eval_data")
+    for flag in ("eval_visdoc_dir", "eval_video_dir"):
+        if getattr(args, flag, None) and not args.eval_data and args.train_data is not None:
+            error(f"--{flag} runs with the evaluation after training: it needs --eval_data")
     for flag, on in (("--attn flex", args.attn == "flex"), ("--pack", args.pack)):   # before any loading
         why = on and flex_unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                                       training=True, flag=flag)
@@ -570,12 +576,12 @@ def check_train_flags(args, error):
 def check_eval_flags(args, error):
     """evaluate.py's (and tools/rerank.py's) flags: something to do, with its data, the
     ranges, the --task_table file (read into args.task_table_entries)."""
-    visdoc = getattr(args, "visdoc_dir", None)
-    if not args.mmeb_dir and not args.zeroshot and not visdoc:
+    v2 = [f for f in ("visdoc_dir", "video_dir") if getattr(args, f, None)]
+    if not args.mmeb_dir and not args.zeroshot and not v2:
         error("nothing to do: give --mmeb_dir (with --image_dir) and/or --zeroshot (with --data_dir)"
-              + (" or, with --benchmark mmeb-v2, --visdoc_dir" if hasattr(args, "visdoc_dir") else ""))
-    if visdoc and getattr(args, "benchmark", None) != "mmeb-v2":
-        error("--visdoc_dir is MMEB-V2's: add --benchmark mmeb-v2")
+              + (" or, with --benchmark mmeb-v2, --visdoc_dir / --video_dir" if hasattr(args, "visdoc_dir") else ""))
+    if v2 and getattr(args, "benchmark", None) != "mmeb-v2":
+        error(f"--{v2[0]} is MMEB-V2's: add --benchmark mmeb-v2")
     if getattr(args, "benchmark", None) == "mmeb-v2" and args.task_table:
         error("--task_table replaces the task table of MMEB-format benchmarks, not MMEB-V2's")
     if args.mmeb_dir and not args.image_dir:
