@@ -60,6 +60,7 @@ from util.inputs import (check_encode_args, check_eval_flags, check_side, check_
                          load_image, read_task_table, resolve_dir, upscale_small)
 from util.run import load_finished, result_path, weights_fingerprint, write_atomic, write_json
 from util.speed import ATTENTION, set_attention
+from util.video import VIDEO_TOKEN, Clip
 
 # ----------------------------------------------------------------------------------
 # Metrics (Eq. 1). Small pure functions; tests/test_evaluate.py keeps naive loops as oracle.
@@ -143,7 +144,10 @@ def _as_image(x, where):
 
 
 def _encode(processor, text, image, where):
-    """encode_item of an MMEB string and an image given as None, a path or a PIL image."""
+    """encode_item of an MMEB string and an image given as None, a path or a PIL image, or
+    a video given as a util.video.Clip."""
+    if isinstance(image, Clip):
+        return encode_item(processor, text, where=where, video=image)
     return encode_item(processor, text, _as_image(image, where), where=where)
 
 
@@ -188,7 +192,7 @@ def embed_inputs(model, processor, inputs, batch_size=16, progress=False, desc="
                 check_text_length(processor.tokenizer, inputs[i][1] or "", max_text_tokens, w)
             enc = [_encode(processor, inputs[i][1], inputs[i][2], w)
                    for i, w in zip(chunk, where)]
-            pad = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+            pad = tuple(processor.tokenizer.convert_tokens_to_ids([processor.image_token, VIDEO_TOKEN]))
             for i, x, w in zip(chunk, enc, where):                       # util/inputs.py
                 check_text_tokens(x["ids"], pad, max_text_tokens, w, inputs[i][1])
             if keep is not None:
@@ -818,9 +822,11 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
     p.add_argument("--benchmark", default="mmeb", choices=BENCHMARK_NAMES,
                    help="task table: mmeb = the 36 MMEB tasks, synthetic = demo.make_synthetic's eval split, "
                         "mmeb-v2 = MMEB-V2's leaderboard (not the paper's: image via --mmeb_dir, "
-                        "visual documents via --visdoc_dir; tools/mmeb_v2.py)")
+                        "visual documents via --visdoc_dir, video via --video_dir; tools/mmeb_v2.py)")
     p.add_argument("--visdoc_dir", default=None, help="--benchmark mmeb-v2: one folder per visual-document "
                    "task, a copy of its hub dataset in the BEIR layout (tools/mmeb_v2.py)")
+    p.add_argument("--video_dir", default=None, help="--benchmark mmeb-v2: one folder per video task, its "
+                   "hub dataset and frames/ (its released frame folders; util/benchmarks.py)")
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the benchmark's tasks (default: all)")
     p.add_argument("--task_table", default=None, help="JSON {task: [meta_task, is_ind]}: the task "
                    "table of any other benchmark in the MMEB file format (replaces --benchmark)")
@@ -872,9 +878,10 @@ def main(argv=None, args=None, extras=None):
             model, processor, args.mmeb_dir, args.image_dir, args.visdoc_dir, config, args.batch_size,
             args.out, not args.no_progress, name,
             image_tasks=[t for t in tasks if t in MMEB_EVAL_TASKS] if tasks else None,
-            visdoc_tasks=[t for t in tasks if t not in MMEB_EVAL_TASKS] if tasks else None,
+            visdoc_tasks=[t for t in tasks if t not in MMEB_EVAL_TASKS and t not in mmeb_v2.VIDEO_TASKS] if tasks else None,
+            video_tasks=[t for t in tasks if t in mmeb_v2.VIDEO_TASKS] if tasks else None,
             skip_missing=args.skip_missing, data_revision=args.data_revision,
-            max_text_tokens=args.max_text_tokens)
+            max_text_tokens=args.max_text_tokens, video_dir=args.video_dir)
         print0("\n" + mmeb_v2.format_v2_table(out["mmeb_v2"], name=name))
     elif args.mmeb_dir:
         known = args.task_table_entries if args.task_table else benchmarks()[args.benchmark]

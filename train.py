@@ -584,11 +584,13 @@ def run_eval(model, processor, args, tasks, step, match_apart=()):
     if matching:                                      # {view type: mean}, the apart tasks apart
         out["matching_mean"] = matching_means(matching, [t for t in matching if t not in match_apart])
         out["matching_mean_apart"] = matching_means(matching, [t for t in matching if t in match_apart])
-    if getattr(args, "eval_visdoc_dir", None):        # MMEB-V2's visual documents (not the paper's)
+    visdoc, video = getattr(args, "eval_visdoc_dir", None), getattr(args, "eval_video_dir", None)
+    if visdoc or video:                               # MMEB-V2's visual documents, video (not the paper's)
         from tools import mmeb_v2
-        v2 = mmeb_v2.mmeb_v2_report(model, processor, visdoc_dir=args.eval_visdoc_dir, config=run_config(args),
+        v2 = mmeb_v2.mmeb_v2_report(model, processor, visdoc_dir=visdoc, config=run_config(args),
                                     out_dir=eval_dir, progress=sys.stderr.isatty(), image_tasks=[],
-                                    visdoc_tasks=mmeb_v2.visdoc_tasks_in(args.eval_visdoc_dir))
+                                    visdoc_tasks=mmeb_v2.visdoc_tasks_in(visdoc) if visdoc else [],
+                                    video_dir=video, video_tasks=mmeb_v2.video_tasks_in(video) if video else [])
         v2["image"] = {t: v for t, v in results.items() if t in mmeb_v2.MMEB_EVAL_TASKS}
         print0("\n" + mmeb_v2.format_v2_table(v2))
         out["mmeb_v2"] = v2
@@ -760,6 +762,9 @@ def build_parser():
     p.add_argument("--eval_visdoc_dir", default=None,
                    help="also MMEB-V2's visual-document tasks after training (not the paper's): a folder "
                         "of task folders in the BEIR layout (tools/mmeb_v2.py); needs --eval_data")
+    p.add_argument("--eval_video_dir", default=None,
+                   help="also MMEB-V2's video tasks after training: a folder of video task folders "
+                        "(their names among the 18; util/benchmarks.py's layout); needs --eval_data")
     p.add_argument("--eval_tasks", nargs="+", default=None,
                    help="tasks to evaluate (default: every task folder of a local --eval_data; "
                         "MMEB's 36 for a hub id)")

@@ -155,7 +155,7 @@ def test_evaluate_mmeb_v2_on_a_synthetic_page_task(tmp_path):
     """evaluate.py --benchmark mmeb-v2 on one synthetic visdoc task (tiny-qwen2-vl, K = 2):
     the score file holds the reference harness's names and equals graded_ranking of
     Encoder's vectors with the same instructions; the other 77 tasks are listed as
-    missing (not requested, video not supported), and no mean includes them."""
+    missing (not requested), and no mean includes them."""
     root = tmp_path / "visdoc"
     synthetic_pages(str(root), "ViDoRe_arxivqa")                # a name of the 24: the leaderboard path
     out = tmp_path / "eval"
@@ -180,7 +180,7 @@ def test_evaluate_mmeb_v2_on_a_synthetic_page_task(tmp_path):
     assert summary["visdoc"][1:] == (1, 24) and summary["image"] == (None, 0, 36)
     assert summary["Overall"][0] == pytest.approx(score["ndcg_linear@5"]) and summary["Overall"][1:] == (1, 78)
     table = mmeb_v2.format_v2_table(res)
-    assert "ndcg_linear@5" in table and "missing (18)" in table and "video is not supported" in table
+    assert "ndcg_linear@5" in table and "missing (77): " in table and "not requested (--tasks)" in table
     preds = [json.loads(line) for line in (out / "mmeb_v2" / "ViDoRe_arxivqa_pred.jsonl").read_text().splitlines()]
     assert len(preds) == 5 and all(len(p["top"]) == 8 for p in preds)
     # the ranking file is the ranking the metrics read: its first documents give Hit@1
@@ -204,21 +204,47 @@ def test_a_missing_task_folder_is_named_or_listed(tmp_path):
         ev.parse_args(["--model", "tiny-qwen2-vl", "--visdoc_dir", str(tmp_path)])   # needs mmeb-v2
 
 
+def test_revision_of_a_cache_snapshot_and_a_local_download(tmp_path):
+    """The data revision each result records: the snapshot folder's commit in the hub cache;
+    the commits `hf download --local-dir` wrote in its .metadata files (first line); None
+    for a plain copy."""
+    snap = tmp_path / "hub" / "datasets--vidore--x" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (tmp_path / "linked").symlink_to(snap)
+    assert mmeb_v2.revision_of(str(snap)) == mmeb_v2.revision_of(str(tmp_path / "linked")) == "a" * 40
+    local = tmp_path / "local"
+    meta = local / ".cache" / "huggingface" / "download" / "corpus"
+    meta.mkdir(parents=True)
+    (meta / "test-0.parquet.metadata").write_text("b" * 40 + "\netag\n1712656091.1\n")
+    (meta.parent / "queries.parquet.metadata").write_text("b" * 40 + "\netag\n1712656091.1\n")
+    assert mmeb_v2.revision_of(str(local)) == "b" * 40
+    (meta.parent / "qrels.parquet.metadata").write_text("c" * 40 + "\netag\n1712656091.1\n")
+    assert mmeb_v2.revision_of(str(local)) == "b" * 40 + "," + "c" * 40
+    (tmp_path / "plain").mkdir()
+    assert mmeb_v2.revision_of(str(tmp_path / "plain")) is None
+
+
 def test_train_eval_visdoc_dir(tmp_path):
-    """train.py's evaluation after training runs the synthetic page task beside the demo's."""
+    """train.py's evaluation after training runs the synthetic page task and the synthetic
+    clip tasks (tests/test_mmeb_v2_video.py) beside the demo's."""
     import train
     from demo import make_synthetic
+    from test_mmeb_v2_video import synthetic_clip_tasks
     paths = make_synthetic(str(tmp_path / "data"), seed=0)
     synthetic_pages(str(tmp_path / "visdoc"))
+    synthetic_clip_tasks(str(tmp_path / "video"))
     res = train.main(["--train_data", paths["train"], "--image_dir", paths["image_dir"],
                       "--eval_data", paths["eval"], "--eval_image_dir", paths["image_dir"],
                       "--eval_tasks", "ShapesColour", "--eval_visdoc_dir", str(tmp_path / "visdoc"),
+                      "--eval_video_dir", str(tmp_path / "video"),
                       "--model", "tiny-qwen2-vl", "--steps", "2", "--batch_size", "8", "--num_tokens", "2",
                       "--num_workers", "0", "--out_dir", str(tmp_path / "run"), "--log_every", "10"])
     v2 = res["mmeb_v2"]
     assert 0 <= v2["visdoc"]["ShapesPages"]["ndcg_linear@5"] <= 1
     assert mmeb_v2.summarize_v2(v2)["visdoc"][1] == 0          # a task outside the 24: in no mean
     assert "other (not in the means)" in mmeb_v2.format_v2_table(v2)
+    assert mmeb_v2.summarize_v2(v2)["video"][1:] == (3, 18)
+    assert all(0 <= v2["video"][t]["hit@1"] <= 1 for t in ("MSR-VTT", "SmthSmthV2", "QVHighlight"))
 
 
 def _rank_worker(rank, world, rendezvous, visdoc, out, err_dir):

@@ -8,23 +8,29 @@ it is. MMEB-V2 has 78 tasks in three groups, each with the leaderboard's metric:
   visdoc (24)  page retrieval (ViDoRe v1 and v2, VisRAG, ViDoSeek, MMLongBench): each query
                ranked against the task's whole corpus of page images, NDCG@5 with graded
                relevance and linear gain ("ndcg_linear@5"), plus Hit@1 and Recall@k
-  video  (18)  not supported yet: each is listed as missing with the reason, never
-               averaged as zero
+  video  (18)  classification, QA, text-to-video and moment retrieval over 8 frames per clip
+               through the backbone's own video input (util/video.py), each query ranked
+               against its own candidates or the task's whole pool as the harness does, Hit@1
 
 The group means and the overall mean are over the tasks that ran, each printed with its
 task count and metric; missing tasks are named. Per task, a score file with the reference
 harness's names (<out>/mmeb_v2/<Task>_score.json: hit@1, ndcg_linear@5, recall@5, ...,
 num_pred, num_data) and a ranking file (<Task>_pred.jsonl: the top 10 corpus ids per query
 with the judged grades) for comparison with its outputs; a restart reuses finished tasks.
-How this reads the harness where it is open (ties, grades, instructions): docs/readings.md §6.
+How this reads the harness where it is open (ties, grades, instructions): docs/readings.md §10.
 
     python evaluate.py --model CKPT --benchmark mmeb-v2 --mmeb_dir MMEB-eval --image_dir eval_images \\
-        --visdoc_dir visdoc --out runs/eval_v2
+        --visdoc_dir visdoc --video_dir video --out runs/eval_v2
 
 --visdoc_dir: one folder per task (names below), each a local copy of the task's hub dataset
 in the BEIR layout (util/benchmarks.read_visdoc_task); VISDOC_TASKS names the hub ids, e.g.
     hf download vidore/arxivqa_test_subsampled_beir --repo-type dataset --local-dir visdoc/ViDoRe_arxivqa
-Tests: pytest tests/test_mmeb_v2.py
+--video_dir: one folder per video task (names in VIDEO_TASKS): its hub dataset
+(util/benchmarks.VIDEO_SOURCES) and frames/, a link to the task's folder of the released
+MMEB-V2 frames; the global classification tasks also need classes.txt (their class labels), e.g.
+    hf download VLM2Vec/MSR-VTT --repo-type dataset --local-dir video/MSR-VTT
+    ln -s $MMEB_V2/video-tasks/frames/video_ret/MSR-VTT video/MSR-VTT/frames
+Tests: pytest tests/test_mmeb_v2.py tests/test_mmeb_v2_video.py
 """
 import json
 import os
@@ -35,7 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate as ev  # noqa: E402
 from data import MMEB_EVAL_TASKS  # noqa: E402
-from util.benchmarks import read_visdoc_task  # noqa: E402
+from util.benchmarks import VIDEO_SOURCES, read_video_task, read_visdoc_task  # noqa: E402
 from util.dist import broadcast_object, print0, rank_world  # noqa: E402
 from util.run import load_finished, result_path, weights_fingerprint, write_atomic, write_json  # noqa: E402
 
@@ -60,13 +66,11 @@ VISDOC_TASKS = {
     "MMLongBench-page": ("VisDoc-OOD", "VLM2Vec/MMLongBench-page-fixed", "test", None),
     "MMLongBench-doc": ("VisDoc-OOD", "VLM2Vec/MMLongBench-doc", "test", None),
 }
-# The 18 video tasks: name → group. Not supported yet (frames through the backbone's own
-# video input are not built): reported as missing with VIDEO_MISSING.
+# The 18 video tasks: name → group (sources and readers: util/benchmarks.VIDEO_SOURCES)
 VIDEO_TASKS = {**dict.fromkeys(("K700", "SmthSmthV2", "HMDB51", "UCF101", "Breakfast"), "V-CLS"),
                **dict.fromkeys(("MVBench", "Video-MME", "NExTQA", "EgoSchema", "ActivityNetQA"), "V-QA"),
                **dict.fromkeys(("DiDeMo", "MSR-VTT", "MSVD", "VATEX", "YouCook2"), "V-RET"),
                **dict.fromkeys(("QVHighlight", "Charades-STA", "MomentSeeker"), "V-MRET")}
-VIDEO_MISSING = "video is not supported yet (frames through the backbone's video input)"
 IMAGE_GROUP = {"Classification": "I-CLS", "VQA": "I-QA", "Retrieval": "I-RET", "Grounding": "I-VG"}
 MODALITIES = {"image": ("hit@1", ("I-CLS", "I-QA", "I-RET", "I-VG")),
               "video": ("hit@1", ("V-CLS", "V-QA", "V-RET", "V-MRET")),
@@ -92,6 +96,26 @@ def visdoc_table(tasks=None):
     return {t: VISDOC_TASKS[t] for t in tasks}
 
 
+def video_table(tasks=None):
+    """The video tasks to run: all 18 (None) or the named ones ({name: its VIDEO_SOURCES
+    entry}); unknown names: KeyError."""
+    tasks = list(VIDEO_TASKS) if tasks is None else list(tasks)
+    unknown = [t for t in tasks if t not in VIDEO_TASKS]
+    if unknown:
+        raise KeyError(f"unknown MMEB-V2 video task(s) {unknown}; known: {list(VIDEO_TASKS)}")
+    return {t: VIDEO_SOURCES[t] for t in tasks}
+
+
+def video_tasks_in(root):
+    """The video task folders under root (each must be one of the 18: a video task's rows
+    are read by its own reader); another folder: ValueError naming it."""
+    names = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)))
+    unknown = [n for n in names if n not in VIDEO_TASKS]
+    if unknown:
+        raise ValueError(f"{root}: folder(s) {unknown} are not MMEB-V2 video tasks (known: {list(VIDEO_TASKS)})")
+    return names
+
+
 def visdoc_tasks_in(root):
     """The task folders under root as a visdoc_table dict: the 24 by their entries, any
     other folder as ("other", root, "test", None)."""
@@ -102,9 +126,21 @@ def visdoc_tasks_in(root):
 
 def revision_of(folder):
     """The revision a task folder holds: the commit of a Hugging Face cache snapshot
-    (…/snapshots/<commit>/…), else None (a local copy of unknown revision)."""
+    (…/snapshots/<commit>/…); else the commit(s) `hf download --local-dir` recorded in
+    .cache/huggingface/download/*.metadata (first line of each; several joined by ","
+    when files came from different commits); else None (a copy of unknown revision)."""
     parts = os.path.realpath(folder).split(os.sep)
-    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+    if "snapshots" in parts[:-1]:
+        return parts[parts.index("snapshots") + 1]
+    meta = os.path.join(folder, ".cache", "huggingface", "download")
+    commits = set()
+    for d, _, files in os.walk(meta):
+        for f in files:
+            if f.endswith(".metadata"):
+                with open(os.path.join(d, f)) as fh:
+                    commits.add(fh.readline().strip())
+    commits.discard("")
+    return ",".join(sorted(commits)) or None
 
 
 def eval_visdoc_task(model, processor, root, task, split="test", language=None, batch_size=16,
@@ -130,16 +166,81 @@ def eval_visdoc_task(model, processor, root, task, split="test", language=None, 
     return {**out, "num_pred": len(queries), "num_data": len(queries), "num_docs": len(corpus)}, ranking
 
 
+def eval_video_task(model, processor, root, task, config=None, batch_size=16, progress=False,
+                    max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS):
+    """One video task (util/benchmarks.read_video_task): every distinct query and candidate
+    embedded once; each query ranked against its own candidates (local) or the task's whole
+    pool (global). Hit@1 is tie-safe: a query is a hit iff some correct candidate scores
+    strictly above every other one. Text-only candidates of V-CLS / V-QA get the checkpoint's
+    target instruction when it trained with them (as MMEB's do). Returns (scores {hit@1,
+    num_pred, num_data, num_cands}, ranking [{query, top: [name] (10), labels}])."""
+    queries, cands, _ = read_video_task(root, task)
+    target = ev._target_instruction_fn(config)
+    meta = {"V-CLS": "Classification", "V-QA": "VQA"}.get(VIDEO_TASKS.get(task))
+    names = list(cands)
+    inputs = [("q", text, visual) for text, visual, _, _ in queries] + \
+             [("d", target(text, task, meta) if target and meta and visual is None else text, visual)
+              for text, visual in cands.values()]
+    E = ev.embed_inputs(model, processor, inputs, batch_size, progress, desc=task,
+                        max_text_tokens=max_text_tokens)                  # (nq + nc, d)
+    S = ev.cosine_scores(E[:len(queries)], E[len(queries):])             # (nq, nc)
+    col = {n: j for j, n in enumerate(names)}
+    hits, ranking = 0, []
+    for i, (text, _, own, labels) in enumerate(queries):
+        idx = torch.tensor([col[n] for n in own]) if own is not None else torch.arange(len(names))
+        s = S[i, idx]                                                     # (n_own,)
+        is_label = torch.tensor([names[j] in labels for j in idx.tolist()])
+        hits += bool((s[~is_label] < s[is_label].max()).all()) if is_label.any() else 0
+        order = sorted(range(len(idx)), key=lambda j: (-s[j].item(), bool(is_label[j])))  # ties: label last
+        ranking.append({"query": text, "top": [names[idx[j]] for j in order[:10]], "labels": list(labels)})
+    return {"hit@1": hits / len(queries), "num_pred": len(queries), "num_data": len(queries),
+            "num_cands": len(names)}, ranking
+
+
+def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, flag, say):
+    """Run each task of `table` whose folder is under `root` (`run(task, spec)` → (scores,
+    ranking)), reusing the ones finished earlier; a missing folder is an error unless
+    skip_missing. Returns ({task: scores or None}, {task: why missing})."""
+    rank, _ = rank_world()
+    weights = weights_fingerprint(model)
+    finished = broadcast_object(load_finished(out_dir, "mmeb_v2", table, config, weights)
+                                if rank == 0 else None)              # every rank skips the same tasks
+    results, missing = {}, {}
+    for task, spec in table.items():
+        folder = os.path.join(root, task) if root else None
+        if task in finished:
+            results[task] = finished[task]["scores"]
+            print0(f"{task}: {say(results[task])} (finished earlier, skipped)")
+            continue
+        if folder is None or not os.path.isdir(folder):
+            why = f"no {flag}" if folder is None else f"no folder {folder} (a copy of {spec[1] if kind == 'visdoc' else spec[0]})"
+            if folder is not None and not skip_missing:
+                raise FileNotFoundError(f"MMEB-V2 task {task}: {why}; pass --skip_missing to report it as missing")
+            results[task], missing[task] = None, why
+            continue
+        results[task], ranking = run(task, spec)
+        print0(f"{task}: {say(results[task])}")
+        if rank == 0 and out_dir:
+            write_json(result_path(out_dir, "mmeb_v2", task), {
+                "task": task, "group": spec[0] if kind == "visdoc" else VIDEO_TASKS.get(task),
+                "source": spec[1] if kind == "visdoc" else spec[0], "revision": revision_of(folder),
+                "scores": results[task], "config": config, "weights": weights})
+            write_json(os.path.join(out_dir, "mmeb_v2", f"{task}_score.json"), results[task])
+            write_atomic(os.path.join(out_dir, "mmeb_v2", f"{task}_pred.jsonl"),
+                         "".join(json.dumps(r) + "\n" for r in ranking))
+    return results, missing
+
+
 def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=None, config=None,
                    batch_size=16, out_dir=None, progress=True, name=None, image_tasks=None,
                    visdoc_tasks=None, skip_missing=False, data_revision=None,
-                   max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS):
+                   max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS, video_dir=None, video_tasks=None):
     """
-    {"image": {task: Hit@1 or None}, "visdoc": {task: scores or None}, "video": {task: None},
-    "missing": {task: why}}. Image tasks through evaluate.mmeb_report (its resume and
-    checks); visdoc tasks under visdoc_dir (a task folder that is absent is missing: an
-    error unless skip_missing); video: missing (VIDEO_MISSING). out_dir: per-task files
-    (reused on restart with the same config and weights), mmeb_v2_results.json / .md.
+    {"image": {task: Hit@1 or None}, "visdoc": {task: scores or None}, "video": {task:
+    scores or None}, "missing": {task: why}}. Image tasks through evaluate.mmeb_report (its
+    resume and checks); visdoc tasks under visdoc_dir, video tasks under video_dir (a task
+    folder that is absent is missing: an error unless skip_missing). out_dir: per-task
+    files (reused on restart with the same config and weights), mmeb_v2_results.json / .md.
     """
     config = dict(config or {}, **({"data_revision": data_revision} if data_revision else {}))
     rank, _ = rank_world()
@@ -153,39 +254,25 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
         image = dict.fromkeys(itable)
     missing.update({t: "no --mmeb_dir" if not mmeb_dir else "missing (--skip_missing)"
                     for t, v in image.items() if v is None})
-    vtable, visdoc = visdoc_table(visdoc_tasks), {}
-    weights = weights_fingerprint(model)
-    finished = broadcast_object(load_finished(out_dir, "mmeb_v2", vtable, config, weights)
-                                if rank == 0 else None)              # every rank skips the same tasks
-    for task, (group, hub, split, language) in vtable.items():
-        folder = os.path.join(visdoc_dir, task) if visdoc_dir else None
-        if task in finished:
-            visdoc[task] = finished[task]["scores"]
-            print0(f"{task}: NDCG@5 {100 * visdoc[task]['ndcg_linear@5']:.1f} (finished earlier, skipped)")
-            continue
-        if folder is None or not os.path.isdir(folder):
-            why = "no --visdoc_dir" if folder is None else f"no folder {folder} (a copy of {hub})"
-            if folder is not None and not skip_missing:
-                raise FileNotFoundError(f"MMEB-V2 task {task}: {why}; pass --skip_missing to report it as missing")
-            visdoc[task], missing[task] = None, why
-            continue
-        visdoc[task], ranking = eval_visdoc_task(model, processor, visdoc_dir, task, split, language,
-                                                 batch_size, progress, max_text_tokens)
-        print0(f"{task}: NDCG@5 (linear) {100 * visdoc[task]['ndcg_linear@5']:.1f}, Hit@1 "
-               f"{100 * visdoc[task]['hit@1']:.1f} ({visdoc[task]['num_data']} queries, "
-               f"{visdoc[task]['num_docs']} documents)")
-        if rank == 0 and out_dir:
-            write_json(result_path(out_dir, "mmeb_v2", task), {
-                "task": task, "group": group, "source": hub, "split": split, "revision": revision_of(folder),
-                "scores": visdoc[task],
-                "config": config, "weights": weights})
-            write_json(os.path.join(out_dir, "mmeb_v2", f"{task}_score.json"), visdoc[task])
-            write_atomic(os.path.join(out_dir, "mmeb_v2", f"{task}_pred.jsonl"),
-                         "".join(json.dumps(r) + "\n" for r in ranking))
-    video = dict.fromkeys(VIDEO_TASKS)
-    missing.update(dict.fromkeys(VIDEO_TASKS, VIDEO_MISSING))
-    missing.update({t: "not requested (--tasks)" for t in [*MMEB_EVAL_TASKS, *VISDOC_TASKS]
-                    if t not in itable and t not in vtable})
+    vtable = visdoc_table(visdoc_tasks)
+    visdoc, why = _run_tasks(
+        "visdoc", vtable, visdoc_dir,
+        lambda task, spec: eval_visdoc_task(model, processor, visdoc_dir, task, spec[2], spec[3], batch_size,
+                                            progress, max_text_tokens),
+        model, config, out_dir, skip_missing, "--visdoc_dir",
+        lambda r: f"NDCG@5 (linear) {100 * r['ndcg_linear@5']:.1f}, Hit@1 {100 * r['hit@1']:.1f} "
+                  f"({r['num_data']} queries, {r.get('num_docs', '?')} documents)")
+    missing.update(why)
+    ttable = video_table(video_tasks)
+    video, why = _run_tasks(
+        "video", ttable, video_dir,
+        lambda task, spec: eval_video_task(model, processor, video_dir, task, config, batch_size, progress,
+                                           max_text_tokens),
+        model, config, out_dir, skip_missing, "--video_dir",
+        lambda r: f"Hit@1 {100 * r['hit@1']:.1f} ({r['num_data']} queries, {r.get('num_cands', '?')} candidates)")
+    missing.update(why)
+    missing.update({t: "not requested (--tasks)" for t in [*MMEB_EVAL_TASKS, *VISDOC_TASKS, *VIDEO_TASKS]
+                    if t not in itable and t not in vtable and t not in ttable})
     results = {"image": image, "visdoc": visdoc, "video": video, "missing": missing}
     if rank == 0 and out_dir:
         write_json(os.path.join(out_dir, "mmeb_v2_results.json"), {
@@ -193,14 +280,19 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
             "visdoc_sources": {t: {"dataset": v[1], "split": v[2], "language": v[3],
                                    "revision": revision_of(os.path.join(visdoc_dir, t)) if visdoc_dir else None}
                                for t, v in vtable.items()},
+            "video_sources": {t: {"dataset": v[0], "subset": v[1], "split": v[2], "ranking": v[3],
+                                  "revision": revision_of(os.path.join(video_dir, t)) if video_dir else None}
+                              for t, v in ttable.items()},
             **results})
         write_atomic(os.path.join(out_dir, "mmeb_v2_results.md"), format_v2_table(results, name, markdown=True))
     return results
 
 
 def _score(results, modality, task):
+    """A task's leaderboard number: image Hit@1 (a float), video the score file's hit@1,
+    visdoc its ndcg_linear@5 (None when it did not run)."""
     v = results[modality].get(task)
-    return v if modality != "visdoc" or v is None else v["ndcg_linear@5"]
+    return v if modality == "image" or v is None else v[MODALITIES[modality][0]]
 
 
 def _groups_of(modality):

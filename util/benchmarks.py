@@ -330,3 +330,221 @@ def read_sugarcrepe(data_dir, allow_outside=False):
     _confine([p for rows in out.values() for p, _, _ in rows], data_dir, "SugarCrepe", allow_outside)
     _require(sorted({p for rows in out.values() for p, _, _ in rows}), "SugarCrepe")
     return out
+
+
+# ----------------------------------------------------------------------------------
+# MMEB-V2's 18 video tasks (not the paper's protocol; tools/mmeb_v2.py scores them).
+# Layout: <root>/<Task>/ holds the task's hub dataset (parquet: <split>-*.parquet or
+# <split>/*.parquet, under <subset>/ where the task has one; or one .jsonl) and frames/, the
+# task's folder of the released MMEB-V2 frames (video-tasks/frames/<kind>/<Task>/: one folder
+# of frame images per video; moment retrieval: <video>/{query, positive*, negatives}).
+# What each task asks (instructions, candidates, local or global ranking) follows the
+# reference harness; docs/readings.md §10 says where this differs.
+
+V_QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided "
+               "candidates. Return only the exact text of your chosen answer. Question: ")
+V_TARGET = "<|video_1|> Understand the content of the provided video."
+V_CLS = {"K700": "Recognize the category of the video content.",
+         "UCF101": "What activities or sports are being performed by the person in the video?",
+         "HMDB51": "What actions or objects interactions are the person in the video doing?",
+         "Breakfast": "Recognize the breakfast type that the person is cooking in the video. "}
+V_RET = {"MSR-VTT": "Find a video that contains the following visual content:",
+         "MSVD": "Find the video snippet that corresponds to the given summary:",
+         "DiDeMo": "Find a video that includes the following described scenes:",
+         "VATEX": "Select a video that fits the description provided:",
+         "YouCook2": "Find a video that demonstrates the following action while making a recipe:"}
+MVBENCH_SUBSETS = ("episodic_reasoning", "action_sequence", "action_prediction", "action_antonym",
+                   "fine_grained_action", "unexpected_action", "object_existence", "object_interaction",
+                   "object_shuffle", "moving_direction", "action_localization", "scene_transition",
+                   "action_count", "moving_count", "moving_attribute", "state_change", "fine_grained_pose",
+                   "character_order", "egocentric_navigation", "counterfactual_inference")
+# task → (hub dataset, subset, split, ranking, at most this many rows (the first ones))
+VIDEO_SOURCES = {
+    "K700": ("VLM2Vec/Kinetics-700", None, "test", "global", None),
+    "SmthSmthV2": ("VLM2Vec/SmthSmthV2", None, "test", "local", 1000),
+    "HMDB51": ("VLM2Vec/HMDB51", None, "test", "global", None),
+    "UCF101": ("VLM2Vec/UCF101", None, "test", "global", None),
+    "Breakfast": ("VLM2Vec/Breakfast", None, "test", "global", None),
+    "MVBench": ("OpenGVLab/MVBench", MVBENCH_SUBSETS, "train", "local", None),
+    "Video-MME": ("lmms-lab/Video-MME", None, "test", "local", None),
+    "NExTQA": ("lmms-lab/NExTQA", "MC", "test", "local", None),
+    "EgoSchema": ("lmms-lab/egoschema", "Subset", "test", "local", None),
+    "ActivityNetQA": ("VLM2Vec/ActivityNetQA", None, "test", "local", None),
+    "DiDeMo": ("VLM2Vec/DiDeMo", None, "test", "global", None),
+    "MSR-VTT": ("VLM2Vec/MSR-VTT", "test_1k", "test", "global", None),
+    "MSVD": ("VLM2Vec/MSVD", None, "test", "global", None),
+    "VATEX": ("VLM2Vec/VATEX", None, "test", "global", None),
+    "YouCook2": ("VLM2Vec/YouCook2", None, "val", "global", None),
+    "QVHighlight": ("VLM2Vec/QVHighlight", None, "test", "local", None),
+    "Charades-STA": ("VLM2Vec/Charades-STA", None, "test", "local", None),
+    "MomentSeeker": ("VLM2Vec/MomentSeeker", None, "test", "local", None),
+}
+
+
+def _video_rows(folder, subset, split, limit, task):
+    """The task's annotation rows: parquet of `split` (under `subset`/ when given; MVBench:
+    each subset in turn, with a "subset" column), else the folder's one .jsonl file."""
+    rows = []
+    for sub in (subset if isinstance(subset, tuple) else (subset,)):
+        d = os.path.join(folder, sub) if sub else folder
+        files = [f for base in (d, os.path.join(d, "data"))
+                 for f in sorted(glob.glob(os.path.join(base, f"{split}-*.parquet"))) or
+                 sorted(glob.glob(os.path.join(base, split, "*.parquet")))]
+        if not files and not isinstance(subset, tuple):
+            files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
+        if not files:
+            raise FileNotFoundError(f"MMEB-V2 {task}: no '{split}' parquet file in {d} (nor a .jsonl in {folder})")
+        if files[0].endswith(".jsonl"):
+            part = [json.loads(line) for f in files for line in open(f) if line.strip()]
+        else:
+            part = read_rows(files)
+        rows += [dict(r, subset=sub) if isinstance(subset, tuple) else r for r in part]
+    if not rows:
+        raise ValueError(f"MMEB-V2 {task}: no rows in {folder}")
+    return rows[:limit] if limit else rows
+
+
+def _str(r, key, where):
+    v = r.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(int(v)) if float(v).is_integer() else str(v)
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"{where} {key}: expected a non-empty string, got {v!r:.80}")
+    return v
+
+
+def _str_list(r, key, where, n=None):
+    v = r.get(key)
+    if not isinstance(v, list) or not v or not all(isinstance(s, str) and s.strip() for s in v) \
+            or (n is not None and len(v) != n):
+        raise ValueError(f"{where} {key}: expected a list of {n or 'some'} non-empty strings, got {v!r:.80}")
+    return v
+
+
+def _strip_letter(option):
+    """'A. Some text.' → 'Some text' (the harness's o[o.find('. '):].strip('. '))."""
+    return option[option.find(". "):].strip(". ")
+
+
+def read_video_task(root, task, num_frames=8):
+    """
+    One MMEB-V2 video task → (queries, candidates, ranking). queries: list of (text, visual,
+    candidate names (local ranking: the row's own; global: None = the whole pool), labels
+    (the correct names)); candidates: {name: (text, visual)} in first-seen order, each
+    encoded once; visual: None, an image path, or a util.video.Clip of `num_frames` frames.
+    Malformed rows, missing frame folders and labels outside their candidates raise errors
+    naming the task and row.
+    """
+    from util.video import Clip
+    folder = os.path.join(root, task)
+    hub, subset, split, ranking, limit = VIDEO_SOURCES[task]
+    frames = os.path.join(folder, "frames")
+    if not os.path.isdir(frames):
+        raise FileNotFoundError(f"MMEB-V2 {task}: no frame folder {frames} (the task's folder of the "
+                                "released MMEB-V2 frames, video-tasks/frames/...)")
+    rows = _video_rows(folder, subset, split, limit, task)
+    queries, cands = [], {}
+
+    def clip(name, where, k=num_frames):
+        return Clip.from_folder(os.path.join(frames, name), k, where)
+
+    def cand(name, text, visual=None):
+        cands.setdefault(name, (text, visual))
+        return name
+    for i, r in enumerate(rows):
+        w = f"MMEB-V2 {task} row {i}"
+        if task in V_CLS:
+            label = _str(r, "pos_text", w)
+            queries.append((f"<|video_1|> {V_CLS[task]}", clip(_str(r, "video_id", w), w), None, [cand(label, label)]))
+        elif task == "SmthSmthV2":
+            label, options = _str(r, "pos_text", w), _str_list(r, "neg_text", w)
+            if label not in options:
+                raise ValueError(f"{w}: pos_text {label!r} is not among its neg_text candidates")
+            queries.append(("<|video_1|> What actions or object interactions are being performed by the person in "
+                            "the video?", clip(_str(r, "video_id", w), w), [cand(o, o) for o in options], [label]))
+        elif task in V_RET:
+            caption = {"MSVD": lambda: _str_list(r, "caption", w)[0], "VATEX": lambda: _str_list(r, "enCap", w)[0],
+                       "YouCook2": lambda: _str(r, "sentence", w)}.get(task, lambda: _str(r, "caption", w))()
+            name = {"DiDeMo": lambda: os.path.splitext(os.path.basename(_str(r, "video", w)))[0],
+                    "VATEX": lambda: _str(r, "videoID", w), "YouCook2": lambda: _str(r, "id", w)}.get(
+                task, lambda: _str(r, "video_id", w))()
+            cand(name, V_TARGET, clip(name, w))
+            queries.append((f"{V_RET[task]} {caption}", None, None, [name]))
+        elif task in ("Video-MME", "EgoSchema"):
+            q = _str(r, "question", w)
+            options = _str_list(r, "options" if task == "Video-MME" else "option", w)
+            a = _str(r, "answer", w)
+            k = "ABCDE".find(a) if task == "Video-MME" else (int(a) if a.isdigit() else -1)
+            if not 0 <= k < len(options):
+                raise ValueError(f"{w} answer: {a!r} names none of its {len(options)} options")
+            text = q + "\n" + "\n".join(options) if task == "Video-MME" else q + " ".join(options)
+            vid = _str(r, "videoID" if task == "Video-MME" else "video_idx", w)
+            queries.append((f"<|video_1|> {V_QA_PROMPT} {text}", clip(vid, w),
+                            [cand(o, _strip_letter(o)) for o in options], [options[k]]))
+        elif task in ("NExTQA", "MVBench"):
+            q = _str(r, "question", w)
+            if task == "NExTQA":
+                options = [_str(r, f"a{j}", w) for j in range(5)]
+                a = r.get("answer")
+                k = int(a) if isinstance(a, int) or (isinstance(a, str) and a.isdigit()) else -1
+                vid = _str(r, "video", w)
+            else:
+                options, a = _str_list(r, "candidates", w), _str(r, "answer", w)
+                k = options.index(a) if a in options else -1
+                vid = f"{r['subset']}/{_str(r, 'video', w)}"
+            if not 0 <= k < len(options):
+                raise ValueError(f"{w} answer: {r.get('answer')!r:.40} names none of its options")
+            lettered = [f"({chr(65 + j)}) {o}" for j, o in enumerate(options)]
+            names = [cand(o, o) for o in (options if task == "NExTQA" else lettered)]
+            text = (q + "\nOptions:\n" + "\n".join(lettered)).rstrip()
+            queries.append((f"<|video_1|> {V_QA_PROMPT} {text}", clip(vid, w), names, [names[k]]))
+        elif task == "ActivityNetQA":
+            a = _str(r, "answer", w)
+            if a not in ("yes", "no"):
+                raise ValueError(f"{w} answer: expected 'yes' or 'no', got {a!r:.40}")
+            queries.append((f"<|video_1|> {V_QA_PROMPT} {_str(r, 'question', w)}? (A) yes; (B) no.",
+                            clip(f"v_{_str(r, 'video_name', w)}", w), [cand("yes", "yes"), cand("no", "no")], [a]))
+        elif task in ("QVHighlight", "Charades-STA"):
+            video = os.path.splitext(os.path.basename(_str(r, "video_path", w)))[0]
+            d = os.path.join(frames, video)
+            subs = sorted(s for s in os.listdir(d) if s != "query" and os.path.isdir(os.path.join(d, s))) \
+                if os.path.isdir(d) else []
+            names = [cand(f"{video}/{s}", V_TARGET, clip(f"{video}/{s}", w)) for s in subs]
+            labels = [f"{video}/{s}" for s in subs if s.startswith("positive")]
+            if not labels:
+                raise ValueError(f"{w}: no clip folder named positive* in {d}")
+            queries.append(("<|video_1|> Find the clip that corresponds to the described scene in the given video: "
+                            + _str(r, "query", w), clip(f"{video}/query", w), names, labels))
+        else:                                                       # MomentSeeker
+            q, given = _str(r, "query", w), r.get("input_frames") or ""
+
+            def clips(key):
+                out = []
+                for c in r.get(key) or []:
+                    path = c.get("output_path") if isinstance(c, dict) else None
+                    if not isinstance(path, str) or not path:
+                        raise ValueError(f"{w} {key}: expected entries with an output_path, got {c!r:.80}")
+                    name = "video_frames/" + path.replace("/", "_").split(".mp4")[0]
+                    out.append(cand(name, V_TARGET.replace("video.", "video clip."), clip(name, w)))
+                return out
+            pos, neg = clips("positive_frames"), clips("negative_frames")
+            if not pos:
+                raise ValueError(f"{w} positive_frames: no positive clip")
+            if given.endswith(".mp4"):
+                query = (f"<|video_1|> Find the clip that corresponds to the given sentence and video segment: {q}",
+                         clip("video_frames/" + given.replace(".mp4", "").replace("/", "_"), w))
+            elif given.endswith(".jpg"):
+                query = (f"<|image_1|> Select the video clip that aligns with the given text and image: {q}",
+                         os.path.join(frames, f"query_{given}"))
+            else:
+                query = (f"Find the clip that corresponds to the given text: {q}", None)
+            queries.append((*query, pos + neg, pos))
+    if ranking == "global" and task in V_CLS:          # the harness ranks against every class
+        classes = os.path.join(folder, "classes.txt")
+        if not os.path.isfile(classes):
+            raise FileNotFoundError(f"MMEB-V2 {task}: no {classes} (the task's class labels, one per line, "
+                                    "as its pos_text spells them: the harness ranks against all of them)")
+        for label in (s.strip() for s in open(classes)):
+            if label:
+                cand(label, label)
+    return queries, cands, ranking

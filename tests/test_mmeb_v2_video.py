@@ -1,0 +1,236 @@
+"""
+MMEB-V2's video tasks (util/benchmarks.read_video_task, tools/mmeb_v2.eval_video_task) on
+fixture folders: the task's rows (jsonl or parquet) and frames/ of frame folders.
+
+  - the readers build what the reference harness builds, hand-written per task kind:
+    instructions, the QA prompt's options, candidate names and texts (letters stripped or
+    kept), the correct names, local or global ranking, the class list of global CLS tasks;
+  - malformed rows, missing frame folders and a missing class list are named;
+  - end to end through evaluate.py --benchmark mmeb-v2 --video_dir on synthetic clip tasks
+    (coloured shapes per video): a global text-to-video task, a local classification task
+    and a moment-retrieval task; each Hit@1 == a naive loop that embeds every item alone;
+    the report's video group counts and a restart that reuses the finished tasks.
+
+    pytest tests/test_mmeb_v2_video.py
+"""
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import evaluate as ev
+from conftest import shape_image
+from tools import mmeb_v2
+from util.benchmarks import MVBENCH_SUBSETS, V_QA_PROMPT, read_video_task
+from util.video import Clip
+
+COLOURS = ("red", "green", "blue", "yellow")
+
+
+def frames(folder, colour="red", n=3):
+    """n frames frame_0001.jpg.. of one colour, the shape alternating (a clip that moves)."""
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        shape_image(colour, 56, ("circle", "square")[i % 2]).save(os.path.join(folder, f"frame_{i + 1:04d}.jpg"))
+
+
+def task_dir(root, task, rows, videos=(), subset=None):
+    """<root>/<task>/ with rows (one .jsonl, or parquet under subset/) and frames/<video>/."""
+    d = os.path.join(root, task)
+    os.makedirs(d, exist_ok=True)
+    if subset:
+        os.makedirs(os.path.join(d, subset), exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), os.path.join(d, subset, "test-00000-of-00001.parquet"))
+    else:
+        with open(os.path.join(d, "rows.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    for v, colour in videos:
+        frames(os.path.join(d, "frames", v), colour)
+    os.makedirs(os.path.join(d, "frames"), exist_ok=True)
+    return d
+
+
+def one(root, task, rows, videos, subset=None):
+    task_dir(str(root), task, rows, videos, subset)
+    queries, cands, ranking = read_video_task(str(root), task)
+    return queries, cands, ranking
+
+
+# ----------------------------------------------------------------------------------
+# Readers: what the harness builds, by hand
+
+def test_qa_readers_build_the_harness_prompts_and_candidates(tmp_path):
+    q, c, r = one(tmp_path, "Video-MME", [{"question": "What is shown?", "videoID": "v1", "answer": "B",
+                                           "options": ["A. A cat.", "B. A red ball.", "C. Nothing"]}], [("v1", "red")])
+    assert r == "local" and q[0][0] == (f"<|video_1|> {V_QA_PROMPT} What is shown?\nA. A cat.\nB. A red ball.\n"
+                                        "C. Nothing")
+    assert "Question:  What" in q[0][0]                                 # the prompt's space + the harness's
+    assert q[0][2] == ["A. A cat.", "B. A red ball.", "C. Nothing"] and q[0][3] == ["B. A red ball."]
+    assert [c[n][0] for n in q[0][2]] == ["A cat", "A red ball", "Nothing"]   # letter and final '.' stripped
+    assert isinstance(q[0][1], Clip) and len(q[0][1].frames) == 8 and q[0][1].frames[3] == q[0][1].frames[7]
+
+    q, c, _ = one(tmp_path, "EgoSchema", [{"question": "Why?", "video_idx": "e1", "answer": "0",
+                                           "option": ["A. to eat", "B. to sleep"]}], [("e1", "red")], "Subset")
+    assert q[0][0] == f"<|video_1|> {V_QA_PROMPT} Why?A. to eat B. to sleep"   # no separator after the question
+    assert q[0][3] == ["A. to eat"] and c["B. to sleep"][0] == "to sleep"
+
+    q, c, _ = one(tmp_path, "NExTQA", [{"question": "who runs", "video": 7, "answer": 1, "qid": 0,
+                                        **{f"a{j}": f"opt {j}" for j in range(5)}}], [("7", "red")], "MC")
+    assert q[0][0] == (f"<|video_1|> {V_QA_PROMPT} who runs\nOptions:\n" +
+                       "\n".join(f"({'ABCDE'[j]}) opt {j}" for j in range(5)))
+    assert q[0][2] == [f"opt {j}" for j in range(5)] and q[0][3] == ["opt 1"] and c["opt 1"] == ("opt 1", None)
+
+    q, c, _ = one(tmp_path, "ActivityNetQA", [{"question": "is it red", "video_name": "x9", "answer": "yes"}],
+                  [("v_x9", "red")])
+    assert q[0][0] == f"<|video_1|> {V_QA_PROMPT} is it red? (A) yes; (B) no." and q[0][2:] == (["yes", "no"], ["yes"])
+
+
+def test_mvbench_reads_every_subset_and_keeps_the_letters(tmp_path):
+    d = tmp_path / "MVBench"
+    for sub in MVBENCH_SUBSETS[:2]:
+        os.makedirs(d / sub)
+        pq.write_table(pa.Table.from_pylist([{"question": f"q {sub}", "video": "a.mp4", "candidates": ["x", "y"],
+                                              "answer": "y"}]), str(d / sub / "train-00000-of-00001.parquet"))
+        frames(str(d / "frames" / sub / "a.mp4"))
+    with pytest.raises(FileNotFoundError, match="MMEB-V2 MVBench: no 'train' parquet file in .*action_prediction"):
+        read_video_task(str(tmp_path), "MVBench")
+    for sub in MVBENCH_SUBSETS[2:]:
+        os.makedirs(d / sub)
+        pq.write_table(pa.Table.from_pylist([{"question": "q", "video": "b.mp4", "candidates": ["x", "y"],
+                                              "answer": "x"}]), str(d / sub / "train-00000-of-00001.parquet"))
+        frames(str(d / "frames" / sub / "b.mp4"))
+    q, c, r = read_video_task(str(tmp_path), "MVBench")
+    assert len(q) == 20 and q[0][0].endswith("q episodic_reasoning\nOptions:\n(A) x\n(B) y")
+    assert q[0][2] == ["(A) x", "(B) y"] and q[0][3] == ["(B) y"] and c["(B) y"] == ("(B) y", None)
+    assert q[0][1].frames[0].endswith("frames/episodic_reasoning/a.mp4/frame_0001.jpg")
+
+
+def test_classification_and_retrieval_readers(tmp_path):
+    rows = [{"video_id": "v1", "pos_text": "ride_bike"}, {"video_id": "v2", "pos_text": "fencing"}]
+    with pytest.raises(FileNotFoundError, match="HMDB51: no .*classes.txt"):
+        one(tmp_path, "HMDB51", rows, [("v1", "red"), ("v2", "blue")])
+    (tmp_path / "HMDB51" / "classes.txt").write_text("fencing\nclimb\n\nride_bike\n")
+    q, c, r = read_video_task(str(tmp_path), "HMDB51")
+    assert r == "global" and list(c) == ["ride_bike", "fencing", "climb"]      # seen first, then the class list
+    assert q[0][0] == "<|video_1|> What actions or objects interactions are the person in the video doing?"
+    assert q[0][2] is None and q[1][3] == ["fencing"]
+
+    q, c, r = one(tmp_path, "SmthSmthV2", [{"video_id": 3, "pos_text": "Pushing x", "neg_text": ["Pulling x", "Pushing x"]}],
+                  [("3", "red")])
+    assert r == "local" and q[0][2:] == (["Pulling x", "Pushing x"], ["Pushing x"])
+
+    q, c, r = one(tmp_path, "MSVD", [{"video_id": "m1", "caption": ["a dog runs", "a dog"]},
+                                     {"video_id": "m1", "caption": ["the dog again"]}], [("m1", "red")])
+    assert r == "global" and q[0] == ("Find the video snippet that corresponds to the given summary: a dog runs",
+                                      None, None, ["m1"])
+    assert list(c) == ["m1"] and c["m1"][0] == "<|video_1|> Understand the content of the provided video."
+    q, c, _ = one(tmp_path, "DiDeMo", [{"video": "videos/abc.mp4", "caption": "x"}], [("abc", "red")])
+    assert list(c) == ["abc"]
+
+
+def test_moment_retrieval_readers(tmp_path):
+    d = task_dir(str(tmp_path), "QVHighlight", [{"query": "a man waves", "video_path": "vids/clipA.mp4"}])
+    for sub, colour in (("query", "red"), ("positive", "red"), ("negative_1", "blue"), ("negative_2", "green")):
+        frames(os.path.join(d, "frames", "clipA", sub), colour)
+    q, c, r = read_video_task(str(tmp_path), "QVHighlight")
+    assert r == "local" and q[0][2] == ["clipA/negative_1", "clipA/negative_2", "clipA/positive"]
+    assert q[0][3] == ["clipA/positive"] and q[0][1].frames[0].endswith("clipA/query/frame_0001.jpg")
+    assert q[0][0] == ("<|video_1|> Find the clip that corresponds to the described scene in the given video: "
+                       "a man waves")
+
+    rows = [{"query": "the cut", "input_frames": "shots/q.jpg", "positive_frames": [{"output_path": "a/p1.mp4"}],
+             "negative_frames": [{"output_path": "a/n1.mp4"}]},
+            {"query": "then", "input_frames": "", "positive_frames": [{"output_path": "a/p1.mp4"}],
+             "negative_frames": [{"output_path": "a/n1.mp4"}]}]
+    d = task_dir(str(tmp_path), "MomentSeeker", rows, [("video_frames/a_p1", "red"), ("video_frames/a_n1", "blue")])
+    q, c, _ = read_video_task(str(tmp_path), "MomentSeeker")
+    assert q[0][0] == "<|image_1|> Select the video clip that aligns with the given text and image: the cut"
+    assert q[0][1].endswith(os.path.join("frames", "query_shots/q.jpg"))
+    assert q[1][:2] == ("Find the clip that corresponds to the given text: then", None)
+    assert q[0][2:] == (["video_frames/a_p1", "video_frames/a_n1"], ["video_frames/a_p1"])
+    assert c["video_frames/a_n1"][0] == "<|video_1|> Understand the content of the provided video clip."
+
+
+def test_bad_rows_and_missing_frames_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="MSR-VTT row 0: no frame folder .*frames/v404"):
+        one(tmp_path, "MSR-VTT", [{"video_id": "v404", "caption": "x"}], [], "test_1k")
+    with pytest.raises(ValueError, match="SmthSmthV2 row 0: pos_text 'a' is not among"):
+        one(tmp_path, "SmthSmthV2", [{"video_id": "s", "pos_text": "a", "neg_text": ["b"]}], [("s", "red")])
+    with pytest.raises(ValueError, match="Video-MME row 0 answer: 'E' names none of its 2 options"):
+        one(tmp_path, "Video-MME", [{"question": "q", "videoID": "v", "answer": "E", "options": ["A. x", "B. y"]}],
+            [("v", "red")])
+    with pytest.raises(ValueError, match="VATEX row 0 enCap: expected a list"):
+        one(tmp_path, "VATEX", [{"videoID": "v", "enCap": "one caption"}], [("v", "red")])
+    with pytest.raises(FileNotFoundError, match="MMEB-V2 UCF101: no frame folder"):
+        os.makedirs(tmp_path / "UCF101")
+        read_video_task(str(tmp_path), "UCF101")
+    assert mmeb_v2.video_tasks_in(str(tmp_path)) == ["MSR-VTT", "SmthSmthV2", "UCF101", "VATEX", "Video-MME"]
+    (tmp_path / "MyClips").mkdir()
+    with pytest.raises(ValueError, match=r"folder\(s\) \['MyClips'\] are not MMEB-V2 video tasks"):
+        mmeb_v2.video_tasks_in(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------
+# End to end on synthetic clip tasks
+
+def synthetic_clip_tasks(root):
+    """MSR-VTT-shaped (global text → video, 4 videos), SmthSmthV2-shaped (local, 4 labels)
+    and QVHighlight-shaped (local moment retrieval: a positive and two negative clips)."""
+    task_dir(root, "MSR-VTT", [{"video_id": f"v{i}", "caption": f"a {c} shape"} for i, c in enumerate(COLOURS)],
+             [(f"v{i}", c) for i, c in enumerate(COLOURS)], "test_1k")
+    labels = [f"a {c} thing" for c in COLOURS]
+    task_dir(root, "SmthSmthV2", [{"video_id": f"s{i}", "pos_text": labels[i], "neg_text": labels}
+                                  for i in range(4)], [(f"s{i}", c) for i, c in enumerate(COLOURS)])
+    d = task_dir(root, "QVHighlight", [{"query": f"the {c} part", "video_path": f"x/{c}.mp4"} for c in COLOURS[:2]])
+    for c in COLOURS[:2]:
+        for sub, colour in (("query", c), ("positive", c), ("negative_a", "yellow"), ("negative_b", "blue")):
+            frames(os.path.join(d, "frames", c, sub), colour)
+
+
+def naive_hit_at_1(model, processor, queries, cands):
+    """Every item embedded alone (batch 1), each query's candidates scored in a loop; a hit
+    iff a correct candidate scores strictly above every other one."""
+    def emb(side, text, visual):
+        return ev.embed_inputs(model, processor, [(side, text, visual)], batch_size=1)[0]
+    pool = list(cands)
+    hits = 0
+    for text, visual, own, labels in queries:
+        qv = emb("q", text, visual)
+        scores = {n: torch.nn.functional.cosine_similarity(qv, emb("d", *cands[n]), dim=0).item()
+                  for n in (own if own is not None else pool)}
+        best = max(s for n, s in scores.items() if n in labels)
+        hits += all(s < best for n, s in scores.items() if n not in labels)
+    return hits / len(queries)
+
+
+def test_evaluate_mmeb_v2_on_synthetic_clip_tasks(tmp_path):
+    root = tmp_path / "video"
+    synthetic_clip_tasks(str(root))
+    out = tmp_path / "eval"
+    args = ["--model", "tiny-qwen2.5-vl", "--num_tokens", "2", "--embed_template", "chat", "--benchmark", "mmeb-v2",
+            "--video_dir", str(root), "--tasks", "MSR-VTT", "SmthSmthV2", "QVHighlight", "--out", str(out),
+            "--no_progress", "--batch_size", "3"]
+    res = ev.main(args)["mmeb_v2"]
+    from model import load_rematch
+    model, processor, _ = load_rematch("tiny-qwen2.5-vl", device="cpu", num_tokens=2, embed_template="chat")
+    for task, n_cands in (("MSR-VTT", 4), ("SmthSmthV2", 4), ("QVHighlight", 6)):
+        score = json.loads((out / "mmeb_v2" / f"{task}_score.json").read_text())
+        assert score["num_data"] == (2 if task == "QVHighlight" else 4) and score["num_cands"] == n_cands
+        want = naive_hit_at_1(model, processor, *read_video_task(str(root), task)[:2])
+        assert score["hit@1"] == pytest.approx(want), task
+        assert res["video"][task] == score
+        preds = [json.loads(line) for line in (out / "mmeb_v2" / f"{task}_pred.jsonl").read_text().splitlines()]
+        assert sum(p["top"][0] in p["labels"] for p in preds) / len(preds) == pytest.approx(score["hit@1"])
+    summary = mmeb_v2.summarize_v2(res)
+    assert summary["video"][1:] == (3, 18) and summary["V-RET"][1:] == (1, 5) and summary["V-MRET"][1:] == (1, 3)
+    assert summary["Overall"][1:] == (3, 78)
+    table = mmeb_v2.format_v2_table(res)
+    assert "missing (75): " in table and "hit@1" in table
+    results = json.loads((out / "mmeb_v2_results.json").read_text())
+    assert results["video_sources"]["MSR-VTT"] == {"dataset": "VLM2Vec/MSR-VTT", "subset": "test_1k", "split": "test",
+                                                   "ranking": "global", "revision": None}
+    again = ev.main(args)["mmeb_v2"]                              # a restart reuses the finished tasks
+    assert again["video"] == res["video"]
