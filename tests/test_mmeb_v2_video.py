@@ -232,5 +232,8 @@ def test_evaluate_mmeb_v2_on_synthetic_clip_tasks(tmp_path):
     results = json.loads((out / "mmeb_v2_results.json").read_text())
     assert results["video_sources"]["MSR-VTT"] == {"dataset": "VLM2Vec/MSR-VTT", "subset": "test_1k", "split": "test",
                                                    "ranking": "global", "revision": None}
+    record = json.loads((out / "mmeb_v2" / "QVHighlight.json").read_text())   # what resume reads back
+    assert (record["group"], record["source"], record["split"], record["revision"]) == \
+        ("V-MRET", "VLM2Vec/QVHighlight", "test", None)
     again = ev.main(args)["mmeb_v2"]                              # a restart reuses the finished tasks
     assert again["video"] == res["video"]

@@ -191,7 +191,8 @@ def eval_video_task(model, processor, root, task, config=None, batch_size=16, pr
         s = S[i, idx]                                                     # (n_own,)
         is_label = torch.tensor([names[j] in labels for j in idx.tolist()])
         hits += bool((s[~is_label] < s[is_label].max()).all()) if is_label.any() else 0
-        order = sorted(range(len(idx)), key=lambda j: (-s[j].item(), bool(is_label[j])))  # ties: label last
+        sl, lab = s.tolist(), is_label.tolist()
+        order = sorted(range(len(idx)), key=lambda j: (-sl[j], lab[j]))  # ties: label last
         ranking.append({"query": text, "top": [names[idx[j]] for j in order[:10]], "labels": list(labels)})
     return {"hit@1": hits / len(queries), "num_pred": len(queries), "num_data": len(queries),
             "num_cands": len(names)}, ranking
@@ -208,12 +209,13 @@ def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, fla
     results, missing = {}, {}
     for task, spec in table.items():
         folder = os.path.join(root, task) if root else None
+        group, source = (spec[0], spec[1]) if kind == "visdoc" else (VIDEO_TASKS.get(task), spec[0])
         if task in finished:
             results[task] = finished[task]["scores"]
             print0(f"{task}: {say(results[task])} (finished earlier, skipped)")
             continue
         if folder is None or not os.path.isdir(folder):
-            why = f"no {flag}" if folder is None else f"no folder {folder} (a copy of {spec[1] if kind == 'visdoc' else spec[0]})"
+            why = f"no {flag}" if folder is None else f"no folder {folder} (a copy of {source})"
             if folder is not None and not skip_missing:
                 raise FileNotFoundError(f"MMEB-V2 task {task}: {why}; pass --skip_missing to report it as missing")
             results[task], missing[task] = None, why
@@ -222,8 +224,7 @@ def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, fla
         print0(f"{task}: {say(results[task])}")
         if rank == 0 and out_dir:
             write_json(result_path(out_dir, "mmeb_v2", task), {
-                "task": task, "group": spec[0] if kind == "visdoc" else VIDEO_TASKS.get(task),
-                "source": spec[1] if kind == "visdoc" else spec[0], "revision": revision_of(folder),
+                "task": task, "group": group, "source": source, "split": spec[2], "revision": revision_of(folder),
                 "scores": results[task], "config": config, "weights": weights})
             write_json(os.path.join(out_dir, "mmeb_v2", f"{task}_score.json"), results[task])
             write_atomic(os.path.join(out_dir, "mmeb_v2", f"{task}_pred.jsonl"),
