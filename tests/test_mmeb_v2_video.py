@@ -164,6 +164,12 @@ def test_bad_rows_and_missing_frames_are_named(tmp_path):
             [("v", "red")])
     with pytest.raises(ValueError, match="VATEX row 0 enCap: expected a list"):
         one(tmp_path, "VATEX", [{"videoID": "v", "enCap": "one caption"}], [("v", "red")])
+    (tmp_path / "VATEX" / "rows.jsonl").write_text('{"videoID": "v", "enCap": ["a"]}\n\n{"videoID": "w", \n')
+    with pytest.raises(ValueError, match=r"VATEX: .*rows.jsonl line 3 is not JSON"):
+        read_video_task(str(tmp_path), "VATEX")
+    (tmp_path / "VATEX" / "rows.jsonl").write_text('["v", "a"]\n')
+    with pytest.raises(ValueError, match=r"VATEX: .*rows.jsonl line 1 is not a JSON object"):
+        read_video_task(str(tmp_path), "VATEX")
     with pytest.raises(FileNotFoundError, match="MMEB-V2 UCF101: no frame folder"):
         os.makedirs(tmp_path / "UCF101")
         read_video_task(str(tmp_path), "UCF101")

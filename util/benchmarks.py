@@ -381,9 +381,19 @@ VIDEO_SOURCES = {
 }
 
 
+def _jsonl_row(path, n, line, task):
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"MMEB-V2 {task}: {path} line {n} is not JSON ({e})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"MMEB-V2 {task}: {path} line {n} is not a JSON object: {line[:80]!r}")
+    return row
+
+
 def _video_rows(folder, subset, split, limit, task):
     """The task's annotation rows: parquet of `split` (under `subset`/ when given; MVBench:
-    each subset in turn, with a "subset" column), else the folder's one .jsonl file."""
+    each subset in turn, with a "subset" column), else the folder's .jsonl files."""
     rows = []
     for sub in (subset if isinstance(subset, tuple) else (subset,)):
         d = os.path.join(folder, sub) if sub else folder
@@ -395,7 +405,7 @@ def _video_rows(folder, subset, split, limit, task):
         if not files:
             raise FileNotFoundError(f"MMEB-V2 {task}: no '{split}' parquet file in {d} (nor a .jsonl in {folder})")
         if files[0].endswith(".jsonl"):
-            part = [json.loads(line) for f in files for line in open(f) if line.strip()]
+            part = [_jsonl_row(f, n, line, task) for f in files for n, line in enumerate(open(f), 1) if line.strip()]
         else:
             part = read_rows(files)
         rows += [dict(r, subset=sub) if isinstance(subset, tuple) else r for r in part]
