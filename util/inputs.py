@@ -32,6 +32,7 @@ import os
 
 IMAGE_PLACEHOLDER = "<|image_1|>"      # MMEB's (Phi-3.5-V) image placeholder in its text columns
 VIDEO_PLACEHOLDER = "<|video_1|>"      # where a video goes (util/video.py; MMEB-V2's video tasks)
+VIDEO_TOKEN = "<|video_pad|>"          # Qwen's video pad token, one per merged video patch
 MAX_PIXELS = 16384 * 32 * 32           # Qwen3-VL's own upper bound of an image's size (Qwen2-VL's: 16384 · 28²)
 MAX_MIN_PIXELS = 1280 * 32 * 32        # the paper presets' max_pixels: no image forced above it
 
@@ -112,7 +113,7 @@ def check_item_text(text, has_image, where, image_token="<|image_pad|>", has_vid
         if given and n_placeholders != 1:
             raise ValueError(f"{where}: {kind} was given but the text has {n_placeholders} "
                              f"{mark} placeholders (expected exactly 1): {text[:80]!r}")
-    for token in (image_token, "<|video_pad|>"):
+    for token in (image_token, VIDEO_TOKEN):
         if token in text:
             raise ValueError(f"{where}: the text holds {token} itself: {text[:80]!r}")
 

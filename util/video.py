@@ -40,10 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from util.inputs import VIDEO_PLACEHOLDER, BadImageError, load_image  # noqa: F401 (VIDEO_PLACEHOLDER: re-exported)
+from util.inputs import VIDEO_PLACEHOLDER, VIDEO_TOKEN, BadImageError, load_image  # noqa: F401 (VIDEO_PLACEHOLDER: re-exported)
 
 VIDEO_BLOCK = "<|vision_start|><|video_pad|><|vision_end|>"
-VIDEO_TOKEN = "<|video_pad|>"
 NUM_FRAMES = 8                           # frames the model sees per clip (MMEB-V2)
 FRAME_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_FPS = 2.0       # frames per second of a clip whose rate is unknown (docs/readings.md §10)
