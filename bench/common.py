@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)                         # the flat repo: model.py, data
 
 from data import encode_item                      # noqa: E402
 from demo.synthetic import COLOURS, SHAPES       # noqa: E402
-from util.backbone import load_backbone                  # noqa: E402
+from util.backbone import is_export, load_backbone, read_export_spec  # noqa: E402
 
 # ----------------------------------------------------------------------------------
 # Flags and set-up
@@ -53,13 +53,19 @@ def add_common_args(p, reps=5):
 
 
 def setup(args):
-    """Threads, seed, (backbone, processor) with images fixed at ~image_size² pixels."""
+    """Threads, seed, (backbone, processor) with images fixed at ~image_size² pixels. A merged
+    export is refused by name (these benches time a raw backbone)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.image_size % 28:
         print(f"note: --image_size {args.image_size} is not a multiple of 28 (patch 14 × merge 2); "
               "the processor rounds it")
     pixels = args.image_size ** 2
+    if is_export(args.model):     # these benches time a raw backbone with a K of their own
+        raise SystemExit(f"--model {args.model} is a merged ReMatch export (K="
+                         f"{read_export_spec(args.model)['num_tokens']}): this bench times a raw backbone "
+                         "with its own --num_tokens; pass the export's base model, or time the export with "
+                         "bench/serving.py / evaluate.py, which embed through its own tokens and pooling")
     return load_backbone(args.model, device=args.device, dtype=DTYPES[args.dtype], seed=args.seed,
                          min_pixels=pixels, max_pixels=pixels)
 

@@ -31,6 +31,7 @@ import evaluate as ev
 from model import load_rematch
 from tools.export_merged import export_merged
 from tools.rerank import match_prompt, rerank_hits
+from util.backbone import is_export, resolve_checkpoint
 from util.benchmarks import read_eval_task
 from util.inputs import load_image
 
@@ -88,7 +89,8 @@ class Served:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a train.py checkpoint trained with matching")
+    p.add_argument("--checkpoint", required=True, help="a train.py checkpoint trained with matching, or "
+                   "its merged export (folder or hub id)")
     p.add_argument("--data", required=True, help="eval/<Task>/*.parquet below it, images relative to it")
     p.add_argument("--tasks", nargs="*", default=None, help="default: the demo's eval tasks")
     p.add_argument("--meta", default=None, help="meta-task of --tasks outside the demo (target prompts)")
@@ -106,6 +108,8 @@ def main(argv=None):
     eval_dir, image_dir = os.path.join(a.data, "eval"), a.data
     model, processor, config = load_rematch(a.checkpoint, device="cpu")
     tmp = None
+    if a.export is None and is_export(resolve_checkpoint(a.checkpoint)):   # an export is its own export
+        a.export = resolve_checkpoint(a.checkpoint)
     if a.export is None:
         tmp = tempfile.TemporaryDirectory()
         a.export = os.path.join(tmp.name, "export")

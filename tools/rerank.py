@@ -47,13 +47,19 @@ def match_prompt(config):
     return MATCH_PROMPTS[(config or {}).get("match_prompt") or "paper"]
 
 
-def require_matching(config, what):
-    """Scores from the matching head mean something only if it was trained (w_qdm > 0)."""
+def require_matching(config, what, views="raw"):
+    """Scores from the matching head mean something only if it was trained (w_qdm > 0); a
+    feature view (views "feat" / "all") also needs the projector, which an older merged
+    export does not carry (model.load_export: "projector": false)."""
     if not (config or {}).get("w_qdm"):
         raise ValueError(f"{what} needs a checkpoint trained with the matching loss (w_qdm > 0); "
                          f"this model has w_qdm={config.get('w_qdm') if config else None} "
                          f"({config.get('model') if config else 'raw backbone'}): its projector and "
                          "Yes/No answers are untrained, the scores would be meaningless")
+    if views != "raw" and config.get("projector") is False:
+        raise ValueError(f"{what} with the {views!r} views needs the projector (§3.2.3), and the merged "
+                         f"export {config.get('model')} holds none (no rematch_projector.safetensors): "
+                         "use views='raw', or the train.py checkpoint it was exported from")
 
 
 def _hardest_negatives(pairs, scores, n):
@@ -165,7 +171,7 @@ def rerank(encoder, query, candidates, views="raw", query_instruction=None, inst
     Returns p(Yes) per candidate, (n,) fp32 — higher is more relevant. Needs a checkpoint
     trained with matching (w_qdm > 0); others raise ValueError.
     """
-    require_matching(encoder.config, "rerank")
+    require_matching(encoder.config, "rerank", views)
     check_batch_size(batch_size, "rerank")
     check_list(candidates, "candidates", "rerank")
     q_text, q_image = split_input(query, "rerank: query")
@@ -277,7 +283,7 @@ class MatchingAccuracy:
     name = "matching"
 
     def __init__(self, config, queries, batch_size=16, apart=()):
-        require_matching(config, "matching accuracy")
+        require_matching(config, "matching accuracy", views="all")   # all 8 views
         self.queries, self.batch_size, self.apart = queries, batch_size, tuple(apart)
         self.prompt = match_prompt(config)
         self.settings = self.rows = queries              # a saved result of other settings is redone
@@ -315,7 +321,7 @@ class Reranking:
     name = "rerank"
 
     def __init__(self, config, top_k, views="raw", queries=None, batch_size=16):
-        require_matching(config, "reranking")
+        require_matching(config, "reranking", views)
         self.top_k, self.views, self.queries, self.batch_size = top_k, views, queries, batch_size
         self.prompt = match_prompt(config)
         self.settings = [top_k, views, queries]          # a saved result with others is redone

@@ -309,6 +309,48 @@ BACKBONE_FILES = ["config.json", "generation_config.json", "model.safetensors", 
 CHECKPOINT_FILES = [CONFIG_FILE, HEADS_FILE, "README.md", "adapter/adapter_config.json",
                     "adapter/adapter_model.safetensors", *(f"backbone/{f}" for f in BACKBONE_FILES)]
 RESUME_FILES = ["train_state.pt", "files.json"]     # only --resume_from needs the training state
+# A merged export (tools/export_merged.py): a plain Qwen-VL checkpoint whose tokenizer carries
+# L_q / L_d as special tokens, and EXPORT_FILE says how to embed with it. load_rematch reads
+# it back as the ReMatch model it came from (model.load_export); no code of the folder runs.
+EXPORT_FILE = "rematch_pooling.json"
+EXPORT_PROJECTOR_FILE = "rematch_projector.safetensors"   # §3.2.3's projector (feature views)
+EXPORT_FILES = [EXPORT_FILE, EXPORT_PROJECTOR_FILE, "README.md", *BACKBONE_FILES]
+EXPORT_FORMAT = "rematch-merged-v1"
+
+
+def is_export(path):
+    """A local folder written by tools/export_merged.py (it holds rematch_pooling.json)."""
+    return os.path.isfile(os.path.join(str(path), EXPORT_FILE))
+
+
+def read_export_spec(path):
+    """rematch_pooling.json of a merged export, each value load_export builds from checked
+    (a hub export is data, not trusted), the key named on a refusal."""
+    import json
+    where = os.path.join(str(path), EXPORT_FILE)
+    try:
+        with open(where) as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{where}: not a readable JSON file ({e})") from e
+
+    def bad(key, want):
+        return ValueError(f"{where}: {key} must be {want}, got {spec.get(key)!r}")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(spec).__name__}")
+    if spec.get("format") != EXPORT_FORMAT:
+        raise bad("format", f"{EXPORT_FORMAT!r} (written by another version of tools/export_merged.py)")
+    K = spec.get("num_tokens")
+    if not isinstance(K, int) or isinstance(K, bool) or not 0 <= K <= 1024:
+        raise bad("num_tokens", "an integer in [0, 1024]")
+    for key in ("query_tokens", "document_tokens"):
+        v = spec.get(key)
+        if not (isinstance(v, list) and len(v) == K and all(isinstance(t, str) and t for t in v)):
+            raise bad(key, f"a list of {K} token strings (num_tokens)")
+    for key in ("prefix", "suffix"):
+        if not isinstance(spec.get(key), str):
+            raise bad(key, "a string")
+    return spec
 
 
 def save_rematch(model, processor, path, config):
@@ -392,7 +434,8 @@ def resolve_checkpoint(name_or_path, revision=None, train_state=False):
     """A local directory as is; a hub id of a ReMatch checkpoint folder (one holding
     rematch_config.json) → its local copy, downloaded once (rank 0 first, then the other
     ranks reuse the cache; no code from the repo is ever run): exactly the files
-    CHECKPOINT_FILES names, and with train_state (--resume_from) RESUME_FILES too;
+    CHECKPOINT_FILES names, and with train_state (--resume_from) RESUME_FILES too; a hub
+    id of a merged export (rematch_pooling.json) → the files EXPORT_FILES names (never its code);
     anything else (a raw backbone's hub id such as Qwen/Qwen2-VL-2B-Instruct, tiny-*)
     unchanged. owner/name is a hub id even where a folder `owner/` exists here: a local
     path that does not exist starts with ./ or /."""
@@ -407,7 +450,14 @@ def resolve_checkpoint(name_or_path, revision=None, train_state=False):
     try:
         rank0_first(lambda: hf_hub_download(name, CONFIG_FILE, revision=revision))
     except (EntryNotFoundError, LocalEntryNotFoundError):
-        return name                                   # no rematch_config.json: a raw backbone
+        try:                                          # a merged export (model.load_export)?
+            rank0_first(lambda: hf_hub_download(name, EXPORT_FILE, revision=revision))
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            return name                               # neither: a raw backbone
+        if train_state:
+            raise ValueError(f"{name} is a merged ReMatch export: it holds no training state to resume "
+                             "from; resume from the train.py checkpoint it was exported from")
+        return resolve_dir(name, EXPORT_FILES, repo_type="model", revision=revision)
     return resolve_dir(name, CHECKPOINT_FILES + RESUME_FILES * train_state, repo_type="model", revision=revision)
 
 

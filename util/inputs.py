@@ -33,6 +33,10 @@ import os
 IMAGE_PLACEHOLDER = "<|image_1|>"      # MMEB's (Phi-3.5-V) image placeholder in its text columns
 VIDEO_PLACEHOLDER = "<|video_1|>"      # where a video goes (util/video.py; MMEB-V2's video tasks)
 VIDEO_TOKEN = "<|video_pad|>"          # Qwen's video pad token, one per merged video patch
+# The instruction of an image document given bare (no text): MMEB's image candidates
+# ("<|image_1|>\nRepresent the given image."), tools/search.py's corpus images and the
+# export's encode_document(image) all use this one string.
+DOC_IMAGE_INSTRUCTION = "Represent the given image."
 MAX_PIXELS = 16384 * 32 * 32           # Qwen3-VL's own upper bound of an image's size (Qwen2-VL's: 16384 · 28²)
 MAX_MIN_PIXELS = 1280 * 32 * 32        # the paper presets' max_pixels: no image forced above it
 
