@@ -42,7 +42,7 @@ from losses import (at_least_fp32, info_nce, matching_loss, orthogonality_loss, 
                     total_loss)
 from masks import VIEW_SETS
 from model import ReMatch, apply_lora
-from util.backbone import TINY, load_backbone, write_model_card
+from util.backbone import TINY_NAMES, load_backbone, write_model_card
 from util.dist import DIST_TIMEOUT_MINUTES, peak_tflops, print0, setup_distributed, teardown_distributed
 from util.run import (append_log, checkpoint_dirs, cut_log, last_intact, load_checkpoint, read_log,
                       run_config, save_checkpoint, start_run, subset_summary)
@@ -802,7 +802,7 @@ def parse_args(argv=None):
         args = p.parse_args(argv)
         args.preset = preset
     if args.lora is None:
-        args.lora = args.model not in TINY
+        args.lora = args.model not in TINY_NAMES
     check_train_flags(args, p.error)           # util/inputs.py: ranges, rules, the files flags name
     return args
 

@@ -115,6 +115,10 @@ TINY = {   # name → (config class, model class, vision config, decoder config 
                                                          "mrope_interleaved": True, "rope_theta": 5e6})),
 }
 TINY_CHAT_TEMPLATE = {"tiny-qwen3-vl": QWEN3VL_CHAT_TEMPLATE}   # the others: Qwen2-VL's
+# Tiny models that speak: a tiny model pretrained generatively on the demo's TRAIN split,
+# built on first use and cached under $HF_HOME (demo/pretrain.py); name → the demo's builder
+TINY_PRETRAINED = {"tiny-qwen2-vl-chat": "demo.pretrain"}
+TINY_NAMES = (*TINY, *TINY_PRETRAINED)      # every tiny model (LoRA off by default, no hub)
 BACKBONES = {"qwen2_vl": Qwen2VLForConditionalGeneration,
              "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
              "qwen3_vl": Qwen3VLForConditionalGeneration}
@@ -241,10 +245,15 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
     sdpa attention; dtype bf16 on CUDA, fp32 on CPU unless given. min/max_pixels bound
     the image size (default: the checkpoint's own; tiny: 56² .. 112²). revision: a hub
     id's commit, branch or tag. The config, the tokenizer and the image processor are
-    checked before the weights are read.
+    checked before the weights are read. tiny-qwen2-vl-chat: tiny-qwen2-vl taught to speak
+    about the demo's TRAIN images (demo/pretrain.py), built on first use and cached.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if name_or_path in TINY_PRETRAINED:               # built once, then a local checkpoint
+        import importlib
+        path = importlib.import_module(TINY_PRETRAINED[name_or_path]).chat_backbone()
+        return load_backbone(path, device=device, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
     if name_or_path in TINY:
         tok = build_tiny_tokenizer(chat_template=TINY_CHAT_TEMPLATE.get(name_or_path, QWEN2VL_CHAT_TEMPLATE))
         model = _build_tiny(name_or_path, tok, seed)
@@ -259,7 +268,7 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
         if not local and (os.path.isabs(name_or_path) or name_or_path.startswith(".")
                           or name_or_path.count("/") != 1):
             raise FileNotFoundError(f"{name_or_path}: no such directory, and not a hub id of the "
-                                    "form owner/name (nor one of " + ", ".join(sorted(TINY)) + ")")
+                                    "form owner/name (nor one of " + ", ".join(sorted(TINY_NAMES)) + ")")
         if local and revision:
             raise ValueError(f"--revision {revision}: {name_or_path} is a local directory, not a hub id")
         pin = {"revision": revision} if revision else {}
@@ -269,7 +278,7 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
         refuse_hybrid(config, name_or_path)
         if config.model_type not in BACKBONES:
             raise ValueError(f"{name_or_path}: model_type {config.model_type!r} is not supported "
-                             f"(supported: {sorted(BACKBONES)} and {sorted(TINY)})")
+                             f"(supported: {sorted(BACKBONES)} and {sorted(TINY_NAMES)})")
         if local:
             _check_local_checkpoint(name_or_path)
         tok = AutoTokenizer.from_pretrained(name_or_path, **pin)
@@ -440,7 +449,7 @@ def resolve_checkpoint(name_or_path, revision=None, train_state=False):
     unchanged. owner/name is a hub id even where a folder `owner/` exists here: a local
     path that does not exist starts with ./ or /."""
     name = str(name_or_path)
-    if os.path.isdir(name) or name in TINY or not looks_like_hub_id(name):
+    if os.path.isdir(name) or name in TINY_NAMES or not looks_like_hub_id(name):
         if revision:
             raise ValueError(f"--revision {revision}: {name} is not a hub id (a revision pins a "
                              "hub repository's commit, branch or tag)")

@@ -1,0 +1,283 @@
+"""
+`tiny-qwen2-vl-chat`: the demo's tiny backbone taught to speak about the demo's images
+before ReMatch sees it — demo machinery, not part of ReMatch.
+
+The paper starts from an instruction-tuned MLLM: its matching stage (Eq. 4) "leverages the
+generative strength" of the backbone, and App. S9 checks that the embedding model still
+captions. The random `tiny-qwen2-vl` has no generative strength to leverage or lose. This
+file gives it some, offline and deterministically: next-token training (loss on the
+answer only) of `tiny-qwen2-vl` (seed 0, full fine-tuning) on chat-template conversations
+about the synthetic benchmark's TRAIN split — never an eval image:
+
+  object images      "Describe the image." → "a red circle"; "What is shown?" → "red circle"
+  pair images        "Describe the image." → "a red circle on the left and a blue square on the right"
+  the VQA questions  "What colour is the object?" → "red"  (and shape)
+  counting           "How many objects are in the image?" → "one" / "two" / "four"
+  verification       "Does the image show <caption or label>? Answer Yes or No." → Yes for the
+                     row's positive, No for its hard negative (both answers, equally often)
+
+AdamW (lr 1e-3, weight decay 0.01), batch 32, 50 warm-up steps then cosine to 0.1×, grad
+norm clipped at 1.0, PRETRAIN["steps"] steps. Built on first use by
+util.backbone.load_backbone("tiny-qwen2-vl-chat") and cached under $HF_HOME/rematch/
+(a fresh HF_HOME rebuilds it; under torchrun rank 0 builds, the others wait), with
+build.json: the settings and the held-out figures measured right after the build
+(tools/generate.py's caption metrics on held-out EVAL images, Yes/No accuracy on held-out
+verification prompts).
+
+    python -m demo.pretrain                  # build (or reuse) and print build.json
+Tests: pytest tests/test_pretrain.py
+"""
+import json
+import math
+import os
+import random
+import shutil
+
+import torch
+
+CHAT_MODEL = "tiny-qwen2-vl-chat"
+BASE_MODEL = "tiny-qwen2-vl"
+PRETRAIN = {"version": 1, "base": BASE_MODEL, "seed": 0, "steps": 1000, "batch_size": 32, "lr": 1e-3,
+            "weight_decay": 0.01, "warmup_steps": 50, "min_lr_ratio": 0.1, "clip": 1.0, "data_seed": 0}
+DESCRIBE, WHAT, COUNT = "Describe the image.", "What is shown?", "How many objects are in the image?"
+VERIFY = "Does the image show {}? Answer Yes or No."
+COUNT_WORDS = {"object": "one", "pair": "two", "scene": "four"}
+
+
+# ----------------------------------------------------------------------------------
+# Conversations about the TRAIN split
+
+
+def _phrase(label):
+    """"red circle" → "a red circle", "orange square" → "an orange square"."""
+    return ("an " if label[0] in "aeiou" else "a ") + label
+
+
+def _label(image_path):
+    """An object image's "colour shape", read off its file name (images/object/red-circle-j03.png)."""
+    colour, shape, _ = os.path.basename(image_path).split("-", 2)
+    return f"{colour} {shape}"
+
+
+def conversations(train_dir):
+    """[(image path relative to the benchmark root, prompt, answer)] from the synthetic
+    benchmark's TRAIN parquet files (demo.synthetic), in a fixed order."""
+    from demo.synthetic import DEMO_TRAIN_SUBSETS, T2I_QUERY
+    from util.inputs import read_rows
+    out = []
+
+    def about(image, kind):
+        """What any training image teaches: its count, and for a single object its caption."""
+        out.append((image, COUNT, COUNT_WORDS[kind]))
+        if kind == "object":
+            out.append((image, DESCRIBE, _phrase(_label(image))))
+            out.append((image, WHAT, _label(image)))
+
+    def verify(image, pos, neg):
+        out.append((image, VERIFY.format(pos), "Yes"))
+        out.append((image, VERIFY.format(neg), "No"))
+
+    for subset in DEMO_TRAIN_SUBSETS:
+        for r in read_rows([os.path.join(train_dir, subset, "original-00000-of-00001.parquet")]):
+            q, qi, pos, pi, neg, ni = (r["qry"], r["qry_image_path"], r["pos_text"], r["pos_image_path"],
+                                       r["neg_text"], r["neg_image_path"])
+            if subset in ("ShapesCLS", "ShapesColour", "ShapesShape"):
+                about(qi, "object")
+                verify(qi, pos if subset != "ShapesCLS" else _phrase(pos),
+                       neg if subset != "ShapesCLS" else _phrase(neg))
+            elif subset == "ShapesVQA":
+                out.append((qi, q.split(": ", 1)[1], pos))                  # the question → its answer
+            elif subset == "ShapesI2T":
+                about(qi, "pair")
+                out.append((qi, DESCRIBE, pos))
+                verify(qi, pos, neg)
+            elif subset == "ShapesT2I":
+                caption = q[len(T2I_QUERY.format("")):]
+                about(pi, "pair")
+                out.append((pi, DESCRIBE, caption))
+                out.append((pi, VERIFY.format(caption), "Yes"))
+                out.append((ni, VERIFY.format(caption), "No"))
+            elif subset == "ShapesVG":
+                about(qi, "scene")
+                about(pi, "object")
+                about(ni, "object")
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Next-token training on the answers
+
+
+class ChatBatches:
+    """Batches of full conversations for next-token training, each image run through the
+    image processor once (cached): input_ids (N, T) right padded, attention_mask,
+    mm_token_type_ids (1 at image tokens), pixel_values, image_grid_thw, and labels (N, T)
+    = the answer tokens and <|im_end|>, -100 elsewhere. Equal to the processor's own batch
+    of the same texts and images (tests/test_pretrain.py)."""
+
+    def __init__(self, processor, images):
+        self.processor, self.tok, self.images, self.pixels = processor, processor.tokenizer, images, {}
+        self.pad = self.tok.convert_tokens_to_ids("<|image_pad|>")
+        self.merge = processor.image_processor.merge_size ** 2
+
+    def image(self, path):
+        if path not in self.pixels:
+            out = self.processor.image_processor(images=[self.images[path]], return_tensors="pt")
+            self.pixels[path] = (out["pixel_values"], out["image_grid_thw"])   # (n, C·P²), (1, 3)
+        return self.pixels[path]
+
+    def __call__(self, convs):
+        from tools.generate import END_TOKEN, chat_prompt
+        rows, answers, pixels, grids = [], [], [], []
+        for path, prompt, answer in convs:
+            pv, grid = self.image(path)
+            n = int(grid.prod()) // self.merge                                  # merged image tokens
+            text = chat_prompt(self.tok, prompt).replace("<|image_pad|>", "<|image_pad|>" * n, 1)
+            a = self.tok(answer + END_TOKEN, add_special_tokens=False)["input_ids"]
+            ids = self.tok(text, add_special_tokens=False)["input_ids"] + a      # the answer tokenised alone
+            rows.append(ids)
+            answers.append(len(a))
+            pixels.append(pv)
+            grids.append(grid)
+        T = max(map(len, rows))
+        input_ids = torch.full((len(rows), T), self.tok.pad_token_id)         # (N, T)
+        attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+        labels = torch.full((len(rows), T), -100)
+        for r, (ids, k) in enumerate(zip(rows, answers)):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            attention_mask[r, :len(ids)] = 1
+            labels[r, len(ids) - k:len(ids)] = input_ids[r, len(ids) - k:len(ids)]
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "mm_token_type_ids": (input_ids == self.pad).long(),
+                 "pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)}
+        return batch, labels
+
+
+def lr_at(step, cfg):
+    """Linear warm-up, then cosine from lr to min_lr_ratio · lr."""
+    if step < cfg["warmup_steps"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
+    t = (step - cfg["warmup_steps"]) / max(1, cfg["steps"] - cfg["warmup_steps"])
+    return cfg["lr"] * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def pretrain(data_root, cfg=None, progress=True):
+    """(model, processor) of BASE_MODEL after cfg["steps"] steps (default: PRETRAIN) on
+    conversations() of the benchmark under data_root (written if missing). Deterministic in cfg."""
+    cfg = cfg or PRETRAIN
+    from tqdm import tqdm
+
+    from demo.synthetic import make_synthetic
+    from util.backbone import load_backbone
+    from util.inputs import load_image
+    paths = make_synthetic(data_root, seed=cfg["data_seed"])
+    convs = conversations(paths["train"])
+    images = {i: load_image(os.path.join(paths["image_dir"], i)) for i in sorted({c[0] for c in convs})}
+    model, processor = load_backbone(cfg["base"], device="cpu", dtype=torch.float32, seed=cfg["seed"])
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    rng = random.Random(cfg["seed"])
+    torch.manual_seed(cfg["seed"])
+    batches = ChatBatches(processor, images)
+    for step in tqdm(range(cfg["steps"]), desc=f"pretrain {CHAT_MODEL}", disable=not progress):
+        batch, labels = batches([convs[rng.randrange(len(convs))] for _ in range(cfg["batch_size"])])
+        logits = model(**batch).logits                                          # (N, T, V)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                                 ignore_index=-100)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pretrain {CHAT_MODEL}: non-finite loss at step {step}")
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
+        opt.step()
+    return model.eval(), processor
+
+
+# ----------------------------------------------------------------------------------
+# Held-out figures
+
+
+@torch.no_grad()
+def yes_no_accuracy(model, processor, data_root, n=120):
+    """Accuracy of the greedy first answer token on n held-out verification prompts: EVAL
+    pair images of ShapesI2T against their positive caption (Yes) and an attribute-swapped
+    twin (No), alternating; chance 0.5."""
+    from demo.synthetic import make_synthetic
+    from tools.generate import greedy
+    from util.inputs import load_image, read_rows
+    paths = make_synthetic(data_root, seed=PRETRAIN["data_seed"])
+    rows = read_rows([os.path.join(paths["eval"], "ShapesI2T", "test-00000-of-00001.parquet")])
+    yes, no = (processor.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    right = 0
+    for k in range(n):
+        r = rows[(k // 2) % len(rows)]
+        caption, want = (r["tgt_text"][0], yes) if k % 2 == 0 else (r["tgt_text"][1], no)   # [1]: a twin
+        got = greedy(model, processor, load_image(os.path.join(paths["image_dir"], r["qry_img_path"])),
+                     VERIFY.format(caption), max_new_tokens=1)
+        right += got[0] == want
+    return right / n
+
+
+def heldout_figures(model, processor, data_root, n_captions=60):
+    """{"captions": tools/generate.py's metrics on n held-out images, "yes_no": accuracy}."""
+    from tools.generate import CAPTION_PROMPT, decode, greedy, heldout_images, score
+    from util.inputs import load_image
+    items = heldout_images(data_root, n_captions, PRETRAIN["data_seed"])
+    caps = [decode(processor.tokenizer, greedy(model, processor, load_image(i), CAPTION_PROMPT)) for i, _, _ in items]
+    return {"captions": score(caps, [r for _, r, _ in items], [k for _, _, k in items]),
+            "yes_no": yes_no_accuracy(model, processor, data_root)}
+
+
+# ----------------------------------------------------------------------------------
+# The cache
+
+
+def cache_dir():
+    """$HF_HOME/rematch/tiny-qwen2-vl-chat-v<version>: where the built backbone lives."""
+    from huggingface_hub import constants
+    return os.path.join(constants.HF_HOME, "rematch", f"{CHAT_MODEL}-v{PRETRAIN['version']}")
+
+
+def chat_backbone(progress=True):
+    """The folder of the built tiny-qwen2-vl-chat (a plain Qwen2-VL checkpoint), built now if
+    the cache holds none for these settings (rank 0 builds, then the others read it)."""
+    from util.inputs import rank0_first
+    return rank0_first(lambda: _build_once(progress))
+
+
+def _build_once(progress):
+    import time
+
+    from util.backbone import save_backbone
+    from util.dist import print0
+    path = cache_dir()
+    marker = os.path.join(path, "build.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f).get("settings") == PRETRAIN:
+                return path
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    print0(f"building {CHAT_MODEL} (once, cached in {path}): {PRETRAIN['steps']} steps of generative "
+           f"pretraining on the demo's TRAIN conversations")
+    t0 = time.time()
+    model, processor = pretrain(os.path.join(tmp, "demo_data"), PRETRAIN, progress=progress)
+    seconds = time.time() - t0
+    figures = heldout_figures(model, processor, os.path.join(tmp, "demo_data"))
+    save_backbone(model, processor, os.path.join(tmp, "model"))
+    with open(os.path.join(tmp, "model", "build.json"), "w") as f:      # written last: a complete build
+        json.dump({"settings": PRETRAIN, "seconds": round(seconds, 1), "heldout": figures}, f, indent=2)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.replace(os.path.join(tmp, "model"), path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print0(f"{CHAT_MODEL}: built in {seconds:.0f} s; held-out caption token F1 "
+           f"{figures['captions']['token_f1']:.3f}, Yes/No {figures['yes_no']:.3f}")
+    return path
+
+
+if __name__ == "__main__":
+    p = chat_backbone()
+    print(open(os.path.join(p, "build.json")).read())

@@ -1,0 +1,109 @@
+"""
+tiny-qwen2-vl-chat (demo/pretrain.py): the pretraining conversations come from the TRAIN
+split only (no eval image, no held-out caption), batches equal the processor's own, two
+builds give identical weights, the cache is rebuilt under a fresh HF_HOME and reused
+otherwise, and the built model speaks: held-out Yes/No far above chance, held-out captions
+with token F1 >= 0.6 (slow: the one full build, shared through HF_HOME by every test that
+names the model).
+
+    pytest tests/test_pretrain.py
+"""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from demo import pretrain as P
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    from demo.synthetic import make_synthetic
+    return make_synthetic(str(tmp_path_factory.mktemp("pretrain") / "demo_data"))
+
+
+def test_conversations_hold_no_eval_image_nor_heldout_caption(bench):
+    from util.inputs import read_rows
+    convs = P.conversations(bench["train"])
+    eval_images, eval_captions = set(), set()
+    for task in os.listdir(bench["eval"]):
+        for r in read_rows([os.path.join(bench["eval"], task, "test-00000-of-00001.parquet")]):
+            eval_images |= {r["qry_img_path"], *r["tgt_img_path"]} - {""}
+            if task == "ShapesI2T":
+                eval_captions.add(r["tgt_text"][0])                        # held-out pairs' captions
+    images = {i for i, _, _ in convs}
+    assert images and not images & eval_images
+    assert not {a for _, _, a in convs} & eval_captions
+    assert not any(c in q for _, q, _ in convs for c in list(eval_captions)[:20])
+    answers = [a for _, _, a in convs]
+    assert answers.count("Yes") == answers.count("No") > 1000             # both answers, equally often
+    kinds = {q for _, q, _ in convs}
+    assert {P.DESCRIBE, P.WHAT, P.COUNT, "What colour is the object?", "What shape is the object?"} <= kinds
+
+
+def test_batches_equal_the_processors_own(bench):
+    from tools.generate import END_TOKEN, chat_prompt
+    from util.backbone import load_backbone
+    from util.inputs import load_image
+    _, processor = load_backbone("tiny-qwen2-vl", device="cpu")
+    convs = random.Random(1).sample(P.conversations(bench["train"]), 12)
+    images = {i: load_image(os.path.join(bench["image_dir"], i)) for i, _, _ in convs}
+    batch, labels = P.ChatBatches(processor, images)(convs)
+    processor.tokenizer.padding_side = "right"
+    ref = processor(text=[chat_prompt(processor.tokenizer, q) + a + END_TOKEN for _, q, a in convs],
+                    images=[images[i] for i, _, _ in convs], padding=True, return_tensors="pt")
+    for k in ref:
+        assert torch.equal(batch[k], ref[k]), k
+    for r, (_, _, a) in enumerate(convs):                                  # labels: the answer and <|im_end|>
+        want = processor.tokenizer(a + END_TOKEN, add_special_tokens=False)["input_ids"]
+        assert labels[r][labels[r] != -100].tolist() == want
+
+
+def test_two_builds_give_identical_weights(bench):
+    cfg = dict(P.PRETRAIN, steps=3, batch_size=4)
+    a, _ = P.pretrain(bench["root"], cfg, progress=False)
+    b, _ = P.pretrain(bench["root"], cfg, progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    base = P.pretrain(bench["root"], dict(cfg, steps=0), progress=False)[0].state_dict()
+    assert any(not torch.equal(sa[k], base[k]) for k in sa)                  # and the steps changed it
+
+
+def test_lr_schedule():
+    cfg = dict(P.PRETRAIN, steps=150, warmup_steps=50)
+    assert P.lr_at(0, cfg) == pytest.approx(cfg["lr"] / 50) and P.lr_at(49, cfg) == pytest.approx(cfg["lr"])
+    assert P.lr_at(50, cfg) == pytest.approx(cfg["lr"])
+    assert P.lr_at(150, cfg) == pytest.approx(cfg["lr"] * cfg["min_lr_ratio"])
+
+
+def test_the_cache_is_built_once_per_hf_home(monkeypatch, tmp_path):
+    """A fresh HF_HOME builds (the pretraining stood in for by the untrained base), a second
+    call reuses the folder, other settings rebuild."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(P, "PRETRAIN", dict(P.PRETRAIN, steps=2, batch_size=2))
+    monkeypatch.setattr(P, "heldout_figures", lambda *a: {"captions": {"token_f1": 0.0}, "yes_no": 0.5})
+    from util.backbone import load_backbone
+    built = []
+    monkeypatch.setattr(P, "pretrain", lambda *a, **k: built.append(1) or load_backbone(P.BASE_MODEL, device="cpu"))
+    path = P.chat_backbone(progress=False)
+    assert path.startswith(str(tmp_path / "hf")) and built == [1]
+    assert P.chat_backbone(progress=False) == path and built == [1]
+    assert json.load(open(os.path.join(path, "build.json")))["settings"] == P.PRETRAIN
+    monkeypatch.setattr(P, "PRETRAIN", dict(P.PRETRAIN, steps=3))
+    assert P.chat_backbone(progress=False) == path and built == [1, 1]
+
+
+@pytest.mark.slow
+def test_tiny_qwen2_vl_chat_speaks_about_heldout_images(tmp_path):
+    """The real build (cached under HF_HOME): held-out Yes/No far above chance (0.5),
+    held-out captions with token F1 >= 0.6 (the random tiny-qwen2-vl: about 0)."""
+    from util.backbone import load_backbone
+    model, processor = load_backbone("tiny-qwen2-vl-chat", device="cpu")
+    build = json.load(open(os.path.join(P.cache_dir(), "build.json")))
+    assert build["settings"] == P.PRETRAIN
+    figures = P.heldout_figures(model.eval(), processor, str(tmp_path / "demo_data"), n_captions=20)
+    assert figures["yes_no"] >= 0.8, figures
+    assert figures["captions"]["token_f1"] >= 0.6, figures
