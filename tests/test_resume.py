@@ -1,7 +1,10 @@
 """Nothing lost on resume, whatever the disk did (util/run.py): a damaged checkpoint is set
 aside as checkpoint-N.damaged and never counted; rotation deletes only intact checkpoints
 older than the newest intact one; damage is decided once, on rank 0, and only format errors
-are damage; old runs resume; leftovers of killed saves are named.
+are damage; old runs resume; leftovers of killed saves are named. A save reads no more
+than it needs: rotation checks older checkpoints without loading train_state.pt (its zip
+directory and files.json's sizes; torch.load raises in those tests), and still sets a
+cut or grown one aside; --overwrite deletes the earlier run's checkpoint-N.damaged folders.
 
 Run:  python -m pytest -q tests/test_resume.py
 
@@ -230,6 +233,101 @@ def test_leftovers_of_killed_saves_and_linked_checkpoints_are_named(fx, tmp_path
     os.symlink(other, os.path.join(out, "checkpoint-7"))
     with pytest.raises(SystemExit, match="checkpoint-7 is a symbolic link"):
         train.main(flags(fx, out, "--steps", "8", "--resume", "--allow_changed", "steps"))
+
+
+# ----------------------------------------------------------------------------------
+# A save reads no more than it needs; set-aside folders under --overwrite
+
+def _no_torch_load(monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("torch.load called: rotation read a whole train_state.pt")
+    monkeypatch.setattr(util_run.torch, "load", refuse)
+
+
+def test_rotation_reads_no_train_state_and_still_sets_damage_aside(fx, tmp_path, monkeypatch, capsys):
+    """Checkpoints 1-4 (keep 4); checkpoint-3's train_state.pt gains bytes (the zip still
+    parses; files.json's size does not match), checkpoint-2's is cut (its zip directory is
+    gone). Rotating after 4 with keep 2 while torch.load raises: 3 and 2 are set aside,
+    named, 1 is kept as the second intact one; the full check agrees on each."""
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "4", "--save_every", "1", "--keep_checkpoints", "4"))
+    grown = os.path.join(out, "checkpoint-3", "train_state.pt")
+    with open(grown, "ab") as f:
+        f.write(b"\0" * 7)
+    truncate(os.path.join(out, "checkpoint-2", "train_state.pt"))
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _no_torch_load(m)
+        assert util_run.checkpoint_damage(os.path.join(out, "checkpoint-4"), read_state=False) is None
+        util_run.rotate(out, 4, keep=2)
+        assert util_run.last_intact(out) == os.path.join(out, "checkpoint-4")
+    printed = capsys.readouterr().out
+    assert names(out) == ["checkpoint-1", "checkpoint-2.damaged", "checkpoint-3.damaged", "checkpoint-4"]
+    size = os.path.getsize(os.path.join(out, "checkpoint-3.damaged", "train_state.pt"))
+    assert f"checkpoint-3 is damaged (train_state.pt is {size:,} bytes, the save wrote {size - 7:,})" in printed
+    assert "checkpoint-2 is damaged (train_state.pt does not read (BadZipFile" in printed
+    for name in ("checkpoint-2.damaged", "checkpoint-3.damaged"):          # the full read agrees
+        assert util_run.checkpoint_damage(os.path.join(out, name)) is not None
+    assert util_run.checkpoint_damage(os.path.join(out, "checkpoint-1")) is None
+
+
+def test_a_run_saving_and_rotating_never_loads_a_train_state(fx, tmp_path, monkeypatch):
+    """A fresh run that saves every step and keeps one: every save rotates the one before
+    out after checking it, and torch.load is never called."""
+    _no_torch_load(monkeypatch)
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "3", "--save_every", "1", "--keep_checkpoints", "2"))
+    assert names(out) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_the_zip_directory_check_finds_what_a_load_would(tmp_path):
+    """check_zip_directory on torch.save's format: a whole file passes; a cut one, one whose
+    entry headers were overwritten in place (same size), a zip without data.pkl and a file
+    that is not a zip are refused, each as a format error (damage, not the machine's)."""
+    import zipfile
+    good = tmp_path / "train_state.pt"
+    torch.save({"step": 1, "optimizer": {"state": {0: {"exp_avg": torch.randn(300)}}}}, good)
+    util_run.check_zip_directory(str(good))
+    data = good.read_bytes()
+    with zipfile.ZipFile(good) as z:
+        offset = next(e.header_offset for e in z.infolist() if e.filename.endswith("data/0"))
+    cases = {"cut": data[:len(data) // 2],
+             "overwritten": data[:offset] + b"\0" * 30 + data[offset + 30:],
+             "not a zip": b"\0" * len(data)}
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("archive/notes.txt", "no pickle here")
+    cases["no data.pkl"] = other.read_bytes()
+    for name, content in cases.items():
+        bad = tmp_path / f"{name}.pt"
+        bad.write_bytes(content)
+        with pytest.raises((util_run.CheckpointFormatError, zipfile.BadZipFile)) as e:
+            util_run.check_zip_directory(str(bad))
+        assert util_run._is_format_error(e.value), name
+
+
+def test_overwrite_deletes_the_set_aside_folders_of_the_earlier_run(fx, tmp_path, capsys):
+    """--overwrite starts over: checkpoints, checkpoint-N.damaged(-k) folders (named), eval/
+    and log.jsonl go; a folder of another name stays. Without --overwrite a fresh start
+    keeps set-aside folders, named, and --resume with only those says so."""
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "1"))
+    for name in ("checkpoint-1.damaged", "checkpoint-7.damaged-2", "checkpoint-7.damaged-mine", "eval"):
+        os.makedirs(os.path.join(out, name, "backbone"))
+    capsys.readouterr()
+    train.main(flags(fx, out, "--steps", "1", "--overwrite"))
+    printed = capsys.readouterr().out
+    assert f"--overwrite: deleting checkpoint-1.damaged, checkpoint-7.damaged-2 in {out}" in printed
+    assert names(out) == ["checkpoint-1", "checkpoint-7.damaged-mine"]
+    assert not os.path.exists(os.path.join(out, "eval"))
+    shutil.rmtree(os.path.join(out, "checkpoint-1"))
+    os.makedirs(os.path.join(out, "checkpoint-1.damaged"))
+    with pytest.raises(SystemExit, match=r"--resume: no checkpoint in .*checkpoint-1.damaged set aside as damaged"):
+        train.main(flags(fx, out, "--steps", "1", "--resume"))
+    train.main(flags(fx, out, "--steps", "1"))
+    assert "checkpoint-1.damaged kept (set aside as damaged, never resumed); --overwrite deletes them" \
+        in capsys.readouterr().out
+    assert names(out) == ["checkpoint-1", "checkpoint-1.damaged", "checkpoint-7.damaged-mine"]
 
 
 # ----------------------------------------------------------------------------------

@@ -12,11 +12,15 @@ A run on disk — plumbing behind train.py and evaluate.py, none of it in the pa
                                optimizer and every RNG (train_state.pt, read weights-only)
   check_resume                 a resumed run's flags must equal the checkpoint's
   checkpoint_damage            a checkpoint whose files do not all read is passed over for
-                               the previous one (latest_intact), both named
+                               the previous one (latest_intact), both named; rotation and
+                               messages check train_state.pt from its zip directory and
+                               files.json's sizes (check_zip_directory), never loading it;
+                               only the resume decision reads it whole
   result_path, load_finished   evaluate.py's per-task result files, reused on restart only
                                for the same config and weights (weights_fingerprint)
 
-Tests: tests/test_train.py (resume, rotation, refusals), tests/test_evaluate.py (restarts).
+Tests: tests/test_resume.py and tests/test_reliability.py (damage, rotation, leftovers),
+tests/test_train.py (resume, refusals), tests/test_evaluate.py (restarts).
 """
 import json
 import os
@@ -24,6 +28,8 @@ import pickle
 import random
 import re
 import shutil
+import struct
+import zipfile
 
 import numpy as np
 import torch
@@ -231,6 +237,16 @@ def read_train_state(path):
 
 
 DAMAGED = ".damaged"      # a damaged checkpoint set aside: checkpoint-N.damaged, never resumed or rotated
+DAMAGED_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]*)\.damaged(-[2-9]|-[1-9][0-9]+)?")   # set_aside's names
+
+
+def damaged_dirs(out_dir):
+    """The folders set_aside left in out_dir (checkpoint-N.damaged, checkpoint-N.damaged-2,
+    ...), by name: kept for inspection until --overwrite starts the run over."""
+    if not os.path.isdir(out_dir):
+        return []
+    return [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir))
+            if DAMAGED_NAME.fullmatch(n) and os.path.isdir(os.path.join(out_dir, n))]
 
 
 class CheckpointFormatError(ValueError):
@@ -248,7 +264,8 @@ def _is_format_error(e):
     zip. Anything else (EIO, EACCES, ENOSPC, MemoryError) is the machine's, not damage."""
     from safetensors import SafetensorError
     return isinstance(e, (CheckpointFormatError, SafetensorError, json.JSONDecodeError, UnicodeDecodeError,
-                          EOFError)) or (isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e))
+                          EOFError, zipfile.BadZipFile)) or (
+        isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e))
 
 
 def _weight_files(path):
@@ -266,7 +283,34 @@ def _weight_files(path):
     return ["backbone/config.json"] + [f"backbone/{s}" for s in sorted(set(map(str, weight_map.values())))]
 
 
-def inspect_checkpoint(path):
+LOCAL_HEADER = struct.Struct("<4s22xHH")      # a zip entry's local header: signature, name and extra lengths
+
+
+def check_zip_directory(file):
+    """Check torch.save's zip `file` from its directory alone, reading no tensor: the end
+    record and central directory parse (a cut file has lost them), data.pkl is listed, and
+    each entry's local header is where the directory says, its data ending before the
+    directory. Raises CheckpointFormatError (zipfile.BadZipFile for an unreadable
+    directory); a few bytes per entry are read, whatever the optimizer state's size."""
+    with open(file, "rb") as f, zipfile.ZipFile(f) as z:
+        entries = z.infolist()
+        start_dir = getattr(z, "start_dir", os.path.getsize(file))
+        if not any(e.filename.endswith("/data.pkl") or e.filename == "data.pkl" for e in entries):
+            raise CheckpointFormatError("no data.pkl in its zip directory (not a torch.save file)")
+        for e in entries:
+            if e.header_offset < 0:
+                raise CheckpointFormatError(f"entry {e.filename} starts before the file")
+            f.seek(e.header_offset)
+            header = f.read(LOCAL_HEADER.size)
+            if len(header) < LOCAL_HEADER.size:
+                raise CheckpointFormatError(f"entry {e.filename} starts past the end of the file")
+            magic, n_name, n_extra = LOCAL_HEADER.unpack(header)
+            end = e.header_offset + LOCAL_HEADER.size + n_name + n_extra + e.compress_size
+            if magic != b"PK\x03\x04" or end > start_dir:
+                raise CheckpointFormatError(f"entry {e.filename} is not where its zip directory says")
+
+
+def inspect_checkpoint(path, read_state=True):
     """
     (why, train state) of the checkpoint folder `path`: why it cannot be resumed from — a
     required file missing (config, heads, train_state.pt, the adapter's or the backbone's
@@ -276,6 +320,10 @@ def inspect_checkpoint(path):
     weights-only). Only format errors are damage: an error of the machine (EIO, EACCES,
     MemoryError) is raised as an OSError naming the file, so that a transient one never
     steps a run back. A train_state.pt that would run code is refused by name.
+    read_state=False (rotation, messages): train_state.pt is checked from its zip
+    directory (check_zip_directory) and files.json's size instead of loaded, so no
+    optimizer state is read; the state returned is then None. Safetensors files are
+    checked from their headers either way. Only the resume decision needs read_state=True.
     """
     from safetensors import safe_open
     file = path
@@ -310,7 +358,7 @@ def inspect_checkpoint(path):
                     with open(file) as fh:
                         json.load(fh)
         file = os.path.join(path, TRAIN_STATE)
-        state = read_train_state(path)
+        state = read_train_state(path) if read_state else check_zip_directory(file)
         for rel, size in sizes.items():                   # a cut that still parses
             found = os.path.getsize(os.path.join(path, rel))
             if found != size:
@@ -325,17 +373,19 @@ def inspect_checkpoint(path):
                       "checkpoint, which is not passed over for it; fix it and resume again") from e
 
 
-def checkpoint_damage(path):
-    """Why `path` cannot be resumed from, or None when it is whole (inspect_checkpoint)."""
-    return inspect_checkpoint(path)[0]
+def checkpoint_damage(path, read_state=True):
+    """Why `path` cannot be resumed from, or None when it is whole (inspect_checkpoint;
+    read_state=False: train_state.pt checked from its zip directory, not loaded)."""
+    return inspect_checkpoint(path, read_state)[0]
 
 
 def last_intact(out_dir):
     """The newest checkpoint of out_dir that inspect_checkpoint finds whole, or "none" (for
-    messages: a damaged or unreadable folder is never named as the one to resume from)."""
+    messages: a damaged or unreadable folder is never named as the one to resume from).
+    The check rotation makes: no train_state.pt is loaded (every rank may call this)."""
     for path in reversed(checkpoint_dirs(out_dir)):
         try:
-            if checkpoint_damage(path) is None:
+            if checkpoint_damage(path, read_state=False) is None:
                 return path
         except (OSError, ValueError):
             continue
@@ -394,14 +444,16 @@ def rotate(out_dir, step, keep):
     older than it, delete the other older ones. A damaged one met on the way is set aside,
     never counted, so at least `keep` intact checkpoints survive any mix of damage,
     fallback and save; one that cannot be read for a machine error is kept, uncounted.
-    Newer checkpoints (none after a fallback, which sets them aside) are left alone."""
+    Newer checkpoints (none after a fallback, which sets them aside) are left alone. The
+    check reads no optimizer state (inspect_checkpoint with read_state=False: train_state.pt
+    from its zip directory and files.json's size): the save before may be tens of GB."""
     kept = 1
     for old in reversed([c for c in checkpoint_dirs(out_dir) if int(c.rsplit("-", 1)[1]) < step]):
         if kept >= keep:
             shutil.rmtree(old, ignore_errors=True)
             continue
         try:
-            why = checkpoint_damage(old)
+            why = checkpoint_damage(old, read_state=False)
         except (OSError, ValueError) as e:
             print0(f"{old}: kept, not counted ({e})")
             continue
@@ -514,18 +566,23 @@ def start_run(args, world, master, ddp, defaults=None):
     from, its train state if already read) — --resume / --resume_if_exists: out_dir's
     newest intact one (resume_point: decided on rank 0, damaged newer ones set aside);
     --resume_from: a folder or hub id — or (None, None) for a fresh start. A fresh start in
-    an out_dir with checkpoints needs --overwrite (then they, their eval/ and log.jsonl are
-    deleted); a resumed run whose flags differ stops here, naming them (check_resume;
+    an out_dir with checkpoints needs --overwrite; --overwrite deletes the earlier run
+    whole: its checkpoints, the checkpoint-N.damaged folders set aside from it (named),
+    its eval/ and log.jsonl. Without --overwrite set-aside folders are kept, named, and
+    never resumed. A resumed run whose flags differ stops here, naming them (check_resume;
     `defaults`: each flag's default, what a checkpoint written before the flag ran with).
     Leftovers are named first: a killed save's .tmp folder is removed, a checkpoint name
-    that is a symbolic link stops the run.
+    that is a symbolic link stops the run. out_dir is listed once, before the ranks part,
+    so that every rank sees the same folders whatever rank 0 deletes.
     """
     os.makedirs(args.out_dir, exist_ok=True)
+    existing, damaged = checkpoint_dirs(args.out_dir), damaged_dirs(args.out_dir)
     check_leftovers(args.out_dir, master, ddp)
-    existing = checkpoint_dirs(args.out_dir)
+    aside = ", ".join(map(os.path.basename, damaged))
     if args.resume and not existing:
-        raise SystemExit(f"--resume: no checkpoint in {args.out_dir} (checkpoint-<step> folders); "
-                         "check --out_dir, or use --resume_if_exists to start afresh when there is none")
+        raise SystemExit(f"--resume: no checkpoint in {args.out_dir} (checkpoint-<step> folders"
+                         + (f"; {aside} set aside as damaged, not resumable" if damaged else "")
+                         + "); check --out_dir, or use --resume_if_exists to start afresh when there is none")
     source, state = None, None
     if existing and (args.resume or args.resume_if_exists):
         source, state = resume_point(args.out_dir, master)    # rank 0 decides, damaged set aside
@@ -550,14 +607,19 @@ def start_run(args, world, master, ddp, defaults=None):
     if existing and not args.overwrite:
         raise SystemExit(f"{args.out_dir} already holds {', '.join(map(os.path.basename, existing))}: "
                          "pass --resume to continue, --overwrite to start over, or another --out_dir")
+    old_run = existing + damaged if args.overwrite else existing
     if master:
         if not existing and os.path.exists(os.path.join(args.out_dir, LOG_FILE)):
             print0(f"{os.path.join(args.out_dir, LOG_FILE)}: left by a run without checkpoints; "
                    "starting a new one")
-        for path in existing + [os.path.join(args.out_dir, "eval")] * bool(existing):
+        if damaged and args.overwrite:
+            print0(f"--overwrite: deleting {aside} in {args.out_dir} (set aside as damaged by the earlier run)")
+        elif damaged:
+            print0(f"{args.out_dir}: {aside} kept (set aside as damaged, never resumed); --overwrite deletes them")
+        for path in old_run + [os.path.join(args.out_dir, "eval")] * bool(old_run):
             shutil.rmtree(path, ignore_errors=True)
         remove_log(args.out_dir)
-    if existing and ddp:
+    if old_run and ddp:
         dist.barrier()
     return None, None
 
