@@ -56,8 +56,8 @@ from util.benchmarks import (SUGARCREPE_SUBSETS, mmeb_preflight, read_coco, read
                              read_sharegpt4v, read_sugarcrepe, read_urban1k)
 from util.dist import (DIST_TIMEOUT_MINUTES, broadcast_object, collective_device, print0, rank_world,
                        setup_distributed, teardown_distributed)
-from util.inputs import (check_encode_args, check_eval_flags, check_side, check_text_length, check_text_tokens, find_subsets,
-                         load_image, read_task_table, resolve_dir, upscale_small)
+from util.inputs import (DOC_IMAGE_INSTRUCTION, check_encode_args, check_eval_flags, check_side, check_text_length,
+                         check_text_tokens, find_subsets, load_image, read_task_table, resolve_dir, upscale_small)
 from util.run import load_finished, result_path, weights_fingerprint, write_atomic, write_json
 from util.speed import ATTENTION, set_attention
 from util.video import VIDEO_TOKEN, Clip
@@ -748,13 +748,24 @@ def format_input(text=None, has_image=False, instruction=None):
     return body
 
 
+def format_document(text=None, has_image=False, instruction=None):
+    """format_input for a document: a bare image (no text, no instruction) gets
+    DOC_IMAGE_INSTRUCTION, as MMEB's image candidates ("<|image_1|>\nRepresent the given
+    image."), tools/search.py's corpus images and the export's encode_document(image) have
+    it — the one rule for a bare image document."""
+    if has_image and not text and not instruction:
+        instruction = DOC_IMAGE_INSTRUCTION
+    return format_input(text, has_image, instruction)
+
+
 class Encoder:
     """
     Load a checkpoint (or a raw backbone / tiny model, see load_rematch) once, then embed
     lists of texts, images (PIL or paths) or (image, text) pairs:
         enc = Encoder("runs/ckpt"); E = enc.encode(texts=[...], images=[...], instruction=..., side="q")
     Returns L2-normalised fp32 (N, d) on the CPU; a vector does not depend on its batch.
-    side "q" for queries (L_q), "d" for the documents of an index (L_d). Text documents of
+    side "q" for queries (L_q), "d" for the documents of an index (L_d); a bare image
+    document (no text, no instruction) gets DOC_IMAGE_INSTRUCTION (format_document). Text documents of
     a checkpoint trained with target instructions: pass data.with_target_instruction(text,
     task) as the texts (and no instruction), as mmeb_report does. The same checkpoint as a
     cross-encoder (the matching head's p(Yes)): tools/rerank.py's rerank(enc, query,
@@ -777,7 +788,8 @@ class Encoder:
         n = len(texts) if texts is not None else len(images)
         texts = texts if texts is not None else [None] * n
         images = images if images is not None else [None] * n
-        inputs = [(side, format_input(t, im is not None, instruction), im) for t, im in zip(texts, images)]
+        fmt = format_document if side == "d" else format_input                  # a bare image document: the rule
+        inputs = [(side, fmt(t, im is not None, instruction), im) for t, im in zip(texts, images)]
         E = embed_inputs(self.model, self.processor, inputs, batch_size, progress, desc="encode",
                          distributed=False)                                 # (N, d)
         return F.normalize(E.float(), dim=-1)

@@ -113,7 +113,7 @@ def main(argv=None):
     if a.export is None:
         tmp = tempfile.TemporaryDirectory()
         a.export = os.path.join(tmp.name, "export")
-        export_merged(a.checkpoint, a.export)
+        export_merged(a.checkpoint, a.export, dtype=torch.float32)   # the repository's precision: equal columns
     embedder = SentenceTransformer(a.export, trust_remote_code=True)
     reranker = CrossEncoder(a.export, trust_remote_code=True)
     print(f"checkpoint {a.checkpoint} | export {a.export} | top_k {a.top_k} | {a.queries} queries "

@@ -3,7 +3,8 @@ The merged export (tools/export_merged.py): a standard Qwen2-VL checkpoint direc
 LoRA merged and the learnable tokens as special tokens. Oracle: ReMatch.embed on the training
 checkpoint. The plain-transformers script (tools/plain_embed.py) is copied alone to another
 directory and run there in a subprocess without PYTHONPATH: it can import nothing from this
-repository.
+repository. The written dtype: bf16 by default, float16 / float32 on request (the fp32 export
+is the one held to the oracle; tests/test_st_export.py holds the bf16 one to it).
 
     pytest tests/test_export.py
 """
@@ -46,7 +47,7 @@ def test_plain_transformers_reproduces_the_embeddings(fixture_dir, tmp_path, ext
     out = str(tmp_path / "run")
     train.main(flags(fixture_dir, out, "--steps", "2", "--num_tokens", "3", *extra))
     ckpt, merged = os.path.join(out, "checkpoint-2"), str(tmp_path / "merged")
-    spec = export_merged(ckpt, merged)
+    spec = export_merged(ckpt, merged, dtype=torch.float32)          # the oracle's precision
     assert spec["num_tokens"] == 3 and spec["query_tokens"][0] == "<|rematch_q_0|>"
 
     shape_image("blue", 84, "square").save(tmp_path / "blue.png")
@@ -82,3 +83,38 @@ def test_export_refuses_a_non_empty_directory(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["ckpt", str(tmp_path / "x")])
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def _dtypes_on_disk(folder):
+    """The safetensors dtypes of the backbone's weight files in an export folder."""
+    from safetensors import safe_open
+    found = set()
+    for name in os.listdir(folder):
+        if name.startswith("model") and name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "pt") as f:
+                found |= {f.get_slice(k).get_dtype() for k in f.keys()}
+    return found
+
+
+def test_export_writes_bf16_by_default_and_other_dtypes_on_request(fixture_dir, tmp_path):
+    """tools/export_merged.py without --dtype writes bf16 weights (every tensor), and says so in
+    rematch_pooling.json and config.json; --dtype float16 / float32 write those; another dtype
+    is refused, by the CLI and by export_merged."""
+    import train
+    from tools.export_merged import export_merged, main
+    out = str(tmp_path / "run")
+    train.main(flags(fixture_dir, out, "--steps", "1", "--num_tokens", "2"))
+    ckpt = os.path.join(out, "checkpoint-1")
+    for flag, want, name in (([], "BF16", "bfloat16"), (["--dtype", "float16"], "F16", "float16"),
+                             (["--dtype", "float32"], "F32", "float32")):
+        merged = str(tmp_path / f"merged-{name}")
+        main([ckpt, merged, *flag])
+        assert _dtypes_on_disk(merged) == {want}, flag
+        with open(os.path.join(merged, "rematch_pooling.json")) as f:
+            assert json.load(f)["dtype"] == name
+        with open(os.path.join(merged, "config.json")) as f:
+            assert json.load(f).get("dtype") == name
+    with pytest.raises(SystemExit):
+        main([ckpt, str(tmp_path / "x"), "--dtype", "int8"])
+    with pytest.raises(ValueError, match="dtype must be one of bfloat16, float16, float32"):
+        export_merged(ckpt, str(tmp_path / "y"), dtype=torch.float64)

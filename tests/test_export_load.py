@@ -167,3 +167,26 @@ def test_evaluate_cli_on_an_export_equals_the_checkpoint(checkpoint_and_export, 
                            "--image_dir", data, "--no_progress", "--tasks", "ShapesColour", "ShapesT2I"])
             for m in (ckpt, export)]
     assert runs[0]["mmeb"] == runs[1]["mmeb"]
+
+
+def test_a_bare_image_document_is_embedded_one_way_everywhere(checkpoint_and_export):
+    """The one rule (evaluate.format_document, util.inputs.DOC_IMAGE_INSTRUCTION): a bare
+    image document gets "Represent the given image." in Encoder.encode(side="d"), in
+    rerank's candidates and in SentenceTransformer(export).encode_document(image); a bare
+    image query stays bare."""
+    st = pytest.importorskip("sentence_transformers")
+    from evaluate import Encoder
+    from tools.rerank import rerank
+    from util.inputs import DOC_IMAGE_INSTRUCTION
+    _, export = checkpoint_and_export
+    enc, m = Encoder(export), st.SentenceTransformer(export, trust_remote_code=True)
+    bare = enc.encode(images=IMAGES, side="d")
+    torch.testing.assert_close(bare, enc.encode(images=IMAGES, instruction=DOC_IMAGE_INSTRUCTION, side="d"),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(bare, m.encode_document(IMAGES, convert_to_tensor=True).float(), rtol=0, atol=1e-5)
+    q = enc.encode(images=IMAGES, side="q")
+    torch.testing.assert_close(q, m.encode_query(IMAGES, convert_to_tensor=True).float(), rtol=0, atol=1e-5)
+    assert (q - enc.encode(images=IMAGES, instruction=DOC_IMAGE_INSTRUCTION, side="q")).abs().max() > 1e-4
+    torch.testing.assert_close(rerank(enc, TEXTS[0], IMAGES),
+                               rerank(enc, TEXTS[0], [(im, "<|image_1|>\n" + DOC_IMAGE_INSTRUCTION) for im in IMAGES]),
+                               rtol=0, atol=0)

@@ -429,7 +429,7 @@ def check_merged_export(ckpt, tmp_path):
     from tools import plain_embed
     from tools.export_merged import export_merged
     merged = tmp_path / "merged"
-    export_merged(str(ckpt), str(merged))
+    export_merged(str(ckpt), str(merged), dtype=torch.float32)          # the oracle's precision
     image = shape_image("red", (112, 56))
     cases = [("query", "<|image_1|>\nWhat colour is the circle?", image),
              ("document", "Represent the caption of an image: a red circle", None)]

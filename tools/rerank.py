@@ -166,7 +166,8 @@ def rerank(encoder, query, candidates, views="raw", query_instruction=None, inst
     same weights that embed, used as a cross-encoder. encoder: an evaluate.Encoder. query
     and each candidate: a text (str), an image (PIL image or pathlib.Path), or an (image,
     text) pair (the image may be a str path there); the instructions as for
-    Encoder.encode(). views: "raw" (the raw query and candidate, default), "feat" (their
+    Encoder.encode() (a bare image candidate: DOC_IMAGE_INSTRUCTION, as the export's
+    CrossEncoder gives it). views: "raw" (the raw query and candidate, default), "feat" (their
     embeddings fed back as feature tokens) or "all" (mean of the 4 views).
     Returns p(Yes) per candidate, (n,) fp32 — higher is more relevant. Needs a checkpoint
     trained with matching (w_qdm > 0); others raise ValueError.
@@ -177,7 +178,7 @@ def rerank(encoder, query, candidates, views="raw", query_instruction=None, inst
     q_text, q_image = split_input(query, "rerank: query")
     cands = [split_input(c, f"rerank: candidates[{i}]") for i, c in enumerate(candidates)]
     q = [("q", evaluate.format_input(q_text, q_image is not None, query_instruction), q_image)]
-    d = [("d", evaluate.format_input(t, im is not None, instruction), im) for t, im in cands]
+    d = [("d", evaluate.format_document(t, im is not None, instruction), im) for t, im in cands]
     encoded = {}
     E = evaluate.embed_inputs(encoder.model, encoder.processor, q + d, batch_size, desc="rerank",
                               distributed=False, keep=encoded.__setitem__)    # (1 + n, d)

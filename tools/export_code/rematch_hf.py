@@ -11,10 +11,14 @@ folder with trust_remote_code=True (transformers only, no other import).
                     attention mask it was trained with (the query and the document do not
                     see each other; the answer sees both), either padding side.
                     CrossEncoder loads it through AutoModelForSequenceClassification
-                    (config.json's auto_map).
+                    (config.json's auto_map). Flash attention takes no 4D mask: the scorer
+                    refuses attn_implementation flash_attention_2 / _3 (and kernels' flash
+                    builds) by name, at load and at forward; sdpa (the default) and eager run.
 
 Written into the export by tools/export_merged.py of the rematch repository.
 """
+import os
+
 import torch
 from transformers import (
     Qwen2_5_VLForConditionalGeneration,
@@ -80,6 +84,26 @@ def matching_mask(seg, dtype):
         ~ok, torch.finfo(dtype).min)[:, None]                                       # (B, 1, T, T)
 
 
+def flash_attention_name(impl):
+    """The flash-attention implementation that `impl` (an attn_implementation: a name, or a
+    dict per sub-config) asks of the language model, or None."""
+    if isinstance(impl, dict):
+        impl = impl.get("text_config", impl.get(""))
+    return impl if isinstance(impl, str) and "flash" in impl.lower() else None
+
+
+def refuse_flash_attention(impl, where):
+    """ValueError naming `impl` when it is flash attention: the matching head scores under a
+    4D mask (query and document hidden from each other, the answer seeing both), which
+    transformers passes to the attention unchanged and flash attention cannot take."""
+    name = flash_attention_name(impl)
+    if name:
+        raise ValueError(f"ReMatch matcher: attn_implementation={name!r} ({where}) cannot take the 4D attention "
+                         "mask the matching head scores under (the query and the document do not see each other); "
+                         "load it with attn_implementation=\"sdpa\" (the default) or \"eager\", e.g. "
+                         "CrossEncoder(path, trust_remote_code=True, model_kwargs={\"attn_implementation\": \"sdpa\"})")
+
+
 def _matcher(base):
     class Matcher(base):
         """The matching head's score of a rendered (query, document) row: logit(Yes) -
@@ -94,6 +118,11 @@ def _matcher(base):
             folder without the LM head (a sentence-transformers re-save keeps the backbone
             only) raises instead of scoring with a freshly initialised head."""
             kwargs.pop("output_loading_info", None)
+            refuse_flash_attention(kwargs.get("attn_implementation"), "asked at load")
+            config = kwargs.get("config")
+            if config is not None and not isinstance(config, (str, os.PathLike)):
+                refuse_flash_attention(getattr(config.get_text_config(), "_attn_implementation", None),
+                                       "set in the config")
             model, info = base.from_pretrained(*args, output_loading_info=True, **kwargs)
             if info.get("missing_keys"):
                 raise ValueError(f"ReMatch matcher: {args[0] if args else 'the folder'} lacks "
@@ -104,6 +133,7 @@ def _matcher(base):
 
         def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
                     mm_token_type_ids=None, **kwargs):
+            refuse_flash_attention(self.config.get_text_config()._attn_implementation, "the loaded model's")
             B, T = input_ids.shape
             am = torch.ones_like(input_ids) if attention_mask is None else attention_mask   # (B, T)
             seg = torch.full((B, T), PAD, dtype=torch.long)
@@ -122,9 +152,13 @@ def _matcher(base):
                            position_ids=pos, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                            mm_token_type_ids=mm_token_type_ids, use_cache=False).last_hidden_state
             last = (seg == A).long().cumsum(-1).argmax(-1)                            # (B,) last A position
-            logits = self.lm_head(h[torch.arange(B, device=h.device), last])          # (B, vocab)
+            # the two label rows of the LM head only, in fp32: a bf16 logit near 10 is rounded to
+            # 1/16, which a difference of two of them would carry into the score
             yes, no = self.config.rematch["answer_token_ids"]
-            return SequenceClassifierOutput(logits=(logits[:, yes] - logits[:, no])[:, None].float())
+            z = h[torch.arange(B, device=h.device), last].float() @ self.lm_head.weight[[yes, no]].float().T
+            if getattr(self.lm_head, "bias", None) is not None:
+                z = z + self.lm_head.bias[[yes, no]].float()                          # (B, 2)
+            return SequenceClassifierOutput(logits=(z[:, 0] - z[:, 1])[:, None])
     Matcher.__name__ = Matcher.__qualname__ = "Rematch" + base.__name__.replace("ForConditionalGeneration", "Matcher")
     return Matcher
 
