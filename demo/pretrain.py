@@ -21,8 +21,8 @@ norm clipped at 1.0, PRETRAIN["steps"] steps. Built on first use by
 util.backbone.load_backbone("tiny-qwen2-vl-chat") and cached under $HF_HOME/rematch/
 (a fresh HF_HOME rebuilds it; under torchrun rank 0 builds, the others wait), with
 build.json: the settings and the held-out figures measured right after the build
-(tools/generate.py's caption metrics on held-out EVAL images, Yes/No accuracy on held-out
-verification prompts).
+(tools/generate.py's caption metrics on held-out EVAL images, balanced Yes/No accuracy on
+held-out verification prompts).
 
     python -m demo.pretrain                  # build (or reuse) and print build.json
 Tests: pytest tests/test_pretrain.py
@@ -37,11 +37,12 @@ import torch
 
 CHAT_MODEL = "tiny-qwen2-vl-chat"
 BASE_MODEL = "tiny-qwen2-vl"
-PRETRAIN = {"version": 1, "base": BASE_MODEL, "seed": 0, "steps": 1000, "batch_size": 32, "lr": 1e-3,
+PRETRAIN = {"version": 2, "base": BASE_MODEL, "seed": 0, "steps": 1000, "batch_size": 32, "lr": 1e-3,
             "weight_decay": 0.01, "warmup_steps": 50, "min_lr_ratio": 0.1, "clip": 1.0, "data_seed": 0}
 DESCRIBE, WHAT, COUNT = "Describe the image.", "What is shown?", "How many objects are in the image?"
 VERIFY = "Does the image show {}? Answer Yes or No."
 COUNT_WORDS = {"object": "one", "pair": "two", "scene": "four"}
+BUILD_THREADS = 2       # the build's torch threads, whatever the caller set (the weights depend on it)
 
 
 # ----------------------------------------------------------------------------------
@@ -165,8 +166,6 @@ def pretrain(data_root, cfg=None, progress=True):
     """(model, processor) of BASE_MODEL after cfg["steps"] steps (default: PRETRAIN) on
     conversations() of the benchmark under data_root (written if missing). Deterministic in cfg."""
     cfg = cfg or PRETRAIN
-    from tqdm import tqdm
-
     from demo.synthetic import make_synthetic
     from util.backbone import load_backbone
     from util.inputs import load_image
@@ -174,6 +173,16 @@ def pretrain(data_root, cfg=None, progress=True):
     convs = conversations(paths["train"])
     images = {i: load_image(os.path.join(paths["image_dir"], i)) for i in sorted({c[0] for c in convs})}
     model, processor = load_backbone(cfg["base"], device="cpu", dtype=torch.float32, seed=cfg["seed"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)          # float sums split by thread: one count, one set of weights
+    try:
+        return _train(model, processor, convs, images, cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model, processor, convs, images, cfg, progress):
+    from tqdm import tqdm
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     rng = random.Random(cfg["seed"])
@@ -200,34 +209,37 @@ def pretrain(data_root, cfg=None, progress=True):
 
 
 @torch.no_grad()
-def yes_no_accuracy(model, processor, data_root, n=120):
-    """Accuracy of the greedy first answer token on n held-out verification prompts: EVAL
-    pair images of ShapesI2T against their positive caption (Yes) and an attribute-swapped
-    twin (No), alternating; chance 0.5."""
+def yes_no_accuracy(model, processor, data_root, n=40):
+    """Balanced accuracy (the mean of the Yes rate on matches and the No rate on mismatches;
+    chance 0.5 whatever the model's bias) of the greedy first answer token on held-out
+    verification prompts about n EVAL pair images of ShapesI2T: {"yes_no": the positive
+    caption against another pair's caption (candidate 15, no twin), "yes_no_binding": against
+    an attribute-swapped twin (candidate 1: the same words, bound otherwise)}."""
     from demo.synthetic import make_synthetic
     from tools.generate import greedy
     from util.inputs import load_image, read_rows
     paths = make_synthetic(data_root, seed=PRETRAIN["data_seed"])
-    rows = read_rows([os.path.join(paths["eval"], "ShapesI2T", "test-00000-of-00001.parquet")])
+    rows = read_rows([os.path.join(paths["eval"], "ShapesI2T", "test-00000-of-00001.parquet")])[:n]
     yes, no = (processor.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
-    right = 0
-    for k in range(n):
-        r = rows[(k // 2) % len(rows)]
-        caption, want = (r["tgt_text"][0], yes) if k % 2 == 0 else (r["tgt_text"][1], no)   # [1]: a twin
-        got = greedy(model, processor, load_image(os.path.join(paths["image_dir"], r["qry_img_path"])),
-                     VERIFY.format(caption), max_new_tokens=1)
-        right += got[0] == want
-    return right / n
+
+    def says(r, caption):
+        image = load_image(os.path.join(paths["image_dir"], r["qry_img_path"]))
+        return greedy(model, processor, image, VERIFY.format(caption), max_new_tokens=1)[0]
+    on_pos = sum(says(r, r["tgt_text"][0]) == yes for r in rows) / len(rows)
+    on_other = sum(says(r, r["tgt_text"][-1]) == no for r in rows) / len(rows)
+    on_twin = sum(says(r, r["tgt_text"][1]) == no for r in rows) / len(rows)
+    return {"yes_no": (on_pos + on_other) / 2, "yes_no_binding": (on_pos + on_twin) / 2,
+            "yes_rate_on_matches": on_pos}
 
 
 def heldout_figures(model, processor, data_root, n_captions=60):
-    """{"captions": tools/generate.py's metrics on n held-out images, "yes_no": accuracy}."""
+    """{"captions": tools/generate.py's metrics on n held-out images, and yes_no_accuracy's}."""
     from tools.generate import CAPTION_PROMPT, decode, greedy, heldout_images, score
     from util.inputs import load_image
     items = heldout_images(data_root, n_captions, PRETRAIN["data_seed"])
     caps = [decode(processor.tokenizer, greedy(model, processor, load_image(i), CAPTION_PROMPT)) for i, _, _ in items]
     return {"captions": score(caps, [r for _, r, _ in items], [k for _, _, k in items]),
-            "yes_no": yes_no_accuracy(model, processor, data_root)}
+            **yes_no_accuracy(model, processor, data_root)}
 
 
 # ----------------------------------------------------------------------------------
