@@ -234,11 +234,13 @@ def yes_no_accuracy(model, processor, data_root, n=40):
 
 def heldout_figures(model, processor, data_root, n_captions=60):
     """{"captions": tools/generate.py's metrics on n held-out images, and yes_no_accuracy's}."""
-    from tools.generate import CAPTION_PROMPT, decode, greedy, heldout_images, score
+    from tools.generate import CAPTION_PROMPT, decode, greedy, heldout_images, score, stop_ids
     from util.inputs import load_image
     items = heldout_images(data_root, n_captions, PRETRAIN["data_seed"])
-    caps = [decode(processor.tokenizer, greedy(model, processor, load_image(i), CAPTION_PROMPT)) for i, _, _ in items]
-    return {"captions": score(caps, [r for _, r, _ in items], [k for _, _, k in items]),
+    stop = stop_ids(model, processor.tokenizer)
+    ids = [[t for t in greedy(model, processor, load_image(i), CAPTION_PROMPT) if t not in stop] for i, _, _ in items]
+    caps = [decode(processor.tokenizer, t) for t in ids]
+    return {"captions": score(caps, [r for _, r, _ in items], [k for _, _, k in items], ids),
             **yes_no_accuracy(model, processor, data_root)}
 
 

@@ -40,6 +40,10 @@ def test_distinct_repetition_and_length_by_hand():
     assert m["repetition"] == pytest.approx(6 / 12)
     assert m["mean_len"] == pytest.approx((4 + 2 + 6) / 3) and m["n"] == 3
     assert G.repeated_share("a b c d a b c".split()) == (6, 7)       # abc at 0 and 4: words 0-2, 4-6
+    # on model tokens: "YesNoYesNo" is one word but tokens 7 8 7 8 7 8: 3-grams 787, 878, 787, 878 all
+    # repeat → 6 of 6 tokens; bigrams 78 87 78 87 78: 2 distinct of 5
+    m = G.caption_metrics(["YesNoYesNoYesNo"], [""], tokens=[[7, 8, 7, 8, 7, 8]])
+    assert m["repetition"] == 1.0 and m["distinct_2"] == pytest.approx(2 / 5) and m["mean_len"] == 1
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         G.caption_metrics(["a", "b"], ["a"])
 
@@ -121,9 +125,8 @@ def test_cli_captions_heldout_images_for_each_model_kind(lora_checkpoint_and_exp
     from PIL import Image
     assert Image.open(os.path.join(out, "table.png")).size[1] > 4 * 100
     again = G.main(["--model", ckpt, *common])
-    assert again[ckpt]["token_f1"] == json.loads(json.dumps(G.score([x[ckpt] for x in lines],
-                                                                    [x["reference"] for x in lines],
-                                                                    ["pair", "object"] * 2)))["token_f1"]
+    assert again[ckpt]["token_f1"] == G.score([x[ckpt] for x in lines], [x["reference"] for x in lines],
+                                              ["pair", "object"] * 2)["token_f1"]
 
 
 def test_heldout_images_are_eval_images_only(tmp_path):

@@ -21,11 +21,12 @@ cache: the plain reference loop), stopping after <|im_end|> or the model's end t
 most --max_new_tokens. tests/test_generate.py checks it equals transformers'
 generate(do_sample=False) and the metrics against hand-worked cases.
 
-Metrics (caption_metrics), on words: lower-cased, punctuation removed. exact and token_f1
-(SQuAD's F1 of the word multisets) also drop the articles a / an / the (VQA's normalisation);
-distinct_2 = distinct word bigrams / all bigrams over all captions (Li et al. 2016);
-repetition = the share of generated words that lie inside a word 3-gram occurring more
-than once in its caption (degeneration, Holtzman et al. 2020); mean_len in words.
+Metrics (caption_metrics). exact and token_f1 (SQuAD's F1 of the word multisets) on words:
+lower-cased, punctuation and the articles a / an / the removed (VQA's normalisation);
+distinct_2 = distinct bigrams / all bigrams over all captions (Li et al. 2016) and
+repetition = the share of generated tokens that lie inside a 3-gram occurring more than
+once in its caption (degeneration, Holtzman et al. 2020), both on the model's generated
+tokens (so "YesNoYesNo", one word, shows as repetition); mean_len in words.
 """
 import argparse
 import collections
@@ -138,13 +139,17 @@ def repeated_share(ws, n=3):
     return len(inside), len(ws)
 
 
-def caption_metrics(predictions, references):
-    """{exact, token_f1, distinct_2, repetition, mean_len, n} of paired captions (module doc)."""
+def caption_metrics(predictions, references, tokens=None):
+    """{exact, token_f1, distinct_2, repetition, mean_len, n} of paired captions (module doc).
+    tokens: the generated token ids of each caption (end token left out); given, distinct_2
+    and repetition count model tokens (degeneration without spaces, "YesNoYesNo", shows),
+    else words."""
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"caption_metrics: {len(predictions)} predictions for {len(references)} references")
     ws = [words(p) for p in predictions]
-    bigrams = [tuple(w[i:i + 2]) for w in ws for i in range(len(w) - 1)]
-    rep = [repeated_share(w) for w in ws]
+    units = ws if tokens is None else [list(t) for t in tokens]
+    bigrams = [tuple(w[i:i + 2]) for w in units for i in range(len(w) - 1)]
+    rep = [repeated_share(w) for w in units]
     n = len(predictions)
     return {"exact": sum(answer_words(p) == answer_words(r) for p, r in zip(predictions, references)) / n,
             "token_f1": sum(token_f1(p, r) for p, r in zip(predictions, references)) / n,
@@ -180,12 +185,13 @@ def heldout_images(data_dir, n, seed=0):
     return out[:n]
 
 
-def score(captions, refs, kinds):
+def score(captions, refs, kinds, tokens=None):
     """caption_metrics overall and per image kind."""
-    out = caption_metrics(captions, refs)
+    out = caption_metrics(captions, refs, tokens)
     for kind in sorted(set(kinds)):
         idx = [i for i, k in enumerate(kinds) if k == kind]
-        out[kind] = caption_metrics([captions[i] for i in idx], [refs[i] for i in idx])
+        out[kind] = caption_metrics([captions[i] for i in idx], [refs[i] for i in idx],
+                                    None if tokens is None else [tokens[i] for i in idx])
     return out
 
 
@@ -259,13 +265,15 @@ def main(argv=None):
     captions, results = {}, {}
     for name in a.model:
         model, processor, _ = load_rematch(name, device=a.device)
-        captions[name] = [decode(processor.tokenizer, greedy(model.backbone, processor, im, a.prompt, a.max_new_tokens))
-                          for im in pictures]
+        stop = stop_ids(model.backbone, processor.tokenizer)
+        ids = [[t for t in greedy(model.backbone, processor, im, a.prompt, a.max_new_tokens) if t not in stop]
+               for im in pictures]
+        captions[name] = [decode(processor.tokenizer, t) for t in ids]
         del model
         for im, ref, c in zip(images, refs, captions[name]):
             print(f"[{name}] {os.path.basename(im)}: {c}" + (f"   (reference: {ref})" if ref else ""))
         if a.n is not None:
-            results[name] = score(captions[name], refs, kinds)
+            results[name] = score(captions[name], refs, kinds, ids)
     if a.out:
         write_table(a.out, images, refs, captions)
         print(f"wrote {a.out}/captions.jsonl, table.md, table.png")
