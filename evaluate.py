@@ -804,8 +804,9 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
     p = argparse.ArgumentParser(description=description)
     # model
     p.add_argument("--model", required=True, help="train.py checkpoint dir or the hub id of an "
-                   "uploaded one, hub id / local dir of a raw Qwen2-VL/Qwen2.5-VL/Qwen3-VL (baseline), or "
-                   "tiny-qwen2-vl / tiny-qwen2.5-vl")
+                   "uploaded one, a merged export (tools/export_merged.py; folder or hub id: its own K, "
+                   "template and pooling), hub id / local dir of a raw Qwen2-VL/Qwen2.5-VL/Qwen3-VL (baseline), "
+                   "or tiny-qwen2-vl / tiny-qwen2.5-vl / tiny-qwen3-vl / tiny-qwen2-vl-chat")
     p.add_argument("--revision", default=None,
                    help="hub ids only: the commit, branch or tag of --model to load (recorded with "
                         "the results; default: the repository's main branch)")

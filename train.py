@@ -641,7 +641,8 @@ def build_parser():
     # model
     p.add_argument("--model", default="tiny-qwen2-vl",
                    help="hub id or local dir of Qwen2-VL / Qwen2.5-VL / Qwen3-VL, or tiny-qwen2-vl / "
-                        "tiny-qwen2.5-vl / tiny-qwen3-vl")
+                        "tiny-qwen2.5-vl / tiny-qwen3-vl (random init), tiny-qwen2-vl-chat (taught to speak "
+                        "about the demo's TRAIN images: demo/pretrain.py, built once)")
     p.add_argument("--model_revision", default=None,
                    help="hub ids only: the commit, branch or tag of --model to download (recorded: "
                         "loading the checkpoint later pins its base model to it)")
