@@ -123,3 +123,25 @@ def test_tiny_qwen2_vl_chat_speaks_about_heldout_images(tmp_path):
     caps = [decode(processor.tokenizer, greedy(random_init.eval(), processor, load_image(i), CAPTION_PROMPT))
             for i, _, _ in items]
     assert score(caps, [r for _, r, _ in items], [k for _, _, k in items])["token_f1"] < 0.2
+
+
+@pytest.mark.slow
+def test_the_chat_model_trains_evaluates_and_exports_like_the_other_tiny_models(tmp_path):
+    """--model tiny-qwen2-vl-chat through train.py (LoRA: the checkpoint names the base by
+    this name and reloads it from the cache), Encoder, tools/rerank.py and the export."""
+    import train
+    from test_train import flags, write_train_fixture
+
+    from evaluate import Encoder
+    from tools.export_merged import export_merged
+    from tools.rerank import rerank
+    fx = write_train_fixture(str(tmp_path / "data"), n=6)
+    train.main(flags(fx, str(tmp_path / "run"), "--steps", "2", "--model", P.CHAT_MODEL, "--lora",
+                     "--lora_r", "4", "--lora_alpha", "8"))
+    ckpt = str(tmp_path / "run" / "checkpoint-2")
+    assert json.load(open(os.path.join(ckpt, "rematch_config.json")))["model"] == P.CHAT_MODEL
+    export_merged(ckpt, str(tmp_path / "export"), dtype=torch.float32)
+    a, b = Encoder(ckpt), Encoder(str(tmp_path / "export"))
+    texts = ["a red circle", "a blue square"]
+    torch.testing.assert_close(b.encode(texts=texts, side="q"), a.encode(texts=texts, side="q"), rtol=0, atol=1e-5)
+    assert rerank(a, texts[0], texts).shape == (2,)
