@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 
 from masks import additive_mask, packed_block_mask, unified_block_mask, unified_mask_batch
-from util.backbone import (CONFIG_FILE, EXPORT_PROJECTOR_FILE, check_config, is_export, load_backbone, load_heads,
-                            published_name, read_export_spec, resolve_checkpoint)
+from util.backbone import (CONFIG_FILE, check_config, export_config, is_export, load_backbone, load_export_heads,
+                            load_heads, published_name, resolve_checkpoint)
 from util.speed import vision_indices
 from util.video import is_timestamped, temporal_step
 
@@ -417,22 +417,25 @@ def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_temp
     recorded in the returned config (and so in evaluation results). dtype: default, the
     checkpoint's training dtype when it trained in full precision (--dtype float32 /
     float64), else bf16 on CUDA and fp32 on the CPU. A local path is recorded by its last
-    component only. A merged export (tools/export_merged.py; folder or hub id) loads as the
-    ReMatch model it was exported from (load_export), never as a raw backbone.
+    component only. A merged export (tools/export_merged.py; folder or hub id): the model it
+    was exported from (util/backbone.py: export_config, load_export_heads), never a baseline.
     """
     import json
 
-    hub_id = name_or_path
+    name = published_name(str(name_or_path))                    # no local path in a result file
     name_or_path = resolve_checkpoint(name_or_path, revision)
     pin = {"revision": revision} if revision else {}
-    if is_export(name_or_path):                                 # tools/export_merged.py's folder
-        return load_export(name_or_path, device, dtype, num_tokens, embed_template, pin,
-                           name=published_name(str(hub_id)))
+    if is_export(name_or_path):
+        from data import EMBED_TEMPLATES, MATCH_PROMPTS
+        config = export_config(name_or_path, EMBED_TEMPLATES, num_tokens, embed_template, name, pin)
+        backbone, processor = load_backbone(name_or_path, device=device, dtype=dtype)
+        model = ReMatch(backbone, config["num_tokens"], config["embed_template"])
+        config.update(load_export_heads(model, processor.tokenizer, name_or_path, MATCH_PROMPTS))
+        return model.eval(), processor, config
     config_path = os.path.join(str(name_or_path), CONFIG_FILE)
     if not os.path.isfile(config_path):
         backbone, processor = load_backbone(name_or_path, device=device, dtype=dtype, revision=revision)
-        config = {"model": published_name(name_or_path), "num_tokens": num_tokens,
-                  "embed_template": embed_template, **pin}
+        config = {"model": name, "num_tokens": num_tokens, "embed_template": embed_template, **pin}
         return ReMatch(backbone, num_tokens, embed_template).eval(), processor, config
     with open(config_path) as f:
         config = dict(check_config(json.load(f), config_path), **pin)
@@ -451,61 +454,3 @@ def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_temp
     model = ReMatch(backbone, config["num_tokens"], config["embed_template"])
     load_heads(model, name_or_path)
     return model.eval(), processor, config
-
-
-def load_export(path, device=None, dtype=None, num_tokens=0, embed_template="plain", pin=None, name=None):
-    """
-    (ReMatch, processor, config) of a merged export (tools/export_merged.py), the model it
-    was exported from: its K tokens' rows of the input-embedding table are L_q and L_d,
-    its rematch_pooling.json's prefix/suffix name the embedding template (data.EMBED_TEMPLATES),
-    config.json's `rematch` block the matching prompt, rematch_projector.safetensors the
-    projector (§3.2.3; an older export without it gets a NaN projector and "projector":
-    false, so a feature view is refused, never scored with fresh weights). Embeds exactly as
-    SentenceTransformer(path) does (tests/test_export_load.py). num_tokens / embed_template
-    (raw-backbone flags) must be left at their defaults or equal the export's own.
-    """
-    import json
-
-    from safetensors.torch import load_file
-
-    from data import EMBED_TEMPLATES, MATCH_PROMPTS, _ids
-    from util.dist import print0
-    spec = read_export_spec(path)
-    K = spec["num_tokens"]
-    template = next((t for t, ps in EMBED_TEMPLATES.items() if list(ps) == [spec["prefix"], spec["suffix"]]), None)
-    if template is None:
-        raise ValueError(f"{path}: rematch_pooling.json's prefix/suffix are none of this repository's "
-                         f"embedding templates ({', '.join(EMBED_TEMPLATES)})")
-    if (num_tokens, embed_template) not in ((0, "plain"), (K, template)):
-        raise ValueError(f"{path} is a merged ReMatch export (K={K}, template {template}): --num_tokens "
-                         f"{num_tokens} / --embed_template {embed_template} apply to raw backbones only; "
-                         "leave them out and the export's own are used")
-    backbone, processor = load_backbone(path, device=device, dtype=dtype)
-    model = ReMatch(backbone, K, template)
-    tok, W = processor.tokenizer, backbone.get_input_embeddings().weight           # W: (V, d)
-    with torch.no_grad():
-        for side, L in (("query", model.L_q), ("document", model.L_d)):
-            ids = tok.convert_tokens_to_ids(spec[f"{side}_tokens"])
-            unknown = [t for t, i in zip(spec[f"{side}_tokens"], ids) if i is None or i == tok.unk_token_id]
-            if unknown or any(i >= W.shape[0] for i in ids):
-                raise ValueError(f"{path}: the {side} tokens {unknown or spec[f'{side}_tokens']} are not in "
-                                 "its tokenizer / embedding table: a damaged export")
-            if K:
-                L.copy_(W[ids].to(L.dtype))                                         # (K, d)
-        projector = os.path.join(path, EXPORT_PROJECTOR_FILE)
-        if os.path.isfile(projector):
-            model.projector.load_state_dict(load_file(projector))
-        else:
-            for p in model.projector.parameters():
-                p.fill_(float("nan"))
-    rematch = getattr(backbone.config, "rematch", None) or {}
-    prompt = next((n for n, P in MATCH_PROMPTS.items() if rematch.get("prompt_ids") == _ids(tok, P)), None)
-    config = {"model": name or published_name(str(path)), "export": True, "base_model": spec.get("base_model"),
-              "num_tokens": K, "embed_template": template, "match_prompt": prompt,
-              "w_qdm": spec.get("w_qdm"), "projector": os.path.isfile(projector),
-              "target_instructions": bool(spec.get("target_instructions")),
-              "target_prompt_table": spec.get("target_prompt_table"), **(pin or {})}
-    print0(f"{config['model']}: a merged ReMatch export (K={K}, template {template}), embedding through its "
-          f"own tokens and pooling" + ("" if config["projector"] else "; no projector in it (raw views only)"))
-    return model.eval(), processor, json.loads(json.dumps(config))
-

@@ -1,7 +1,7 @@
 """
 A merged export (tools/export_merged.py) wherever the repository takes a model: load_rematch
 (and so Encoder, evaluate.py, tools/search.py, tools/rerank.py, bench/serving.py) reads it
-back as the ReMatch model it was exported from (model.load_export), never as a K = 0,
+back as the ReMatch model it was exported from (util/backbone.py: export_config, load_export_heads), never as a K = 0,
 plain-template baseline; the speed benches refuse it by name.
 
 Oracles: the training checkpoint the export came from (Encoder on it, tools/rerank.rerank

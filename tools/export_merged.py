@@ -453,7 +453,7 @@ def export_merged(checkpoint, out_dir, dtype=torch.bfloat16):
     }
     with open(os.path.join(out_dir, POOLING_FILE), "w") as f:
         json.dump(pooling, f, indent=2)
-    # §3.2.3's projector, for the feature views of the matching head (model.load_export reads it)
+    # §3.2.3's projector, for the feature views of the matching head (util.backbone.load_export_heads reads it)
     from safetensors.torch import save_file
     save_file({k: v.detach().float().contiguous().cpu() for k, v in model.projector.state_dict().items()},
               os.path.join(out_dir, EXPORT_PROJECTOR_FILE))

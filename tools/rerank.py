@@ -50,7 +50,7 @@ def match_prompt(config):
 def require_matching(config, what, views="raw"):
     """Scores from the matching head mean something only if it was trained (w_qdm > 0); a
     feature view (views "feat" / "all") also needs the projector, which an older merged
-    export does not carry (model.load_export: "projector": false)."""
+    export does not carry (util.backbone.load_export_heads: "projector": false)."""
     if not (config or {}).get("w_qdm"):
         raise ValueError(f"{what} needs a checkpoint trained with the matching loss (w_qdm > 0); "
                          f"this model has w_qdm={config.get('w_qdm') if config else None} "

@@ -320,7 +320,7 @@ CHECKPOINT_FILES = [CONFIG_FILE, HEADS_FILE, "README.md", "adapter/adapter_confi
 RESUME_FILES = ["train_state.pt", "files.json"]     # only --resume_from needs the training state
 # A merged export (tools/export_merged.py): a plain Qwen-VL checkpoint whose tokenizer carries
 # L_q / L_d as special tokens, and EXPORT_FILE says how to embed with it. load_rematch reads
-# it back as the ReMatch model it came from (model.load_export); no code of the folder runs.
+# it back as the ReMatch model it came from (export_config, load_export_heads); no code of the folder runs.
 EXPORT_FILE = "rematch_pooling.json"
 EXPORT_PROJECTOR_FILE = "rematch_projector.safetensors"   # §3.2.3's projector (feature views)
 EXPORT_FILES = [EXPORT_FILE, EXPORT_PROJECTOR_FILE, "README.md", *BACKBONE_FILES]
@@ -333,7 +333,7 @@ def is_export(path):
 
 
 def read_export_spec(path):
-    """rematch_pooling.json of a merged export, each value load_export builds from checked
+    """rematch_pooling.json of a merged export, each value export_config builds from checked
     (a hub export is data, not trusted), the key named on a refusal."""
     import json
     where = os.path.join(str(path), EXPORT_FILE)
@@ -394,6 +394,62 @@ def load_heads(model, path):
         model.L_q.copy_(heads.pop("L_q"))
         model.L_d.copy_(heads.pop("L_d"))
         model.projector.load_state_dict({k[len("projector."):]: v for k, v in heads.items()})
+
+
+def export_config(path, templates, num_tokens=0, embed_template="plain", name=None, pin=None):
+    """The config of a merged export's ReMatch model (model.load_rematch), from its checked
+    rematch_pooling.json: K, the embedding template its prefix/suffix name among `templates`
+    (data.EMBED_TEMPLATES), w_qdm and the target instructions. num_tokens / embed_template
+    (raw-backbone flags) must be left at their defaults or equal the export's own."""
+    spec = read_export_spec(path)
+    K = spec["num_tokens"]
+    template = next((t for t, ps in templates.items() if list(ps) == [spec["prefix"], spec["suffix"]]), None)
+    if template is None:
+        raise ValueError(f"{path}: rematch_pooling.json's prefix/suffix are none of this repository's "
+                         f"embedding templates ({', '.join(templates)})")
+    if (num_tokens, embed_template) not in ((0, "plain"), (K, template)):
+        raise ValueError(f"{path} is a merged ReMatch export (K={K}, template {template}): --num_tokens "
+                         f"{num_tokens} / --embed_template {embed_template} apply to raw backbones only; "
+                         "leave them out and the export's own are used")
+    return {"model": name or published_name(str(path)), "export": True, "base_model": spec.get("base_model"),
+            "num_tokens": K, "embed_template": template, "w_qdm": spec.get("w_qdm"),
+            "target_instructions": bool(spec.get("target_instructions")),
+            "target_prompt_table": spec.get("target_prompt_table"), **(pin or {})}
+
+
+def load_export_heads(model, tokenizer, path, prompts):
+    """Copy a merged export's heads into the ReMatch `model` built over its backbone, as
+    load_heads does for a checkpoint: L_q and L_d are its K tokens' rows of the input-embedding
+    table, the projector (§3.2.3) is rematch_projector.safetensors (an older export without it
+    gets a NaN projector, so a feature view is refused — tools/rerank.require_matching — never
+    scored with fresh weights). Returns the config's match_prompt (the name in `prompts`,
+    data.MATCH_PROMPTS, whose tokens are config.json's rematch.prompt_ids) and projector keys."""
+    from safetensors.torch import load_file
+
+    from util.dist import print0
+    spec = read_export_spec(path)
+    W = model.backbone.get_input_embeddings().weight                               # (V, d)
+    with torch.no_grad():
+        for side, L in (("query", model.L_q), ("document", model.L_d)):
+            ids = tokenizer.convert_tokens_to_ids(spec[f"{side}_tokens"])
+            unknown = [t for t, i in zip(spec[f"{side}_tokens"], ids) if i is None or i == tokenizer.unk_token_id]
+            if unknown or any(i >= W.shape[0] for i in ids):
+                raise ValueError(f"{path}: the {side} tokens {unknown or spec[f'{side}_tokens']} are not in "
+                                 "its tokenizer / embedding table: a damaged export")
+            if model.num_tokens:
+                L.copy_(W[ids].to(L.dtype))                                         # (K, d)
+        projector = os.path.isfile(os.path.join(path, EXPORT_PROJECTOR_FILE))
+        if projector:
+            model.projector.load_state_dict(load_file(os.path.join(path, EXPORT_PROJECTOR_FILE)))
+        else:
+            for p in model.projector.parameters():
+                p.fill_(float("nan"))
+    prompt_ids = (getattr(model.backbone.config, "rematch", None) or {}).get("prompt_ids")
+    prompt = next((n for n, P in prompts.items()
+                   if prompt_ids == tokenizer(P, add_special_tokens=False)["input_ids"]), None)
+    print0(f"{path}: a merged ReMatch export (K={model.num_tokens}, template {model.embed_template}), embedding "
+           "through its own tokens and pooling" + ("" if projector else "; no projector in it (raw views only)"))
+    return {"match_prompt": prompt, "projector": projector}
 
 
 def check_config(config, where):
@@ -459,7 +515,7 @@ def resolve_checkpoint(name_or_path, revision=None, train_state=False):
     try:
         rank0_first(lambda: hf_hub_download(name, CONFIG_FILE, revision=revision))
     except (EntryNotFoundError, LocalEntryNotFoundError):
-        try:                                          # a merged export (model.load_export)?
+        try:                                          # a merged export (export_config)?
             rank0_first(lambda: hf_hub_download(name, EXPORT_FILE, revision=revision))
         except (EntryNotFoundError, LocalEntryNotFoundError):
             return name                               # neither: a raw backbone
