@@ -583,7 +583,7 @@ def format_table(results, table, name=None, markdown=False, chance=None, extras=
 # true caption strictly above the negative one; Replace/Swap/Add = mean of the subsets.
 
 ZS_T2I_QUERY = "Find me an everyday image that matches the given caption: {}"
-ZS_IMAGE_CANDIDATE = IMAGE_PLACEHOLDER + "\nRepresent the given image."
+ZS_IMAGE_CANDIDATE = IMAGE_PLACEHOLDER + "\n" + DOC_IMAGE_INSTRUCTION          # the one rule (format_document)
 ZS_I2T_QUERY = IMAGE_PLACEHOLDER + "\nFind an image caption describing the given image."
 ZS_TARGET_TASK = "MSCOCO_i2t"          # target instruction of text candidates, if the ckpt uses them
 SUGARCREPE_GROUPS = {"Replace": ("replace_obj", "replace_att", "replace_rel"),

@@ -108,8 +108,9 @@ def main(argv=None):
     eval_dir, image_dir = os.path.join(a.data, "eval"), a.data
     model, processor, config = load_rematch(a.checkpoint, device="cpu")
     tmp = None
-    if a.export is None and is_export(resolve_checkpoint(a.checkpoint)):   # an export is its own export
-        a.export = resolve_checkpoint(a.checkpoint)
+    local = resolve_checkpoint(a.checkpoint)
+    if a.export is None and is_export(local):           # an export is its own export
+        a.export = local
     if a.export is None:
         tmp = tempfile.TemporaryDirectory()
         a.export = os.path.join(tmp.name, "export")

@@ -258,7 +258,7 @@ def encode_corpus(encoder, docs, out_dir, instruction=IMAGE_INSTRUCTION, shard_s
         torch.distributed.barrier()
     if rank != 0:
         return None
-    wants = [shard_manifest(key, s, part(s), shard_size) for s in range(n_shards)]   # every rank's shards
+    wants = [mine.get(s) or shard_manifest(key, s, part(s), shard_size) for s in range(n_shards)]   # every rank's
     for s, want in enumerate(wants):
         bad = stale_reason(shards, s, want)
         if bad:
