@@ -262,7 +262,7 @@ def main(argv=None):
     p.add_argument("--work", default=None, help="folder for the vectors and indexes (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the index files in --work")
     p.add_argument("--threads", type=int, default=0, help="faiss threads (0: every core)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic vectors and queries")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     for k in PARAMS:
         p.add_argument(f"--{k}", type=int, default=None, help="tools/search.py's flag (default: its default)")

@@ -211,7 +211,8 @@ def prepare(a, work):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="a train.py checkpoint (default: width-real 2B)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="dtype of the export and of every route (default bfloat16)")
     p.add_argument("--work", default=None, help="where to write the checkpoint, export and vectors (default: temp)")
     p.add_argument("--gpu_memory_utilization", type=float, default=0.5, help="vLLM's share of the GPU, per route")
     p.add_argument("--dry_run", action="store_true",

@@ -637,7 +637,8 @@ SEARCH_FLAGS = ("ef_search", "nprobe", "rescore")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=("index", "query"))
+    p.add_argument("command", choices=("index", "query"),
+                   help="index: encode --corpus into --out; query: search --index with --text / --image")
     p.add_argument("--model", required=True, help="train.py checkpoint folder or its hub id (or a raw backbone)")
     p.add_argument("--revision", default=None, help="hub ids: the commit, branch or tag of --model")
     p.add_argument("--num_tokens", type=int, default=0, help="raw backbones only: K learnable tokens")
