@@ -25,6 +25,7 @@ Tests: pytest tests/test_train.py
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import itertools
 import json
 import math
@@ -42,7 +43,7 @@ from losses import (at_least_fp32, info_nce, matching_loss, orthogonality_loss, 
                     total_loss)
 from masks import VIEW_SETS
 from model import ReMatch, apply_lora
-from util.backbone import TINY_NAMES, load_backbone, write_model_card
+from util.backbone import TINY_NAMES, TINY_PRETRAINED, load_backbone, write_model_card
 from util.dist import DIST_TIMEOUT_MINUTES, peak_tflops, print0, setup_distributed, teardown_distributed
 from util.run import (append_log, checkpoint_dirs, cut_log, last_intact, load_checkpoint, read_log,
                       run_config, save_checkpoint, start_run, subset_summary)
@@ -484,14 +485,21 @@ def demo_data(args, master, ddp):
     Returns (eval tasks, the demo's task → meta-task table, its binding tasks: their
     matching accuracy is reported apart)."""
     from demo import DEMO_BINDING_TASKS, DEMO_EVAL_TASKS, DEMO_META, make_synthetic
+    seed = args.seed if args.data_seed is None else args.data_seed
+    if args.model in TINY_PRETRAINED:      # pretrained on one benchmark's TRAIN split: its eval only
+        pretrained_on = importlib.import_module(TINY_PRETRAINED[args.model]).PRETRAIN["data_seed"]
+        if seed != pretrained_on:
+            raise SystemExit(f"--model {args.model} was pretrained on the TRAIN split of the synthetic "
+                             f"benchmark with seed {pretrained_on}; the benchmark with seed {seed} holds "
+                             f"out other pairs, some of which it has seen: pass --data_seed {pretrained_on}")
     root = os.path.join(args.out_dir, "demo_data")
     if master:
         t0 = time.time()
-        make_synthetic(root, seed=args.seed)
+        make_synthetic(root, seed=seed)
         print0(f"synthetic benchmark in {root} ({time.time() - t0:.1f} s)")
     if ddp:
         dist.barrier()
-    paths = make_synthetic(root, seed=args.seed)          # already there: returns paths
+    paths = make_synthetic(root, seed=seed)               # already there: returns paths
     args.train_data, args.image_dir = paths["train"], paths["image_dir"]
     eval_tasks = args.eval_tasks
     if args.eval_data is None:
@@ -736,6 +744,8 @@ def build_parser():
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed (model init, data order, slot placement)")
+    p.add_argument("--data_seed", type=int, default=None,
+                   help="the demo's synthetic benchmark's seed (default: --seed; tiny-qwen2-vl-chat: 0)")
     # run
     p.add_argument("--out_dir", default="runs/demo", help="checkpoints, log.jsonl, eval results")
     p.add_argument("--resume", action="store_true",

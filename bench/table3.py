@@ -28,6 +28,7 @@ The demo's benchmark depends on --seed; it is written once per seed and shared b
 with that seed (each run's out_dir/demo_data links to it).
 """
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -39,12 +40,19 @@ sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 from demo import DEMO_BINDING_TASKS  # noqa: E402
+from tools.generate import caption_heldout  # noqa: E402
 from tools.rerank import MATCH_VIEW_TYPES  # noqa: E402
+from util.backbone import TINY_PRETRAINED  # noqa: E402
+from util.run import checkpoint_dirs  # noqa: E402
+
+CAPTION_KEYS = ("exact", "token_f1", "distinct_2", "repetition", "mean_len")
 
 ROWS = {
     "3": ("+ hard negative", ["--num_tokens", "0", "--embed_template", "plain", "--w_orth", "0", "--w_qdm", "0"]),
     "4": ("Exp3 + MVQDM", ["--num_tokens", "0", "--embed_template", "plain", "--w_orth", "0"]),
     "5": ("Exp3 + MVQDM++", ["--num_tokens", "0", "--w_orth", "0"]),
+    # not in the paper: GME's recipe (the last token of the chat template, no matching), App. S9
+    "5a": ("Exp3 + chat template (GME)", ["--num_tokens", "0", "--w_orth", "0", "--w_qdm", "0"]),
     "6": ("Exp3 + MEF", ["--embed_template", "plain", "--w_qdm", "0"]),
     "7": ("ReMatch", []),
     # not in the paper: row 7 less one part each, to tell the matching loss's cost from the template's
@@ -63,25 +71,64 @@ def parse_args(argv=None):
                    help="Table 5 view sets to run (row 4 flags)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per row")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's, 2000)")
+    p.add_argument("--model", default=None,
+                   help="the backbone (default: the demo's, tiny-qwen2-vl; tiny-qwen2-vl-chat: the speaking one)")
+    p.add_argument("--lora_r", type=int, default=None,
+                   help="LoRA on the paper's targets at this rank, alpha 2r (default: full fine-tuning, the demo's)")
+    p.add_argument("--captions", type=int, default=0,
+                   help="App. S9: caption N held-out images with the backbone and with each run's final "
+                        "checkpoint (tools/generate.py's metrics, mean ± std over seeds)")
     p.add_argument("--out_dir", default=None, help="where runs go (default: a temporary directory)")
     p.add_argument("--json", default=None, help="write every run's numbers here")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.lora_r is not None and args.lora_r < 1:
+        p.error(f"--lora_r must be >= 1, got {args.lora_r}")
+    if args.captions < 0:
+        p.error(f"--captions must be >= 0, got {args.captions}")
     return args
 
 
-def one_run(flags, seed, steps, out_dir, data_root):
-    """Train and evaluate the demo with `flags`; → overall Hit@1 and mean matching accuracy."""
+def data_seed_of(model, seed):
+    """The synthetic benchmark's seed for a run: the run's own, or for a model pretrained on
+    one benchmark's TRAIN split (tiny-qwen2-vl-chat) always that benchmark's (train.py --data_seed)."""
+    if model in TINY_PRETRAINED:
+        return importlib.import_module(TINY_PRETRAINED[model]).PRETRAIN["data_seed"]
+    return seed
+
+
+def one_run(flags, seed, steps, out_dir, data_root, model=None, lora_r=None, captions=0):
+    """Train and evaluate the demo with `flags`; → overall Hit@1 and mean matching accuracy
+    (run_record), and with captions > 0 the final checkpoint's caption metrics ("caption …")."""
     os.makedirs(out_dir, exist_ok=True)
     link = os.path.join(out_dir, "demo_data")
     os.makedirs(data_root, exist_ok=True)
     if not os.path.exists(link):
         os.symlink(data_root, link)                  # train.py writes it once, then reuses it
-    argv = flags + ["--seed", str(seed), "--out_dir", out_dir, "--overwrite", "--log_every", "500"]
+    argv = flags + ["--seed", str(seed), "--out_dir", out_dir, "--overwrite", "--log_every", "500",
+                    "--data_seed", str(data_seed_of(model, seed))]
     if steps is not None:
         argv += ["--steps", str(steps)]
-    return run_record(train.main(argv))
+    if model is not None:
+        argv += ["--model", model]
+    if lora_r is not None:
+        argv += ["--lora", "--lora_r", str(lora_r), "--lora_alpha", str(2 * lora_r)]
+    record = run_record(train.main(argv))
+    if captions:
+        final = checkpoint_dirs(out_dir)[-1]
+        metrics, caps, _ = caption_heldout(final, data_root, captions, data_seed_of(model, seed))
+        record.update(caption_record(metrics))
+        record["captions"] = caps
+    return record
+
+
+def caption_record(metrics):
+    """tools/generate.py's caption metrics as flat "caption …" numbers (overall and per kind)."""
+    out = {f"caption {k}": v for k, v in metrics.items() if k in CAPTION_KEYS}
+    for kind in ("object", "pair"):
+        out.update({f"caption {kind} {k}": v for k, v in metrics.get(kind, {}).items() if k in CAPTION_KEYS})
+    return out
 
 
 def run_record(res, binding=DEMO_BINDING_TASKS):
@@ -104,11 +151,11 @@ def run_record(res, binding=DEMO_BINDING_TASKS):
     return out
 
 
-def mean_std(xs):
+def mean_std(xs, scale=100):
     if not xs:
         return "-"
     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{100 * statistics.mean(xs):.1f} ± {100 * sd:.1f}"
+    return f"{scale * statistics.mean(xs):.1f} ± {scale * sd:.1f}"
 
 
 def main(argv=None):
@@ -119,27 +166,45 @@ def main(argv=None):
         configs += [(f"Table 3 row {r}: {ROWS[r][0]}", ROWS[r][1]) for r in args.rows]
     if args.table in ("5", "both"):
         configs += [(f"Table 5: {v}", ROWS["4"][1] + ["--match_views", v]) for v in args.views]
-    runs = []
+    data_root = lambda seed: os.path.abspath(os.path.join(work, f"demo_data_seed{data_seed_of(args.model, seed)}"))  # noqa: E731
+    runs, before = [], None
+    if args.captions:                                 # App. S9's "before": the backbone itself
+        from demo.synthetic import make_synthetic
+        seed = args.seeds[0]
+        make_synthetic(data_root(seed), seed=data_seed_of(args.model, seed))
+        metrics, caps, items = caption_heldout(args.model or train.PRESETS["demo"]["model"], data_root(seed), args.captions,
+                                               data_seed_of(args.model, seed))
+        before = {**caption_record(metrics), "captions": caps, "images": [os.path.basename(i) for i, _, _ in items],
+                  "references": [r for _, r, _ in items]}
+        print("before training: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items() if k.startswith("caption ")),
+              flush=True)
     for name, flags in configs:
         for seed in args.seeds:
             slug = "".join(c if c.isalnum() else "_" for c in name) + f"_seed{seed}"
-            data_root = os.path.abspath(os.path.join(work, f"demo_data_seed{seed}"))
-            r = one_run(flags, seed, args.steps, os.path.join(work, slug), data_root)
+            r = one_run(flags, seed, args.steps, os.path.join(work, slug), data_root(seed),
+                        args.model, args.lora_r, args.captions)
             runs.append({"config": name, "flags": flags, "seed": seed, **r})
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()
-                                                      if k != "per_task"), flush=True)
+                                                      if isinstance(v, float)), flush=True)
     cols = ["hit@1", "hit@1 non-binding", "hit@1 binding", *(f"match {k}" for k in MATCH_VIEW_TYPES),
             "binding raw→raw", "binding feat→feat"]
-    lines = [f"{'config':<34} " + " ".join(f"{c:>19}" for c in cols) + "   (mean ± std over seeds, %)"]
+    if args.captions:
+        cols += [f"caption {k}" for k in CAPTION_KEYS]
+    lines = [f"{'config':<34} " + " ".join(f"{c:>19}" for c in cols) +
+             "   (mean ± std over seeds, %; caption mean_len in words)"]
+    if before:
+        lines.append(f"{'before training':<34} " + " ".join(
+            f"{mean_std([before[c]] if c in before else [], 1 if c.endswith('mean_len') else 100):>19}" for c in cols))
     for name, _ in configs:
         mine = [r for r in runs if r["config"] == name]
-        lines.append(f"{name:<34} " + " ".join(f"{mean_std([r[c] for r in mine if c in r]):>19}"
-                                                for c in cols))
+        lines.append(f"{name:<34} " + " ".join(
+            f"{mean_std([r[c] for r in mine if c in r], 1 if c.endswith('mean_len') else 100):>19}" for c in cols))
     print("\n".join(lines))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"seeds": args.seeds, "steps": args.steps, "runs": runs}, f, indent=2)
+            json.dump({"seeds": args.seeds, "steps": args.steps, "model": args.model, "lora_r": args.lora_r,
+                       "before": before, "runs": runs}, f, indent=2)
 
 
 if __name__ == "__main__":

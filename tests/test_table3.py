@@ -34,3 +34,32 @@ def test_run_record_without_matching_or_binding_tasks():
     res = {"overall": 0.5, "overall_chance": 0.2, "hit_at_1": {"A": 0.5}, "matching": None}
     r = table3.run_record(res)
     assert r == {"hit@1": 0.5, "chance": 0.2, "hit@1 non-binding": 0.5, "per_task": {"A": 0.5}}
+
+
+def test_the_speaking_backbone_keeps_its_benchmark():
+    """tiny-qwen2-vl-chat saw the TRAIN split of the seed-0 benchmark: every seed's run
+    scores on that benchmark (its held-out pairs are the ones it never saw); a random
+    backbone's run gets its own seed's. train.py refuses another benchmark seed by name."""
+    import train
+    from demo.pretrain import PRETRAIN
+    assert [table3.data_seed_of("tiny-qwen2-vl-chat", s) for s in (0, 1, 2)] == [PRETRAIN["data_seed"]] * 3
+    assert [table3.data_seed_of(m, 2) for m in (None, "tiny-qwen2-vl")] == [2, 2]
+    with pytest.raises(SystemExit, match="--data_seed 0"):
+        train.main(["--model", "tiny-qwen2-vl-chat", "--seed", "1", "--out_dir", "/nonexistent/never-written"])
+
+
+def test_caption_record_flattens_overall_and_per_kind():
+    m = {"exact": 0.5, "token_f1": 0.75, "distinct_2": 0.25, "repetition": 0.0, "mean_len": 8.0, "n": 4,
+         "object": {"exact": 1.0, "token_f1": 1.0, "distinct_2": 0.5, "repetition": 0.0, "mean_len": 3.0, "n": 2}}
+    r = table3.caption_record(m)
+    assert r["caption token_f1"] == 0.75 and r["caption object mean_len"] == 3.0
+    assert "caption n" not in r and not any(k.startswith("caption pair") for k in r)
+    assert len(r) == 10
+
+
+def test_gme_row_is_row_5_without_matching():
+    """Row 5a (GME's recipe, App. S9): the last token of the chat template, no Eq. 4."""
+    assert table3.ROWS["5a"][1] == table3.ROWS["5"][1] + ["--w_qdm", "0"]
+    for bad in (["--lora_r", "0"], ["--captions", "-1"]):
+        with pytest.raises(SystemExit):
+            table3.parse_args(bad)

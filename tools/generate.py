@@ -195,6 +195,23 @@ def score(captions, refs, kinds, tokens=None):
     return out
 
 
+def generate_all(name, pictures, prompt=CAPTION_PROMPT, max_new_tokens=24, device=None):
+    """(texts, token ids without the stop tokens): greedy answers of model `name` (anything
+    load_rematch takes) to `prompt` about each picture."""
+    model, processor, _ = load_rematch(name, device=device)
+    stop = stop_ids(model.backbone, processor.tokenizer)
+    ids = [[t for t in greedy(model.backbone, processor, im, prompt, max_new_tokens) if t not in stop]
+           for im in pictures]
+    return [decode(processor.tokenizer, t) for t in ids], ids
+
+
+def caption_heldout(name, data_dir, n, seed=0, device=None):
+    """(score, captions, items): model `name` captions n held-out demo images (heldout_images)."""
+    items = heldout_images(data_dir, n, seed)
+    caps, ids = generate_all(name, [load_image(i) for i, _, _ in items], device=device)
+    return score(caps, [r for _, r, _ in items], [k for _, _, k in items], ids), caps, items
+
+
 # ----------------------------------------------------------------------------------
 # Side-by-side output (Fig. 8–9)
 
@@ -264,12 +281,7 @@ def main(argv=None):
     pictures = [load_image(im, where=f"--image {im}" if a.n is None else "held-out image") for im in images]
     captions, results = {}, {}
     for name in a.model:
-        model, processor, _ = load_rematch(name, device=a.device)
-        stop = stop_ids(model.backbone, processor.tokenizer)
-        ids = [[t for t in greedy(model.backbone, processor, im, a.prompt, a.max_new_tokens) if t not in stop]
-               for im in pictures]
-        captions[name] = [decode(processor.tokenizer, t) for t in ids]
-        del model
+        captions[name], ids = generate_all(name, pictures, a.prompt, a.max_new_tokens, a.device)
         for im, ref, c in zip(images, refs, captions[name]):
             print(f"[{name}] {os.path.basename(im)}: {c}" + (f"   (reference: {ref})" if ref else ""))
         if a.n is not None:
