@@ -79,7 +79,9 @@ def parse_args(argv=None):
                    help="App. S9: caption N held-out images with the backbone and with each run's final "
                         "checkpoint (tools/generate.py's metrics, mean ± std over seeds)")
     p.add_argument("--out_dir", default=None, help="where runs go (default: a temporary directory)")
-    p.add_argument("--json", default=None, help="write every run's numbers here")
+    p.add_argument("--json", default=None,
+                   help="write every run's numbers here, after each run (a rerun with the same settings "
+                        "keeps the runs already there and does the rest)")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
@@ -168,7 +170,22 @@ def main(argv=None):
         configs += [(f"Table 5: {v}", ROWS["4"][1] + ["--match_views", v]) for v in args.views]
     data_root = lambda seed: os.path.abspath(os.path.join(work, f"demo_data_seed{data_seed_of(args.model, seed)}"))  # noqa: E731
     runs, before = [], None
-    if args.captions:                                 # App. S9's "before": the backbone itself
+    settings = {"seeds": args.seeds, "steps": args.steps, "model": args.model, "lora_r": args.lora_r,
+                "captions": args.captions}
+    if args.json and os.path.isfile(args.json):      # a rerun keeps the runs already done with these settings
+        with open(args.json) as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in settings} == settings:
+            runs, before = old["runs"], old.get("before")
+            print(f"{args.json}: {len(runs)} runs already done with these settings, kept")
+
+    def save():
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json + ".tmp", "w") as f:
+                json.dump({**settings, "before": before, "runs": runs}, f, indent=2)
+            os.replace(args.json + ".tmp", args.json)
+    if args.captions and before is None:              # App. S9's "before": the backbone itself
         from demo.synthetic import make_synthetic
         seed = args.seeds[0]
         make_synthetic(data_root(seed), seed=data_seed_of(args.model, seed))
@@ -178,12 +195,16 @@ def main(argv=None):
                   "references": [r for _, r, _ in items]}
         print("before training: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items() if k.startswith("caption ")),
               flush=True)
+        save()
     for name, flags in configs:
         for seed in args.seeds:
+            if any(r["config"] == name and r["seed"] == seed for r in runs):
+                continue
             slug = "".join(c if c.isalnum() else "_" for c in name) + f"_seed{seed}"
             r = one_run(flags, seed, args.steps, os.path.join(work, slug), data_root(seed),
                         args.model, args.lora_r, args.captions)
             runs.append({"config": name, "flags": flags, "seed": seed, **r})
+            save()
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()
                                                       if isinstance(v, float)), flush=True)
     cols = ["hit@1", "hit@1 non-binding", "hit@1 binding", *(f"match {k}" for k in MATCH_VIEW_TYPES),
@@ -200,11 +221,6 @@ def main(argv=None):
         lines.append(f"{name:<34} " + " ".join(
             f"{mean_std([r[c] for r in mine if c in r], 1 if c.endswith('mean_len') else 100):>19}" for c in cols))
     print("\n".join(lines))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"seeds": args.seeds, "steps": args.steps, "model": args.model, "lora_r": args.lora_r,
-                       "before": before, "runs": runs}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 tiny-qwen2-vl-chat (demo/pretrain.py): the pretraining conversations come from the TRAIN
 split only (no eval image, no held-out caption), batches equal the processor's own, two
 builds give identical weights, the cache is rebuilt under a fresh HF_HOME and reused
-otherwise, and the built model speaks: held-out Yes/No far above chance, held-out captions
-with token F1 >= 0.6 (slow: the one full build, shared through HF_HOME by every test that
-names the model).
+otherwise, and the built model speaks: held-out captions with token F1 >= 0.6; its held-out
+Yes/No, at chance, is a strict xfail (slow: the one full build, shared through HF_HOME by
+every test that names the model).
 
     pytest tests/test_pretrain.py
 """
@@ -123,6 +123,18 @@ def test_tiny_qwen2_vl_chat_speaks_about_heldout_images(tmp_path):
     caps = [decode(processor.tokenizer, greedy(random_init.eval(), processor, load_image(i), CAPTION_PROMPT))
             for i, _, _ in items]
     assert score(caps, [r for _, r, _ in items], [k for _, _, k in items])["token_f1"] < 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured at chance: next-token pretraining of the 2-layer model does "
+                   "not learn image-text verification within the build's budget (docs/demo.md §6.1)")
+def test_tiny_qwen2_vl_chat_answers_heldout_yes_no_above_chance(tmp_path):
+    """Held-out verification prompts (a pair's caption against another pair's): balanced
+    accuracy of the greedy Yes/No at least 0.75 (chance 0.5). A known gap, kept strict: the
+    day the build learns to verify, this test passes and must lose its xfail mark."""
+    from util.backbone import load_backbone
+    model, processor = load_backbone("tiny-qwen2-vl-chat", device="cpu")
+    assert P.yes_no_accuracy(model.eval(), processor, str(tmp_path / "demo_data"))["yes_no"] >= 0.75
 
 
 @pytest.mark.slow
