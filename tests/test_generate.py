@@ -116,7 +116,7 @@ def test_cli_captions_heldout_images_for_each_model_kind(lora_checkpoint_and_exp
     assert set(last) >= {"exact", "token_f1", "distinct_2", "repetition", "mean_len", "n", "pair", "object"}
     assert last == json.loads(json.dumps(res["tiny-qwen2-vl"])) and last["n"] == 4
     out = str(tmp_path / "side")
-    G.main(["--model", ckpt, "--model", export, "--model", "tiny-qwen2-vl", *common, "--out", out])
+    side = G.main(["--model", ckpt, "--model", export, "--model", "tiny-qwen2-vl", *common, "--out", out])
     lines = [json.loads(x) for x in open(os.path.join(out, "captions.jsonl"))]
     assert len(lines) == 4 and all(x[ckpt] == x[export] for x in lines)
     assert any(x[ckpt] != x["tiny-qwen2-vl"] for x in lines), "the LoRA adapter changed nothing"
@@ -124,6 +124,12 @@ def test_cli_captions_heldout_images_for_each_model_kind(lora_checkpoint_and_exp
     assert len(table) == 2 + 4 and table[0].count("|") == 2 + 3 + 1
     from PIL import Image
     assert Image.open(os.path.join(out, "table.png")).size[1] > 4 * 100
+    labelled = G.main(["--model", ckpt, "--label", "ReMatch", "--model", "tiny-qwen2-vl", "--label", "random",
+                       *common, "--out", str(tmp_path / "labelled")])
+    assert list(labelled) == ["ReMatch", "random"] and labelled["ReMatch"] == side[ckpt]
+    assert [json.loads(x)["ReMatch"] for x in open(os.path.join(tmp_path, "labelled", "captions.jsonl"))] == \
+        [x[ckpt] for x in lines]
+    assert open(os.path.join(tmp_path, "labelled", "table.md")).readline().startswith("| image | reference | ReMatch | random |")
     again = G.main(["--model", ckpt, *common])
     assert again[ckpt]["token_f1"] == G.score([x[ckpt] for x in lines], [x["reference"] for x in lines],
                                               ["pair", "object"] * 2)["token_f1"]
@@ -149,5 +155,8 @@ def test_cli_refusals(tmp_path):
         G.main(["--model", "tiny-qwen2-vl"])                                   # neither --n nor --image
     with pytest.raises(SystemExit):
         G.main(["--model", "tiny-qwen2-vl", "--n", "0"])
+    for labels in (["--label", "a", "--label", "b"], ["--label", "a", "--model", "tiny-qwen2-vl", "--label", "a"]):
+        with pytest.raises(SystemExit):
+            G.main(["--model", "tiny-qwen2-vl", *labels, "--n", "2"])
     with pytest.raises(Exception, match="nope.png"):
         G.main(["--model", "tiny-qwen2-vl", "--image", str(tmp_path / "nope.png")])

@@ -257,6 +257,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", required=True,
                    help="a raw backbone / tiny-* / train.py checkpoint / merged export (repeatable: side by side)")
+    p.add_argument("--label", action="append", default=[],
+                   help="a name for each --model, in order (the table's columns and the JSON's keys; default: the model)")
     p.add_argument("--n", type=int, default=None, help="caption N held-out demo images and score them")
     p.add_argument("--data", default="runs/demo_captions/demo_data",
                    help="the synthetic benchmark's folder (written if missing)")
@@ -269,6 +271,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     if (a.n is None) == (not a.image):
         p.error("give --n (held-out demo images) or --image (your own), not both")
+    if a.label and len(a.label) != len(a.model):
+        p.error(f"--label: give one per --model ({len(a.model)}), got {len(a.label)}")
+    if len(set(a.label or a.model)) != len(a.model):
+        p.error("each --model (or its --label) must be distinct: the table has a column per name")
     if a.n is not None and a.n < 1:
         p.error(f"--n must be >= 1, got {a.n}")
     if a.max_new_tokens < 1:
@@ -280,8 +286,8 @@ def main(argv=None):
         images, refs, kinds = a.image, [""] * len(a.image), ["image"] * len(a.image)
     pictures = [load_image(im, where=f"--image {im}" if a.n is None else "held-out image") for im in images]
     captions, results = {}, {}
-    for name in a.model:
-        captions[name], ids = generate_all(name, pictures, a.prompt, a.max_new_tokens, a.device)
+    for name, model in zip(a.label or a.model, a.model):
+        captions[name], ids = generate_all(model, pictures, a.prompt, a.max_new_tokens, a.device)
         for im, ref, c in zip(images, refs, captions[name]):
             print(f"[{name}] {os.path.basename(im)}: {c}" + (f"   (reference: {ref})" if ref else ""))
         if a.n is not None:
@@ -290,7 +296,7 @@ def main(argv=None):
         write_table(a.out, images, refs, captions)
         print(f"wrote {a.out}/captions.jsonl, table.md, table.png")
     if a.n is not None:
-        print(json.dumps(results[a.model[0]] if len(a.model) == 1 else results))
+        print(json.dumps(next(iter(results.values())) if len(a.model) == 1 else results))
         return results
     return captions
 
