@@ -4,8 +4,9 @@ fixture folders: the task's rows (jsonl or parquet) and frames/ of frame folders
 
   - the readers build what the reference harness builds, hand-written per task kind:
     instructions, the QA prompt's options, candidate names and texts (letters stripped or
-    kept), the correct names, local or global ranking, the class list of global CLS tasks;
-  - malformed rows, missing frame folders and a missing class list are named;
+    kept), the correct names, local or global ranking, the class list of global CLS tasks
+    (its shipped default and classes.txt: tests/test_mmeb_v2_classes.py);
+  - malformed rows and missing frame folders are named;
   - end to end through evaluate.py --benchmark mmeb-v2 --video_dir on synthetic clip tasks
     (coloured shapes per video): a global text-to-video task, a local classification task
     and a moment-retrieval task; each Hit@1 == a naive loop that embeds every item alone;
@@ -110,8 +111,8 @@ def test_mvbench_reads_every_subset_and_keeps_the_letters(tmp_path):
 
 def test_classification_and_retrieval_readers(tmp_path):
     rows = [{"video_id": "v1", "pos_text": "ride_bike"}, {"video_id": "v2", "pos_text": "fencing"}]
-    with pytest.raises(FileNotFoundError, match="HMDB51: no .*classes.txt"):
-        one(tmp_path, "HMDB51", rows, [("v1", "red"), ("v2", "blue")])
+    q, c, r = one(tmp_path, "HMDB51", rows, [("v1", "red"), ("v2", "blue")])
+    assert r == "global" and len(c) == 51 and list(c)[:3] == ["ride_bike", "fencing", "wave"]   # the shipped list
     (tmp_path / "HMDB51" / "classes.txt").write_text("fencing\nclimb\n\nride_bike\n")
     q, c, r = read_video_task(str(tmp_path), "HMDB51")
     assert r == "global" and list(c) == ["ride_bike", "fencing", "climb"]      # seen first, then the class list

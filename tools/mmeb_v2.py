@@ -27,10 +27,12 @@ in the BEIR layout (util/benchmarks.read_visdoc_task); VISDOC_TASKS names the hu
     hf download vidore/arxivqa_test_subsampled_beir --repo-type dataset --local-dir visdoc/ViDoRe_arxivqa
 --video_dir: one folder per video task (names in VIDEO_TASKS): its hub dataset
 (util/benchmarks.VIDEO_SOURCES) and frames/, a link to the task's folder of the released
-MMEB-V2 frames; the global classification tasks also need classes.txt (their class labels), e.g.
+MMEB-V2 frames. The four global classification tasks rank each clip against the harness's class
+list, shipped in tools/mmeb_v2_classes/ (a <Task>/classes.txt there overrides it; a row whose
+label is in neither stops the task), e.g.
     hf download VLM2Vec/MSR-VTT --repo-type dataset --local-dir video/MSR-VTT
     ln -s $MMEB_V2/video-tasks/frames/video_ret/MSR-VTT video/MSR-VTT/frames
-Tests: pytest tests/test_mmeb_v2.py tests/test_mmeb_v2_video.py
+Tests: pytest tests/test_mmeb_v2.py tests/test_mmeb_v2_video.py tests/test_mmeb_v2_classes.py
 """
 import json
 import os
@@ -41,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate as ev  # noqa: E402
 from data import MMEB_EVAL_TASKS  # noqa: E402
-from util.benchmarks import VIDEO_SOURCES, read_video_task, read_visdoc_task  # noqa: E402
+from util.benchmarks import V_CLS, VIDEO_SOURCES, read_class_pool, read_video_task, read_visdoc_task  # noqa: E402
 from util.dist import broadcast_object, print0, rank_world  # noqa: E402
 from util.run import load_finished, result_path, weights_fingerprint, write_atomic, write_json  # noqa: E402
 
@@ -173,8 +175,10 @@ def eval_video_task(model, processor, root, task, config=None, batch_size=16, pr
     pool (global). Hit@1 is tie-safe: a query is a hit iff some correct candidate scores
     strictly above every other one. Text-only candidates of V-CLS / V-QA get the checkpoint's
     target instruction when it trained with them (as MMEB's do). Returns (scores {hit@1,
-    num_pred, num_data, num_cands}, ranking [{query, top: [name] (10), labels}])."""
+    num_pred, num_data, num_cands, and for K700 / UCF101 / HMDB51 / Breakfast class_pool:
+    the class list file ranked against}, ranking [{query, top: [name] (10), labels}])."""
     queries, cands, _ = read_video_task(root, task)
+    pool = {"class_pool": read_class_pool(os.path.join(root, task), task)[1]} if task in V_CLS else {}
     target = ev._target_instruction_fn(config)
     meta = {"V-CLS": "Classification", "V-QA": "VQA"}.get(VIDEO_TASKS.get(task))
     names = list(cands)
@@ -195,7 +199,7 @@ def eval_video_task(model, processor, root, task, config=None, batch_size=16, pr
         order = sorted(range(len(idx)), key=lambda j: (-sl[j], lab[j]))  # ties: label last
         ranking.append({"query": text, "top": [names[idx[j]] for j in order[:10]], "labels": list(labels)})
     return {"hit@1": hits / len(queries), "num_pred": len(queries), "num_data": len(queries),
-            "num_cands": len(names)}, ranking
+            "num_cands": len(names), **pool}, ranking
 
 
 def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, flag, say):

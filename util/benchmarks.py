@@ -10,6 +10,9 @@ Every malformed input raises an error naming the file (or task), the entry or ro
   mmeb_preflight                 every MMEB task's files and images, before the long part
   read_visdoc_task               one MMEB-V2 visual-document task (BEIR layout: queries, a corpus
                                  of page images, graded qrels) — not the paper's protocol
+  read_video_task                one MMEB-V2 video task (annotation rows, frame folders)
+  read_class_pool                the class pool of a global video classification task: the list
+                                 shipped in tools/mmeb_v2_classes/, or <Task>/classes.txt
 
 The protocol (which split, which captions, which prompts) is stated where a paper reader
 looks: evaluate.py's MMEB and zero-shot sections. Tests: pytest tests/test_inputs.py
@@ -381,6 +384,43 @@ VIDEO_SOURCES = {
 }
 
 
+# The class lists of the four global classification tasks as the harness ships them, one
+# file per task (tools/mmeb_v2_classes/README.md); a <Task>/classes.txt overrides one.
+CLASS_LISTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "mmeb_v2_classes")
+
+
+def read_class_pool(folder, task):
+    """
+    The class pool of a global classification task (V_CLS) → (labels in file order, the
+    file read): `<folder>/classes.txt` when it exists (an override), else the shipped
+    CLASS_LISTS/<task>.txt. One label per line, spelled as the rows' pos_text (used as
+    written, as the harness does); blank lines are skipped. A label with leading or
+    trailing whitespace, a label used twice, or a file without labels raise ValueError
+    naming the task, the file and the line.
+    """
+    path = os.path.join(folder, "classes.txt")
+    if not os.path.isfile(path):
+        path = os.path.join(CLASS_LISTS, f"{task}.txt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MMEB-V2 {task}: no class list: neither {os.path.join(folder, 'classes.txt')} "
+                                f"nor the shipped {path}")
+    lines = {}                                                  # label → its line number
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            label = line.rstrip("\n")
+            if not label.strip():
+                continue
+            if label != label.strip():
+                raise ValueError(f"MMEB-V2 {task}: {path} line {n}: label {label!r} has leading or trailing "
+                                 "whitespace (a label is compared with pos_text as written)")
+            if label in lines:
+                raise ValueError(f"MMEB-V2 {task}: {path} line {n}: label {label!r} repeats line {lines[label]}")
+            lines[label] = n
+    if not lines:
+        raise ValueError(f"MMEB-V2 {task}: {path} holds no labels")
+    return list(lines), path
+
+
 def _jsonl_row(path, n, line, task):
     try:
         row = json.loads(line)
@@ -442,8 +482,9 @@ def read_video_task(root, task, num_frames=8):
     candidate names (local ranking: the row's own; global: None = the whole pool), labels
     (the correct names)); candidates: {name: (text, visual)} in first-seen order, each
     encoded once; visual: None, an image path, or a util.video.Clip of `num_frames` frames.
-    Malformed rows, missing frame folders and labels outside their candidates raise errors
-    naming the task and row.
+    Malformed rows, missing frame folders and labels outside their candidates (a
+    classification label outside the class pool of read_class_pool) raise errors naming
+    the task and row.
     """
     from util.video import Clip
     folder = os.path.join(root, task)
@@ -550,11 +591,20 @@ def read_video_task(root, task, num_frames=8):
                 query = (f"Find the clip that corresponds to the given text: {q}", None)
             queries.append((*query, pos + neg, pos))
     if ranking == "global" and task in V_CLS:          # the harness ranks against every class
-        classes = os.path.join(folder, "classes.txt")
-        if not os.path.isfile(classes):
-            raise FileNotFoundError(f"MMEB-V2 {task}: no {classes} (the task's class labels, one per line, "
-                                    "as its pos_text spells them: the harness ranks against all of them)")
-        for label in (s.strip() for s in open(classes)):
-            if label:
-                cand(label, label)
+        pool, source = read_class_pool(folder, task)
+        known, outside = set(pool), {}                  # label → its first row (one query per row)
+        for i, (_, _, _, labels) in enumerate(queries):
+            if labels[0] not in known:
+                outside.setdefault(labels[0], i)
+        if outside:                         # the harness would add it to the pool and rank on
+            (label, i), *more = outside.items()
+            others = ", ".join(f"{m!r} (row {j})" for m, j in more[:5]) + \
+                (f", {len(more) - 5} others" if len(more) > 5 else "")
+            raise ValueError(f"MMEB-V2 {task} row {i}: label {label!r} is not in the class pool {source} "
+                             f"({len(pool)} labels)" + (f"; {len(more)} more outside it: {others}" if more else "")
+                             + f". Fix the rows, or list the task's labels in {os.path.join(folder, 'classes.txt')}")
+        kind = "the task folder's override" if os.path.dirname(source) == folder else "shipped"
+        print0(f"MMEB-V2 {task}: ranking against the {len(pool)} classes of {source} ({kind})")
+        for label in pool:
+            cand(label, label)
     return queries, cands, ranking
