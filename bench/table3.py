@@ -79,6 +79,7 @@ def parse_args(argv=None):
                    help="App. S9: caption N held-out images with the backbone and with each run's final "
                         "checkpoint (tools/generate.py's metrics, mean ± std over seeds)")
     p.add_argument("--out_dir", default=None, help="where runs go (default: a temporary directory)")
+    p.add_argument("--markdown", action="store_true", help="print the final table as markdown")
     p.add_argument("--json", default=None,
                    help="write every run's numbers here, after each run (a rerun with the same settings "
                         "keeps the runs already there and does the rest)")
@@ -211,16 +212,16 @@ def main(argv=None):
             "binding raw→raw", "binding feat→feat"]
     if args.captions:
         cols += [f"caption {k}" for k in CAPTION_KEYS]
-    lines = [f"{'config':<34} " + " ".join(f"{c:>19}" for c in cols) +
-             "   (mean ± std over seeds, %; caption mean_len in words)"]
-    if before:
-        lines.append(f"{'before training':<34} " + " ".join(
-            f"{mean_std([before[c]] if c in before else [], 1 if c.endswith('mean_len') else 100):>19}" for c in cols))
-    for name, _ in configs:
-        mine = [r for r in runs if r["config"] == name]
-        lines.append(f"{name:<34} " + " ".join(
-            f"{mean_std([r[c] for r in mine if c in r], 1 if c.endswith('mean_len') else 100):>19}" for c in cols))
-    print("\n".join(lines))
+    cell = lambda rs, c: mean_std([r[c] for r in rs if c in r], 1 if c.endswith("mean_len") else 100)  # noqa: E731
+    table = ([("before training", [before])] if before else []) + \
+        [(name, [r for r in runs if r["config"] == name]) for name, _ in configs]
+    print("(mean ± std over seeds, %; caption mean_len in words)")
+    if args.markdown:
+        print("| config | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+        print("\n".join(f"| {name} | " + " | ".join(cell(rs, c) for c in cols) + " |" for name, rs in table))
+    else:
+        print(f"{'config':<34} " + " ".join(f"{c:>19}" for c in cols))
+        print("\n".join(f"{name:<34} " + " ".join(f"{cell(rs, c):>19}" for c in cols) for name, rs in table))
 
 
 if __name__ == "__main__":
