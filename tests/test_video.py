@@ -5,7 +5,9 @@ forward. Tiny backbones here (all three families); tests/test_real_path.py runs 
 forward oracle at real widths with Qwen's tokenizer.
 
   - frame folders sort naturally (frame_10 after frame_9) and the 8 frames are the
-    harness's linspace choice, hand-listed; fewer frames are padded with the last one
+    harness's linspace choice, hand-listed; fewer frames are padded with the last one;
+    hidden files (macOS "._*" AppleDouble, .DS_Store) are left out and listed, another
+    file that is not an image is named, as is a frame that does not decode
   - pixel_values_videos == an independent loop over (temporal patch, row, col) patches of
     the PIL-resized, normalised frames; two identical frames == the image path's patches
     (an image is a one-frame video with the temporal patch duplicated)
@@ -37,18 +39,22 @@ def noise_frame(seed, size=(90, 70)):
 @pytest.fixture
 def frame_dir(tmp_path):
     """frame_1.jpg .. frame_12.jpg (no zero padding: a plain sort puts frame_10 after frame_1)
-    and a file that is not a frame."""
+    and two hidden files that are not frames: a macOS AppleDouble "._frame_3.jpg" (a frame's
+    extension, no image) and .DS_Store."""
     d = tmp_path / "vid0"
     d.mkdir()
     for i in range(1, 13):
         noise_frame(i, (32, 32)).save(d / f"frame_{i}.jpg")
-    (d / "notes.txt").write_text("not a frame")
+    (d / "._frame_3.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (d / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     return d
 
 
 def test_frames_sort_naturally_and_the_harness_choice_is_taken(frame_dir, tmp_path):
-    names = [p.rsplit("/", 1)[1] for p in frame_files(str(frame_dir))]
+    skipped = []
+    names = [p.rsplit("/", 1)[1] for p in frame_files(str(frame_dir), skipped=skipped)]
     assert names == [f"frame_{i}.jpg" for i in range(1, 13)]                 # frame_10 after frame_9
+    assert sorted(p.rsplit("/", 1)[1] for p in skipped) == [".DS_Store", "._frame_3.jpg"]   # hidden: left out
     # linspace(0, 11, 8) = 0, 1.57, 3.14, 4.71, 6.29, 7.86, 9.43, 11 → int: 0 1 3 4 6 7 9 11
     clip = Clip.from_folder(str(frame_dir))
     assert [p.rsplit("/", 1)[1] for p in clip.frames] == [
@@ -63,6 +69,24 @@ def test_frames_sort_naturally_and_the_harness_choice_is_taken(frame_dir, tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="MSR-VTT video7: the frame folder .* holds no image"):
         frame_files(str(tmp_path / "empty"), "MSR-VTT video7")
+    (tmp_path / "empty" / "._frame_1.jpg").write_bytes(b"\x00\x05\x16\x07")   # hidden files only: no image
+    with pytest.raises(FileNotFoundError, match="holds no image"):
+        frame_files(str(tmp_path / "empty"), "MSR-VTT video7")
+
+
+def test_a_file_that_is_not_a_frame_is_named(frame_dir):
+    """Only hidden files are passed over: another file without an image extension stops the
+    clip naming its path, and a frame that does not decode is named when its clip is read."""
+    from util.inputs import BadImageError
+    from util.video import load_frames
+    (frame_dir / "notes.txt").write_text("not a frame")
+    with pytest.raises(ValueError, match=f"MSR-VTT video7: {frame_dir}/notes.txt is not a frame image"):
+        frame_files(str(frame_dir), "MSR-VTT video7")
+    (frame_dir / "notes.txt").unlink()
+    (frame_dir / "frame_4.jpg").write_bytes(b"not a jpeg")                    # among the 8 chosen
+    clip = Clip.from_folder(str(frame_dir))
+    with pytest.raises(BadImageError, match=f"MSR-VTT video7 frame 2: cannot read image {frame_dir}/frame_4.jpg"):
+        load_frames(clip, "MSR-VTT video7")
 
 
 def naive_video_patches(frames, ip, lo, hi):

@@ -4,6 +4,8 @@ it in the paper (the paper trains and evaluates on images; MMEB-V2's 18 video ta
 
   frame_files(folder)        the frame images of one video, naturally sorted (frame_10
                              after frame_9), named errors for a missing or empty folder
+                             and for a file that is not an image; hidden files (macOS
+                             "._*" AppleDouble files among them) left out and counted
   sample_indices(n, k)       which k of n frames the model sees: evenly spaced,
                              linspace(0, n-1, k) truncated to int, padded with the last
                              frame when n < k (MMEB-V2's reference harness)
@@ -53,15 +55,29 @@ def natural_key(name):
     return tuple(int(s) if s.isdigit() else s.lower() for s in re.split(r"(\d+)", name))
 
 
-def frame_files(folder, where="video"):
-    """The image files of a frame folder, naturally sorted. FileNotFoundError naming `where`
-    and the folder when it is missing or holds no image."""
+def frame_files(folder, where="video", skipped=None):
+    """The image files of a frame folder, naturally sorted. Hidden files (".*": macOS's
+    "._*" AppleDouble files carry a frame's extension but no image; .DS_Store) are not
+    frames: left out, and appended to the list `skipped` when one is given (the caller
+    reports them). Subfolders are not frames either. FileNotFoundError naming `where` and
+    the folder when it is missing or holds no image; ValueError naming the file when
+    another file lacks an image extension (never passed over in silence)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{where}: no frame folder {folder}")
-    names = sorted((n for n in os.listdir(folder) if n.lower().endswith(FRAME_EXTS)), key=natural_key)
+    names = []
+    for n in os.listdir(folder):
+        path = os.path.join(folder, n)
+        if n.startswith("."):
+            if skipped is not None:
+                skipped.append(path)
+        elif n.lower().endswith(FRAME_EXTS):
+            names.append(n)
+        elif not os.path.isdir(path):
+            raise ValueError(f"{where}: {path} is not a frame image ({', '.join(FRAME_EXTS)}): "
+                             "a frame folder holds the video's frames only")
     if not names:
         raise FileNotFoundError(f"{where}: the frame folder {folder} holds no image ({', '.join(FRAME_EXTS)})")
-    return [os.path.join(folder, n) for n in names]
+    return [os.path.join(folder, n) for n in sorted(names, key=natural_key)]
 
 
 def sample_indices(n, k=NUM_FRAMES):
@@ -83,8 +99,8 @@ class Clip:
     fps: float = None
 
     @classmethod
-    def from_folder(cls, folder, num_frames=NUM_FRAMES, where="video", fps=None):
-        paths = frame_files(folder, where)
+    def from_folder(cls, folder, num_frames=NUM_FRAMES, where="video", fps=None, skipped=None):
+        paths = frame_files(folder, where, skipped)
         return cls(tuple(paths[i] for i in sample_indices(len(paths), num_frames)), fps)
 
 
