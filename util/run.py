@@ -17,7 +17,8 @@ A run on disk — plumbing behind train.py and evaluate.py, none of it in the pa
                                files.json's sizes (check_zip_directory), never loading it;
                                only the resume decision reads it whole
   result_path, load_finished   evaluate.py's per-task result files, reused on restart only
-                               for the same config and weights (weights_fingerprint)
+                               for the same config and weights (weights_fingerprint); a
+                               task's name made one safe file name first (safe_name)
 
 Tests: tests/test_resume.py and tests/test_reliability.py (damage, rotation, leftovers),
 tests/test_train.py (resume, refusals), tests/test_evaluate.py (restarts).
@@ -627,8 +628,20 @@ def start_run(args, world, master, ddp, defaults=None):
 # ----------------------------------------------------------------------------------
 # Evaluation results on disk (evaluate.py): one file per finished task, reused on restart
 
+UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+def safe_name(name):
+    """A task name as one file name inside its folder: every character outside A-Z a-z 0-9
+    . _ + - (a path separator, a space) becomes "_", and a name that is empty or starts
+    with "." ("..", a hidden file) gets a "_" before it. The task names of MMEB, MMEB-V2
+    and the zero-shot sets are unchanged by it."""
+    s = UNSAFE.sub("_", str(name))
+    return "_" + s if not s or s.startswith(".") else s
+
+
 def result_path(out_dir, kind, name):
-    return os.path.join(out_dir, kind, name.replace(os.sep, "_") + ".json")
+    return os.path.join(out_dir, kind, safe_name(name) + ".json")
 
 
 @torch.no_grad()
