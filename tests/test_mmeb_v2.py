@@ -5,17 +5,25 @@ whole corpus, NDCG@5 with graded relevance (linear gain), Hit@1, Recall@k.
 
   - NDCG@5 by hand: one query, two relevant documents of different grades, score ties;
   - the global ranking's metrics == a naive per-query loop (random scores with ties);
-  - the reader: graded qrels, the language filter, each malformed row named;
+  - the reader: graded qrels, the language filter, each malformed row named (a query id
+    used twice among them);
   - end to end on a synthetic page task (coloured shapes on pages, graded qrels) through
     evaluate.py --benchmark mmeb-v2: the score file == the metrics of Encoder's vectors,
-    the report lists what is missing and never averages it; train.py --eval_visdoc_dir.
+    the report lists what is missing and never averages it; train.py --eval_visdoc_dir,
+    its folders (and --eval_video_dir's) checked before training;
+  - resume (embeddings stubbed): a finished task is reused only on the data it was scored
+    on (revision, digest of the folder's files: a hand-computed digest), else scored again
+    with the reason printed; the record is written last; file names made safe.
 
     pytest tests/test_mmeb_v2.py
 """
+import hashlib
 import io
 import json
 import math
 import os
+import shutil
+import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -137,7 +145,10 @@ def test_reader_grades_language_and_named_errors(tmp_path):
              (dict(qrels=[{"query-id": "b", "corpus-id": "d", "score": 1}]), "qrels row 0: query-id 'b'"),
              (dict(qrels=[{"query-id": "a", "corpus-id": "d", "score": 0}]), "without a relevant document"),
              (dict(corpus=[{"corpus-id": "d", "image": {"bytes": None, "path": "x.png"}}]), "corpus row 0 image"),
-             (dict(queries=[{"query-id": "a", "query": ""}]), "queries row 0: query")]
+             (dict(queries=[{"query-id": "a", "query": ""}]), "queries row 0: query"),
+             (dict(queries=[{"query-id": "a", "query": "x"}, {"query-id": "b", "query": "y"},
+                            {"query-id": "a", "query": "z"}]),
+              r"MMEB-V2 task bad6 queries row 2: query-id 'a' repeated \(row 0\)")]
     for i, (change, message) in enumerate(cases):
         with pytest.raises(ValueError, match=message):
             read_visdoc_task(str(tmp_path), broken(f"bad{i}", **change))
@@ -224,13 +235,12 @@ def test_revision_of_a_cache_snapshot_and_a_local_download(tmp_path):
     assert mmeb_v2.revision_of(str(tmp_path / "plain")) is None
 
 
-def test_train_eval_visdoc_dir(tmp_path):
+def test_train_eval_visdoc_dir(tmp_path, demo_benchmark):
     """train.py's evaluation after training runs the synthetic page task and the synthetic
     clip tasks (tests/test_mmeb_v2_video.py) beside the demo's."""
     import train
-    from demo import make_synthetic
     from test_mmeb_v2_video import synthetic_clip_tasks
-    paths = make_synthetic(str(tmp_path / "data"), seed=0)
+    paths = demo_benchmark                  # make_synthetic(seed=0), the session's (conftest)
     synthetic_pages(str(tmp_path / "visdoc"))
     synthetic_clip_tasks(str(tmp_path / "video"))
     res = train.main(["--train_data", paths["train"], "--image_dir", paths["image_dir"],
@@ -276,3 +286,170 @@ def test_two_ranks_score_what_one_process_scores(tmp_path):
     two = json.loads((tmp_path / "out" / "rank1.json").read_text())
     for name, v in one["ViDoRe_arxivqa"].items():
         assert two["ViDoRe_arxivqa"][name] == pytest.approx(v, abs=1e-5), name
+
+
+def test_train_checks_its_mmeb_v2_folders_before_training(tmp_path, capsys):
+    """--eval_visdoc_dir / --eval_video_dir are read after training; their folders are
+    checked when the flags are parsed: train.main stops before it builds anything (no
+    --out_dir), naming the flag and the folder."""
+    import train
+    from test_mmeb_v2_video import synthetic_clip_tasks
+    (tmp_path / "empty").mkdir()
+    synthetic_pages(str(tmp_path / "visdoc"))
+    synthetic_clip_tasks(str(tmp_path / "video"))
+    run = tmp_path / "run"
+
+    def refused(flag, folder):
+        with pytest.raises(SystemExit):
+            train.main([f"--{flag}", str(folder), "--out_dir", str(run)])
+        assert not run.exists()
+        return capsys.readouterr().err.strip().splitlines()[-1]
+    assert refused("eval_visdoc_dir", tmp_path / "nope").endswith(
+        f"error: --eval_visdoc_dir {tmp_path}/nope: no folder {tmp_path}/nope")
+    assert refused("eval_video_dir", tmp_path / "empty").endswith(
+        f"error: --eval_video_dir {tmp_path}/empty: no task folder in {tmp_path}/empty")
+    os.remove(tmp_path / "visdoc" / "ShapesPages" / "qrels" / "test-00000-of-00001.parquet")
+    assert refused("eval_visdoc_dir", tmp_path / "visdoc").endswith(
+        f"error: --eval_visdoc_dir {tmp_path}/visdoc: qrels: no 'test' parquet file in "
+        f"{tmp_path}/visdoc/ShapesPages/qrels (looked for test-*.parquet and test/*.parquet)")
+    shutil.rmtree(tmp_path / "video" / "MSR-VTT" / "frames")
+    assert refused("eval_video_dir", tmp_path / "video").endswith(
+        f"error: --eval_video_dir {tmp_path}/video: MSR-VTT: no frame folder {tmp_path}/video/MSR-VTT/frames")
+    (tmp_path / "video" / "MSR-VTT").rename(tmp_path / "video" / "MSRVTT")
+    assert "['MSRVTT'] are not MMEB-V2 video tasks" in refused("eval_video_dir", tmp_path / "video")
+    shutil.rmtree(tmp_path / "video" / "MSRVTT")
+    assert train.parse_args(["--eval_video_dir", str(tmp_path / "video")]).eval_video_dir == str(tmp_path / "video")
+    shutil.rmtree(tmp_path / "visdoc" / "ShapesPages")
+    synthetic_pages(str(tmp_path / "visdoc"), "QVHighlight")     # a page task named as a video task
+    with pytest.raises(SystemExit):
+        train.main(["--eval_visdoc_dir", str(tmp_path / "visdoc"), "--eval_video_dir", str(tmp_path / "video"),
+                    "--out_dir", str(run)])
+    assert capsys.readouterr().err.strip().endswith(
+        "MMEB-V2 tasks 'QVHighlight' and 'QVHighlight' would write the same files (QVHighlight_score.json ...): "
+        "rename one task folder")
+
+
+# ----------------------------------------------------------------------------------
+# Resume, with the embeddings stubbed (a fixed random vector per input)
+
+@pytest.fixture
+def stubbed(monkeypatch):
+    """ev.embed_inputs → one vector per input seeded by its text and picture (the same input,
+    the same vector, in any run); `calls` counts the tasks embedded."""
+    calls = []
+
+    def embed(model, processor, inputs, *a, **k):
+        calls.append(k.get("desc"))
+        return torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(
+            zlib.crc32(repr((side, text, visual)).encode()))) for side, text, visual in inputs])
+    monkeypatch.setattr(mmeb_v2.ev, "embed_inputs", embed)
+    return calls
+
+
+def report(root, out, tasks, calls, **kw):
+    """mmeb_v2_report on visdoc tasks under root → (results, the tasks it embedded)."""
+    calls.clear()
+    kw.setdefault("video_tasks", [])
+    model = torch.nn.Linear(2, 2)
+    torch.nn.init.ones_(model.weight), torch.nn.init.zeros_(model.bias)      # the same weights every run
+    res = mmeb_v2.mmeb_v2_report(model, None, visdoc_dir=root and str(root), config={"m": 1},
+                                 out_dir=str(out), progress=False, image_tasks=[], visdoc_tasks=tasks, **kw)
+    return res, list(calls)
+
+
+def test_a_finished_task_is_reused_only_on_the_same_data(tmp_path, stubbed, capsys):
+    root, out = tmp_path / "visdoc", tmp_path / "eval"
+    task = synthetic_pages(str(root), "ViDoRe_arxivqa")
+    first, scored = report(root, out, ["ViDoRe_arxivqa"], stubbed)
+    assert scored == ["ViDoRe_arxivqa"]
+    record = json.loads((out / "mmeb_v2" / "ViDoRe_arxivqa.json").read_text())
+    parts = ("corpus", "qrels", "queries")                  # os.walk's sorted order; each file's bytes
+    want = hashlib.sha256("".join(
+        f"{p}/test-00000-of-00001.parquet\0"
+        f"{hashlib.sha256(open(os.path.join(task, p, 'test-00000-of-00001.parquet'), 'rb').read()).hexdigest()}\n"
+        for p in parts).encode()).hexdigest()
+    assert (record["revision"], record["data_sha256"], record["data_files"]) == (None, want, 3)
+    capsys.readouterr()
+
+    def again(rootdir=root, **kw):
+        res, scored = report(rootdir, out, ["ViDoRe_arxivqa"], stubbed, **kw)
+        return scored, capsys.readouterr().out
+    scored, said = again()
+    assert scored == [] and "(finished earlier, skipped)" in said
+    qrels = os.path.join(task, "qrels", "test-00000-of-00001.parquet")
+    os.utime(qrels, (1, 1))                                  # touched: same bytes
+    (tmp_path / "visdoc" / "ViDoRe_arxivqa" / ".DS_Store").write_bytes(b"Bud1")   # hidden: not data
+    assert again()[0] == []
+    shutil.copytree(root, tmp_path / "copy")                 # another folder (machine): same digest
+    assert again(tmp_path / "copy")[0] == []
+    assert again(None)[1].count("(finished earlier, skipped; its data not checked: no --visdoc_dir)") == 1
+
+    rows = pq.read_table(qrels).to_pylist()
+    rows[1]["score"] = 2                                     # one grade changed
+    pq.write_table(pa.Table.from_pylist(rows), qrels)
+    scored, said = again()
+    assert scored == ["ViDoRe_arxivqa"]
+    assert "ViDoRe_arxivqa: finished earlier, scored again: the task folder's files changed (data digest; " \
+           "3 files then, 3 now)" in said
+    meta = root / "ViDoRe_arxivqa" / ".cache" / "huggingface" / "download"
+    meta.mkdir(parents=True)
+    (meta / "qrels.metadata").write_text("b" * 40 + "\netag\n1712656091.1\n")
+    scored, said = again()
+    assert scored == ["ViDoRe_arxivqa"] and f"scored again: data revision None → {'b' * 40}\n" in said
+    path = out / "mmeb_v2" / "ViDoRe_arxivqa.json"
+    old = json.loads(path.read_text())
+    del old["data_sha256"]                                   # a record of the run before digests
+    path.write_text(json.dumps(old))
+    scored, said = again()
+    assert scored == ["ViDoRe_arxivqa"] and "no data digest (written before digests were kept)" in said
+    shutil.move(str(root / "ViDoRe_arxivqa"), str(tmp_path / "away"))
+    res, scored = report(root, out, ["ViDoRe_arxivqa"], stubbed, skip_missing=True)
+    assert scored == [] and res["visdoc"]["ViDoRe_arxivqa"] is None
+    assert f"scored again: no folder {root}/ViDoRe_arxivqa to check it against" in capsys.readouterr().out
+
+
+def test_the_record_is_written_last(tmp_path, stubbed, monkeypatch):
+    """The score file, the ranking file, then the record a restart reads: a crash before the
+    record leaves the task unfinished, scored again on restart."""
+    root, out = tmp_path / "visdoc", tmp_path / "eval"
+    synthetic_pages(str(root), "ViDoRe_arxivqa")
+    written, real = [], (mmeb_v2.write_json, mmeb_v2.write_atomic)
+
+    def log(i):
+        def write(path, obj):
+            written.append(os.path.basename(path))
+            if os.path.basename(path).endswith("_pred.jsonl") and crash:
+                raise OSError("disk full")
+            return real[i](path, obj)
+        return write
+    monkeypatch.setattr(mmeb_v2, "write_json", log(0))
+    monkeypatch.setattr(mmeb_v2, "write_atomic", log(1))
+    crash = True
+    with pytest.raises(OSError, match="disk full"):
+        report(root, out, ["ViDoRe_arxivqa"], stubbed)
+    assert sorted(os.listdir(out / "mmeb_v2")) == ["ViDoRe_arxivqa_score.json"]
+    crash, written[:] = False, []
+    assert report(root, out, ["ViDoRe_arxivqa"], stubbed)[1] == ["ViDoRe_arxivqa"]
+    assert written[:3] == ["ViDoRe_arxivqa_score.json", "ViDoRe_arxivqa_pred.jsonl", "ViDoRe_arxivqa.json"]
+
+
+def test_task_names_make_safe_file_names(tmp_path, stubbed):
+    """A task name with '/' or '..' (a visdoc_table dict may hold any) writes inside
+    <out>/mmeb_v2/ only; two names that become one file name are refused."""
+    from util.run import safe_name
+    assert [safe_name(n) for n in ("MSR-VTT", "ViDoRe_arxivqa", "a/b", "../../x", "..", ".hidden", "", "a b:c")] == \
+        ["MSR-VTT", "ViDoRe_arxivqa", "a_b", "_.._.._x", "_..", "_.hidden", "_", "a_b_c"]
+    synthetic_pages(str(tmp_path), "escape")                 # tmp/escape, beside the root tmp/visdoc
+    (tmp_path / "visdoc").mkdir()
+    out = tmp_path / "eval"
+    res, _ = report(tmp_path / "visdoc", out, {"../escape": ("other", "x", "test", None)}, stubbed)
+    assert 0 <= res["visdoc"]["../escape"]["hit@1"] <= 1
+    assert sorted(os.listdir(out / "mmeb_v2")) == ["_.._escape.json", "_.._escape_pred.jsonl",
+                                                   "_.._escape_score.json"]
+    assert sorted(os.listdir(tmp_path)) == ["escape", "eval", "visdoc"]        # nothing written beside out
+    assert report(tmp_path / "visdoc", out, {"../escape": ("other", "x", "test", None)}, stubbed)[1] == []
+    with pytest.raises(ValueError, match=r"MMEB-V2 tasks 'a/b' and 'a_b' would write the same files "
+                                         r"\(a_b_score.json ...\): rename one task folder"):
+        report(tmp_path, out, {"a/b": ("other", "x", "test", None), "a_b": ("other", "x", "test", None)}, stubbed)
+    with pytest.raises(ValueError, match="MMEB-V2 tasks 'MSR-VTT' and 'MSR-VTT' would write the same files"):
+        report(tmp_path, out, {"MSR-VTT": ("other", "x", "test", None)}, stubbed, video_tasks=["MSR-VTT"])

@@ -6,7 +6,10 @@ util/benchmarks.read_class_pool, and the <Task>/classes.txt that overrides one.
   - the shipped lists: 700 / 101 / 51 / 10 labels, none twice, spelled as the harness
     writes them (underscores, CamelCase kept); SmthSmthV2 has none (it ranks locally);
   - without classes.txt a task ranks against its shipped list, with it against the file;
-    the score record names the file ranked against;
+    the score names the file ranked against the same on every machine (the shipped list
+    by its path in the repository, an override as <Task>/classes.txt) and its sha256;
+  - a restart reuses a finished task only while its pool's file is unchanged (and the
+    task folder's files: an override is one of them), else scores it again, saying why;
   - a row label outside the pool (a trailing space, spaces for underscores, a class the
     override lacks) stops the task, naming the row, the label and the pool's file;
   - a pool file with a label twice, a label padded with whitespace, or no label is refused.
@@ -15,6 +18,8 @@ Fixture tasks: the real datasets' columns (video_id, pos_text) with synthetic cl
 
     pytest tests/test_mmeb_v2_classes.py
 """
+import hashlib
+import json
 import os
 
 import pytest
@@ -22,6 +27,7 @@ import torch
 
 from test_mmeb_v2_video import task_dir
 from tools import mmeb_v2
+from util import benchmarks
 from util.benchmarks import CLASS_LISTS, V_CLS, read_class_pool, read_video_task
 
 
@@ -86,8 +92,14 @@ def test_classes_txt_overrides_the_shipped_list(tmp_path, capsys):
     assert f"MMEB-V2 Breakfast: ranking against the 3 classes of {d}/classes.txt (the task folder's override)" in out
 
 
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def test_the_score_names_the_pool_ranked_against(tmp_path, monkeypatch):
-    """eval_video_task's scores (the score file and the task's record) carry class_pool.
+    """eval_video_task's scores (the score file and the task's record) carry class_pool,
+    the same on every machine, and class_pool_sha256.
     Embeddings stubbed, one-hot: 'tea' e0, 'pancake' e1, every other label e2; the clips
     c0 (tea) e0, c1 (pancake) e1, c2 (pancake, but looks like tea) e0 → Hit@1 = 2/3."""
     d = cls_task(tmp_path, "Breakfast", ["tea", "pancake", "pancake"])
@@ -101,15 +113,68 @@ def test_the_score_names_the_pool_ranked_against(tmp_path, monkeypatch):
     monkeypatch.setattr(mmeb_v2.ev, "embed_inputs", embed)
     scores, ranking = mmeb_v2.eval_video_task(None, None, str(tmp_path), "Breakfast")
     assert scores == {"hit@1": pytest.approx(2 / 3), "num_pred": 3, "num_data": 3, "num_cands": 10,
-                      "class_pool": shipped("Breakfast")}
+                      "class_pool": "tools/mmeb_v2_classes/Breakfast.txt",
+                      "class_pool_sha256": sha256(shipped("Breakfast"))}
     assert [p["top"][0] for p in ranking] == ["tea", "pancake", "tea"]
     with open(os.path.join(d, "classes.txt"), "w") as f:
         f.write("tea\npancake\nporridge\n")
     scores, _ = mmeb_v2.eval_video_task(None, None, str(tmp_path), "Breakfast")
-    assert (scores["num_cands"], scores["class_pool"]) == (3, os.path.join(d, "classes.txt"))
+    assert (scores["num_cands"], scores["class_pool"], scores["class_pool_sha256"]) == \
+        (3, "Breakfast/classes.txt", hashlib.sha256(b"tea\npancake\nporridge\n").hexdigest())
     task_dir(str(tmp_path), "SmthSmthV2", [{"video_id": "s", "pos_text": "tea", "neg_text": ["tea", "pancake"]}],
              [("s", "red")])
     assert "class_pool" not in mmeb_v2.eval_video_task(None, None, str(tmp_path), "SmthSmthV2")[0]   # local ranking
+
+
+def test_a_restart_scores_again_when_the_pool_changed(tmp_path, monkeypatch, capsys):
+    """mmeb_v2_report on Breakfast twice per step (embeddings stubbed): reused while the pool
+    file and the task folder are unchanged; the shipped list edited (a copy of the
+    repository's, monkeypatched) or an override added: scored again, the reason printed."""
+    repo = tmp_path / "repo"
+    os.makedirs(repo / "tools" / "mmeb_v2_classes")
+    with open(shipped("Breakfast")) as f:
+        labels = f.read()
+    (repo / "tools" / "mmeb_v2_classes" / "Breakfast.txt").write_text(labels)
+    monkeypatch.setattr(benchmarks, "REPO", str(repo))
+    monkeypatch.setattr(benchmarks, "CLASS_LISTS", str(repo / "tools" / "mmeb_v2_classes"))
+    d = cls_task(tmp_path / "video", "Breakfast", ["tea", "pancake"])
+    embedded = []
+
+    def embed(model, processor, inputs, *a, **k):
+        embedded.append(k.get("desc"))
+        return torch.eye(len(inputs), 4)
+    monkeypatch.setattr(mmeb_v2.ev, "embed_inputs", embed)
+    model = torch.nn.Linear(1, 1)
+    torch.nn.init.zeros_(model.weight)
+
+    def run():
+        embedded.clear()
+        capsys.readouterr()
+        res = mmeb_v2.mmeb_v2_report(model, None, video_dir=str(tmp_path / "video"), out_dir=str(tmp_path / "eval"),
+                                     progress=False, image_tasks=[], visdoc_tasks=[], video_tasks=["Breakfast"])
+        return embedded == ["Breakfast"], res["video"]["Breakfast"], capsys.readouterr().out
+    scored, score, _ = run()
+    was = sha256(repo / "tools" / "mmeb_v2_classes" / "Breakfast.txt")
+    assert scored and (score["class_pool"], score["class_pool_sha256"]) == ("tools/mmeb_v2_classes/Breakfast.txt", was)
+    record = json.loads((tmp_path / "eval" / "mmeb_v2" / "Breakfast.json").read_text())
+    assert (record["class_pool"], record["class_pool_sha256"]) == (score["class_pool"], was)
+    assert not run()[0]                                           # unchanged: reused
+    (repo / "tools" / "mmeb_v2_classes" / "Breakfast.txt").write_text(labels + "porridge\n")
+    now = sha256(repo / "tools" / "mmeb_v2_classes" / "Breakfast.txt")
+    scored, score, said = run()
+    assert scored and score["num_cands"] == 11
+    assert (f"Breakfast: finished earlier, scored again: class pool tools/mmeb_v2_classes/Breakfast.txt "
+            f"(sha256 {was[:12]}…) → tools/mmeb_v2_classes/Breakfast.txt (sha256 {now[:12]}…)\n") in said
+    assert not run()[0]
+    with open(os.path.join(d, "classes.txt"), "w") as f:
+        f.write("tea\npancake\n")
+    scored, score, said = run()
+    assert scored and score["num_cands"] == 2
+    over = hashlib.sha256(b"tea\npancake\n").hexdigest()
+    assert ("Breakfast: finished earlier, scored again: the task folder's files changed (data digest; "
+            "7 files then, 8 now); class pool tools/mmeb_v2_classes/Breakfast.txt "
+            f"(sha256 {now[:12]}…) → Breakfast/classes.txt (sha256 {over[:12]}…)\n") in said
+    assert not run()[0]
 
 
 # ----------------------------------------------------------------------------------

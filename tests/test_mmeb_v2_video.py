@@ -6,7 +6,8 @@ fixture folders: the task's rows (jsonl or parquet) and frames/ of frame folders
     instructions, the QA prompt's options, candidate names and texts (letters stripped or
     kept), the correct names, local or global ranking, the class list of global CLS tasks
     (its shipped default and classes.txt: tests/test_mmeb_v2_classes.py);
-  - malformed rows and missing frame folders are named;
+  - malformed rows and missing frame folders are named; a video id that leaves frames/
+    (absolute, "..") is refused; hidden files of frame folders are left out and counted;
   - end to end through evaluate.py --benchmark mmeb-v2 --video_dir on synthetic clip tasks
     (coloured shapes per video): a global text-to-video task, a local classification task
     and a moment-retrieval task; each Hit@1 == a naive loop that embeds every item alone;
@@ -178,6 +179,69 @@ def test_bad_rows_and_missing_frames_are_named(tmp_path):
     (tmp_path / "MyClips").mkdir()
     with pytest.raises(ValueError, match=r"folder\(s\) \['MyClips'\] are not MMEB-V2 video tasks"):
         mmeb_v2.video_tasks_in(str(tmp_path))
+
+
+@pytest.mark.parametrize("task, row, name", [
+    ("MSR-VTT", {"video_id": "../../outside", "caption": "x"}, "../../outside"),
+    ("MSR-VTT", {"video_id": "v/../../../outside", "caption": "x"}, "v/../../../outside"),
+    ("MSR-VTT", {"video_id": "OUTSIDE", "caption": "x"}, "OUTSIDE"),               # absolute: filled in below
+    ("QVHighlight", {"query": "q", "video_path": "vids/.."}, ".."),
+    ("MomentSeeker", {"query": "q", "input_frames": "../../../outside/f.jpg",
+                      "positive_frames": [{"output_path": "a/p1.mp4"}]}, "query_../../../outside/f.jpg"),
+])
+def test_a_video_id_stays_in_the_task_folder(tmp_path, task, row, name):
+    """Frames outside the task's frames/ exist (tmp/outside, tmp/video/MSR-VTT/x); a row that
+    names them is refused with its row and id, never read."""
+    frames(str(tmp_path / "outside"))
+    if name == "OUTSIDE":
+        name = row["video_id"] = str(tmp_path / "outside")
+    root = tmp_path / "video"
+    d = task_dir(str(root), task, [row], [("video_frames/a_p1", "red")], "test_1k" if task == "MSR-VTT" else None)
+    frames(os.path.join(d, "x"))
+    with pytest.raises(ValueError) as e:
+        read_video_task(str(root), task)
+    assert str(e.value) == (f"MMEB-V2 {task} row 0: video id {name!r} leaves the task's frame folder "
+                            f"{d}/frames (an absolute path, or '..')")
+
+
+def test_hidden_files_of_frame_folders_are_left_out_and_counted(tmp_path, capsys):
+    """A macOS copy: "._frame_0001.jpg" beside each frame (no image inside) and .DS_Store;
+    the clips read the 3 real frames and the run says how many files it left out."""
+    d = task_dir(str(tmp_path), "MSR-VTT", [{"video_id": v, "caption": v} for v in ("v1", "v2")],
+                 [("v1", "red"), ("v2", "blue")], "test_1k")
+    for v in ("v1", "v2"):
+        for i in range(1, 4):
+            open(os.path.join(d, "frames", v, f"._frame_{i:04d}.jpg"), "wb").write(b"\x00\x05\x16\x07")
+    open(os.path.join(d, "frames", "v1", ".DS_Store"), "wb").write(b"Bud1")
+    q, c, _ = read_video_task(str(tmp_path), "MSR-VTT")
+    assert [os.path.basename(f) for f in c["v1"][1].frames] == ["frame_0001.jpg", "frame_0002.jpg"] + \
+        ["frame_0003.jpg"] * 6                                          # 3 frames, padded to 8
+    out = capsys.readouterr().out
+    assert (f"MMEB-V2 MSR-VTT: left out 7 hidden file(s) of its frame folders (macOS '._*' AppleDouble files, "
+            f"dotfiles: not frames), e.g. {d}/frames/v1/.DS_Store") in out
+    open(os.path.join(d, "frames", "v2", "frame_0002.txt"), "w").write("not a frame")
+    with pytest.raises(ValueError, match=f"MMEB-V2 MSR-VTT row 1: {d}/frames/v2/frame_0002.txt is not a frame image"):
+        read_video_task(str(tmp_path), "MSR-VTT")
+
+
+def test_the_data_digest_of_a_video_task_by_hand(tmp_path):
+    """tools/mmeb_v2.data_digest: the rows by their bytes' sha256, each frame by its size, in
+    os.walk's sorted order, paths relative to the task folder: the same through a frames/
+    link (the released layout) and with hidden files added; a frame resized changes it."""
+    import hashlib
+    d = task_dir(str(tmp_path / "video"), "MSR-VTT", [{"video_id": "v1", "caption": "x"}], [("v1", "red")], "test_1k")
+    rows = os.path.join(d, "test_1k", "test-00000-of-00001.parquet")
+    size = [os.path.getsize(os.path.join(d, "frames", "v1", f"frame_000{i}.jpg")) for i in (1, 2, 3)]
+    lines = [f"frames/v1/frame_000{i}.jpg\0{n} bytes\n" for i, n in zip((1, 2, 3), size)]
+    lines.append(f"test_1k/test-00000-of-00001.parquet\0{hashlib.sha256(open(rows, 'rb').read()).hexdigest()}\n")
+    want = (hashlib.sha256("".join(lines).encode()).hexdigest(), 4)
+    assert mmeb_v2.data_digest(d) == want
+    os.rename(os.path.join(d, "frames"), tmp_path / "released")
+    os.symlink(tmp_path / "released", os.path.join(d, "frames"))
+    open(tmp_path / "released" / "v1" / "._frame_0001.jpg", "wb").write(b"\x00\x05\x16\x07")
+    assert mmeb_v2.data_digest(d) == want
+    frames(str(tmp_path / "released" / "v1"), "blue", 2)                     # two frames rewritten
+    assert mmeb_v2.data_digest(d)[0] != want[0]
 
 
 # ----------------------------------------------------------------------------------

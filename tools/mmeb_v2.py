@@ -16,7 +16,11 @@ The group means and the overall mean are over the tasks that ran, each printed w
 task count and metric; missing tasks are named. Per task, a score file with the reference
 harness's names (<out>/mmeb_v2/<Task>_score.json: hit@1, ndcg_linear@5, recall@5, ...,
 num_pred, num_data) and a ranking file (<Task>_pred.jsonl: the top 10 corpus ids per query
-with the judged grades) for comparison with its outputs; a restart reuses finished tasks.
+with the judged grades) for comparison with its outputs, then the task's record (<Task>.json,
+written last: the marker a restart reads). A restart reuses a finished task only when its
+data are the ones scored: the revision, the digest of the task folder's files (data_digest)
+and, for classification, the class pool's digest; otherwise it scores the task again and
+says why. File names are the task names made safe (util/run.safe_name).
 How this reads the harness where it is open (ties, grades, instructions): docs/readings.md §10.
 
     python evaluate.py --model CKPT --benchmark mmeb-v2 --mmeb_dir MMEB-eval --image_dir eval_images \\
@@ -34,6 +38,7 @@ label is in neither stops the task), e.g.
     ln -s $MMEB_V2/video-tasks/frames/video_ret/MSR-VTT video/MSR-VTT/frames
 Tests: pytest tests/test_mmeb_v2.py tests/test_mmeb_v2_video.py tests/test_mmeb_v2_classes.py
 """
+import hashlib
 import json
 import os
 import sys
@@ -43,9 +48,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate as ev  # noqa: E402
 from data import MMEB_EVAL_TASKS  # noqa: E402
-from util.benchmarks import V_CLS, VIDEO_SOURCES, read_class_pool, read_video_task, read_visdoc_task  # noqa: E402
+from util.benchmarks import (V_CLS, VIDEO_SOURCES, class_pool_record, file_sha256, read_video_task,  # noqa: E402
+                             read_visdoc_task)
 from util.dist import broadcast_object, print0, rank_world  # noqa: E402
-from util.run import load_finished, result_path, weights_fingerprint, write_atomic, write_json  # noqa: E402
+from util.inputs import find_parquet  # noqa: E402
+from util.run import (load_finished, result_path, safe_name, weights_fingerprint, write_atomic,  # noqa: E402
+                      write_json)
 
 # The 24 visual-document tasks of the leaderboard: name → (group, hub dataset, split,
 # language filter of the queries). The reference config lists 27: the three English-only
@@ -145,6 +153,104 @@ def revision_of(folder):
     return ",".join(sorted(commits)) or None
 
 
+# What a task's score depends on besides the model, recorded with it and compared on resume
+ANNOTATION_EXTS = (".parquet", ".jsonl", ".json", ".txt", ".csv", ".tsv")
+
+
+def data_digest(folder):
+    """(sha256 hex, number of files) of what a task folder holds, links followed (frames/ is
+    one), in sorted order: each file's path relative to the folder, then the sha256 of its
+    bytes for an annotation file (ANNOTATION_EXTS: rows, queries, qrels, the visdoc corpus
+    of pages, a classes.txt), its size for any other file (frames, a hub repo's video
+    archives). Hidden files and folders are left out (.cache: hf download's bookkeeping,
+    "._*" AppleDouble files). Why: the rows are what a new revision changes, and they are
+    read whole (a visdoc corpus, pages included, at disk speed); a video task's frames are
+    thousands of JPEGs, where names and sizes catch a frame added, removed, renamed or
+    re-extracted without reading gigabytes at every restart (a frame rewritten at the same
+    size is the change it misses). Sizes, not modification times: a copied folder keeps its
+    digest, on any machine."""
+    h, n = hashlib.sha256(), 0
+    for d, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        for f in sorted(x for x in files if not x.startswith(".")):
+            path = os.path.join(d, f)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            what = file_sha256(path) if f.lower().endswith(ANNOTATION_EXTS) else f"{os.path.getsize(path)} bytes"
+            h.update(f"{rel}\0{what}\n".encode())
+            n += 1
+    return h.hexdigest(), n
+
+
+def task_state(folder, task, kind):
+    """What a task's score depends on in its folder: {revision (revision_of), data_sha256,
+    data_files (data_digest)} and, for a video classification task ranked against a class
+    list, {class_pool, class_pool_sha256} (util/benchmarks.class_pool_record)."""
+    digest, n = data_digest(folder)
+    pool = class_pool_record(folder, task) if kind == "video" and task in V_CLS else {}
+    return {"revision": revision_of(folder), "data_sha256": digest, "data_files": n, **pool}
+
+
+def changes(saved, now):
+    """Why a finished task's record does not hold for its data now (task_state): a list of
+    reasons, empty when it holds. A record without a data digest (written before they were
+    kept) does not hold."""
+    if "data_sha256" not in saved:
+        return ["its record has no data digest (written before digests were kept)"]
+    why = []
+    if saved.get("revision") != now["revision"]:
+        why.append(f"data revision {saved.get('revision')} → {now['revision']}")
+    if saved["data_sha256"] != now["data_sha256"]:
+        why.append(f"the task folder's files changed (data digest; {saved.get('data_files')} files then, "
+                   f"{now['data_files']} now)")
+    pool = [(r.get("class_pool"), (r.get("class_pool_sha256") or "")[:12]) for r in (saved, now)]
+    if pool[0] != pool[1]:
+        why.append("class pool {} (sha256 {}…) → {} (sha256 {}…)".format(*pool[0], *pool[1]))
+    return why
+
+
+def task_files(out_dir, task):
+    """A task's files under out_dir/mmeb_v2/, named by util/run.safe_name: the score file,
+    the ranking file and the record (written last: the marker of a finished task)."""
+    name = os.path.join(out_dir, "mmeb_v2", safe_name(task))
+    return f"{name}_score.json", f"{name}_pred.jsonl", result_path(out_dir, "mmeb_v2", task)
+
+
+def check_file_names(tasks):
+    """Two tasks (visdoc and video together) whose safe names are equal would write the same
+    files: ValueError naming both."""
+    seen = {}
+    for t in tasks:
+        if safe_name(t) in seen:
+            first = seen[safe_name(t)]
+            raise ValueError(f"MMEB-V2 tasks {first!r} and {t!r} would write the same files "
+                             f"({safe_name(t)}_score.json ...): rename one task folder")
+        seen[safe_name(t)] = t
+
+
+def check_task_root(root, kind):
+    """A folder of task folders, checked before a long run (train.py's --eval_visdoc_dir /
+    --eval_video_dir at parse time): each task folder with what its reader looks for first
+    (visdoc: queries, corpus and qrels parquet files of its split; video: one of the 18
+    names and frames/). Returns the task names; FileNotFoundError / ValueError naming the
+    folder otherwise."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"no folder {root}")
+    if kind == "video":
+        names = video_tasks_in(root)
+        for t in names:
+            if not os.path.isdir(os.path.join(root, t, "frames")):
+                raise FileNotFoundError(f"{t}: no frame folder {os.path.join(root, t, 'frames')}")
+    else:
+        table = visdoc_tasks_in(root)
+        for t, spec in table.items():
+            for part in ("queries", "corpus", "qrels"):
+                find_parquet(os.path.join(root, t), part, spec[2])
+        names = list(table)
+    if not names:
+        raise FileNotFoundError(f"no task folder in {root}")
+    return names
+
+
 def eval_visdoc_task(model, processor, root, task, split="test", language=None, batch_size=16,
                      progress=False, max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS):
     """One visual-document task: every query against the whole corpus (global ranking).
@@ -175,10 +281,11 @@ def eval_video_task(model, processor, root, task, config=None, batch_size=16, pr
     pool (global). Hit@1 is tie-safe: a query is a hit iff some correct candidate scores
     strictly above every other one. Text-only candidates of V-CLS / V-QA get the checkpoint's
     target instruction when it trained with them (as MMEB's do). Returns (scores {hit@1,
-    num_pred, num_data, num_cands, and for K700 / UCF101 / HMDB51 / Breakfast class_pool:
-    the class list file ranked against}, ranking [{query, top: [name] (10), labels}])."""
+    num_pred, num_data, num_cands, and for K700 / UCF101 / HMDB51 / Breakfast class_pool and
+    class_pool_sha256: the class list ranked against (util/benchmarks.class_pool_record)},
+    ranking [{query, top: [name] (10), labels}])."""
     queries, cands, _ = read_video_task(root, task)
-    pool = {"class_pool": read_class_pool(os.path.join(root, task), task)[1]} if task in V_CLS else {}
+    pool = class_pool_record(os.path.join(root, task), task) if task in V_CLS else {}
     target = ev._target_instruction_fn(config)
     meta = {"V-CLS": "Classification", "V-QA": "VQA"}.get(VIDEO_TASKS.get(task))
     names = list(cands)
@@ -202,13 +309,31 @@ def eval_video_task(model, processor, root, task, config=None, batch_size=16, pr
             "num_cands": len(names), **pool}, ranking
 
 
+def _still_valid(kind, table, root, config, weights, out_dir):
+    """The finished tasks of an earlier run (load_finished) whose data are still the ones
+    scored (task_state, changes); each other one is printed with why it is scored again.
+    Without a root (no --visdoc_dir / --video_dir) a finished task is kept, unchecked."""
+    finished = load_finished(out_dir, "mmeb_v2", table, config, weights)
+    for task in list(finished):
+        folder = os.path.join(root, task) if root else None
+        if folder is None:
+            continue
+        why = changes(finished[task], task_state(folder, task, kind)) if os.path.isdir(folder) else \
+            [f"no folder {folder} to check it against"]
+        if why:
+            print0(f"{task}: finished earlier, scored again: {'; '.join(why)}")
+            del finished[task]
+    return finished
+
+
 def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, flag, say):
     """Run each task of `table` whose folder is under `root` (`run(task, spec)` → (scores,
-    ranking)), reusing the ones finished earlier; a missing folder is an error unless
-    skip_missing. Returns ({task: scores or None}, {task: why missing})."""
+    ranking)), reusing the ones finished earlier on the same data (_still_valid); a missing
+    folder is an error unless skip_missing. Returns ({task: scores or None}, {task: why
+    missing})."""
     rank, _ = rank_world()
     weights = weights_fingerprint(model)
-    finished = broadcast_object(load_finished(out_dir, "mmeb_v2", table, config, weights)
+    finished = broadcast_object(_still_valid(kind, table, root, config, weights, out_dir)
                                 if rank == 0 else None)              # every rank skips the same tasks
     results, missing = {}, {}
     for task, spec in table.items():
@@ -216,7 +341,8 @@ def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, fla
         group, source = (spec[0], spec[1]) if kind == "visdoc" else (VIDEO_TASKS.get(task), spec[0])
         if task in finished:
             results[task] = finished[task]["scores"]
-            print0(f"{task}: {say(results[task])} (finished earlier, skipped)")
+            print0(f"{task}: {say(results[task])} (finished earlier, skipped"
+                   + (f"; its data not checked: no {flag})" if folder is None else ")"))
             continue
         if folder is None or not os.path.isdir(folder):
             why = f"no {flag}" if folder is None else f"no folder {folder} (a copy of {source})"
@@ -224,15 +350,15 @@ def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, fla
                 raise FileNotFoundError(f"MMEB-V2 task {task}: {why}; pass --skip_missing to report it as missing")
             results[task], missing[task] = None, why
             continue
+        state = task_state(folder, task, kind) if rank == 0 and out_dir else None   # the data scored
         results[task], ranking = run(task, spec)
         print0(f"{task}: {say(results[task])}")
         if rank == 0 and out_dir:
-            write_json(result_path(out_dir, "mmeb_v2", task), {
-                "task": task, "group": group, "source": source, "split": spec[2], "revision": revision_of(folder),
-                "scores": results[task], "config": config, "weights": weights})
-            write_json(os.path.join(out_dir, "mmeb_v2", f"{task}_score.json"), results[task])
-            write_atomic(os.path.join(out_dir, "mmeb_v2", f"{task}_pred.jsonl"),
-                         "".join(json.dumps(r) + "\n" for r in ranking))
+            score_file, pred_file, record_file = task_files(out_dir, task)
+            write_json(score_file, results[task])
+            write_atomic(pred_file, "".join(json.dumps(r) + "\n" for r in ranking))
+            write_json(record_file, {"task": task, "group": group, "source": source, "split": spec[2],
+                                     **state, "scores": results[task], "config": config, "weights": weights})
     return results, missing
 
 
@@ -259,7 +385,8 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
         image = dict.fromkeys(itable)
     missing.update({t: "no --mmeb_dir" if not mmeb_dir else "missing (--skip_missing)"
                     for t, v in image.items() if v is None})
-    vtable = visdoc_table(visdoc_tasks)
+    vtable, ttable = visdoc_table(visdoc_tasks), video_table(video_tasks)
+    check_file_names([*vtable, *ttable])
     visdoc, why = _run_tasks(
         "visdoc", vtable, visdoc_dir,
         lambda task, spec: eval_visdoc_task(model, processor, visdoc_dir, task, spec[2], spec[3], batch_size,
@@ -268,7 +395,6 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
         lambda r: f"NDCG@5 (linear) {100 * r['ndcg_linear@5']:.1f}, Hit@1 {100 * r['hit@1']:.1f} "
                   f"({r['num_data']} queries, {r.get('num_docs', '?')} documents)")
     missing.update(why)
-    ttable = video_table(video_tasks)
     video, why = _run_tasks(
         "video", ttable, video_dir,
         lambda task, spec: eval_video_task(model, processor, video_dir, task, config, batch_size, progress,

@@ -13,11 +13,13 @@ Every malformed input raises an error naming the file (or task), the entry or ro
   read_video_task                one MMEB-V2 video task (annotation rows, frame folders)
   read_class_pool                the class pool of a global video classification task: the list
                                  shipped in tools/mmeb_v2_classes/, or <Task>/classes.txt
+  class_pool_record              how a score names that pool on every machine, with its digest
 
 The protocol (which split, which captions, which prompts) is stated where a paper reader
 looks: evaluate.py's MMEB and zero-shot sections. Tests: pytest tests/test_inputs.py
 """
 import glob
+import hashlib
 import json
 import os
 
@@ -140,8 +142,8 @@ def read_visdoc_task(root, task, split="test", language=None):
     One MMEB-V2 visual-document task → (queries [(query-id, text)], corpus [(corpus-id,
     image bytes)], qrels {query-id: {corpus-id: grade > 0}}). Every query keeps at least
     one relevant document; a malformed row (an id missing or not an id, a score not a
-    finite number, an unknown query or corpus id, a repeated corpus id, an image cell
-    without bytes, a query without a relevant document) raises ValueError naming the
+    finite number, an unknown query or corpus id, a repeated query or corpus id, an image
+    cell without bytes, a query without a relevant document) raises ValueError naming the
     task, the file part and the row.
     """
     import math
@@ -151,10 +153,12 @@ def read_visdoc_task(root, task, split="test", language=None):
         parts[part] = (read_rows(files), f"MMEB-V2 task {task} {part}")
     rows, what = parts["queries"]
     _columns(rows, ("query-id", "query") + (("language",) if language else ()), what)
-    queries, every_qid = [], set()                # every_qid: the language filter's too
+    queries, every_qid = [], {}                   # every_qid: id → row, the language filter's too
     for i, r in enumerate(rows):
         qid = _ident(r["query-id"], f"{what} row {i} query-id")
-        every_qid.add(qid)
+        if qid in every_qid:                      # qrels could not tell the two queries apart
+            raise ValueError(f"{what} row {i}: query-id {qid!r} repeated (row {every_qid[qid]})")
+        every_qid[qid] = i
         if language and r["language"] != language:
             continue
         if not isinstance(r["query"], str) or not r["query"].strip():
@@ -386,7 +390,8 @@ VIDEO_SOURCES = {
 
 # The class lists of the four global classification tasks as the harness ships them, one
 # file per task (tools/mmeb_v2_classes/README.md); a <Task>/classes.txt overrides one.
-CLASS_LISTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "mmeb_v2_classes")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASS_LISTS = os.path.join(REPO, "tools", "mmeb_v2_classes")
 
 
 def read_class_pool(folder, task):
@@ -419,6 +424,26 @@ def read_class_pool(folder, task):
     if not lines:
         raise ValueError(f"MMEB-V2 {task}: {path} holds no labels")
     return list(lines), path
+
+
+def file_sha256(path):
+    """The sha256 of a file's bytes (hex), read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def class_pool_record(folder, task):
+    """How a score names the class pool it ranked against, the same on every machine:
+    {"class_pool": the shipped list as its path in the repository
+    ("tools/mmeb_v2_classes/K700.txt") or the override as "<Task>/classes.txt",
+    "class_pool_sha256": the file's sha256}. A resume compares both (tools/mmeb_v2.py)."""
+    _, path = read_class_pool(folder, task)
+    name = f"{task}/classes.txt" if path == os.path.join(folder, "classes.txt") else \
+        os.path.relpath(path, REPO).replace(os.sep, "/")
+    return {"class_pool": name, "class_pool_sha256": file_sha256(path)}
 
 
 def _jsonl_row(path, n, line, task):
@@ -482,9 +507,11 @@ def read_video_task(root, task, num_frames=8):
     candidate names (local ranking: the row's own; global: None = the whole pool), labels
     (the correct names)); candidates: {name: (text, visual)} in first-seen order, each
     encoded once; visual: None, an image path, or a util.video.Clip of `num_frames` frames.
-    Malformed rows, missing frame folders and labels outside their candidates (a
-    classification label outside the class pool of read_class_pool) raise errors naming
-    the task and row.
+    Malformed rows, missing frame folders, a video id that leaves frames/ (absolute, or
+    climbing out with ".."), a file in a frame folder that is not an image, and labels
+    outside their candidates (a classification label outside the class pool of
+    read_class_pool) raise errors naming the task and row. Hidden files in frame folders
+    (macOS "._*" AppleDouble files, dotfiles) are left out, counted and reported.
     """
     from util.video import Clip
     folder = os.path.join(root, task)
@@ -494,10 +521,17 @@ def read_video_task(root, task, num_frames=8):
         raise FileNotFoundError(f"MMEB-V2 {task}: no frame folder {frames} (the task's folder of the "
                                 "released MMEB-V2 frames, video-tasks/frames/...)")
     rows = _video_rows(folder, subset, split, limit, task)
-    queries, cands = [], {}
+    queries, cands, skipped = [], {}, []            # skipped: hidden files of frame folders
+
+    def inside(name, where):
+        """frames/<name>: the path as written, checked lexically (frames/ itself may be a link)."""
+        if leaves_image_dir(name):
+            raise ValueError(f"{where}: video id {name!r} leaves the task's frame folder {frames} "
+                             "(an absolute path, or '..')")
+        return os.path.join(frames, name)
 
     def clip(name, where, k=num_frames):
-        return Clip.from_folder(os.path.join(frames, name), k, where)
+        return Clip.from_folder(inside(name, where), k, where, skipped=skipped)
 
     def cand(name, text, visual=None):
         cands.setdefault(name, (text, visual))
@@ -557,9 +591,10 @@ def read_video_task(root, task, num_frames=8):
                             clip(f"v_{_str(r, 'video_name', w)}", w), [cand("yes", "yes"), cand("no", "no")], [a]))
         elif task in ("QVHighlight", "Charades-STA"):
             video = os.path.splitext(os.path.basename(_str(r, "video_path", w)))[0]
-            d = os.path.join(frames, video)
-            subs = sorted(s for s in os.listdir(d) if s != "query" and os.path.isdir(os.path.join(d, s))) \
-                if os.path.isdir(d) else []
+            d = inside(video, w)
+            entries = sorted(os.listdir(d)) if os.path.isdir(d) else []
+            skipped += [os.path.join(d, s) for s in entries if s.startswith(".")]
+            subs = [s for s in entries if s != "query" and not s.startswith(".") and os.path.isdir(os.path.join(d, s))]
             names = [cand(f"{video}/{s}", V_TARGET, clip(f"{video}/{s}", w)) for s in subs]
             labels = [f"{video}/{s}" for s in subs if s.startswith("positive")]
             if not labels:
@@ -586,7 +621,7 @@ def read_video_task(root, task, num_frames=8):
                          clip("video_frames/" + given.replace(".mp4", "").replace("/", "_"), w))
             elif given.endswith(".jpg"):
                 query = (f"<|image_1|> Select the video clip that aligns with the given text and image: {q}",
-                         os.path.join(frames, f"query_{given}"))
+                         inside(f"query_{given}", w))
             else:
                 query = (f"Find the clip that corresponds to the given text: {q}", None)
             queries.append((*query, pos + neg, pos))
@@ -607,4 +642,8 @@ def read_video_task(root, task, num_frames=8):
         print0(f"MMEB-V2 {task}: ranking against the {len(pool)} classes of {source} ({kind})")
         for label in pool:
             cand(label, label)
+    if skipped:
+        skipped = sorted(set(skipped))              # a clip read twice lists its files twice
+        print0(f"MMEB-V2 {task}: left out {len(skipped)} hidden file(s) of its frame folders (macOS '._*' "
+               f"AppleDouble files, dotfiles: not frames), e.g. {skipped[0]}")
     return queries, cands, ranking

@@ -547,7 +547,8 @@ def check_ranges(args, error):
 def check_train_flags(args, error):
     """train.py's flags after its presets: the ranges, the rules between flags, and the
     files they name (--target_prompts is read into args.target_prompt_table, which the
-    checkpoint keeps); error(message) stops argparse with the message."""
+    checkpoint keeps; the task folders of --eval_visdoc_dir / --eval_video_dir,
+    tools/mmeb_v2.check_task_root); error(message) stops argparse with the message."""
     import torch
 
     from util.speed import flex_unavailable
@@ -558,9 +559,18 @@ def check_train_flags(args, error):
         error("--resume_revision pins the hub id given as --resume_from; there is none")
     if args.resume and args.overwrite:
         error("--resume and --overwrite contradict each other: pick one")
-    for flag in ("eval_visdoc_dir", "eval_video_dir"):
-        if getattr(args, flag, None) and not args.eval_data and args.train_data is not None:
+    v2_tasks = []
+    for flag in ("eval_visdoc_dir", "eval_video_dir"):       # MMEB-V2 after training: its folders now
+        root = getattr(args, flag, None)
+        if root and not args.eval_data and args.train_data is not None:
             error(f"--{flag} runs with the evaluation after training: it needs --eval_data")
+        if root:
+            from tools.mmeb_v2 import check_file_names, check_task_root
+            try:
+                v2_tasks += check_task_root(root, flag[len("eval_"):-len("_dir")])
+                check_file_names(v2_tasks)
+            except (OSError, ValueError) as e:
+                error(f"--{flag} {root}: {e}")
     for flag, on in (("--attn flex", args.attn == "flex"), ("--pack", args.pack)):   # before any loading
         why = on and flex_unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                                       training=True, flag=flag)
