@@ -152,6 +152,12 @@ def test_reader_grades_language_and_named_errors(tmp_path):
     for i, (change, message) in enumerate(cases):
         with pytest.raises(ValueError, match=message):
             read_visdoc_task(str(tmp_path), broken(f"bad{i}", **change))
+    translated = broken("translated", queries=[{"query-id": "a", "query": "x", "language": "english"},
+                                               {"query-id": "a", "query": "x-de", "language": "german"}])
+    assert read_visdoc_task(str(tmp_path), translated, language="german")[0] == [("a", "x-de")]
+    with pytest.raises(ValueError, match="query-id 'a' repeated \\(row 0\\) in language 'english'"):
+        read_visdoc_task(str(tmp_path), broken("twice", queries=[{"query-id": "a", "query": "x", "language": "english"},
+                                                                {"query-id": "a", "query": "y", "language": "english"}]))
     with pytest.raises(ValueError, match=r"qrels: columns \['score'\] missing"):
         read_visdoc_task(str(tmp_path), broken("bad_cols", qrels=[{"query-id": "a", "corpus-id": "d"}]))
     with pytest.raises(FileNotFoundError, match="corpus"):

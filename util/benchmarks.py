@@ -153,12 +153,14 @@ def read_visdoc_task(root, task, split="test", language=None):
         parts[part] = (read_rows(files), f"MMEB-V2 task {task} {part}")
     rows, what = parts["queries"]
     _columns(rows, ("query-id", "query") + (("language",) if language else ()), what)
-    queries, every_qid = [], {}                   # every_qid: id → row, the language filter's too
+    queries, every_qid, seen_q = [], {}, {}       # every_qid: id → row, the language filter's too
     for i, r in enumerate(rows):
         qid = _ident(r["query-id"], f"{what} row {i} query-id")
-        if qid in every_qid:                      # qrels could not tell the two queries apart
-            raise ValueError(f"{what} row {i}: query-id {qid!r} repeated (row {every_qid[qid]})")
-        every_qid[qid] = i
+        key = (qid, r.get("language"))            # a translated query may share its id (and qrels)
+        if key in seen_q:                         # qrels could not tell the two queries apart
+            raise ValueError(f"{what} row {i}: query-id {qid!r} repeated (row {seen_q[key]})"
+                             + (f" in language {key[1]!r}" if key[1] is not None else ""))
+        seen_q[key] = every_qid[qid] = i
         if language and r["language"] != language:
             continue
         if not isinstance(r["query"], str) or not r["query"].strip():
