@@ -1,5 +1,5 @@
-"""Shared test set-up: the repo root on sys.path, 2 threads, tiny backbones built once; the
-two suites.
+"""Shared test set-up: the repo root on sys.path, 2 threads, tiny backbones and width-real
+checkpoints built once per session; the two suites.
 
 `pytest` alone runs the proof of the paper: the tests marked `proof` (Eq. 1–5 against
 naive loops, Fig. 3's mask, the one-pass claim, M-RoPE positions, App. S7's templates with
@@ -18,6 +18,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(2)
 
 TINY_KINDS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
+# The width-real checkpoints the test modules share (tools/width_real.py; preset → decoder
+# layers, vision blocks): two decoder layers (tests/test_real_path.py says why), 2 vision
+# blocks on Qwen2.5-VL (block 0 windowed, block 1 full), 3 of each on Qwen3-VL (one per
+# DeepStack level)
+WIDTH_REAL_BUILD = {"qwen2-vl-2b": dict(num_layers=2, vision_depth=1),
+                    "qwen2.5-vl-3b": dict(num_layers=2, vision_depth=2),
+                    "qwen3-vl-2b": dict(num_layers=3, vision_depth=3),
+                    "qwen3-vl-8b": dict(num_layers=3, vision_depth=3)}
 
 
 @pytest.fixture(scope="session", params=TINY_KINDS)
@@ -27,6 +35,23 @@ def tiny(request):
     model, processor = load_backbone(request.param, device="cpu", seed=0)
     model.eval()
     return request.param, model, processor
+
+
+@pytest.fixture(scope="session")
+def width_real_checkpoint(tmp_path_factory):
+    """write(preset, num_layers, vision_depth) → the path of a width-real fp32 checkpoint
+    (tools/width_real.py, seed 0), written once per session for those settings under
+    <basetemp>/shared_width_real/layers<n>-vision<m>/<preset> and reused by every module
+    that asks for the same ones (write_checkpoint reuses a folder written with the same
+    arguments). Each is 1-2 GB and takes 5-15 s to write; callers must not write into it."""
+    from tools import width_real
+    root = tmp_path_factory.getbasetemp() / "shared_width_real"
+
+    def write(preset, num_layers, vision_depth):
+        folder = root / f"layers{num_layers}-vision{vision_depth}"
+        return width_real.write_checkpoint(preset, folder / preset, num_layers=num_layers,
+                                           vision_depth=vision_depth, seed=0)
+    return write
 
 
 def shape_image(colour, size=56, shape="circle", background="white"):

@@ -27,16 +27,19 @@ def test_without_cuda_it_says_so(capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,vision_depth", [("qwen2-vl-2b", 1)])
-def test_cpu_dry_run_of_the_kit(tmp_path, preset, vision_depth):
+def test_cpu_dry_run_of_the_kit(tmp_path, preset, vision_depth, width_real_checkpoint):
     """On the 2B preset it was first run with; the separate-pass oracle with Qwen3-VL's
     DeepStack is the tiny test below (a Qwen3-VL-2B dry run: --presets qwen3-vl-2b
     --vision_depth 3, measured to agree the same way; 20 s more, so not in the suite)."""
     out = tmp_path / "kit.json"
+    # the kit writes <workdir>/<preset> with these settings, seed 0, fp32 on the CPU: the
+    # session's shared build, reused (write_checkpoint checks the settings it was written with)
+    ckpt = width_real_checkpoint(preset, num_layers=1, vision_depth=vision_depth)
     res = gpu_kit.main(["--device", "cpu", "--presets", preset, "--layers", "1",
                         "--vision_depth", str(vision_depth), "--batch", "2", "--chunk_sizes", "1",
                         "--image_size", "56", "--image_sizes", "56", "112", "--reps", "1", "--warmup", "0",
                         "--embed_modes", "index", "packed",
-                        "--workdir", str(tmp_path / "ckpt"), "--out", str(out)])
+                        "--workdir", str(ckpt.parent), "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))
     dense, packed, flex, flex_packed = saved["rows"]

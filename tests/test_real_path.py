@@ -41,20 +41,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import shape_image
+from conftest import WIDTH_REAL_BUILD, shape_image
 from data import EMBED_TEMPLATES, collate_embed, collate_match, content_text, encode_item
 from masks import VIEW_SETS
 from model import ReMatch, apply_lora, mrope_position_ids
 from util.backbone import load_backbone
 from test_matching import deepstack_per_token, separate_pass_logits
-from tools import width_real
 
 # preset → how much of it is built (decoder layers, vision blocks). Qwen3-VL: 3 of each,
 # so that all three DeepStack levels come from their own block and reach their own layer.
-BUILD = {"qwen2-vl-2b": dict(num_layers=2, vision_depth=1),
-         "qwen2.5-vl-3b": dict(num_layers=2, vision_depth=2),
-         "qwen3-vl-2b": dict(num_layers=3, vision_depth=3),
-         "qwen3-vl-8b": dict(num_layers=3, vision_depth=3)}
+# The same builds serve tests/test_width_real.py and tests/test_st_export.py (conftest).
+BUILD = WIDTH_REAL_BUILD
 # ~8 GB of disk and of memory each: run with `pytest --big` (qwen3-vl-2b runs the same code
 # at every step in the default suite; the 8B adds its widths, untied head and DeepStack blocks)
 BIG = ("qwen3-vl-8b",)
@@ -70,11 +67,10 @@ LORA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
 # a time: pytest groups the tests by the session parameter)
 
 @pytest.fixture(scope="session", params=PARAMS)
-def real_ckpt(request, tmp_path_factory):
-    """(preset, path) of a width-real checkpoint in the hub layout."""
-    path = tmp_path_factory.mktemp("real_path") / request.param
-    return request.param, width_real.write_checkpoint(request.param, path, seed=0,
-                                                      **BUILD[request.param])
+def real_ckpt(request, width_real_checkpoint):
+    """(preset, path) of a width-real checkpoint in the hub layout (seed 0; the session's
+    shared build, conftest.width_real_checkpoint)."""
+    return request.param, width_real_checkpoint(request.param, **BUILD[request.param])
 
 
 @pytest.fixture(scope="session")

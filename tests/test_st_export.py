@@ -488,17 +488,16 @@ def test_qwen3_vl_keeps_deepstack(exported, monkeypatch):
 # Width-real Qwen2-VL-2B: Qwen's real tokenizer, real widths, 151936-row vocabulary
 
 @pytest.mark.slow
-def test_width_real_qwen2_vl_2b(tmp_path):
+def test_width_real_qwen2_vl_2b(tmp_path, width_real_checkpoint):
     """A ReMatch checkpoint over a width-real Qwen2-VL-2B (K = 4, the paper's chat
     template and matching prompt, random weights), exported in fp32: both classes equal the
     repository with Qwen's real tokenizer (tied embeddings: the L tokens' rows are the LM
     head's rows too); exported in bf16 (the default): within check_bf16's bounds of it, scores
     within BF16_SCORE_ATOL["width-real"]."""
     from model import ReMatch
-    from tools import width_real
     from tools.export_merged import export_merged
     from util.backbone import load_backbone, save_rematch
-    base = width_real.write_checkpoint("qwen2-vl-2b", tmp_path / "base", num_layers=2, vision_depth=1)
+    base = width_real_checkpoint("qwen2-vl-2b", num_layers=2, vision_depth=1)   # tests/test_real_path.py's
     backbone, processor = load_backbone(str(base), device="cpu", dtype=torch.float32)
     model = ReMatch(backbone, num_tokens=4, embed_template="chat").eval()
     config = {"model": str(base), "num_tokens": 4, "embed_template": "chat", "lora": False,

@@ -1,9 +1,11 @@
 """
 Width-real Qwen checkpoints (tools/width_real.py): the real widths, vocabulary, tokenizer,
 chat template and image preprocessing of Qwen2-VL-2B-Instruct, Qwen2.5-VL-3B-Instruct and
-Qwen3-VL-2B-Instruct, with 1 decoder layer, 1 vision block (Qwen3-VL: 3, one per DeepStack
-level) and random weights, written offline in the hub layout and read back through
-transformers' own loaders and util.backbone.load_backbone.
+Qwen3-VL-2B-Instruct, with a few decoder layers and vision blocks (the session's shared builds,
+conftest.WIDTH_REAL_BUILD: 2 decoder layers and 1 vision block on Qwen2-VL, 2 and 2 on
+Qwen2.5-VL, 3 and 3 on Qwen3-VL, one block per DeepStack level) and random weights, written
+offline in the hub layout and read back through transformers' own loaders and
+util.backbone.load_backbone.
 
 Expected values come from sources independent of tools/width_real.ARCH: the table of real
 architectures below (the hub config.json values), the Qwen tokenizer ids, the config the
@@ -23,12 +25,12 @@ from transformers import (AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGen
                           Qwen2VLForConditionalGeneration, Qwen3VLForConditionalGeneration)
 
 import data
+from conftest import WIDTH_REAL_BUILD
 from masks import VIEW_SETS, segments_used
 from util.backbone import load_backbone
 from tools import width_real
 
 PRESETS = ("qwen2-vl-2b", "qwen2.5-vl-3b", "qwen3-vl-2b")
-VISION_DEPTH = {"qwen3-vl-2b": 3}      # the built vision blocks (default 1)
 
 # The real architectures (hub config.json of the *-Instruct checkpoints), written out here
 # independently of width_real.ARCH.
@@ -97,12 +99,10 @@ def family_of(preset):
 
 
 @pytest.fixture(scope="session", params=PRESETS)
-def ckpt(request, tmp_path_factory):
-    """(preset, path): each checkpoint written once per session (1 layer, 1 vision block)."""
-    path = tmp_path_factory.mktemp("width_real") / request.param
-    return request.param, width_real.write_checkpoint(request.param, path, num_layers=1,
-                                                      vision_depth=VISION_DEPTH.get(request.param, 1),
-                                                      seed=0)
+def ckpt(request, width_real_checkpoint):
+    """(preset, path): each checkpoint written once per session (WIDTH_REAL_BUILD, seed 0),
+    shared with tests/test_real_path.py (conftest.width_real_checkpoint)."""
+    return request.param, width_real_checkpoint(request.param, **WIDTH_REAL_BUILD[request.param])
 
 
 @pytest.fixture(scope="session")
@@ -238,11 +238,11 @@ def test_written_dir_is_reused_and_protected(ckpt):
             "vocab.json", "merges.txt", "preprocessor_config.json"} <= names
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]     # no leftovers
     mtime = (path / "model.safetensors").stat().st_mtime_ns
-    depth = VISION_DEPTH.get(preset, 1)
-    assert width_real.write_checkpoint(preset, path, num_layers=1, vision_depth=depth) == path
+    layers, depth = WIDTH_REAL_BUILD[preset]["num_layers"], WIDTH_REAL_BUILD[preset]["vision_depth"]
+    assert width_real.write_checkpoint(preset, path, num_layers=layers, vision_depth=depth) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime        # reused, not rebuilt
     with pytest.raises(FileExistsError):
-        width_real.write_checkpoint(preset, path, num_layers=2, vision_depth=depth)
+        width_real.write_checkpoint(preset, path, num_layers=layers + 1, vision_depth=depth)
 
 
 def test_bfloat16_checkpoint_holds_the_float32_weights_rounded(ckpt, tmp_path):
@@ -252,7 +252,7 @@ def test_bfloat16_checkpoint_holds_the_float32_weights_rounded(ckpt, tmp_path):
     preset, path = ckpt
     if preset != "qwen2-vl-2b":
         pytest.skip("one preset suffices: the dtype path is preset-independent")
-    half = width_real.write_checkpoint(preset, tmp_path / "bf16", num_layers=1, vision_depth=1,
+    half = width_real.write_checkpoint(preset, tmp_path / "bf16", **WIDTH_REAL_BUILD[preset],
                                        seed=0, dtype="bfloat16")
     with safe_open(str(path / "model.safetensors"), "pt") as f32, \
             safe_open(str(half / "model.safetensors"), "pt") as b16:
@@ -270,20 +270,20 @@ def test_bfloat16_checkpoint_holds_the_float32_weights_rounded(ckpt, tmp_path):
 def test_config_has_real_widths(ckpt):
     preset, path = ckpt
     real, fam = REAL[preset], family_of(preset)
-    depth = VISION_DEPTH.get(preset, 1)
+    layers, depth = WIDTH_REAL_BUILD[preset]["num_layers"], WIDTH_REAL_BUILD[preset]["vision_depth"]
     cfg = AutoConfig.from_pretrained(path)
     t, v = cfg.text_config, cfg.vision_config
     assert cfg.model_type == real["model_type"]
     assert (t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads,
             t.vocab_size) == (real["hidden"], real["intermediate"], real["heads"],
                               real["kv_heads"], real["vocab"])
-    assert t.num_hidden_layers == 1 and v.depth == depth
+    assert t.num_hidden_layers == layers and v.depth == depth
     assert t.rope_parameters["mrope_section"] == fam["mrope"]
     assert t.rope_parameters["rope_theta"] == fam["theta"]
     assert cfg.tie_word_embeddings is real["tie"]
     expected_vision = dict(real["vision"], depth=depth)
     if "fullatt_block_indexes" in expected_vision:
-        expected_vision["fullatt_block_indexes"] = [0]       # the last (only) block: full attention
+        expected_vision["fullatt_block_indexes"] = [depth - 1]   # under 8 blocks: the last alone is full
     if "deepstack_visual_indexes" in expected_vision:
         expected_vision["deepstack_visual_indexes"] = [0, 1, 2]   # one level per built block
     assert {k: getattr(v, k) for k in expected_vision} == expected_vision
@@ -303,7 +303,7 @@ def test_model_loads_without_missing_keys(ckpt):
     assert tuple(emb.shape) == (real["vocab"], real["hidden"]) and emb.dtype == torch.float32
     assert (model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()) is real["tie"]
     assert model.model.language_model.layers[0].self_attn.head_dim == HEAD_DIM
-    assert len(model.model.visual.blocks) == VISION_DEPTH.get(preset, 1)
+    assert len(model.model.visual.blocks) == WIDTH_REAL_BUILD[preset]["vision_depth"]
     assert 0.015 < emb.std().item() < 0.025                 # transformers' init: N(0, 0.02)
 
 
