@@ -91,6 +91,13 @@ def real_rematch(real_backbone):
     return ReMatch(real_backbone[2], num_tokens=4).eval()
 
 
+@pytest.fixture(scope="session")
+def real_rematch0(real_backbone):
+    """ReMatch(backbone, K=0): last-token pooling over the session backbone, built once for
+    the embedding-path tests (4, 4b)."""
+    return ReMatch(real_backbone[2], num_tokens=0).eval()
+
+
 def instances(processor):
     """Two (q, d⁺, d⁻) instances with an image in the query and in both documents;
     image sides 56..168 px (4 to 18 merged tokens, square and both orientations)."""
@@ -229,7 +236,7 @@ def test_lora_wraps_exactly_the_language_model_projections(real_ckpt):
 # ----------------------------------------------------------------------------------
 # 4. The embedding path == the backbone's own forward
 
-def test_embedding_path_equals_the_backbone_forward(real_backbone, real_rematch):
+def test_embedding_path_equals_the_backbone_forward(real_backbone, real_rematch, real_rematch0):
     """ReMatch's pieces of `embed` (image_features, input_embeds, positions, decoder_inputs,
     last_hidden) on a collate_embed row == the last layer (post-norm) of the backbone's own
     forward on the processor's output of the same chat-template string, at every position;
@@ -256,7 +263,7 @@ def test_embedding_path_equals_the_backbone_forward(real_backbone, real_rematch)
     with torch.no_grad():
         ref = model(**hf_in, output_hidden_states=True, use_cache=False).hidden_states[-1][0]  # (T, d)
         h = ours()
-        E = ReMatch(model, num_tokens=0).embed(batch, "d")[0][0]
+        E = real_rematch0.embed(batch, "d")[0][0]
     diff = (h - ref).abs().max().item()
     print(f"\n{preset}: embedding path vs HF forward, max |Δ| over {len(ref)} positions = {diff:.2e} "
           f"(max |h| {ref.abs().max().item():.2f})")
@@ -269,7 +276,7 @@ def test_embedding_path_equals_the_backbone_forward(real_backbone, real_rematch)
             assert (ours(deepstack=False) - ref).abs().max().item() > 1e-3
 
 
-def test_video_embedding_path_equals_the_backbone_forward(real_backbone, monkeypatch):
+def test_video_embedding_path_equals_the_backbone_forward(real_backbone, real_rematch0, monkeypatch):
     """4b. The video input (util/video.py: 5 frames → 3 temporal patches, the last padded;
     Qwen2.5-VL's temporal step from second_per_grid_ts, Qwen3-VL's timestamped blocks) in a
     batch with an image row: ReMatch's embedding pieces == the backbone's own forward
@@ -285,7 +292,7 @@ def test_video_embedding_path_equals_the_backbone_forward(real_backbone, monkeyp
     assert int(batch["video_grid_thw"][0, 0]) == 3
     with torch.no_grad():
         ref = hf_forward_hidden(model, batch, processor)                      # (2, T, d)
-        h = ours_hidden(ReMatch(model, num_tokens=0), batch)
+        h = ours_hidden(real_rematch0, batch)
     real = batch["attention_mask"].bool()
     diff = (h - ref)[real].abs().max().item()
     print(f"\n{preset}: video embedding path vs HF forward, max |Δ| = {diff:.2e}")
