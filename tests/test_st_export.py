@@ -92,33 +92,43 @@ def reference_scores(model, processor, config):
 
 def check_embedder(path, model, processor, atol=1e-5):
     """encode_query / encode_document == ReMatch.embed for every input, in one batch of
-    unequal lengths (right and left padded) and one at a time; plain encode == documents."""
+    unequal lengths (right and left padded) and one at a time; plain encode == documents.
+    Returns {"query", "document"}: the one batch's vectors at the padding side the model
+    loads with (what check_bf16 computes on the fp32 export)."""
     m = st.SentenceTransformer(path, trust_remote_code=True)
     inputs = [st_input(t, im) for t, im in INPUTS]
     tok = m[0].processor.tokenizer
-    for side, encode in (("q", m.encode_query), ("d", m.encode_document)):
-        ref = reference_embeddings(model, processor, side)
+    loaded_padding, as_loaded = tok.padding_side, {}
+    for side, encode in (("query", m.encode_query), ("document", m.encode_document)):
+        ref = reference_embeddings(model, processor, side[0])
         for padding in ("right", "left"):
             tok.padding_side = padding
             got = encode(inputs, convert_to_tensor=True, batch_size=len(inputs))
             torch.testing.assert_close(got, ref, rtol=0, atol=atol, msg=lambda s, w=f"{side} {padding}": f"{w}: {s}")
+            if padding == loaded_padding:
+                as_loaded[side] = got
         for n, x in enumerate(inputs):
             torch.testing.assert_close(encode([x], convert_to_tensor=True)[0], ref[n], rtol=0, atol=atol)
     torch.testing.assert_close(m.encode(inputs, convert_to_tensor=True),
                                m.encode_document(inputs, convert_to_tensor=True), rtol=0, atol=0)
-    return m
+    return as_loaded
 
 
 def check_cross_encoder(path, model, processor, config, atol=1e-4):
-    """CrossEncoder.predict == the matching head's Yes/No logit difference, one batch."""
+    """CrossEncoder.predict == the matching head's Yes/No logit difference, one batch.
+    Returns the scores at the padding side the model loads with (check_bf16's fp32 ones)."""
     ce = st.CrossEncoder(path, trust_remote_code=True)
     pairs = [(st_input(*INPUTS[q]), st_input(*INPUTS[d])) for q, d in PAIRS]
     ref = reference_scores(model, processor, config)
+    tok = ce[0].processor.tokenizer
+    loaded_padding, as_loaded = tok.padding_side, None
     for padding in ("right", "left"):
-        ce[0].processor.tokenizer.padding_side = padding
+        tok.padding_side = padding
         got = ce.predict(pairs, convert_to_tensor=True, batch_size=len(pairs)).float()
         torch.testing.assert_close(got, ref, rtol=0, atol=atol, msg=lambda s, w=padding: f"{w}: {s}")
-    return ce
+        if padding == loaded_padding:
+            as_loaded = got
+    return as_loaded
 
 
 # ----------------------------------------------------------------------------------
@@ -351,11 +361,13 @@ def test_an_image_row_cut_by_max_seq_length_is_refused(exported):
 # ----------------------------------------------------------------------------------
 # The export as peers ship one: bf16 weights, a model card, attention the matcher can take
 
-def check_bf16(path32, path16, score_atol):
+def check_bf16(path32, path16, score_atol, fp32=None):
     """The bf16 export's weights are bf16 on disk (every tensor) and in config.json; loaded as
     written, its SentenceTransformer vectors (both sides, every input, one batch) are within
     cosine >= BF16_MIN_COSINE and max |delta| <= BF16_MAX_ABS of the fp32 export's, its
-    CrossEncoder scores within score_atol."""
+    CrossEncoder scores within score_atol. fp32: (vectors, scores) of the fp32 export from
+    check_embedder and check_cross_encoder (the same calls on it, as loaded), instead of
+    loading and running it again here."""
     from safetensors import safe_open
     dtypes = set()
     for name in (n for n in os.listdir(path16) if n.endswith(".safetensors") and n.startswith("model")):
@@ -365,17 +377,19 @@ def check_bf16(path32, path16, score_atol):
     with open(os.path.join(path16, "config.json")) as f:
         assert json.load(f).get("dtype") == "bfloat16"
     x = [st_input(*i) for i in INPUTS]
-    m32 = st.SentenceTransformer(path32, trust_remote_code=True)
+    m32 = None if fp32 else st.SentenceTransformer(path32, trust_remote_code=True)
     m16 = st.SentenceTransformer(path16, trust_remote_code=True)
     assert m16[0].model.dtype == torch.bfloat16
     for side in ("query", "document"):
-        a = getattr(m32, f"encode_{side}")(x, convert_to_tensor=True, batch_size=len(x)).float()
+        a = fp32[0][side] if fp32 else getattr(m32, f"encode_{side}")(x, convert_to_tensor=True, batch_size=len(x))
+        a = a.float()
         b = getattr(m16, f"encode_{side}")(x, convert_to_tensor=True, batch_size=len(x)).float()
         cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
         assert cos.min() >= BF16_MIN_COSINE and (a - b).abs().max() <= BF16_MAX_ABS, (side, cos, (a - b).abs().max())
     del m32, m16
     pairs = [(st_input(*INPUTS[q]), st_input(*INPUTS[d])) for q, d in PAIRS]
-    s32 = st.CrossEncoder(path32, trust_remote_code=True).predict(pairs, convert_to_tensor=True).float()
+    s32 = fp32[1] if fp32 else st.CrossEncoder(path32, trust_remote_code=True).predict(
+        pairs, convert_to_tensor=True).float()
     s16 = st.CrossEncoder(path16, trust_remote_code=True).predict(pairs, convert_to_tensor=True).float()
     torch.testing.assert_close(s16, s32, rtol=0, atol=score_atol)
 
@@ -504,10 +518,10 @@ def test_width_real_qwen2_vl_2b(tmp_path, width_real_checkpoint):
               "w_qdm": 1.0, "match_prompt": "paper", "dtype": "float32"}
     save_rematch(model, processor, str(tmp_path / "ckpt"), config)
     export_merged(str(tmp_path / "ckpt"), str(tmp_path / "export"), dtype=torch.float32)
-    check_embedder(str(tmp_path / "export"), model, processor)
-    check_cross_encoder(str(tmp_path / "export"), model, processor, config)
+    vectors = check_embedder(str(tmp_path / "export"), model, processor)
+    scores = check_cross_encoder(str(tmp_path / "export"), model, processor, config)
     export_merged(str(tmp_path / "ckpt"), str(tmp_path / "bf16"))                 # the default: bf16
-    check_bf16(str(tmp_path / "export"), str(tmp_path / "bf16"), BF16_SCORE_ATOL["width-real"])
+    check_bf16(str(tmp_path / "export"), str(tmp_path / "bf16"), BF16_SCORE_ATOL["width-real"], (vectors, scores))
 
 
 # ----------------------------------------------------------------------------------
