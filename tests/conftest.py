@@ -1,5 +1,5 @@
-"""Shared test set-up: the repo root on sys.path, 2 threads, tiny backbones and width-real
-checkpoints built once per session; the two suites.
+"""Shared test set-up: the repo root on sys.path, 2 threads, tiny backbones, width-real
+checkpoints and the demo's benchmark built once per session; the two suites.
 
 `pytest` alone runs the proof of the paper: the tests marked `proof` (Eq. 1–5 against
 naive loops, Fig. 3's mask, the one-pass claim, M-RoPE positions, App. S7's templates with
@@ -52,6 +52,14 @@ def width_real_checkpoint(tmp_path_factory):
         return width_real.write_checkpoint(preset, folder / preset, num_layers=num_layers,
                                            vision_depth=vision_depth, seed=0)
     return write
+
+
+@pytest.fixture(scope="session")
+def demo_benchmark(tmp_path_factory):
+    """make_synthetic(seed=0) at its default size (the demo's benchmark), written once per
+    session and read by every module that uses it as is; callers must not write into it."""
+    from demo import make_synthetic
+    return make_synthetic(str(tmp_path_factory.getbasetemp() / "shared_demo_data"), seed=0)
 
 
 def shape_image(colour, size=56, shape="circle", background="white"):

@@ -62,8 +62,8 @@ def test_tiny_vocabulary_fingerprint(processor):
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    return make_synthetic(str(tmp_path_factory.mktemp("synthetic")), seed=0)
+def synthetic(demo_benchmark):
+    return demo_benchmark                   # make_synthetic(seed=0), the session's (conftest)
 
 
 def table_rows(path):

@@ -75,11 +75,10 @@ def assert_equals_fresh(enc, docs, out, fresh, **kw):
 
 
 @pytest.fixture(scope="module")
-def demo_ckpt(tmp_path_factory):
+def demo_ckpt(tmp_path_factory, demo_benchmark):
     """A few steps of training on the demo's data (no evaluation): checkpoint, eval dir, images."""
-    from demo import make_synthetic
     root = tmp_path_factory.mktemp("demo")
-    paths = make_synthetic(str(root / "data"), seed=0)
+    paths = demo_benchmark                  # make_synthetic(seed=0), the session's (conftest)
     out = str(root / "run")
     train.main(["--train_data", paths["train"], "--image_dir", paths["image_dir"], "--model", "tiny-qwen2-vl",
                 "--steps", "3", "--batch_size", "8", "--num_tokens", "4", "--lr", "1e-3", "--warmup_steps", "1",

@@ -579,19 +579,18 @@ def test_vllm_client_pools_the_side_tokens(exported, monkeypatch):
 # ----------------------------------------------------------------------------------
 # bench/serving.py and bench/vllm_parity.py
 
-def test_bench_serving_matches_the_repository(tmp_path):
+def test_bench_serving_matches_the_repository(tmp_path, demo_benchmark):
     """On a checkpoint trained a few steps on the demo's data: Hit@1 before and after
     reranking through SentenceTransformer + CrossEncoder == evaluate + tools/rerank.py,
     task by task (the bench's side-by-side columns)."""
     import train
     from bench import serving
-    from demo import make_synthetic
-    paths = make_synthetic(str(tmp_path / "data"), seed=0)
+    paths = demo_benchmark                  # make_synthetic(seed=0), the session's (conftest)
     train.main(["--train_data", paths["train"], "--image_dir", paths["image_dir"], "--model", "tiny-qwen2-vl",
                 "--steps", "3", "--batch_size", "8", "--num_tokens", "4", "--lr", "1e-3", "--warmup_steps", "1",
                 "--num_workers", "0", "--out_dir", str(tmp_path / "run"), "--log_every", "10"])
     rows, cost = serving.main(["--checkpoint", str(tmp_path / "run" / "checkpoint-3"), "--data",
-                               str(tmp_path / "data"), "--tasks", "ShapesColour", "ShapesVQA", "--queries", "12",
+                               paths["root"], "--tasks", "ShapesColour", "ShapesVQA", "--queries", "12",
                                "--reps", "1", "--timed_queries", "2"])
     for task, repo_before, st_before, repo_after, st_after in rows:
         assert (st_before, st_after) == (repo_before, repo_after), task
