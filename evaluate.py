@@ -836,10 +836,8 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
                    help="task table: mmeb = the 36 MMEB tasks, synthetic = demo.make_synthetic's eval split, "
                         "mmeb-v2 = MMEB-V2's leaderboard (not the paper's: image via --mmeb_dir, "
                         "visual documents via --visdoc_dir, video via --video_dir; tools/mmeb_v2.py)")
-    p.add_argument("--visdoc_dir", default=None, help="--benchmark mmeb-v2: one folder per visual-document "
-                   "task, a copy of its hub dataset in the BEIR layout (tools/mmeb_v2.py)")
-    p.add_argument("--video_dir", default=None, help="--benchmark mmeb-v2: one folder per video task, its "
-                   "hub dataset and frames/ (its released frame folders; util/benchmarks.py)")
+    from tools.mmeb_v2 import add_flags                         # --visdoc_dir, --video_dir, --v2_target_instructions
+    add_flags(p)
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the benchmark's tasks (default: all)")
     p.add_argument("--task_table", default=None, help="JSON {task: [meta_task, is_ind]}: the task "
                    "table of any other benchmark in the MMEB file format (replaces --benchmark)")
@@ -886,16 +884,7 @@ def main(argv=None, args=None, extras=None):
     out = {}
     if args.benchmark == "mmeb-v2":                             # not the paper's protocol
         from tools import mmeb_v2
-        tasks = args.tasks or []
-        out["mmeb_v2"] = mmeb_v2.mmeb_v2_report(
-            model, processor, args.mmeb_dir, args.image_dir, args.visdoc_dir, config, args.batch_size,
-            args.out, not args.no_progress, name,
-            image_tasks=[t for t in tasks if t in MMEB_EVAL_TASKS] if tasks else None,
-            visdoc_tasks=[t for t in tasks if t not in MMEB_EVAL_TASKS and t not in mmeb_v2.VIDEO_TASKS] if tasks else None,
-            video_tasks=[t for t in tasks if t in mmeb_v2.VIDEO_TASKS] if tasks else None,
-            skip_missing=args.skip_missing, data_revision=args.data_revision,
-            max_text_tokens=args.max_text_tokens, video_dir=args.video_dir)
-        print0("\n" + mmeb_v2.format_v2_table(out["mmeb_v2"], name=name))
+        out["mmeb_v2"] = mmeb_v2.run_cli(args, model, processor, config, name)   # prints its table
     elif args.mmeb_dir:
         known = args.task_table_entries if args.task_table else benchmarks()[args.benchmark]
         table = task_table(args.tasks, known)

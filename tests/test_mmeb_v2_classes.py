@@ -113,7 +113,7 @@ def test_the_score_names_the_pool_ranked_against(tmp_path, monkeypatch):
     monkeypatch.setattr(mmeb_v2.ev, "embed_inputs", embed)
     scores, ranking = mmeb_v2.eval_video_task(None, None, str(tmp_path), "Breakfast")
     assert scores == {"hit@1": pytest.approx(2 / 3), "num_pred": 3, "num_data": 3, "num_cands": 10,
-                      "class_pool": "tools/mmeb_v2_classes/Breakfast.txt",
+                      "candidate_text": "harness", "class_pool": "tools/mmeb_v2_classes/Breakfast.txt",
                       "class_pool_sha256": sha256(shipped("Breakfast"))}
     assert [p["top"][0] for p in ranking] == ["tea", "pancake", "tea"]
     with open(os.path.join(d, "classes.txt"), "w") as f:

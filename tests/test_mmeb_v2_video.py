@@ -11,12 +11,16 @@ fixture folders: the task's rows (jsonl or parquet) and frames/ of frame folders
   - end to end through evaluate.py --benchmark mmeb-v2 --video_dir on synthetic clip tasks
     (coloured shapes per video): a global text-to-video task, a local classification task
     and a moment-retrieval task; each Hit@1 == a naive loop that embeds every item alone;
-    the report's video group counts and a restart that reuses the finished tasks.
+    the report's video group counts and a restart that reuses the finished tasks;
+  - text candidates: the harness's raw text by default, the checkpoint's target
+    instructions only with --v2_target_instructions (video and image tasks), recorded per
+    task; a restart does not reuse a score of the other choice.
 
     pytest tests/test_mmeb_v2_video.py
 """
 import json
 import os
+import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,7 +30,7 @@ import torch
 import evaluate as ev
 from conftest import shape_image
 from tools import mmeb_v2
-from util.benchmarks import MVBENCH_SUBSETS, V_QA_PROMPT, read_video_task
+from util.benchmarks import MVBENCH_SUBSETS, V_QA_PROMPT, V_TARGET, read_video_task
 from util.video import Clip
 
 COLOURS = ("red", "green", "blue", "yellow")
@@ -308,3 +312,117 @@ def test_evaluate_mmeb_v2_on_synthetic_clip_tasks(tmp_path):
         ("V-MRET", "VLM2Vec/QVHighlight", "test", None)
     again = ev.main(args)["mmeb_v2"]                              # a restart reuses the finished tasks
     assert again["video"] == res["video"]
+
+
+# ----------------------------------------------------------------------------------
+# Text candidates: the harness's raw text unless --v2_target_instructions
+
+def capture(monkeypatch):
+    """ev.embed_inputs → a fixed random vector per input; `seen` collects every input."""
+    seen = []
+
+    def embed(model, processor, inputs, *a, **k):
+        seen.extend(inputs)
+        return torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(
+            zlib.crc32(repr(x).encode()))) for x in inputs])
+    monkeypatch.setattr(mmeb_v2.ev, "embed_inputs", embed)
+    return seen
+
+
+def two_tasks(root):
+    """SmthSmthV2 (V-CLS: label candidates) and ActivityNetQA (V-QA: yes / no) of one row
+    each, MSR-VTT (V-RET: clip candidates)."""
+    task_dir(root, "SmthSmthV2", [{"video_id": "s0", "pos_text": "a red thing",
+                                   "neg_text": ["a red thing", "a blue thing"]}], [("s0", "red")])
+    task_dir(root, "ActivityNetQA", [{"question": "is it red", "video_name": "a0", "answer": "yes"}], [("v_a0", "red")])
+    task_dir(root, "MSR-VTT", [{"video_id": "v0", "caption": "a red shape"}, {"video_id": "v1", "caption": "blue"}],
+             [("v0", "red"), ("v1", "blue")], "test_1k")
+
+
+def test_text_candidates_are_the_harness_text_unless_asked(tmp_path, monkeypatch):
+    """A checkpoint trained with target instructions: its V-CLS / V-QA candidates are embedded
+    as the harness writes them (the label, "yes"); with target_instructions they get the
+    checkpoint's instruction (data.with_target_instruction, by meta-task); clip candidates
+    are the same either way. Each score names the text it used."""
+    root = str(tmp_path)
+    two_tasks(root)
+    seen, config = capture(monkeypatch), {"target_instructions": True}
+    want = {("SmthSmthV2", False): ["a red thing", "a blue thing"], ("ActivityNetQA", False): ["yes", "no"],
+            ("SmthSmthV2", True): ["Represent the class label: a red thing", "Represent the class label: a blue thing"],
+            ("ActivityNetQA", True): ["Represent the answer to a question about an image: yes",
+                                      "Represent the answer to a question about an image: no"]}
+    for (task, flag), texts in want.items():
+        seen.clear()
+        scores, _ = mmeb_v2.eval_video_task(None, None, root, task, config, target_instructions=flag)
+        assert [t for side, t, _ in seen if side == "d"] == texts, (task, flag)
+        assert scores["candidate_text"] == ("target_instructions" if flag else "harness")
+    for flag in (False, True):
+        seen.clear()
+        scores, _ = mmeb_v2.eval_video_task(None, None, root, "MSR-VTT", config, target_instructions=flag)
+        assert {t for side, t, _ in seen if side == "d"} == {V_TARGET}
+        assert scores["candidate_text"] == "harness"
+    with pytest.raises(ValueError, match="--v2_target_instructions: this checkpoint has no target instructions"):
+        mmeb_v2.eval_video_task(None, None, root, "SmthSmthV2", {}, target_instructions=True)
+
+
+def test_a_restart_does_not_reuse_a_score_of_the_other_candidate_text(tmp_path, monkeypatch, capsys):
+    root, out = tmp_path / "video", tmp_path / "eval"
+    two_tasks(str(root))
+    capture(monkeypatch)
+    model = torch.nn.Linear(2, 2)
+    torch.nn.init.ones_(model.weight), torch.nn.init.zeros_(model.bias)
+    config = {"target_instructions": True}
+
+    def run(flag, tasks=("SmthSmthV2", "MSR-VTT")):
+        capsys.readouterr()
+        res = mmeb_v2.mmeb_v2_report(model, None, config=config, out_dir=str(out), progress=False, image_tasks=[],
+                                     visdoc_tasks=[], video_dir=str(root), video_tasks=list(tasks),
+                                     target_instructions=flag)
+        return res, capsys.readouterr().out
+    res, _ = run(False)
+    record = json.loads((out / "mmeb_v2" / "SmthSmthV2.json").read_text())
+    assert record["candidate_text"] == record["scores"]["candidate_text"] == "harness"
+    results = json.loads((out / "mmeb_v2_results.json").read_text())
+    assert results["candidate_text"] == {"SmthSmthV2": "harness", "MSR-VTT": "harness"}
+    assert "text candidates: the harness's (raw labels, options and text targets)" in mmeb_v2.format_v2_table(res)
+    res, said = run(True)
+    assert "SmthSmthV2: finished earlier, scored again: candidate text harness → target_instructions " \
+           "(--v2_target_instructions)" in said
+    assert "MSR-VTT: Hit@1" in said and "MSR-VTT: finished earlier, scored again" not in said   # clips: same text
+    assert "target instructions (--v2_target_instructions) on 1 task(s), not the harness's raw text: SmthSmthV2" \
+        in mmeb_v2.format_v2_table(res)
+    assert "(finished earlier, skipped)" in run(True)[1]
+    path = out / "mmeb_v2" / "SmthSmthV2.json"
+    old = json.loads(path.read_text())
+    del old["candidate_text"], old["scores"]["candidate_text"]       # a record from before the choice was kept
+    path.write_text(json.dumps(old))          # config target_instructions: the old rule used them
+    said = run(True)[1]
+    assert "SmthSmthV2: Hit@1" in said and "(finished earlier, skipped)" in said
+    assert "SmthSmthV2: finished earlier, scored again: candidate text target_instructions → harness" in run(False)[1]
+
+
+def test_image_tasks_take_the_harness_text_unless_asked(monkeypatch, capsys):
+    """The image tasks run through evaluate.mmeb_report with the checkpoint's target
+    instructions off (and the choice in the config they record) unless asked; a raw
+    backbone's config is passed as it is. The flag belongs to --benchmark mmeb-v2."""
+    passed = []
+
+    def fake(model, processor, mmeb_dir, image_dir, table, config, *a, **k):
+        passed.append(config)
+        return {"hit@1": dict.fromkeys(table, 0.5)}
+    monkeypatch.setattr(mmeb_v2.ev, "mmeb_report", fake)
+    model = torch.nn.Linear(2, 2)
+    for config, flag, want in (({"target_instructions": True}, False,
+                                {"target_instructions": False, "mmeb_v2_candidate_text": "harness"}),
+                               ({"target_instructions": True}, True, {"target_instructions": True}),
+                               ({}, False, {})):
+        res = mmeb_v2.mmeb_v2_report(model, None, "mmeb", "images", config=config, progress=False,
+                                     image_tasks=["ImageNet-1K"], visdoc_tasks=[], video_tasks=[],
+                                     target_instructions=flag)
+        assert passed.pop() == want and res["image"] == {"ImageNet-1K": 0.5}
+        assert res["candidate_text"] == {"ImageNet-1K": "target_instructions" if flag else "harness"}
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--model", "m", "--mmeb_dir", "d", "--image_dir", "i", "--v2_target_instructions"])
+    assert "--v2_target_instructions is MMEB-V2's: add --benchmark mmeb-v2" in capsys.readouterr().err
+    args = ev.parse_args(["--model", "m", "--benchmark", "mmeb-v2", "--video_dir", "v", "--v2_target_instructions"])
+    assert args.v2_target_instructions and args.video_dir == "v"

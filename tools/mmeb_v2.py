@@ -21,6 +21,9 @@ written last: the marker a restart reads). A restart reuses a finished task only
 data are the ones scored: the revision, the digest of the task folder's files (data_digest)
 and, for classification, the class pool's digest; otherwise it scores the task again and
 says why. File names are the task names made safe (util/run.safe_name).
+Text candidates (class labels, QA options, image tasks' text targets) are the harness's raw
+text; --v2_target_instructions puts the checkpoint's target instructions before them, as its
+MMEB v1 evaluation does, and each task records which (candidate_text).
 How this reads the harness where it is open (ties, grades, instructions): docs/readings.md §10.
 
     python evaluate.py --model CKPT --benchmark mmeb-v2 --mmeb_dir MMEB-eval --image_dir eval_images \\
@@ -90,6 +93,28 @@ MODALITIES = {"image": ("hit@1", ("I-CLS", "I-QA", "I-RET", "I-VG")),
 VISDOC_QUERY = "Find a document image that matches the given query: {}"
 VISDOC_DOCUMENT = "<|image_1|> Understand the content of the provided document image."
 KS = (1, 5, 10)
+
+# The text of a text-only candidate (a class label, a QA option, an MMEB image task's text
+# target): the harness's, as the data gives it, by default; the checkpoint's target
+# instruction before it ("Represent the class label: ...") with --v2_target_instructions.
+# Page and clip candidates carry the harness's fixed instruction either way.
+HARNESS_TEXT, TARGET_TEXT = "harness", "target_instructions"
+
+
+def candidate_text(kind, task, target_instructions):
+    """Which text a task's candidates get: TARGET_TEXT only where the choice applies (image
+    tasks, the text candidates of V-CLS and V-QA) and target_instructions is set; else
+    HARNESS_TEXT."""
+    applies = kind == "image" or (kind == "video" and VIDEO_TASKS.get(task) in ("V-CLS", "V-QA"))
+    return TARGET_TEXT if target_instructions and applies else HARNESS_TEXT
+
+
+def check_target_instructions(config, target_instructions):
+    """--v2_target_instructions needs a checkpoint trained with target instructions
+    (config "target_instructions"); ValueError naming the flag otherwise."""
+    if target_instructions and not (config or {}).get("target_instructions"):
+        raise ValueError("--v2_target_instructions: this checkpoint has no target instructions (its config's "
+                         "target_instructions is not set), so there is none to put before MMEB-V2's candidates")
 
 
 def visdoc_table(tasks=None):
@@ -191,12 +216,14 @@ def task_state(folder, task, kind):
 
 
 def changes(saved, now):
-    """Why a finished task's record does not hold for its data now (task_state): a list of
-    reasons, empty when it holds. A record without a data digest (written before they were
-    kept) does not hold."""
+    """Why a finished task's record does not hold for its data and candidate text now
+    (task_state, with "candidate_text" added): a list of reasons, empty when it holds. A
+    record without a data digest (written before they were kept) does not hold; one without
+    candidate_text was written when V-CLS / V-QA candidates took the checkpoint's target
+    instructions whenever its config had them (so that is what it used)."""
     if "data_sha256" not in saved:
         return ["its record has no data digest (written before digests were kept)"]
-    why = []
+    why = text_change(saved, now.get("candidate_text"))
     if saved.get("revision") != now["revision"]:
         why.append(f"data revision {saved.get('revision')} → {now['revision']}")
     if saved["data_sha256"] != now["data_sha256"]:
@@ -271,22 +298,25 @@ def eval_visdoc_task(model, processor, root, task, split="test", language=None, 
     out, top = ev.graded_ranking(scores, grades, KS, return_top=True)   # top: (nq, 10) indices
     ranking = [{"query-id": qid, "top": [corpus[j][0] for j in t], "grades": qrels[qid]}
                for (qid, _), t in zip(queries, top.tolist())]
-    return {**out, "num_pred": len(queries), "num_data": len(queries), "num_docs": len(corpus)}, ranking
+    return {**out, "num_pred": len(queries), "num_data": len(queries), "num_docs": len(corpus),
+            "candidate_text": HARNESS_TEXT}, ranking
 
 
 def eval_video_task(model, processor, root, task, config=None, batch_size=16, progress=False,
-                    max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS):
+                    max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS, target_instructions=False):
     """One video task (util/benchmarks.read_video_task): every distinct query and candidate
     embedded once; each query ranked against its own candidates (local) or the task's whole
     pool (global). Hit@1 is tie-safe: a query is a hit iff some correct candidate scores
-    strictly above every other one. Text-only candidates of V-CLS / V-QA get the checkpoint's
-    target instruction when it trained with them (as MMEB's do). Returns (scores {hit@1,
-    num_pred, num_data, num_cands, and for K700 / UCF101 / HMDB51 / Breakfast class_pool and
-    class_pool_sha256: the class list ranked against (util/benchmarks.class_pool_record)},
-    ranking [{query, top: [name] (10), labels}])."""
+    strictly above every other one. Text-only candidates of V-CLS / V-QA are the harness's
+    raw text; with target_instructions (--v2_target_instructions) the checkpoint's target
+    instruction goes before them (check_target_instructions). Returns (scores {hit@1,
+    num_pred, num_data, num_cands, candidate_text (candidate_text), and for K700 / UCF101 /
+    HMDB51 / Breakfast class_pool and class_pool_sha256: the class list ranked against
+    (util/benchmarks.class_pool_record)}, ranking [{query, top: [name] (10), labels}])."""
+    check_target_instructions(config, target_instructions)
     queries, cands, _ = read_video_task(root, task)
     pool = class_pool_record(os.path.join(root, task), task) if task in V_CLS else {}
-    target = ev._target_instruction_fn(config)
+    target = ev._target_instruction_fn(config) if target_instructions else None
     meta = {"V-CLS": "Classification", "V-QA": "VQA"}.get(VIDEO_TASKS.get(task))
     names = list(cands)
     inputs = [("q", text, visual) for text, visual, _, _ in queries] + \
@@ -306,34 +336,49 @@ def eval_video_task(model, processor, root, task, config=None, batch_size=16, pr
         order = sorted(range(len(idx)), key=lambda j: (-sl[j], lab[j]))  # ties: label last
         ranking.append({"query": text, "top": [names[idx[j]] for j in order[:10]], "labels": list(labels)})
     return {"hit@1": hits / len(queries), "num_pred": len(queries), "num_data": len(queries),
-            "num_cands": len(names), **pool}, ranking
+            "num_cands": len(names), "candidate_text": candidate_text("video", task, target_instructions),
+            **pool}, ranking
 
 
-def _still_valid(kind, table, root, config, weights, out_dir):
-    """The finished tasks of an earlier run (load_finished) whose data are still the ones
-    scored (task_state, changes); each other one is printed with why it is scored again.
-    Without a root (no --visdoc_dir / --video_dir) a finished task is kept, unchecked."""
+def text_change(saved, text):
+    """[why] when a finished task's record used another candidate text than `text`, else [].
+    A record without candidate_text used the checkpoint's target instructions on V-CLS /
+    V-QA candidates whenever its config had them (the rule before the choice was kept)."""
+    task = saved.get("task")
+    kind = "video" if task in VIDEO_TASKS else "visdoc"          # names never shared (check_file_names)
+    used = saved.get("candidate_text") or candidate_text(
+        kind, task, bool((saved.get("config") or {}).get("target_instructions")))
+    return [] if text is None or used == text else [f"candidate text {used} → {text} (--v2_target_instructions)"]
+
+
+def _still_valid(kind, table, root, config, weights, out_dir, target_instructions=False):
+    """The finished tasks of an earlier run (load_finished) whose data and candidate text are
+    still the ones scored (task_state, changes); each other one is printed with why it is
+    scored again. Without a root (no --visdoc_dir / --video_dir) a finished task is kept
+    when its candidate text is the one asked for, its data unchecked."""
     finished = load_finished(out_dir, "mmeb_v2", table, config, weights)
     for task in list(finished):
         folder = os.path.join(root, task) if root else None
+        text = candidate_text(kind, task, target_instructions)
         if folder is None:
-            continue
-        why = changes(finished[task], task_state(folder, task, kind)) if os.path.isdir(folder) else \
-            [f"no folder {folder} to check it against"]
+            why = text_change(finished[task], text)
+        else:
+            why = changes(finished[task], {**task_state(folder, task, kind), "candidate_text": text}) \
+                if os.path.isdir(folder) else [f"no folder {folder} to check it against"]
         if why:
             print0(f"{task}: finished earlier, scored again: {'; '.join(why)}")
             del finished[task]
     return finished
 
 
-def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, flag, say):
+def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, flag, say, target_instructions=False):
     """Run each task of `table` whose folder is under `root` (`run(task, spec)` → (scores,
-    ranking)), reusing the ones finished earlier on the same data (_still_valid); a missing
-    folder is an error unless skip_missing. Returns ({task: scores or None}, {task: why
-    missing})."""
+    ranking)), reusing the ones finished earlier on the same data and candidate text
+    (_still_valid); a missing folder is an error unless skip_missing. Returns ({task: scores
+    or None}, {task: why missing})."""
     rank, _ = rank_world()
     weights = weights_fingerprint(model)
-    finished = broadcast_object(_still_valid(kind, table, root, config, weights, out_dir)
+    finished = broadcast_object(_still_valid(kind, table, root, config, weights, out_dir, target_instructions)
                                 if rank == 0 else None)              # every rank skips the same tasks
     results, missing = {}, {}
     for task, spec in table.items():
@@ -350,7 +395,8 @@ def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, fla
                 raise FileNotFoundError(f"MMEB-V2 task {task}: {why}; pass --skip_missing to report it as missing")
             results[task], missing[task] = None, why
             continue
-        state = task_state(folder, task, kind) if rank == 0 and out_dir else None   # the data scored
+        state = {**task_state(folder, task, kind), "candidate_text": candidate_text(kind, task, target_instructions)} \
+            if rank == 0 and out_dir else None                       # the data and candidate text scored
         results[task], ranking = run(task, spec)
         print0(f"{task}: {say(results[task])}")
         if rank == 0 and out_dir:
@@ -365,20 +411,28 @@ def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, fla
 def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=None, config=None,
                    batch_size=16, out_dir=None, progress=True, name=None, image_tasks=None,
                    visdoc_tasks=None, skip_missing=False, data_revision=None,
-                   max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS, video_dir=None, video_tasks=None):
+                   max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS, video_dir=None, video_tasks=None,
+                   target_instructions=False):
     """
     {"image": {task: Hit@1 or None}, "visdoc": {task: scores or None}, "video": {task:
     scores or None}, "missing": {task: why}}. Image tasks through evaluate.mmeb_report (its
     resume and checks); visdoc tasks under visdoc_dir, video tasks under video_dir (a task
     folder that is absent is missing: an error unless skip_missing). out_dir: per-task
     files (reused on restart with the same config and weights), mmeb_v2_results.json / .md.
+    Text candidates are the harness's unless target_instructions (candidate_text): the image
+    tasks then run with the checkpoint's config as MMEB v1 does, else with its
+    target_instructions off and "mmeb_v2_candidate_text" in the config they record (an
+    MMEB v1 record in the same out_dir is not reused for them: mmeb_report refuses it).
     """
+    check_target_instructions(config, target_instructions)
     config = dict(config or {}, **({"data_revision": data_revision} if data_revision else {}))
     rank, _ = rank_world()
     missing, image = {}, {}
     itable = ev.task_table(image_tasks, MMEB_EVAL_TASKS)
+    iconfig = config if target_instructions or not config.get("target_instructions") else \
+        dict(config, target_instructions=False, mmeb_v2_candidate_text=HARNESS_TEXT)
     if mmeb_dir:
-        image = ev.mmeb_report(model, processor, mmeb_dir, image_dir, itable, config, batch_size, out_dir,
+        image = ev.mmeb_report(model, processor, mmeb_dir, image_dir, itable, iconfig, batch_size, out_dir,
                                skip_missing, progress, name, data_revision=data_revision,
                                max_text_tokens=max_text_tokens)["hit@1"]
     else:
@@ -398,13 +452,16 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
     video, why = _run_tasks(
         "video", ttable, video_dir,
         lambda task, spec: eval_video_task(model, processor, video_dir, task, config, batch_size, progress,
-                                           max_text_tokens),
+                                           max_text_tokens, target_instructions),
         model, config, out_dir, skip_missing, "--video_dir",
-        lambda r: f"Hit@1 {100 * r['hit@1']:.1f} ({r['num_data']} queries, {r.get('num_cands', '?')} candidates)")
+        lambda r: f"Hit@1 {100 * r['hit@1']:.1f} ({r['num_data']} queries, {r.get('num_cands', '?')} candidates)",
+        target_instructions)
     missing.update(why)
     missing.update({t: "not requested (--tasks)" for t in [*MMEB_EVAL_TASKS, *VISDOC_TASKS, *VIDEO_TASKS]
                     if t not in itable and t not in vtable and t not in ttable})
-    results = {"image": image, "visdoc": visdoc, "video": video, "missing": missing}
+    text = {t: candidate_text(kind, t, target_instructions)
+            for kind, table in (("image", itable), ("visdoc", vtable), ("video", ttable)) for t in table}
+    results = {"image": image, "visdoc": visdoc, "video": video, "missing": missing, "candidate_text": text}
     if rank == 0 and out_dir:
         write_json(os.path.join(out_dir, "mmeb_v2_results.json"), {
             "name": name or config.get("model"), "config": config, "summary": summarize_v2(results),
@@ -417,6 +474,36 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
             **results})
         write_atomic(os.path.join(out_dir, "mmeb_v2_results.md"), format_v2_table(results, name, markdown=True))
     return results
+
+
+def add_flags(p):
+    """evaluate.py's MMEB-V2 flags (used with --benchmark mmeb-v2; util/inputs.check_eval_flags)."""
+    p.add_argument("--visdoc_dir", default=None, help="--benchmark mmeb-v2: one folder per visual-document "
+                   "task, a copy of its hub dataset in the BEIR layout (tools/mmeb_v2.py)")
+    p.add_argument("--video_dir", default=None, help="--benchmark mmeb-v2: one folder per video task, its "
+                   "hub dataset and frames/ (its released frame folders; util/benchmarks.py)")
+    p.add_argument("--v2_target_instructions", action="store_true",
+                   help="--benchmark mmeb-v2: put the checkpoint's target instructions before MMEB-V2's text "
+                        "candidates (class labels, QA options, image tasks' text targets), as its MMEB v1 "
+                        "evaluation does; default: the harness's raw text. Recorded per task (candidate_text)")
+
+
+def run_cli(args, model, processor, config, name):
+    """evaluate.py --benchmark mmeb-v2: mmeb_v2_report over the flags' folders, --tasks split
+    by kind (a name that is neither an image nor a video task is a visdoc task); prints the
+    table and returns the results."""
+    tasks = args.tasks or []
+    out = mmeb_v2_report(
+        model, processor, args.mmeb_dir, args.image_dir, args.visdoc_dir, config, args.batch_size,
+        args.out, not args.no_progress, name,
+        image_tasks=[t for t in tasks if t in MMEB_EVAL_TASKS] if tasks else None,
+        visdoc_tasks=[t for t in tasks if t not in MMEB_EVAL_TASKS and t not in VIDEO_TASKS] if tasks else None,
+        video_tasks=[t for t in tasks if t in VIDEO_TASKS] if tasks else None,
+        skip_missing=args.skip_missing, data_revision=args.data_revision,
+        max_text_tokens=args.max_text_tokens, video_dir=args.video_dir,
+        target_instructions=args.v2_target_instructions)
+    print0("\n" + format_v2_table(out, name=name))
+    return out
 
 
 def _score(results, modality, task):
@@ -476,6 +563,11 @@ def format_v2_table(results, name=None, markdown=False):
         if task not in VISDOC_TASKS and v is not None:
             task_rows.append([task, "other (not in the means)", "ndcg_linear@5", f"{100 * v['ndcg_linear@5']:.1f}"])
     lines.append(ev.render_table(task_rows, markdown))
+    if "candidate_text" in results:                  # which text the text candidates were
+        target = sorted(t for t, v in results["candidate_text"].items() if v == TARGET_TEXT)
+        lines += ["", f"text candidates: the checkpoint's target instructions (--v2_target_instructions) on "
+                      f"{len(target)} task(s), not the harness's raw text: {', '.join(target)}"] if target else \
+            ["", "text candidates: the harness's (raw labels, options and text targets)"]
     if results["missing"]:
         by_reason = {}
         for t, why in results["missing"].items():

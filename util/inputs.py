@@ -597,6 +597,8 @@ def check_eval_flags(args, error):
               + (" or, with --benchmark mmeb-v2, --visdoc_dir / --video_dir" if hasattr(args, "visdoc_dir") else ""))
     if v2 and getattr(args, "benchmark", None) != "mmeb-v2":
         error(f"--{v2[0]} is MMEB-V2's: add --benchmark mmeb-v2")
+    if getattr(args, "v2_target_instructions", False) and args.benchmark != "mmeb-v2":
+        error("--v2_target_instructions is MMEB-V2's: add --benchmark mmeb-v2")
     if getattr(args, "benchmark", None) == "mmeb-v2" and args.task_table:
         error("--task_table replaces the task table of MMEB-format benchmarks, not MMEB-V2's")
     if args.mmeb_dir and not args.image_dir:
