@@ -459,3 +459,68 @@ def test_task_names_make_safe_file_names(tmp_path, stubbed):
         report(tmp_path, out, {"a/b": ("other", "x", "test", None), "a_b": ("other", "x", "test", None)}, stubbed)
     with pytest.raises(ValueError, match="MMEB-V2 tasks 'MSR-VTT' and 'MSR-VTT' would write the same files"):
         report(tmp_path, out, {"MSR-VTT": ("other", "x", "test", None)}, stubbed, video_tasks=["MSR-VTT"])
+
+
+# ----------------------------------------------------------------------------------
+# The data vintage on record
+
+def test_the_published_query_counts_and_hub_ids_on_record():
+    """The counts (num_data) of the harness's published score files (EXPECTED_QUERIES), a
+    few read by hand, every one of the 78 tasks with one; the video hub ids are the
+    harness's current ones (src/constant/dataset_hf_path.py)."""
+    from util.benchmarks import VIDEO_SOURCES
+    want = {"MVBench": 4000, "NExTQA": 8564, "YouCook2": 3179, "MomentSeeker": 1602, "Video-MME": 2700,
+            "Breakfast": 433, "ViDoSeek-page": 1142, "MMLongBench-page": 838, "ViDoRe_esg_reports_human_labeled_v2": 52,
+            "VisRAG_ChartQA": 63, "ImageNet-1K": 1000}
+    assert {t: mmeb_v2.EXPECTED_QUERIES[t] for t in want} == want
+    assert set(mmeb_v2.EXPECTED_QUERIES) == {*mmeb_v2.MMEB_EVAL_TASKS, *mmeb_v2.VISDOC_TASKS, *mmeb_v2.VIDEO_TASKS}
+    assert all(isinstance(n, int) and n > 0 for n in mmeb_v2.EXPECTED_QUERIES.values())
+    assert {t: VIDEO_SOURCES[t][:3] for t in ("MVBench", "Video-MME", "NExTQA", "EgoSchema", "YouCook2")} == {
+        "MVBench": ("VLM2Vec/MVBench", VIDEO_SOURCES["MVBench"][1], "train"),
+        "Video-MME": ("VLM2Vec/Video-MME", None, "test"), "NExTQA": ("VLM2Vec/NExTQA", "MC", "test"),
+        "EgoSchema": ("VLM2Vec/EgoSchema", "Subset", "test"), "YouCook2": ("lmms-lab/YouCook2", None, "val")}
+    assert mmeb_v2.VISDOC_TASKS["ViDoSeek-page"][1] == "VLM2Vec/ViDoSeek-page-fixed"
+    assert len(mmeb_v2.VISDOC_22) == 22 and "MMLongBench-page" not in mmeb_v2.VISDOC_22
+    assert mmeb_v2.count_note("MomentSeeker", 1602) == ""
+    assert mmeb_v2.count_note("MomentSeeker", 1800) == \
+        " [1800 queries here, 1602 in the published score files: another data vintage?]"
+
+
+def test_a_query_count_unlike_the_published_one_is_said_and_recorded(tmp_path, stubbed, capsys):
+    """ViDoRe_arxivqa with 5 queries (500 published): the note beside the score, the record's
+    expected_num_data / num_data_matches, the results' num_data, the table's line; on
+    restart too. A task outside the 78 has no count on record: no note."""
+    root, out = tmp_path / "visdoc", tmp_path / "eval"
+    synthetic_pages(str(root), "ViDoRe_arxivqa")
+    synthetic_pages(str(root), "ShapesPages")
+    table = {"ViDoRe_arxivqa": mmeb_v2.VISDOC_TASKS["ViDoRe_arxivqa"], "ShapesPages": ("other", "x", "test", None)}
+    res, _ = report(root, out, table, stubbed)
+    said = capsys.readouterr().out
+    note = " [5 queries here, 500 in the published score files: another data vintage?]"
+    assert f"(5 queries, 8 documents){note}\n" in said and "ShapesPages: NDCG@5" in said
+    assert said.count("another data vintage") == 1
+    record = json.loads((out / "mmeb_v2" / "ViDoRe_arxivqa.json").read_text())
+    assert (record["expected_num_data"], record["num_data_matches"], record["scores"]["num_data"]) == (500, False, 5)
+    other = json.loads((out / "mmeb_v2" / "ShapesPages.json").read_text())
+    assert (other["expected_num_data"], other["num_data_matches"]) == (None, None)
+    assert res["num_data"] == {"ViDoRe_arxivqa": [5, 500], "ShapesPages": [5, None]}
+    assert "query counts that differ from the published score files (here / published): ViDoRe_arxivqa 5 / 500" \
+        in mmeb_v2.format_v2_table(res)
+    res, _ = report(root, out, table, stubbed)
+    assert f"(finished earlier, skipped){note}" in capsys.readouterr().out
+
+
+def test_the_visdoc_mean_over_22_and_over_24():
+    """Visdoc scores: 0.5 on the 22, 1.0 on the two page sets → 24-set mean (22·0.5 + 2)/24 =
+    13/24, 22-set mean 0.5; both printed. With one of the 22 missing: 21 of 22."""
+    vis = {t: {"ndcg_linear@5": 1.0 if t in ("ViDoSeek-page", "MMLongBench-page") else 0.5}
+           for t in mmeb_v2.VISDOC_TASKS}
+    res = {"image": {}, "visdoc": vis, "video": {}, "missing": {}}
+    s = mmeb_v2.summarize_v2(res)
+    assert s["visdoc"] == (pytest.approx(13 / 24), 24, 24) and s["visdoc-22"] == (pytest.approx(0.5), 22, 22)
+    assert "visdoc over 22 sets (the 24 without ViDoSeek-page and MMLongBench-page, as the harness's newest " \
+           "visdoc comparisons): 50.0 (22/22); over the 24: 54.2 (24/24)" in mmeb_v2.format_v2_table(res)
+    vis["ViDoRe_arxivqa"] = None
+    s = mmeb_v2.summarize_v2(res)
+    assert s["visdoc-22"] == (pytest.approx(0.5), 21, 22) and s["visdoc"][1:] == (23, 24)
+    assert "50.0* (21/22)" in mmeb_v2.format_v2_table(res)

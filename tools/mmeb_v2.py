@@ -13,9 +13,11 @@ it is. MMEB-V2 has 78 tasks in three groups, each with the leaderboard's metric:
                against its own candidates or the task's whole pool as the harness does, Hit@1
 
 The group means and the overall mean are over the tasks that ran, each printed with its
-task count and metric; missing tasks are named. Per task, a score file with the reference
-harness's names (<out>/mmeb_v2/<Task>_score.json: hit@1, ndcg_linear@5, recall@5, ...,
-num_pred, num_data) and a ranking file (<Task>_pred.jsonl: the top 10 corpus ids per query
+task count and metric; missing tasks are named; the visdoc mean also over the 22 sets of the
+harness's newest comparisons (VISDOC_22). Each task's query count is compared with the
+published one (EXPECTED_QUERIES); a difference is printed beside the score and recorded.
+Per task, a score file with the reference harness's names (<out>/mmeb_v2/<Task>_score.json:
+hit@1, ndcg_linear@5, recall@5, ..., num_pred, num_data) and a ranking file (<Task>_pred.jsonl: the top 10 corpus ids per query
 with the judged grades) for comparison with its outputs, then the task's record (<Task>.json,
 written last: the marker a restart reads). A restart reuses a finished task only when its
 data are the ones scored: the revision, the digest of the task folder's files (data_digest)
@@ -84,6 +86,49 @@ VIDEO_TASKS = {**dict.fromkeys(("K700", "SmthSmthV2", "HMDB51", "UCF101", "Break
                **dict.fromkeys(("MVBench", "Video-MME", "NExTQA", "EgoSchema", "ActivityNetQA"), "V-QA"),
                **dict.fromkeys(("DiDeMo", "MSR-VTT", "MSVD", "VATEX", "YouCook2"), "V-RET"),
                **dict.fromkeys(("QVHighlight", "Charades-STA", "MomentSeeker"), "V-MRET")}
+# The data vintage on record: each task's query count (num_data) in the harness's published
+# score files, TIGER-AI-Lab/VLM2Vec experiments/public/all_scores/v2.0.1/VLM2Vec-V2.0-Qwen2VL-2B.json
+# (report of 2025-08-15) and docs/mmebv2_reproduction/leaderboard/Qwen3-VL-Embedding-8B.json (the
+# leaderboard's file, 2026-01-06); the two agree on every task read in both. A run whose count
+# differs says so beside the score and in the task's record (count_note). None: no published
+# count found (none so far).
+EXPECTED_QUERIES = {
+    **dict.fromkeys(MMEB_EVAL_TASKS, 1000),                     # the 36 image tasks, 1000 rows each
+    "ViDoRe_arxivqa": 500, "ViDoRe_docvqa": 451, "ViDoRe_infovqa": 494, "ViDoRe_tabfquad": 280,
+    "ViDoRe_tatdqa": 1646, "ViDoRe_shiftproject": 100, "ViDoRe_syntheticDocQA_artificial_intelligence": 100,
+    "ViDoRe_syntheticDocQA_energy": 100, "ViDoRe_syntheticDocQA_government_reports": 100,
+    "ViDoRe_syntheticDocQA_healthcare_industry": 100,
+    "ViDoRe_esg_reports_human_labeled_v2": 52, "ViDoRe_biomedical_lectures_v2_multilingual": 640,
+    "ViDoRe_economics_reports_v2_multilingual": 232, "ViDoRe_esg_reports_v2_multilingual": 228,
+    "VisRAG_ArxivQA": 816, "VisRAG_ChartQA": 63, "VisRAG_MP-DocVQA": 591, "VisRAG_SlideVQA": 556,
+    "VisRAG_InfoVQA": 718, "VisRAG_PlotQA": 863,
+    "ViDoSeek-page": 1142, "ViDoSeek-doc": 1142,                # -page: the -fixed release (same count)
+    "MMLongBench-page": 838, "MMLongBench-doc": 838,
+    "K700": 1000, "SmthSmthV2": 1000, "HMDB51": 1000, "UCF101": 1000, "Breakfast": 433,
+    "MVBench": 4000, "Video-MME": 2700, "NExTQA": 8564, "EgoSchema": 500, "ActivityNetQA": 1000,
+    "DiDeMo": 1004, "MSR-VTT": 1000, "MSVD": 670, "VATEX": 4478, "YouCook2": 3179,
+    "QVHighlight": 1083, "Charades-STA": 727,
+    "MomentSeeker": 1602,                # since the 2025 de-duplication; 1,800 before (MomentSeeker_1k8)
+}
+# Vintages a count alone does not name (docs/readings.md §10), recorded with each source
+VINTAGE = {"MomentSeeker": "1,602 rows (VLM2Vec/MomentSeeker since its 2025 de-duplication; "
+                           "VLM2Vec/MomentSeeker_1k8 holds the 1,800 rows before)",
+           "ViDoSeek-page": "the -fixed release (VLM2Vec/ViDoSeek-page-fixed)",
+           "MMLongBench-page": "the -fixed release (VLM2Vec/MMLongBench-page-fixed)"}
+# The 22 visdoc sets of the harness's newest visdoc comparisons: the 24 without the two page
+# sets replaced by -fixed releases (docs/mmebv2_reproduction/README.md, "visdoc (22 of 24)";
+# results_qwen3vl8b.md, "(n=22)"). The report prints the 22-set mean beside the 24-set one.
+VISDOC_22 = tuple(t for t in VISDOC_TASKS if t not in ("ViDoSeek-page", "MMLongBench-page"))
+
+
+def count_note(task, n):
+    """"" when n queries is the published count of the task (or it has none on record), else
+    the difference in words: printed beside the score."""
+    want = EXPECTED_QUERIES.get(task)
+    return "" if want is None or n == want else \
+        f" [{n} queries here, {want} in the published score files: another data vintage?]"
+
+
 IMAGE_GROUP = {"Classification": "I-CLS", "VQA": "I-QA", "Retrieval": "I-RET", "Grounding": "I-VG"}
 MODALITIES = {"image": ("hit@1", ("I-CLS", "I-QA", "I-RET", "I-VG")),
               "video": ("hit@1", ("V-CLS", "V-QA", "V-RET", "V-MRET")),
@@ -387,7 +432,8 @@ def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, fla
         if task in finished:
             results[task] = finished[task]["scores"]
             print0(f"{task}: {say(results[task])} (finished earlier, skipped"
-                   + (f"; its data not checked: no {flag})" if folder is None else ")"))
+                   + (f"; its data not checked: no {flag})" if folder is None else ")")
+                   + count_note(task, results[task]["num_data"]))
             continue
         if folder is None or not os.path.isdir(folder):
             why = f"no {flag}" if folder is None else f"no folder {folder} (a copy of {source})"
@@ -398,13 +444,16 @@ def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, fla
         state = {**task_state(folder, task, kind), "candidate_text": candidate_text(kind, task, target_instructions)} \
             if rank == 0 and out_dir else None                       # the data and candidate text scored
         results[task], ranking = run(task, spec)
-        print0(f"{task}: {say(results[task])}")
+        n, want = results[task]["num_data"], EXPECTED_QUERIES.get(task)
+        print0(f"{task}: {say(results[task])}{count_note(task, n)}")
         if rank == 0 and out_dir:
             score_file, pred_file, record_file = task_files(out_dir, task)
             write_json(score_file, results[task])
             write_atomic(pred_file, "".join(json.dumps(r) + "\n" for r in ranking))
             write_json(record_file, {"task": task, "group": group, "source": source, "split": spec[2],
-                                     **state, "scores": results[task], "config": config, "weights": weights})
+                                     **state, "expected_num_data": want,       # the published count (or None)
+                                     "num_data_matches": None if want is None else n == want,
+                                     "scores": results[task], "config": config, "weights": weights})
     return results, missing
 
 
@@ -427,7 +476,7 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
     check_target_instructions(config, target_instructions)
     config = dict(config or {}, **({"data_revision": data_revision} if data_revision else {}))
     rank, _ = rank_world()
-    missing, image = {}, {}
+    missing, image, counts = {}, {}, {}                     # counts: {image task: queries}, from the records
     itable = ev.task_table(image_tasks, MMEB_EVAL_TASKS)
     iconfig = config if target_instructions or not config.get("target_instructions") else \
         dict(config, target_instructions=False, mmeb_v2_candidate_text=HARNESS_TEXT)
@@ -435,6 +484,11 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
         image = ev.mmeb_report(model, processor, mmeb_dir, image_dir, itable, iconfig, batch_size, out_dir,
                                skip_missing, progress, name, data_revision=data_revision,
                                max_text_tokens=max_text_tokens)["hit@1"]
+        for task in [t for t, v in image.items() if v is not None] if rank == 0 and out_dir else []:
+            with open(result_path(out_dir, "mmeb", task)) as f:   # mmeb_report's record: its query count
+                counts[task] = json.load(f)["num_queries"]
+            if count_note(task, counts[task]):
+                print0(f"{task}: Hit@1 {100 * image[task]:.1f}{count_note(task, counts[task])}")
     else:
         image = dict.fromkeys(itable)
     missing.update({t: "no --mmeb_dir" if not mmeb_dir else "missing (--skip_missing)"
@@ -461,15 +515,19 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
                     if t not in itable and t not in vtable and t not in ttable})
     text = {t: candidate_text(kind, t, target_instructions)
             for kind, table in (("image", itable), ("visdoc", vtable), ("video", ttable)) for t in table}
-    results = {"image": image, "visdoc": visdoc, "video": video, "missing": missing, "candidate_text": text}
+    counts.update({t: v["num_data"] for r in (visdoc, video) for t, v in r.items() if v is not None})
+    results = {"image": image, "visdoc": visdoc, "video": video, "missing": missing, "candidate_text": text,
+               "num_data": {t: [n, EXPECTED_QUERIES.get(t)] for t, n in counts.items()}}   # [here, published]
     if rank == 0 and out_dir:
         write_json(os.path.join(out_dir, "mmeb_v2_results.json"), {
             "name": name or config.get("model"), "config": config, "summary": summarize_v2(results),
             "visdoc_sources": {t: {"dataset": v[1], "split": v[2], "language": v[3],
-                                   "revision": revision_of(os.path.join(visdoc_dir, t)) if visdoc_dir else None}
+                                   "revision": revision_of(os.path.join(visdoc_dir, t)) if visdoc_dir else None,
+                                   **({"vintage": VINTAGE[t]} if t in VINTAGE else {})}
                                for t, v in vtable.items()},
             "video_sources": {t: {"dataset": v[0], "subset": v[1], "split": v[2], "ranking": v[3],
-                                  "revision": revision_of(os.path.join(video_dir, t)) if video_dir else None}
+                                  "revision": revision_of(os.path.join(video_dir, t)) if video_dir else None,
+                                  **({"vintage": VINTAGE[t]} if t in VINTAGE else {})}
                               for t, v in ttable.items()},
             **results})
         write_atomic(os.path.join(out_dir, "mmeb_v2_results.md"), format_v2_table(results, name, markdown=True))
@@ -521,8 +579,11 @@ def _groups_of(modality):
 
 def summarize_v2(results):
     """{group or modality or "Overall": (mean over the tasks that ran or None, tasks that ran,
-    tasks of the group)}: each mean over its own tasks, the overall over all tasks that ran."""
+    tasks of the group)}: each mean over its own tasks, the overall over all tasks that ran;
+    "visdoc-22" the visdoc mean over VISDOC_22 (in no other mean)."""
     out, every = {}, []
+    v22 = [v for t in VISDOC_22 if (v := _score(results, "visdoc", t)) is not None]
+    out["visdoc-22"] = (sum(v22) / len(v22) if v22 else None, len(v22), len(VISDOC_22))
     for modality, (_, groups) in MODALITIES.items():
         of = _groups_of(modality)
         ran = {t: v for t in of if (v := _score(results, modality, t)) is not None}
@@ -552,6 +613,14 @@ def format_v2_table(results, name=None, markdown=False):
     lines = [ev.render_table(rows, markdown)]
     if any(summary[k][1] < summary[k][2] for k in head[1:]):
         lines.append("* over the tasks that ran only (count below): not comparable with the leaderboard's mean")
+    if summary["visdoc-22"][1]:
+        lines.append(f"visdoc over 22 sets (the 24 without ViDoSeek-page and MMLongBench-page, as the harness's "
+                     f"newest visdoc comparisons): {cell('visdoc-22')} ({summary['visdoc-22'][1]}/22); "
+                     f"over the 24: {cell('visdoc')} ({summary['visdoc'][1]}/24)")
+    differ = {t: nw for t, nw in results.get("num_data", {}).items() if nw[1] is not None and nw[0] != nw[1]}
+    if differ:
+        lines.append("query counts that differ from the published score files (here / published): "
+                     + ", ".join(f"{t} {n} / {w}" for t, (n, w) in differ.items()))
     lines.append("")
     task_rows = [["task", "group", "metric", "score"]]
     for modality, (mt, _) in MODALITIES.items():

@@ -367,23 +367,27 @@ MVBENCH_SUBSETS = ("episodic_reasoning", "action_sequence", "action_prediction",
                    "object_shuffle", "moving_direction", "action_localization", "scene_transition",
                    "action_count", "moving_count", "moving_attribute", "state_change", "fine_grained_pose",
                    "character_order", "egocentric_navigation", "counterfactual_inference")
-# task → (hub dataset, subset, split, ranking, at most this many rows (the first ones))
+# task → (hub dataset, subset, split, ranking, at most this many rows (the first ones)). The hub
+# ids are the harness's current ones (src/constant/dataset_hf_path.py: the QA sets' VLM2Vec/*
+# mirrors, which replaced OpenGVLab/MVBench, lmms-lab/Video-MME, lmms-lab/NExTQA and
+# lmms-lab/egoschema; YouCook2 went the other way, VLM2Vec/YouCook2 → lmms-lab/YouCook2, "HF
+# version compatibility issue"). The query counts of the published scores: tools/mmeb_v2.py.
 VIDEO_SOURCES = {
     "K700": ("VLM2Vec/Kinetics-700", None, "test", "global", None),
     "SmthSmthV2": ("VLM2Vec/SmthSmthV2", None, "test", "local", 1000),
     "HMDB51": ("VLM2Vec/HMDB51", None, "test", "global", None),
     "UCF101": ("VLM2Vec/UCF101", None, "test", "global", None),
     "Breakfast": ("VLM2Vec/Breakfast", None, "test", "global", None),
-    "MVBench": ("OpenGVLab/MVBench", MVBENCH_SUBSETS, "train", "local", None),
-    "Video-MME": ("lmms-lab/Video-MME", None, "test", "local", None),
-    "NExTQA": ("lmms-lab/NExTQA", "MC", "test", "local", None),
-    "EgoSchema": ("lmms-lab/egoschema", "Subset", "test", "local", None),
+    "MVBench": ("VLM2Vec/MVBench", MVBENCH_SUBSETS, "train", "local", None),
+    "Video-MME": ("VLM2Vec/Video-MME", None, "test", "local", None),
+    "NExTQA": ("VLM2Vec/NExTQA", "MC", "test", "local", None),
+    "EgoSchema": ("VLM2Vec/EgoSchema", "Subset", "test", "local", None),
     "ActivityNetQA": ("VLM2Vec/ActivityNetQA", None, "test", "local", None),
     "DiDeMo": ("VLM2Vec/DiDeMo", None, "test", "global", None),
     "MSR-VTT": ("VLM2Vec/MSR-VTT", "test_1k", "test", "global", None),
     "MSVD": ("VLM2Vec/MSVD", None, "test", "global", None),
     "VATEX": ("VLM2Vec/VATEX", None, "test", "global", None),
-    "YouCook2": ("VLM2Vec/YouCook2", None, "val", "global", None),
+    "YouCook2": ("lmms-lab/YouCook2", None, "val", "global", None),
     "QVHighlight": ("VLM2Vec/QVHighlight", None, "test", "local", None),
     "Charades-STA": ("VLM2Vec/Charades-STA", None, "test", "local", None),
     "MomentSeeker": ("VLM2Vec/MomentSeeker", None, "test", "local", None),
