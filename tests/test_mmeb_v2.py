@@ -11,6 +11,10 @@ whole corpus, NDCG@5 with graded relevance (linear gain), Hit@1, Recall@k.
     evaluate.py --benchmark mmeb-v2: the score file == the metrics of Encoder's vectors,
     the report lists what is missing and never averages it; train.py --eval_visdoc_dir,
     its folders (and --eval_video_dir's) checked before training;
+  - the harness's NDCG pairing (list(set(labels)) zipped with the grades): a case worked
+    by hand where it differs, and its number recomputed from the saved ranking;
+  - the published query counts, a count that differs said and recorded, the visdoc mean
+    over 22 and 24 sets;
   - resume (embeddings stubbed): a finished task is reused only on the data it was scored
     on (revision, digest of the folder's files: a hand-computed digest), else scored again
     with the reason printed; the record is written last; file names made safe.
@@ -524,3 +528,52 @@ def test_the_visdoc_mean_over_22_and_over_24():
     s = mmeb_v2.summarize_v2(res)
     assert s["visdoc-22"] == (pytest.approx(0.5), 21, 22) and s["visdoc"][1:] == (23, 24)
     assert "50.0* (21/22)" in mmeb_v2.format_v2_table(res)
+
+
+# ----------------------------------------------------------------------------------
+# The harness's NDCG pairing (list(set(labels)) zipped with the grades in qrels order)
+
+def test_the_harness_pairing_by_hand():
+    """One query, pages 2 (grade 2) and 9 (grade 1) in qrels order, ranked 2, 9, 5.
+    Here: DCG = 2 + 1/log2(3) = IDCG → 1. The harness: list(set([2, 9])) is [9, 2] in
+    CPython (an int hashes to itself: 9 sits in slot 9 & 7 = 1, 2 in slot 2), zipped with
+    the grades [2, 1]: page 9 gets 2, page 2 gets 1 → DCG = 1 + 2/log2(3), the same IDCG."""
+    assert list(set([2, 9])) == [9, 2]
+    ranking = [{"query-id": "q", "top": ["2", "9", "5"], "grades": {"2": 2, "9": 1}}]
+    ours = ev.graded_ranking(torch.tensor([[0.9, 0.8, 0.1]]), torch.tensor([[2.0, 1.0, 0.0]]), (5,))
+    assert ours["ndcg_linear@5"] == pytest.approx(1.0)
+    theirs = (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3))             # 0.8597
+    assert mmeb_v2.harness_pairing_ndcg(ranking, ints=True) == pytest.approx(theirs)
+    as_str = mmeb_v2.harness_pairing_ndcg(ranking, ints=False)    # set order of "2", "9": PYTHONHASHSEED=0's
+    assert as_str in (pytest.approx(1.0), pytest.approx(theirs))
+    assert mmeb_v2.harness_set_orders([["2", "9"]] * 3) == [mmeb_v2.harness_set_orders([["2", "9"]])[0]] * 3
+    ranking.append({"query-id": "r", "top": ["5", "2"], "grades": {"2": 1}})       # one page: pairs right
+    assert mmeb_v2.harness_pairing_ndcg(ranking, ints=True) == pytest.approx((theirs + 1 / math.log2(3)) / 2)
+    same = [{"query-id": "q", "top": ["2", "9"], "grades": {"2": 1, "9": 1}}]      # equal grades: no difference
+    assert mmeb_v2.harness_pairing_ndcg(same, ints=True) == pytest.approx(1.0)
+    assert mmeb_v2.harness_pairing_ndcg(ranking[1:], ints=True) is None           # no query with several pages
+
+
+def test_the_harness_pairing_is_scored_from_the_saved_ranking(tmp_path, monkeypatch, capsys):
+    """A page task with int ids ranked 2, 9, 5 by stubbed vectors: the score file keeps both
+    NDCG@5s under their own names, recomputed from <Task>_pred.jsonl; the line and the
+    table print both."""
+    root, out = tmp_path / "visdoc", tmp_path / "eval"
+    write_visdoc(str(root), "ViDoRe_esg_reports_v2_multilingual",
+                 [{"query-id": 0, "query": "q"}],
+                 [{"corpus-id": c, "image": {"bytes": png(shape_image(k, 28)), "path": None}}
+                  for c, k in ((2, "red"), (9, "green"), (5, "blue"))],
+                 [{"query-id": 0, "corpus-id": 2, "score": 2}, {"query-id": 0, "corpus-id": 9, "score": 1}])
+    vectors = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])     # the query, pages 2, 9, 5
+    monkeypatch.setattr(mmeb_v2.ev, "embed_inputs", lambda model, processor, inputs, *a, **k: vectors)
+    res, _ = report(root, out, ["ViDoRe_esg_reports_v2_multilingual"], [])
+    score = json.loads((out / "mmeb_v2" / "ViDoRe_esg_reports_v2_multilingual_score.json").read_text())
+    theirs = (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3))
+    assert score["ndcg_linear@5"] == pytest.approx(1.0) and score["corpus_ids"] == "int"
+    assert score["ndcg_linear@5_harness_pairing"] == pytest.approx(theirs)
+    lines = [json.loads(x) for x in
+             (out / "mmeb_v2" / "ViDoRe_esg_reports_v2_multilingual_pred.jsonl").read_text().splitlines()]
+    assert lines == [{"query-id": "0", "top": ["2", "9", "5"], "grades": {"2": 2, "9": 1}}]
+    assert mmeb_v2.harness_pairing_ndcg(lines, ints=True) == pytest.approx(score["ndcg_linear@5_harness_pairing"])
+    assert "NDCG@5 (linear) 100.0 (the harness's label/grade pairing: 86.0), Hit@1 100.0" in capsys.readouterr().out
+    assert "ViDoRe_esg_reports_v2_multilingual 86.0 (here 100.0)" in mmeb_v2.format_v2_table(res)

@@ -17,9 +17,11 @@ task count and metric; missing tasks are named; the visdoc mean also over the 22
 harness's newest comparisons (VISDOC_22). Each task's query count is compared with the
 published one (EXPECTED_QUERIES); a difference is printed beside the score and recorded.
 Per task, a score file with the reference harness's names (<out>/mmeb_v2/<Task>_score.json:
-hit@1, ndcg_linear@5, recall@5, ..., num_pred, num_data) and a ranking file (<Task>_pred.jsonl: the top 10 corpus ids per query
-with the judged grades) for comparison with its outputs, then the task's record (<Task>.json,
-written last: the marker a restart reads). A restart reuses a finished task only when its
+hit@1, ndcg_linear@5, recall@5, ..., num_pred, num_data; for a page task with several relevant
+pages per query also ndcg_linear@5_harness_pairing, the harness's NDCG pairing recomputed from
+the ranking) and a ranking file (<Task>_pred.jsonl: the top 10 corpus ids per query with the
+judged grades) for comparison with its outputs, then the task's record (<Task>.json, written
+last: the marker a restart reads). A restart reuses a finished task only when its
 data are the ones scored: the revision, the digest of the task folder's files (data_digest)
 and, for classification, the class pool's digest; otherwise it scores the task again and
 says why. File names are the task names made safe (util/run.safe_name).
@@ -45,7 +47,9 @@ Tests: pytest tests/test_mmeb_v2.py tests/test_mmeb_v2_video.py tests/test_mmeb_
 """
 import hashlib
 import json
+import math
 import os
+import subprocess
 import sys
 
 import torch
@@ -54,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate as ev  # noqa: E402
 from data import MMEB_EVAL_TASKS  # noqa: E402
 from util.benchmarks import (V_CLS, VIDEO_SOURCES, class_pool_record, file_sha256, read_video_task,  # noqa: E402
-                             read_visdoc_task)
+                             read_visdoc_task, visdoc_ids_are_ints)
 from util.dist import broadcast_object, print0, rank_world  # noqa: E402
 from util.inputs import find_parquet  # noqa: E402
 from util.run import (load_finished, result_path, safe_name, weights_fingerprint, write_atomic,  # noqa: E402
@@ -323,11 +327,54 @@ def check_task_root(root, kind):
     return names
 
 
+HARNESS_NDCG = "ndcg_linear@5_harness_pairing"        # the harness's NDCG@5, its label/grade pairing
+
+
+def harness_set_orders(label_lists):
+    """list(set(labels)) of each list (ints or strs) as a CPython process with
+    PYTHONHASHSEED=0 builds it: one subprocess, so that string ids get one fixed order."""
+    code = "import json, sys; print(json.dumps([list(set(x)) for x in json.load(sys.stdin)]))"
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(label_lists), capture_output=True,
+                          text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+    if done.returncode:
+        raise RuntimeError(f"harness_set_orders: the subprocess failed: {done.stderr[-500:]}")
+    return json.loads(done.stdout)
+
+
+def harness_pairing_ndcg(ranking, ints, k=5):
+    """
+    NDCG@k (linear gain) as the harness computes it, from ranking lines ({"top": ids,
+    "grades": {id: grade} in qrels order}, as <Task>_pred.jsonl holds them). Its metric
+    (src/eval_utils/metrics.py: evaluate, ndcg_at_k) takes the labels through
+    list(set(labels)) and then zips them with the grades in qrels order, so a page can
+    be paired with another page's grade; here each page keeps its own (graded_ranking).
+    ids: int when the task's corpus ids are ints (util/benchmarks.visdoc_ids_are_ints: an
+    int's set order is CPython's in any run, as in the harness's), else str, whose set order
+    follows the string hash seed: the harness's own number varies between its runs; here the
+    order of a process with PYTHONHASHSEED=0 (harness_set_orders), the same on every rank and
+    run. The ideal DCG is the same either way (the same grades). None when no query has
+    several relevant pages (the pairing cannot differ then).
+    """
+    if not any(len(r["grades"]) > 1 for r in ranking):
+        return None
+    cast, total = int if ints else str, 0.0
+    orders = harness_set_orders([[cast(c) for c in r["grades"]] for r in ranking])   # qrels order in
+    for r, order in zip(ranking, orders):
+        paired = dict(zip(order, r["grades"].values()))                 # the harness's pairing
+        gains = [paired.get(cast(c), 0) for c in r["top"][:k]]
+        ideal = sorted(paired.values(), reverse=True)[:k]
+        dcg, idcg = (sum(g / math.log2(i + 2) for i, g in enumerate(x)) for x in (gains, ideal))
+        total += dcg / idcg if idcg > 0 else 0.0
+    return total / len(ranking)
+
+
 def eval_visdoc_task(model, processor, root, task, split="test", language=None, batch_size=16,
                      progress=False, max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS):
     """One visual-document task: every query against the whole corpus (global ranking).
-    Returns (scores {hit@1, recall@k, ndcg_linear@k, num_pred, num_data, num_docs},
-    ranking [{query-id, top: [corpus-id] (10), grades: {corpus-id: grade}}])."""
+    Returns (scores {hit@1, recall@k, ndcg_linear@k, num_pred, num_data, num_docs,
+    candidate_text, and where a query has several relevant pages HARNESS_NDCG (the
+    harness's NDCG@5 from the ranking, harness_pairing_ndcg) with corpus_ids "int" / "str"},
+    ranking [{query-id, top: [corpus-id] (10), grades: {corpus-id: grade} in qrels order}])."""
     queries, corpus, qrels = read_visdoc_task(root, task, split, language)
     inputs = [("q", VISDOC_QUERY.format(text), None) for _, text in queries] + \
              [("d", VISDOC_DOCUMENT, image) for _, image in corpus]
@@ -343,8 +390,11 @@ def eval_visdoc_task(model, processor, root, task, split="test", language=None, 
     out, top = ev.graded_ranking(scores, grades, KS, return_top=True)   # top: (nq, 10) indices
     ranking = [{"query-id": qid, "top": [corpus[j][0] for j in t], "grades": qrels[qid]}
                for (qid, _), t in zip(queries, top.tolist())]
+    ints = visdoc_ids_are_ints(root, task, split)
+    theirs = harness_pairing_ndcg(ranking, ints)
     return {**out, "num_pred": len(queries), "num_data": len(queries), "num_docs": len(corpus),
-            "candidate_text": HARNESS_TEXT}, ranking
+            "candidate_text": HARNESS_TEXT,
+            **({HARNESS_NDCG: theirs, "corpus_ids": "int" if ints else "str"} if theirs is not None else {})}, ranking
 
 
 def eval_video_task(model, processor, root, task, config=None, batch_size=16, progress=False,
@@ -500,8 +550,9 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
         lambda task, spec: eval_visdoc_task(model, processor, visdoc_dir, task, spec[2], spec[3], batch_size,
                                             progress, max_text_tokens),
         model, config, out_dir, skip_missing, "--visdoc_dir",
-        lambda r: f"NDCG@5 (linear) {100 * r['ndcg_linear@5']:.1f}, Hit@1 {100 * r['hit@1']:.1f} "
-                  f"({r['num_data']} queries, {r.get('num_docs', '?')} documents)")
+        lambda r: f"NDCG@5 (linear) {100 * r['ndcg_linear@5']:.1f}"
+                  + (f" (the harness's label/grade pairing: {100 * r[HARNESS_NDCG]:.1f})" if HARNESS_NDCG in r else "")
+                  + f", Hit@1 {100 * r['hit@1']:.1f} ({r['num_data']} queries, {r.get('num_docs', '?')} documents)")
     missing.update(why)
     video, why = _run_tasks(
         "video", ttable, video_dir,
@@ -632,6 +683,12 @@ def format_v2_table(results, name=None, markdown=False):
         if task not in VISDOC_TASKS and v is not None:
             task_rows.append([task, "other (not in the means)", "ndcg_linear@5", f"{100 * v['ndcg_linear@5']:.1f}"])
     lines.append(ev.render_table(task_rows, markdown))
+    theirs = {t: v for t, v in results["visdoc"].items() if v is not None and HARNESS_NDCG in v}
+    if theirs:                                       # where a page can take another page's grade there
+        lines.append(f"{HARNESS_NDCG} (the harness's NDCG@5: labels through set(), then zipped with the grades; "
+                     "here each page keeps its own): " + ", ".join(
+                         f"{t} {100 * v[HARNESS_NDCG]:.1f} (here {100 * v['ndcg_linear@5']:.1f})"
+                         for t, v in theirs.items()))
     if "candidate_text" in results:                  # which text the text candidates were
         target = sorted(t for t, v in results["candidate_text"].items() if v == TARGET_TEXT)
         lines += ["", f"text candidates: the checkpoint's target instructions (--v2_target_instructions) on "

@@ -198,6 +198,16 @@ def read_visdoc_task(root, task, split="test", language=None):
     return queries, corpus, qrels
 
 
+def visdoc_ids_are_ints(root, task, split="test"):
+    """Whether the task's qrels store corpus ids as integers (the parquet column's type;
+    ViDoRe's and ViDoSeek's are int64): read_visdoc_task keeps every id as a str, and the
+    harness's NDCG pairing depends on the ids' set order (tools/mmeb_v2.harness_pairing_ndcg)."""
+    import pyarrow.parquet as pq
+    import pyarrow.types as pt
+    return all(pt.is_integer(pq.read_schema(f).field("corpus-id").type)
+               for f in find_parquet(os.path.join(root, task), "qrels", split))
+
+
 # ----------------------------------------------------------------------------------
 # Zero-shot datasets (Table 2). One folder --data_dir, laid out as the sources ship it
 # (docs/readings.md §5):
