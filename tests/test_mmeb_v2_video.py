@@ -6,6 +6,8 @@ fixture folders: the task's rows (jsonl or parquet) and frames/ of frame folders
     instructions, the QA prompt's options, candidate names and texts (letters stripped or
     kept), the correct names, local or global ranking, the class list of global CLS tasks
     (its shipped default and classes.txt: tests/test_mmeb_v2_classes.py);
+  - frames and moments as the harness: a clip of fewer than 8 frames as it is,
+    MomentSeeker's clips whole, every positive* folder of a moment video a label;
   - malformed rows and missing frame folders are named; a video id that leaves frames/
     (absolute, "..") is refused; hidden files of frame folders are left out and counted;
   - end to end through evaluate.py --benchmark mmeb-v2 --video_dir on synthetic clip tasks
@@ -76,7 +78,7 @@ def test_qa_readers_build_the_harness_prompts_and_candidates(tmp_path):
     assert "Question:  What" in q[0][0]                                 # the prompt's space + the harness's
     assert q[0][2] == ["A. A cat.", "B. A red ball.", "C. Nothing"] and q[0][3] == ["B. A red ball."]
     assert [c[n][0] for n in q[0][2]] == ["A cat", "A red ball", "Nothing"]   # letter and final '.' stripped
-    assert isinstance(q[0][1], Clip) and len(q[0][1].frames) == 8 and q[0][1].frames[3] == q[0][1].frames[7]
+    assert isinstance(q[0][1], Clip) and len(q[0][1].frames) == 3           # 3 frames: passed as they are
 
     q, c, _ = one(tmp_path, "EgoSchema", [{"question": "Why?", "video_idx": "e1", "answer": "0",
                                            "option": ["A. to eat", "B. to sleep"]}], [("e1", "red")], "Subset")
@@ -160,6 +162,33 @@ def test_moment_retrieval_readers(tmp_path):
     assert c["video_frames/a_n1"][0] == "<|video_1|> Understand the content of the provided video clip."
 
 
+def test_moments_frames_and_labels_as_the_harness(tmp_path, capsys):
+    """QVHighlight with two folders named positive*: both are labels (the harness's
+    moment_retrieval_datasets.py warns, then keeps both), said once for the task; its
+    clips of 10 frames give 8 (linspace), of 3 frames 3. MomentSeeker's clips and query
+    video keep every frame (the harness's momentseeker_dataset.py: load_frames, no sampling)."""
+    d = task_dir(str(tmp_path), "QVHighlight", [{"query": "a jump", "video_path": "v/clipB.mp4"}])
+    for sub, colour, n in (("query", "red", 10), ("positive_1", "red", 3), ("positive_2", "red", 10),
+                           ("negative_1", "blue", 3)):
+        frames(os.path.join(d, "frames", "clipB", sub), colour, n)
+    capsys.readouterr()
+    q, c, _ = read_video_task(str(tmp_path), "QVHighlight")
+    assert q[0][2] == ["clipB/negative_1", "clipB/positive_1", "clipB/positive_2"]
+    assert q[0][3] == ["clipB/positive_1", "clipB/positive_2"]
+    assert f"MMEB-V2 QVHighlight: 1 moment video(s) with several clip folders named positive*, each a label of " \
+           f"its query (the harness keeps them all too), e.g. {d}/frames/clipB (positive_1, positive_2)" \
+        in capsys.readouterr().out
+    assert [len(x.frames) for x in (q[0][1], c["clipB/positive_1"][1], c["clipB/positive_2"][1])] == [8, 3, 8]
+    rows = [{"query": "then", "input_frames": "a/q.mp4", "positive_frames": [{"output_path": "a/p1.mp4"}],
+             "negative_frames": [{"output_path": "a/n1.mp4"}]}]
+    d = task_dir(str(tmp_path), "MomentSeeker", rows)
+    for name, n in (("a_q", 12), ("a_p1", 10), ("a_n1", 3)):
+        frames(os.path.join(d, "frames", "video_frames", name), "red", n)
+    q, c, _ = read_video_task(str(tmp_path), "MomentSeeker")
+    assert (len(q[0][1].frames), len(c["video_frames/a_p1"][1].frames), len(c["video_frames/a_n1"][1].frames)) \
+        == (12, 10, 3)
+
+
 def test_bad_rows_and_missing_frames_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="MSR-VTT row 0: no frame folder .*frames/v404"):
         one(tmp_path, "MSR-VTT", [{"video_id": "v404", "caption": "x"}], [], "test_1k")
@@ -218,8 +247,8 @@ def test_hidden_files_of_frame_folders_are_left_out_and_counted(tmp_path, capsys
             open(os.path.join(d, "frames", v, f"._frame_{i:04d}.jpg"), "wb").write(b"\x00\x05\x16\x07")
     open(os.path.join(d, "frames", "v1", ".DS_Store"), "wb").write(b"Bud1")
     q, c, _ = read_video_task(str(tmp_path), "MSR-VTT")
-    assert [os.path.basename(f) for f in c["v1"][1].frames] == ["frame_0001.jpg", "frame_0002.jpg"] + \
-        ["frame_0003.jpg"] * 6                                          # 3 frames, padded to 8
+    assert [os.path.basename(f) for f in c["v1"][1].frames] == \
+        ["frame_0001.jpg", "frame_0002.jpg", "frame_0003.jpg"]         # 3 frames, as they are
     out = capsys.readouterr().out
     assert (f"MMEB-V2 MSR-VTT: left out 7 hidden file(s) of its frame folders (macOS '._*' AppleDouble files, "
             f"dotfiles: not frames), e.g. {d}/frames/v1/.DS_Store") in out

@@ -5,7 +5,8 @@ forward. Tiny backbones here (all three families); tests/test_real_path.py runs 
 forward oracle at real widths with Qwen's tokenizer.
 
   - frame folders sort naturally (frame_10 after frame_9) and the 8 frames are the
-    harness's linspace choice, hand-listed; fewer frames are padded with the last one;
+    harness's linspace choice, hand-listed; fewer frames are passed as they are (an odd
+    count: the processor's last temporal patch repeats the last frame, as transformers');
     hidden files (macOS "._*" AppleDouble, .DS_Store) are left out and listed, another
     file that is not an image is named, as is a frame that does not decode
   - pixel_values_videos == an independent loop over (temporal patch, row, col) patches of
@@ -62,8 +63,11 @@ def test_frames_sort_naturally_and_the_harness_choice_is_taken(frame_dir, tmp_pa
         "frame_10.jpg", "frame_12.jpg"]
     assert sample_indices(64) == [0, 9, 18, 27, 36, 45, 54, 63]
     assert sample_indices(10) == [0, 1, 2, 3, 5, 6, 7, 9]                     # 1.29, 2.57, 3.86, 5.14 ...
-    assert sample_indices(3) == [0, 1, 2, 2, 2, 2, 2, 2]                      # padded with the last frame
-    assert sample_indices(8) == list(range(8))
+    assert sample_indices(3) == [0, 1, 2]                                     # fewer than 8: as they are
+    assert sample_indices(8) == list(range(8)) and sample_indices(12, None) == list(range(12))
+    assert len(Clip.from_folder(str(frame_dir), None).frames) == 12           # None: every frame
+    with pytest.raises(ValueError, match="sample_indices: need n >= 1 frames"):
+        sample_indices(0)
     with pytest.raises(FileNotFoundError, match="no frame folder .*missing"):
         frame_files(str(tmp_path / "missing"), "MSR-VTT video7")
     (tmp_path / "empty").mkdir()
@@ -132,6 +136,35 @@ def test_pixel_values_videos_equal_a_loop_over_patches_and_the_image_path(tiny):
     # mutation: the frame order matters
     swapped = video_inputs(ip, [frames[1], frames[0], *frames[2:]], lo, hi)
     assert not torch.equal(swapped["pixel_values_videos"], v["pixel_values_videos"])
+
+
+def test_a_short_clip_reaches_the_backbone_as_it_is(tiny, tmp_path):
+    """A folder of 3 frames: the clip holds the 3 (no padding to 8); its video input has
+    ceil(3/2) = 2 temporal patches, the second one frame 3 twice (the family's processor
+    fills an odd count so: transformers' Qwen2-VL / Qwen3-VL video processors pad
+    -num_frames % temporal_patch_size frames with the last), == the independent loop; one
+    frame: one temporal patch. Qwen3-VL's timestamps at 2 fps: frames at 0, .5, 1 s and the
+    repeat at 1 s → patches at (0 + .5)/2 = .25 s and (1 + 1)/2 = 1 s."""
+    _, _, processor = tiny
+    ip = processor.image_processor
+    d = tmp_path / "short"
+    d.mkdir()
+    for i in range(3):
+        noise_frame(i, (40, 30)).save(d / f"frame_{i}.png")
+    clip = Clip.from_folder(str(d))
+    assert [p.rsplit("/", 1)[1] for p in clip.frames] == ["frame_0.png", "frame_1.png", "frame_2.png"]
+    v = encode_video(processor, clip)
+    frames = [Image.open(p).convert("RGB") for p in clip.frames]
+    lo, hi = ip.size.shortest_edge, ip.size.longest_edge
+    ref, grid = naive_video_patches(frames, ip, lo, hi)
+    assert v["video_grid_thw"].tolist() == [list(grid)] and grid[0] == 2
+    assert (v["pixel_values_videos"] - ref).abs().max() < 1e-5
+    per = grid[1] * grid[2]                                                  # patches per temporal patch
+    last = v["pixel_values_videos"][per:].view(per, 3, 2, -1)                # (n, C, tp, p·p)
+    assert torch.equal(last[:, :, 0], last[:, :, 1])                         # frame 3 in both slots
+    one = encode_video(processor, Clip(clip.frames[:1]))
+    assert one["video_grid_thw"][0, 0].item() == 1
+    assert frame_times(3, 2.0) == [0.25, 1.0]
 
 
 def test_video_text_is_transformers_layout():

@@ -522,7 +522,11 @@ def read_video_task(root, task, num_frames=8):
     One MMEB-V2 video task → (queries, candidates, ranking). queries: list of (text, visual,
     candidate names (local ranking: the row's own; global: None = the whole pool), labels
     (the correct names)); candidates: {name: (text, visual)} in first-seen order, each
-    encoded once; visual: None, an image path, or a util.video.Clip of `num_frames` frames.
+    encoded once; visual: None, an image path, or a util.video.Clip of `num_frames` frames
+    (a folder of fewer: all of them; MomentSeeker's clips and query videos: all of their
+    frames, as the harness's momentseeker_dataset.py loads them). A moment video's clip
+    folders named positive* are all labels of its query (the harness's
+    moment_retrieval_datasets.py: several are reported, then all kept).
     Malformed rows, missing frame folders, a video id that leaves frames/ (absolute, or
     climbing out with ".."), a file in a frame folder that is not an image, and labels
     outside their candidates (a classification label outside the class pool of
@@ -537,7 +541,7 @@ def read_video_task(root, task, num_frames=8):
         raise FileNotFoundError(f"MMEB-V2 {task}: no frame folder {frames} (the task's folder of the "
                                 "released MMEB-V2 frames, video-tasks/frames/...)")
     rows = _video_rows(folder, subset, split, limit, task)
-    queries, cands, skipped = [], {}, []            # skipped: hidden files of frame folders
+    queries, cands, skipped, several = [], {}, [], []   # hidden files of frame folders; moments, 2+ positives
 
     def inside(name, where):
         """frames/<name>: the path as written, checked lexically (frames/ itself may be a link)."""
@@ -615,6 +619,8 @@ def read_video_task(root, task, num_frames=8):
             labels = [f"{video}/{s}" for s in subs if s.startswith("positive")]
             if not labels:
                 raise ValueError(f"{w}: no clip folder named positive* in {d}")
+            if len(labels) > 1:
+                several.append(f"{d} ({', '.join(s for s in subs if s.startswith('positive'))})")
             queries.append(("<|video_1|> Find the clip that corresponds to the described scene in the given video: "
                             + _str(r, "query", w), clip(f"{video}/query", w), names, labels))
         else:                                                       # MomentSeeker
@@ -627,14 +633,14 @@ def read_video_task(root, task, num_frames=8):
                     if not isinstance(path, str) or not path:
                         raise ValueError(f"{w} {key}: expected entries with an output_path, got {c!r:.80}")
                     name = "video_frames/" + path.replace("/", "_").split(".mp4")[0]
-                    out.append(cand(name, V_TARGET.replace("video.", "video clip."), clip(name, w)))
+                    out.append(cand(name, V_TARGET.replace("video.", "video clip."), clip(name, w, None)))
                 return out
             pos, neg = clips("positive_frames"), clips("negative_frames")
             if not pos:
                 raise ValueError(f"{w} positive_frames: no positive clip")
             if given.endswith(".mp4"):
                 query = (f"<|video_1|> Find the clip that corresponds to the given sentence and video segment: {q}",
-                         clip("video_frames/" + given.replace(".mp4", "").replace("/", "_"), w))
+                         clip("video_frames/" + given.replace(".mp4", "").replace("/", "_"), w, None))
             elif given.endswith(".jpg"):
                 query = (f"<|image_1|> Select the video clip that aligns with the given text and image: {q}",
                          inside(f"query_{given}", w))
@@ -658,6 +664,9 @@ def read_video_task(root, task, num_frames=8):
         print0(f"MMEB-V2 {task}: ranking against the {len(pool)} classes of {source} ({kind})")
         for label in pool:
             cand(label, label)
+    if several:                                     # the harness warns, then keeps them all
+        print0(f"MMEB-V2 {task}: {len(several)} moment video(s) with several clip folders named positive*, each "
+               f"a label of its query (the harness keeps them all too), e.g. {several[0]}")
     if skipped:
         skipped = sorted(set(skipped))              # a clip read twice lists its files twice
         print0(f"MMEB-V2 {task}: left out {len(skipped)} hidden file(s) of its frame folders (macOS '._*' "

@@ -6,9 +6,9 @@ it in the paper (the paper trains and evaluates on images; MMEB-V2's 18 video ta
                              after frame_9), named errors for a missing or empty folder
                              and for a file that is not an image; hidden files (macOS
                              "._*" AppleDouble files among them) left out and counted
-  sample_indices(n, k)       which k of n frames the model sees: evenly spaced,
-                             linspace(0, n-1, k) truncated to int, padded with the last
-                             frame when n < k (MMEB-V2's reference harness)
+  sample_indices(n, k)       which of n frames the model sees: k evenly spaced,
+                             linspace(0, n-1, k) truncated to int, when n >= k; all n
+                             when n < k or k is None (MMEB-V2's reference harness)
   Clip                       one video input: its frame paths (or PIL images) and their
                              rate (Qwen2.5-VL's temporal positions, Qwen3-VL's timestamps)
   video_inputs(...)          frames → pixel_values_videos (gt·gh·gw, C·tp·p·p) and
@@ -81,13 +81,18 @@ def frame_files(folder, where="video", skipped=None):
 
 
 def sample_indices(n, k=NUM_FRAMES):
-    """k indices into n naturally sorted frames: linspace(0, n-1, k) cast to int when n >= k;
-    all n then the last one repeated when n < k (the reference harness's rule)."""
-    if n < 1 or k < 1:
-        raise ValueError(f"sample_indices: need n >= 1 frames and k >= 1, got n={n}, k={k}")
-    if n >= k:
+    """Indices into n naturally sorted frames: linspace(0, n-1, k) cast to int when n >= k;
+    all n, as they are, when n < k or k is None. The harness's process_video_frames
+    (src/utils/vision_utils/vision_utils.py) samples only when num_frames <= len(frames) and
+    otherwise passes the frames it has, which the leaderboard's numbers use (its main
+    branch pads short clips since 63ee24a, 2026-06; docs/readings.md §10). An odd count
+    reaches the backbone as it is: video_inputs, like the family's video processor, repeats
+    the last frame to fill the last temporal patch (temporal_patch_size 2)."""
+    if n < 1 or (k is not None and k < 1):
+        raise ValueError(f"sample_indices: need n >= 1 frames and k >= 1 (or None), got n={n}, k={k}")
+    if k is not None and n >= k:
         return np.linspace(0, n - 1, k).astype(int).tolist()
-    return list(range(n)) + [n - 1] * (k - n)
+    return list(range(n))
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class Clip:
 
     @classmethod
     def from_folder(cls, folder, num_frames=NUM_FRAMES, where="video", fps=None, skipped=None):
+        """The clip of a frame folder: num_frames of its frames (sample_indices; None: all)."""
         paths = frame_files(folder, where, skipped)
         return cls(tuple(paths[i] for i in sample_indices(len(paths), num_frames)), fps)
 
