@@ -71,12 +71,11 @@ def test_greedy_equals_transformers_generate(kind):
 
 
 @pytest.mark.slow
-def test_greedy_at_real_width_with_the_real_tokenizer(tmp_path):
-    """A width-real Qwen2-VL-2B (random weights, 1 decoder layer) with Qwen's real tokenizer:
-    runs, deterministic, equal to generate."""
-    from tools import width_real
+def test_greedy_at_real_width_with_the_real_tokenizer(width_real_checkpoint):
+    """A width-real Qwen2-VL-2B (random weights, 1 decoder layer, the session's shared build)
+    with Qwen's real tokenizer: runs, deterministic, equal to generate."""
     from util.backbone import load_backbone
-    path = width_real.write_checkpoint("qwen2-vl-2b", tmp_path / "w", num_layers=1)
+    path = width_real_checkpoint("qwen2-vl-2b", num_layers=1, vision_depth=1)
     backbone, processor = load_backbone(str(path), device="cpu")
     image = shape_image("green", 56)
     a = G.greedy(backbone, processor, image, G.CAPTION_PROMPT, max_new_tokens=4)
