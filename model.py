@@ -384,11 +384,11 @@ def mrope_position_ids(input_ids, attention_mask, image_grid_thw, image_token_id
 @torch.no_grad()
 def embedding_stats(W, rows=8192):
     """Per-dimension mean and (unbiased) std of an embedding table W (V, d), in fp64, two
-    passes over chunks of `rows` rows on W's own device: a 152k × 3584 table never needs a
-    full fp64 copy. Returns (mu, sd), each (d,) fp64 on the CPU."""
+    passes over chunks of `rows` rows on W's own device (the second in place on each chunk's
+    fp64 copy): a 152k × 3584 table never needs a full fp64 copy. Returns (mu, sd), each (d,) fp64 on the CPU."""
     V = W.shape[0]
     mu = sum(W[i:i + rows].double().sum(0) for i in range(0, V, rows)) / V          # (d,)
-    var = sum((W[i:i + rows].double() - mu).pow(2).sum(0) for i in range(0, V, rows)) / (V - 1)
+    var = sum(W[i:i + rows].to(torch.float64, copy=True).sub_(mu).pow_(2).sum(0) for i in range(0, V, rows)) / (V - 1)
     return mu.cpu(), var.sqrt().cpu()
 
 
