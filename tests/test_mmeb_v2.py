@@ -18,6 +18,8 @@ whole corpus, NDCG@5 with graded relevance (linear gain), Hit@1, Recall@k.
   - resume (embeddings stubbed): a finished task is reused only on the data it was scored
     on (revision, digest of the folder's files: a hand-computed digest), else scored again
     with the reason printed; the record is written last; file names made safe.
+  - the harness's metric set (ranking_metrics) on two queries worked by hand; its layout
+    (<out>/{image,video,visdoc}/<Task>_score.json) and its report script's JSON, field by field.
 
     pytest tests/test_mmeb_v2.py
 """
@@ -185,6 +187,10 @@ def test_evaluate_mmeb_v2_on_a_synthetic_page_task(tmp_path):
                    "--out", str(out), "--no_progress"])["mmeb_v2"]
     score = json.loads((out / "mmeb_v2" / "ViDoRe_arxivqa_score.json").read_text())
     assert {"hit@1", "ndcg_linear@5", "recall@5", "ndcg_linear@10", "num_pred", "num_data"} <= set(score)
+    harness = json.loads((out / "visdoc" / "ViDoRe_arxivqa_score.json").read_text())   # the harness's layout
+    assert list(harness) == list(mmeb_v2.HARNESS_FIELDS) and all(harness[f] == score[f] for f in harness)
+    sub = json.loads((out / "tiny-qwen2-vl.json").read_text())              # the report script's JSON
+    assert sub["metrics"]["visdoc"]["ViDoRe_arxivqa"] == harness and sub["metrics"]["image"]["N24News"] == "DIR_N/A"
 
     enc = ev.Encoder("tiny-qwen2-vl", device="cpu", num_tokens=2, embed_template="chat")
     queries, corpus, qrels = read_visdoc_task(str(root), "ViDoRe_arxivqa")
@@ -577,3 +583,59 @@ def test_the_harness_pairing_is_scored_from_the_saved_ranking(tmp_path, monkeypa
     assert mmeb_v2.harness_pairing_ndcg(lines, ints=True) == pytest.approx(score["ndcg_linear@5_harness_pairing"])
     assert "NDCG@5 (linear) 100.0 (the harness's label/grade pairing: 86.0), Hit@1 100.0" in capsys.readouterr().out
     assert "ViDoRe_esg_reports_v2_multilingual 86.0 (here 100.0)" in mmeb_v2.format_v2_table(res)
+
+
+def test_the_harness_metric_set_by_hand():
+    """ranking_metrics on two queries worked by hand, k = 1 and 5. A: labels {a, b, c},
+    ranked x a y b z: at 5 two hits at ranks 2 and 4. B: grades {q: 2, p: 1, r: 0} (r not
+    relevant), ranked p q: at 1 the grade-1 page first."""
+    lines = [{"top": ["x", "a", "y", "b", "z"], "labels": ["a", "b", "c"]},
+             {"top": ["p", "q"], "grades": {"q": 2, "p": 1, "r": 0}}]
+    got = mmeb_v2.ranking_metrics(lines, ks=(1, 5))
+    d = lambda i: 1 / math.log2(i + 1)                                 # noqa: E731  the discount of rank i
+    want_a = {"hit@1": 0, "precision@1": 0, "recall@1": 0, "f1@1": 0, "map@1": 0, "mrr@1": 0,
+              "ndcg_linear@1": 0, "ndcg_exponential@1": 0,
+              "hit@5": 1, "precision@5": 2 / 5, "recall@5": 2 / 3, "f1@5": 0.5,
+              "map@5": (1 / 2 + 2 / 4) / 3, "mrr@5": 1 / 2,
+              "ndcg_linear@5": (d(2) + d(4)) / (1 + d(2) + d(3)),
+              "ndcg_exponential@5": (d(2) + d(4)) / (1 + d(2) + d(3))}              # binary: 2^1 - 1 = 1
+    want_b = {"hit@1": 1, "precision@1": 1, "recall@1": 1 / 2, "f1@1": 2 / 3, "map@1": 1, "mrr@1": 1,
+              "ndcg_linear@1": 1 / 2, "ndcg_exponential@1": 1 / 3,
+              "hit@5": 1, "precision@5": 2 / 5, "recall@5": 1, "f1@5": 2 * 0.4 / 1.4, "map@5": 1, "mrr@5": 1,
+              "ndcg_linear@5": (1 + 2 * d(2)) / (2 + d(2)), "ndcg_exponential@5": (1 + 3 * d(2)) / (3 + d(2))}
+    assert list(got) == [f"{m}@{k}" for m in mmeb_v2.HARNESS_METRICS for k in (1, 5)] + ["num_pred", "num_data"]
+    for name in want_a:
+        assert got[name] == pytest.approx((want_a[name] + want_b[name]) / 2), name
+    assert got["num_pred"] == got["num_data"] == 2
+    with pytest.raises(ValueError, match="no relevant id"):
+        mmeb_v2.ranking_metrics([{"top": ["p"], "grades": {"p": 0}}])
+
+
+def test_the_harness_layout_and_submission_field_by_field(tmp_path):
+    """write_harness_layout + harness_submission on a hand-made result: image/visdoc/video
+    folders of <Task>_score.json with only the harness's fields, and the report script's
+    JSON: every dataset of its lists, in its order, a score dict or FILE_N/A / DIR_N/A."""
+    full = {**{f: 0.5 for f in mmeb_v2.HARNESS_FIELDS}, "num_pred": 3, "num_data": 3}
+    results = {"image": {"N24News": 0.25, "VOC2007": None},
+               "visdoc": {"ViDoSeek-page": {**full, "num_docs": 9, "candidate_text": "harness"}},
+               "video": {}, "num_data": {"N24News": [4, 1000], "ViDoSeek-page": [3, 1142]}}
+    mmeb_v2.write_harness_layout(str(tmp_path), results)
+    assert sorted(os.listdir(tmp_path)) == ["image", "visdoc"]           # no video ran: no folder
+    assert json.loads((tmp_path / "image" / "N24News_score.json").read_text()) == \
+        {"hit@1": 0.25, "num_pred": 4, "num_data": 4}
+    assert json.loads((tmp_path / "visdoc" / "ViDoSeek-page_score.json").read_text()) == full
+    (tmp_path / "image" / "VizWiz_score.json").write_text("{not json")
+    sub = mmeb_v2.harness_submission(str(tmp_path), "m/1", date="2026-01-01T00:00:00")
+    assert json.loads((tmp_path / "m_1.json").read_text()) == sub
+    assert sub["metadata"] == {"model_name": "m/1", "report_generated_date": "2026-01-01T00:00:00"}
+    assert list(sub["metrics"]) == ["image", "video", "visdoc"]
+    assert [len(sub["metrics"][k]) for k in sub["metrics"]] == [36, 18, 24]
+    assert list(sub["metrics"]["video"])[:3] == ["K700", "SmthSmthV2", "HMDB51"]
+    assert list(sub["metrics"]["visdoc"])[10:12] == ["ViDoRe_esg_reports_human_labeled_v2",
+                                                     "ViDoRe_biomedical_lectures_v2_multilingual"]
+    assert sub["metrics"]["image"]["N24News"] == {"hit@1": 0.25, "num_pred": 4, "num_data": 4}
+    assert sub["metrics"]["image"]["VizWiz"] == "JSON_ERROR"
+    assert sub["metrics"]["image"]["VOC2007"] == "FILE_N/A"
+    assert sub["metrics"]["visdoc"]["ViDoSeek-page"] == full
+    assert sub["metrics"]["visdoc"]["MMLongBench-doc"] == "FILE_N/A"
+    assert set(sub["metrics"]["video"].values()) == {"DIR_N/A"}

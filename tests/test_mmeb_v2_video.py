@@ -328,6 +328,9 @@ def test_evaluate_mmeb_v2_on_synthetic_clip_tasks(tmp_path):
         assert res["video"][task] == score
         preds = [json.loads(line) for line in (out / "mmeb_v2" / f"{task}_pred.jsonl").read_text().splitlines()]
         assert sum(p["top"][0] in p["labels"] for p in preds) / len(preds) == pytest.approx(score["hit@1"])
+        harness = json.loads((out / "video" / f"{task}_score.json").read_text())   # the harness's layout
+        assert list(harness) == list(mmeb_v2.HARNESS_FIELDS) and harness["hit@1"] == score["hit@1"]
+        assert harness["hit@10"] == harness["recall@10"] == 1.0         # <= 10 candidates: every label in the top 10
     summary = mmeb_v2.summarize_v2(res)
     assert summary["video"][1:] == (3, 18) and summary["V-RET"][1:] == (1, 5) and summary["V-MRET"][1:] == (1, 3)
     assert summary["Overall"][1:] == (3, 78)

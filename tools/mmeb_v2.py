@@ -21,7 +21,11 @@ hit@1, ndcg_linear@5, recall@5, ..., num_pred, num_data; for a page task with se
 pages per query also ndcg_linear@5_harness_pairing, the harness's NDCG pairing recomputed from
 the ranking) and a ranking file (<Task>_pred.jsonl: the top 10 corpus ids per query with the
 judged grades) for comparison with its outputs, then the task's record (<Task>.json, written
-last: the marker a restart reads). A restart reuses a finished task only when its
+last: the marker a restart reads). With the harness's full metric set (ranking_metrics: hit,
+ndcg_linear, ndcg_exponential, precision, recall, f1, map, mrr @1/5/10) also in its layout,
+<out>/{image,video,visdoc}/<Task>_score.json (write_harness_layout; image: Hit@1 and the query
+count only), and <out>/<model>.json, the submission JSON of its report script
+(harness_submission). A restart reuses a finished task only when its
 data are the ones scored: the revision, the digest of the task folder's files (data_digest)
 and, for classification, the class pool's digest; otherwise it scores the task again and
 says why. File names are the task names made safe (util/run.safe_name).
@@ -368,6 +372,47 @@ def harness_pairing_ndcg(ranking, ints, k=5):
     return total / len(ranking)
 
 
+# The harness's metric names (src/eval_utils/metrics.py, RankingMetrics), each at KS
+HARNESS_METRICS = ("hit", "ndcg_linear", "ndcg_exponential", "precision", "recall", "f1", "map", "mrr")
+
+
+def ranking_metrics(ranking, ks=KS):
+    """
+    The harness's metric set from ranking lines (as <Task>_pred.jsonl holds them): "top", the
+    ranked ids (10 kept), and the relevant ids: "labels" (binary) or "grades" {id: grade}
+    (relevant: grade > 0; NDCG with the grades). Per query, with n relevant ids and h_k of
+    them in the top k: hit@k = [h_k > 0]; precision@k = h_k / k; recall@k = h_k / n; f1@k
+    their harmonic mean (0 when both are 0); map@k = the sum of (hits so far / rank) at each
+    relevant rank <= k, over min(n, k); mrr@k = 1 / the first relevant rank <= k, else 0;
+    ndcg_linear@k / ndcg_exponential@k: gains g / 2^g - 1 discounted by log2(rank + 1), over
+    the same sum of the grades sorted descending. Returns {name@k: mean over queries} in the
+    harness's order, then num_pred and num_data. Each page keeps its own grade (not the
+    harness's pairing: harness_pairing_ndcg).
+    """
+    acc = {f"{m}@{k}": 0.0 for m in HARNESS_METRICS for k in ks}
+    for r in ranking:
+        grade = {c: g for c, g in r["grades"].items() if g > 0} if "grades" in r else dict.fromkeys(r["labels"], 1)
+        if not grade:
+            raise ValueError(f"ranking_metrics: a line with no relevant id: {r}")
+        gains = [grade.get(c, 0) for c in r["top"]]
+        ideal = sorted(grade.values(), reverse=True)
+        for k in ks:
+            rel = [g > 0 for g in gains[:k]]
+            h = sum(rel)
+            p, rc = h / k, h / len(grade)
+            ranks = [i + 1 for i, x in enumerate(rel) if x]
+            hits_so_far = sum((j + 1) / i for j, i in enumerate(ranks))
+            add = {"hit": float(h > 0), "precision": p, "recall": rc, "f1": 2 * p * rc / (p + rc) if h else 0.0,
+                   "map": hits_so_far / min(len(grade), k), "mrr": 1 / ranks[0] if ranks else 0.0}
+            for form, gain in (("linear", lambda g: g), ("exponential", lambda g: 2 ** g - 1)):
+                dcg, idcg = (sum(gain(g) / math.log2(i + 2) for i, g in enumerate(x[:k])) for x in (gains, ideal))
+                add[f"ndcg_{form}"] = dcg / idcg
+            for m, v in add.items():
+                acc[f"{m}@{k}"] += v
+    n = len(ranking)
+    return {**{m: v / n for m, v in acc.items()}, "num_pred": n, "num_data": n}
+
+
 def eval_visdoc_task(model, processor, root, task, split="test", language=None, batch_size=16,
                      progress=False, max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS):
     """One visual-document task: every query against the whole corpus (global ranking).
@@ -494,6 +539,7 @@ def _run_tasks(kind, table, root, run, model, config, out_dir, skip_missing, fla
         state = {**task_state(folder, task, kind), "candidate_text": candidate_text(kind, task, target_instructions)} \
             if rank == 0 and out_dir else None                       # the data and candidate text scored
         results[task], ranking = run(task, spec)
+        results[task] = {**ranking_metrics(ranking), **results[task]}    # the harness's set; own numbers kept
         n, want = results[task]["num_data"], EXPECTED_QUERIES.get(task)
         print0(f"{task}: {say(results[task])}{count_note(task, n)}")
         if rank == 0 and out_dir:
@@ -582,7 +628,62 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
                               for t, v in ttable.items()},
             **results})
         write_atomic(os.path.join(out_dir, "mmeb_v2_results.md"), format_v2_table(results, name, markdown=True))
+        write_harness_layout(out_dir, results)
+        harness_submission(out_dir, name or config.get("model") or "model")
     return results
+
+
+# The datasets the harness's report script reads per modality, in its order (TIGER-AI-Lab/VLM2Vec
+# experiments/report_score_v2.py at 70ab41d, modality2dataset; an older version also listed the
+# three English-only ViDoRe v2 sets): the 78 tasks here, under the same names.
+HARNESS_DATASETS = {"image": list(MMEB_EVAL_TASKS), "video": list(VIDEO_TASKS), "visdoc": list(VISDOC_TASKS)}
+HARNESS_FIELDS = (*(f"{m}@{k}" for m in HARNESS_METRICS for k in KS), "num_pred", "num_data")
+
+
+def write_harness_layout(out_dir, results):
+    """The harness's layout: <out_dir>/{image,video,visdoc}/<Task>_score.json with its field
+    names (HARNESS_FIELDS, those the scores hold). Image tasks: the MMEB v1 path's Hit@1
+    (evaluate.mmeb_report) and its query count, no other metric; visdoc and video tasks: the
+    score file's harness fields (a task finished before ranking_metrics holds fewer)."""
+    for kind in ("image", "video", "visdoc"):
+        for task, v in results[kind].items():
+            if v is None:
+                continue
+            n = results.get("num_data", {}).get(task, [None])[0]
+            score = {"hit@1": v, "num_pred": n, "num_data": n} if kind == "image" else \
+                {f: v[f] for f in HARNESS_FIELDS if f in v}
+            write_json(os.path.join(out_dir, kind, f"{safe_name(task)}_score.json"), score)
+
+
+def harness_submission(out_dir, model_name, date=None):
+    """
+    The submission JSON as the harness's report script builds it (re-implemented from its
+    description): {"metadata": {"model_name", "report_generated_date"}, "metrics": {"image",
+    "video", "visdoc": {dataset: the score file's dict, or "DIR_N/A" (no modality folder),
+    "FILE_N/A" (no <dataset>_score.json), "JSON_ERROR" (not JSON)}}}, every dataset of
+    HARNESS_DATASETS in its order. Written to <out_dir>/<model_name>.json; returned.
+    """
+    from datetime import datetime
+    metrics = {}
+    for kind in ("image", "video", "visdoc"):
+        folder = os.path.join(out_dir, kind)
+        metrics[kind] = {}
+        for task in HARNESS_DATASETS[kind]:
+            path = os.path.join(folder, f"{task}_score.json")
+            if not os.path.isdir(folder):
+                metrics[kind][task] = "DIR_N/A"
+            elif not os.path.isfile(path):
+                metrics[kind][task] = "FILE_N/A"
+            else:
+                try:
+                    with open(path) as f:
+                        metrics[kind][task] = json.load(f)
+                except json.JSONDecodeError:
+                    metrics[kind][task] = "JSON_ERROR"
+    out = {"metadata": {"model_name": model_name, "report_generated_date": date or datetime.now().isoformat()},
+           "metrics": metrics}
+    write_json(os.path.join(out_dir, f"{safe_name(model_name)}.json"), out)
+    return out
 
 
 def add_flags(p):
