@@ -20,6 +20,7 @@ whole corpus, NDCG@5 with graded relevance (linear gain), Hit@1, Recall@k.
     with the reason printed; the record is written last; file names made safe.
   - the harness's metric set (ranking_metrics) on two queries worked by hand; its layout
     (<out>/{image,video,visdoc}/<Task>_score.json) and its report script's JSON, field by field.
+  - python tools/mmeb_v2.py: evaluate.py's flags, --benchmark mmeb-v2 by default.
 
     pytest tests/test_mmeb_v2.py
 """
@@ -639,3 +640,25 @@ def test_the_harness_layout_and_submission_field_by_field(tmp_path):
     assert sub["metrics"]["visdoc"]["ViDoSeek-page"] == full
     assert sub["metrics"]["visdoc"]["MMLongBench-doc"] == "FILE_N/A"
     assert set(sub["metrics"]["video"].values()) == {"DIR_N/A"}
+
+
+def test_the_one_command(tmp_path, monkeypatch, capsys):
+    """python tools/mmeb_v2.py: evaluate.py's flags, --benchmark mmeb-v2 by default, handed
+    to evaluate.main; another benchmark refused naming the flag; it runs as a script."""
+    import subprocess
+    import sys
+    seen = {}
+    monkeypatch.setattr(ev, "main", lambda args: seen.setdefault("args", args) and {"mmeb_v2": "ran"})
+    root = tmp_path / "visdoc"
+    synthetic_pages(str(root), "ViDoRe_arxivqa")
+    assert mmeb_v2.main(["--model", "tiny-qwen2-vl", "--visdoc_dir", str(root), "--skip_missing",
+                         "--out", str(tmp_path / "eval")]) == "ran"
+    args = seen["args"]
+    assert (args.benchmark, args.visdoc_dir, args.skip_missing) == ("mmeb-v2", str(root), True)
+    with pytest.raises(SystemExit):
+        mmeb_v2.main(["--model", "tiny-qwen2-vl", "--benchmark", "mmeb", "--mmeb_dir", str(tmp_path)])
+    assert "runs --benchmark mmeb-v2 only, got --benchmark mmeb" in capsys.readouterr().err
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(repo, "tools", "mmeb_v2.py"), "--help"],
+                          capture_output=True, text=True, cwd=str(tmp_path))
+    assert done.returncode == 0 and "--visdoc_dir" in done.stdout and "--skip_missing" in done.stdout

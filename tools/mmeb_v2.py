@@ -36,6 +36,8 @@ How this reads the harness where it is open (ties, grades, instructions): docs/r
 
     python evaluate.py --model CKPT --benchmark mmeb-v2 --mmeb_dir MMEB-eval --image_dir eval_images \\
         --visdoc_dir visdoc --video_dir video --out runs/eval_v2
+    python tools/mmeb_v2.py --model CKPT --mmeb_dir MMEB-eval --image_dir eval_images \\
+        --visdoc_dir visdoc --video_dir video --out runs/eval_v2        # the same run (main)
 
 --visdoc_dir: one folder per task (names below), each a local copy of the task's hub dataset
 in the BEIR layout (util/benchmarks.read_visdoc_task); VISDOC_TASKS names the hub ids, e.g.
@@ -64,7 +66,7 @@ from data import MMEB_EVAL_TASKS  # noqa: E402
 from util.benchmarks import (V_CLS, VIDEO_SOURCES, class_pool_record, file_sha256, read_video_task,  # noqa: E402
                              read_visdoc_task, visdoc_ids_are_ints)
 from util.dist import broadcast_object, print0, rank_world  # noqa: E402
-from util.inputs import find_parquet  # noqa: E402
+from util.inputs import check_eval_flags, find_parquet  # noqa: E402
 from util.run import (load_finished, result_path, safe_name, weights_fingerprint, write_atomic,  # noqa: E402
                       write_json)
 
@@ -802,3 +804,21 @@ def format_v2_table(results, name=None, markdown=False):
         lines.append("")
         lines += [f"missing ({len(ts)}): {', '.join(ts)} — {why}" for why, ts in by_reason.items()]
     return "\n".join(lines)
+
+
+def main(argv=None):
+    """python tools/mmeb_v2.py: evaluate.py's flags with --benchmark mmeb-v2 the default (another
+    is refused), the run of evaluate.py --benchmark mmeb-v2; returns its results."""
+    p = ev.build_parser("MMEB-V2's 78 tasks (not the paper's protocol): image via --mmeb_dir, visual "
+                        "documents via --visdoc_dir, video via --video_dir; with --out the harness's "
+                        "layout and submission JSON (tools/mmeb_v2.py)")
+    p.set_defaults(benchmark="mmeb-v2")
+    args = p.parse_args(argv)
+    if args.benchmark != "mmeb-v2":
+        p.error(f"tools/mmeb_v2.py runs --benchmark mmeb-v2 only, got --benchmark {args.benchmark} (use evaluate.py)")
+    check_eval_flags(args, p.error)                              # evaluate.parse_args' checks
+    return ev.main(args=args)["mmeb_v2"]
+
+
+if __name__ == "__main__":
+    main()
