@@ -662,3 +662,30 @@ def test_the_one_command(tmp_path, monkeypatch, capsys):
     done = subprocess.run([sys.executable, os.path.join(repo, "tools", "mmeb_v2.py"), "--help"],
                           capture_output=True, text=True, cwd=str(tmp_path))
     assert done.returncode == 0 and "--visdoc_dir" in done.stdout and "--skip_missing" in done.stdout
+
+
+def test_the_harness_metric_set_of_an_image_task(tmp_path, monkeypatch):
+    """HarnessImageMetrics on hand-made scores (column 0 the positive, -inf padding): ranks 1,
+    3 (a tie counts against it) and a NaN positive (a miss at every k); hit@1 is mmeb_report's
+    Hit@1. mmeb_v2_report passes it to mmeb_report and writes its numbers to image/."""
+    from types import SimpleNamespace
+    from util.run import result_path, write_json
+    scores = torch.tensor([[0.9, 0.1, 0.5, float("-inf")], [0.2, 0.5, 0.2, float("-inf")],
+                           [float("nan"), 0.1, float("-inf"), float("-inf")]])
+    got = mmeb_v2.HarnessImageMetrics().run(None, None, SimpleNamespace(scores=scores), "T")
+    assert got["hit@1"] == pytest.approx(ev.hit_at_1(scores)) == pytest.approx(1 / 3)
+    assert got["hit@5"] == pytest.approx(2 / 3) and got["mrr@5"] == pytest.approx((1 + 1 / 3) / 3)
+    assert got["precision@5"] == pytest.approx(2 / 5 / 3) and got["map@10"] == pytest.approx((1 + 1 / 3) / 3)
+    assert got["ndcg_linear@5"] == pytest.approx((1 + 1 / math.log2(4)) / 3) and got["num_data"] == 3
+
+    def fake(model, processor, mmeb_dir, image_dir, table, config, batch_size, out_dir, *a, extras=(), **k):
+        assert [x.name for x in extras] == ["harness_metrics"]
+        write_json(result_path(out_dir, "mmeb", "N24News"), {"num_queries": 3})
+        return {"hit@1": {"N24News": 1 / 3}, "harness_metrics": {"N24News": got}}
+    monkeypatch.setattr(mmeb_v2.ev, "mmeb_report", fake)
+    res = mmeb_v2.mmeb_v2_report(torch.nn.Linear(2, 2), None, "mmeb", "images", out_dir=str(tmp_path),
+                                 progress=False, image_tasks=["N24News"], visdoc_tasks=[], video_tasks=[])
+    assert res["image_metrics"] == {"N24News": got}
+    score = json.loads((tmp_path / "image" / "N24News_score.json").read_text())
+    assert list(score) == list(mmeb_v2.HARNESS_FIELDS) and score == {**got, "hit@1": 1 / 3}
+    assert json.loads((tmp_path / "model.json").read_text())["metrics"]["image"]["N24News"] == score

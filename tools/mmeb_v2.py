@@ -23,8 +23,8 @@ the ranking) and a ranking file (<Task>_pred.jsonl: the top 10 corpus ids per qu
 judged grades) for comparison with its outputs, then the task's record (<Task>.json, written
 last: the marker a restart reads). With the harness's full metric set (ranking_metrics: hit,
 ndcg_linear, ndcg_exponential, precision, recall, f1, map, mrr @1/5/10) also in its layout,
-<out>/{image,video,visdoc}/<Task>_score.json (write_harness_layout; image: Hit@1 and the query
-count only), and <out>/<model>.json, the submission JSON of its report script
+<out>/{image,video,visdoc}/<Task>_score.json (write_harness_layout; image tasks: the MMEB v1
+path's Hit@1 with HarnessImageMetrics), and <out>/<model>.json, the submission JSON of its report script
 (harness_submission). A restart reuses a finished task only when its
 data are the ones scored: the revision, the digest of the task folder's files (data_digest)
 and, for classification, the class pool's digest; otherwise it scores the task again and
@@ -415,6 +415,30 @@ def ranking_metrics(ranking, ks=KS):
     return {**{m: v / n for m, v in acc.items()}, "num_pred": n, "num_data": n}
 
 
+class HarnessImageMetrics:
+    """The harness's metric set on an MMEB image task, as an evaluate.mmeb_report extra: each
+    row's candidates ranked by score (column 0 the positive, one per row; a tie or a NaN
+    ranks it behind, so hit@1 is mmeb_report's tie-safe Hit@1), then ranking_metrics."""
+    name, settings, rows = "harness_metrics", 1, 0          # settings: kept in the record (a record without is redone)
+
+    def run(self, model, processor, emb, task):
+        s = emb.scores.float()                                            # (rows, max candidates), -inf padding
+        rank = (~(s[:, 1:] < s[:, :1])).sum(1) + 1                         # (rows,) the positive's rank, 1-based
+        rank = rank.masked_fill(s[:, 0].isnan(), max(KS) + 1)             # a NaN positive: a miss at every k
+        return ranking_metrics([{"top": (["-"] * (r - 1) + ["+"])[:max(KS)], "labels": ["+"]}
+                                for r in rank.tolist()])
+
+    def line(self, r):
+        return f"hit@5 {100 * r['hit@5']:.1f}, mrr@10 {100 * r['mrr@10']:.1f}"
+
+    def columns(self, r, tasks):
+        return None
+
+    @staticmethod
+    def table(r):
+        return None
+
+
 def eval_visdoc_task(model, processor, root, task, split="test", language=None, batch_size=16,
                      progress=False, max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS):
     """One visual-document task: every query against the whole corpus (global ranking).
@@ -575,13 +599,15 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
     config = dict(config or {}, **({"data_revision": data_revision} if data_revision else {}))
     rank, _ = rank_world()
     missing, image, counts = {}, {}, {}                     # counts: {image task: queries}, from the records
+    image_metrics = {}                                      # {image task: the harness's metric set}
     itable = ev.task_table(image_tasks, MMEB_EVAL_TASKS)
     iconfig = config if target_instructions or not config.get("target_instructions") else \
         dict(config, target_instructions=False, mmeb_v2_candidate_text=HARNESS_TEXT)
     if mmeb_dir:
-        image = ev.mmeb_report(model, processor, mmeb_dir, image_dir, itable, iconfig, batch_size, out_dir,
-                               skip_missing, progress, name, data_revision=data_revision,
-                               max_text_tokens=max_text_tokens)["hit@1"]
+        report = ev.mmeb_report(model, processor, mmeb_dir, image_dir, itable, iconfig, batch_size, out_dir,
+                                skip_missing, progress, name, data_revision=data_revision,
+                                max_text_tokens=max_text_tokens, extras=[HarnessImageMetrics()])
+        image, image_metrics = report["hit@1"], report.get(HarnessImageMetrics.name, {})
         for task in [t for t, v in image.items() if v is not None] if rank == 0 and out_dir else []:
             with open(result_path(out_dir, "mmeb", task)) as f:   # mmeb_report's record: its query count
                 counts[task] = json.load(f)["num_queries"]
@@ -617,6 +643,8 @@ def mmeb_v2_report(model, processor, mmeb_dir=None, image_dir=None, visdoc_dir=N
     counts.update({t: v["num_data"] for r in (visdoc, video) for t, v in r.items() if v is not None})
     results = {"image": image, "visdoc": visdoc, "video": video, "missing": missing, "candidate_text": text,
                "num_data": {t: [n, EXPECTED_QUERIES.get(t)] for t, n in counts.items()}}   # [here, published]
+    if image_metrics:
+        results["image_metrics"] = image_metrics
     if rank == 0 and out_dir:
         write_json(os.path.join(out_dir, "mmeb_v2_results.json"), {
             "name": name or config.get("model"), "config": config, "summary": summarize_v2(results),
@@ -645,15 +673,17 @@ HARNESS_FIELDS = (*(f"{m}@{k}" for m in HARNESS_METRICS for k in KS), "num_pred"
 def write_harness_layout(out_dir, results):
     """The harness's layout: <out_dir>/{image,video,visdoc}/<Task>_score.json with its field
     names (HARNESS_FIELDS, those the scores hold). Image tasks: the MMEB v1 path's Hit@1
-    (evaluate.mmeb_report) and its query count, no other metric; visdoc and video tasks: the
-    score file's harness fields (a task finished before ranking_metrics holds fewer)."""
+    (evaluate.mmeb_report) and query count with results["image_metrics"] (HarnessImageMetrics);
+    visdoc and video tasks: the score file's harness fields (a task finished before
+    ranking_metrics holds fewer)."""
     for kind in ("image", "video", "visdoc"):
         for task, v in results[kind].items():
             if v is None:
                 continue
             n = results.get("num_data", {}).get(task, [None])[0]
-            score = {"hit@1": v, "num_pred": n, "num_data": n} if kind == "image" else \
-                {f: v[f] for f in HARNESS_FIELDS if f in v}
+            if kind == "image":
+                v = {**results.get("image_metrics", {}).get(task, {}), "hit@1": v, "num_pred": n, "num_data": n}
+            score = {f: v[f] for f in HARNESS_FIELDS if f in v}
             write_json(os.path.join(out_dir, kind, f"{safe_name(task)}_score.json"), score)
 
 
