@@ -25,7 +25,6 @@ Tests: pytest tests/test_train.py
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import itertools
 import json
 import math
@@ -43,7 +42,7 @@ from losses import (at_least_fp32, info_nce, matching_loss, orthogonality_loss, 
                     total_loss)
 from masks import VIEW_SETS
 from model import ReMatch, apply_lora
-from util.backbone import TINY_NAMES, TINY_PRETRAINED, load_backbone, write_model_card
+from util.backbone import TINY_NAMES, load_backbone, pretrained_data_seed, write_model_card
 from util.dist import DIST_TIMEOUT_MINUTES, peak_tflops, print0, setup_distributed, teardown_distributed
 from util.run import (append_log, checkpoint_dirs, cut_log, last_intact, load_checkpoint, read_log,
                       run_config, save_checkpoint, start_run, subset_summary)
@@ -486,12 +485,11 @@ def demo_data(args, master, ddp):
     matching accuracy is reported apart)."""
     from demo import DEMO_BINDING_TASKS, DEMO_EVAL_TASKS, DEMO_META, make_synthetic
     seed = args.seed if args.data_seed is None else args.data_seed
-    if args.model in TINY_PRETRAINED:      # pretrained on one benchmark's TRAIN split: its eval only
-        pretrained_on = importlib.import_module(TINY_PRETRAINED[args.model]).PRETRAIN["data_seed"]
-        if seed != pretrained_on:
-            raise SystemExit(f"--model {args.model} was pretrained on the TRAIN split of the synthetic "
-                             f"benchmark with seed {pretrained_on}; the benchmark with seed {seed} holds "
-                             f"out other pairs, some of which it has seen: pass --data_seed {pretrained_on}")
+    pretrained_on = pretrained_data_seed(args.model)   # pretrained on one benchmark's TRAIN split: its eval only
+    if pretrained_on is not None and seed != pretrained_on:
+        raise SystemExit(f"--model {args.model} was pretrained on the TRAIN split of the synthetic "
+                         f"benchmark with seed {pretrained_on}; the benchmark with seed {seed} holds "
+                         f"out other pairs, some of which it has seen: pass --data_seed {pretrained_on}")
     root = os.path.join(args.out_dir, "demo_data")
     if master:
         t0 = time.time()

@@ -28,7 +28,6 @@ The demo's benchmark depends on --seed; it is written once per seed and shared b
 with that seed (each run's out_dir/demo_data links to it).
 """
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -42,7 +41,7 @@ import train  # noqa: E402
 from demo import DEMO_BINDING_TASKS  # noqa: E402
 from tools.generate import caption_heldout  # noqa: E402
 from tools.rerank import MATCH_VIEW_TYPES  # noqa: E402
-from util.backbone import TINY_PRETRAINED  # noqa: E402
+from util.backbone import pretrained_data_seed  # noqa: E402
 from util.run import checkpoint_dirs  # noqa: E402
 
 CAPTION_KEYS = ("exact", "token_f1", "distinct_2", "repetition", "mean_len")
@@ -96,9 +95,8 @@ def parse_args(argv=None):
 def data_seed_of(model, seed):
     """The synthetic benchmark's seed for a run: the run's own, or for a model pretrained on
     one benchmark's TRAIN split (tiny-qwen2-vl-chat) always that benchmark's (train.py --data_seed)."""
-    if model in TINY_PRETRAINED:
-        return importlib.import_module(TINY_PRETRAINED[model]).PRETRAIN["data_seed"]
-    return seed
+    on = pretrained_data_seed(model)
+    return seed if on is None else on
 
 
 def one_run(flags, seed, steps, out_dir, data_root, model=None, lora_r=None, captions=0):

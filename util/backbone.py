@@ -236,6 +236,19 @@ def _check_tokenizer(tok, config, where):
     answer_token_ids(tok, where)
 
 
+def tiny_builder(name):
+    """The demo module that builds the pretrained tiny model `name` (TINY_PRETRAINED)."""
+    import importlib
+    return importlib.import_module(TINY_PRETRAINED[name])
+
+
+def pretrained_data_seed(name):
+    """The seed of the synthetic benchmark whose TRAIN split the pretrained tiny model `name`
+    saw (its builder's PRETRAIN["data_seed"]: only that benchmark's eval split is held out
+    for it); None for any other model."""
+    return tiny_builder(name).PRETRAIN["data_seed"] if name in TINY_PRETRAINED else None
+
+
 def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None, max_pixels=None,
                   revision=None):
     """
@@ -251,8 +264,7 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if name_or_path in TINY_PRETRAINED:               # built once, then a local checkpoint
-        import importlib
-        path = importlib.import_module(TINY_PRETRAINED[name_or_path]).chat_backbone()
+        path = tiny_builder(name_or_path).chat_backbone()
         return load_backbone(path, device=device, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
     if name_or_path in TINY:
         tok = build_tiny_tokenizer(chat_template=TINY_CHAT_TEMPLATE.get(name_or_path, QWEN2VL_CHAT_TEMPLATE))
