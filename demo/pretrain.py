@@ -234,12 +234,10 @@ def yes_no_accuracy(model, processor, data_root, n=40):
 
 def heldout_figures(model, processor, data_root, n_captions=60):
     """{"captions": tools/generate.py's metrics on n held-out images, and yes_no_accuracy's}."""
-    from tools.generate import CAPTION_PROMPT, decode, greedy, heldout_images, score, stop_ids
+    from tools.generate import answers, heldout_images, score
     from util.inputs import load_image
     items = heldout_images(data_root, n_captions, PRETRAIN["data_seed"])
-    stop = stop_ids(model, processor.tokenizer)
-    ids = [[t for t in greedy(model, processor, load_image(i), CAPTION_PROMPT) if t not in stop] for i, _, _ in items]
-    caps = [decode(processor.tokenizer, t) for t in ids]
+    caps, ids = answers(model, processor, [load_image(i) for i, _, _ in items])
     return {"captions": score(caps, [r for _, r, _ in items], [k for _, _, k in items], ids),
             **yes_no_accuracy(model, processor, data_root)}
 

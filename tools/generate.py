@@ -195,14 +195,18 @@ def score(captions, refs, kinds, tokens=None):
     return out
 
 
-def generate_all(name, pictures, prompt=CAPTION_PROMPT, max_new_tokens=24, device=None):
-    """(texts, token ids without the stop tokens): greedy answers of model `name` (anything
-    load_rematch takes) to `prompt` about each picture."""
-    model, processor, _ = load_rematch(name, device=device)
-    stop = stop_ids(model.backbone, processor.tokenizer)
-    ids = [[t for t in greedy(model.backbone, processor, im, prompt, max_new_tokens) if t not in stop]
-           for im in pictures]
+def answers(backbone, processor, pictures, prompt=CAPTION_PROMPT, max_new_tokens=24):
+    """(texts, token ids without the stop tokens): the backbone's greedy answers to `prompt`
+    about each picture."""
+    stop = stop_ids(backbone, processor.tokenizer)
+    ids = [[t for t in greedy(backbone, processor, im, prompt, max_new_tokens) if t not in stop] for im in pictures]
     return [decode(processor.tokenizer, t) for t in ids], ids
+
+
+def generate_all(name, pictures, prompt=CAPTION_PROMPT, max_new_tokens=24, device=None):
+    """answers() of model `name` (anything load_rematch takes)."""
+    model, processor, _ = load_rematch(name, device=device)
+    return answers(model.backbone, processor, pictures, prompt, max_new_tokens)
 
 
 def caption_heldout(name, data_dir, n, seed=0, device=None):
