@@ -1,6 +1,6 @@
 """
 The ReMatch model (paper §3.2): a Qwen2-VL / Qwen2.5-VL / Qwen3-VL backbone turned into
-an embedding model that also judges matches.
+an embedding model that also judges matches. The class reads in the paper's order:
 
   §3.2.1  K learnable tokens per side (L_q, L_d ∈ R^{K×d}) appended after the chat
           template and fed through `inputs_embeds`; their last-layer states
@@ -10,8 +10,14 @@ an embedding model that also judges matches.
           multi-view matching pass (Fig. 3, ReMatch.match): one forward over a packed
           [P, Q, Zq, D1, Zd1, D2, Zd2, H, A_1..A_8] row per (q, d⁺, d⁻), the unified
           mask of masks.py, logits at the label positions only (Eq. 4 in losses.py).
+  then    the backbone plumbing both call (vision tower, token embeddings, M-RoPE
+          positions, DeepStack inputs, the decoder).
   §4      LoRA on the language model (apply_lora); M-RoPE positions of packed rows
           (mrope_position_ids); checkpoints (load_rematch; util/backbone.save_rematch writes them).
+
+Beside the paper, as functions after the class: the time rule of videos' M-RoPE positions
+(video_time; MMEB-V2's video tasks) and padding-free embedding passes (embed_packed;
+train.py --pack, a speed path equal to ReMatch.embed: tests/test_pack.py).
 
 Loading a backbone (hub id, local directory, or the offline tiny-qwen2-vl /
 tiny-qwen2.5-vl / tiny-qwen3-vl) is util/backbone.py's; speed-ups proven equal to
@@ -27,7 +33,7 @@ Naming: "pos" is always the positive document d⁺; positions in a sequence are 
 (token_idx, feat_idx, label_idx) or position_ids (M-RoPE).
 
 Used by train.py (training) and evaluate.py (embedding); the demo: python train.py
-Tests: pytest tests/test_model.py tests/test_matching.py
+Tests: pytest tests/test_model.py tests/test_matching.py tests/test_video.py tests/test_pack.py
 """
 import os
 
@@ -83,104 +89,6 @@ class ReMatch(nn.Module):
     def device(self):
         return self.L_q.device
 
-    # -- backbone pieces -------------------------------------------------------------
-    def image_features(self, pixel_values, image_grid_thw):
-        """The vision tower's output for each image (or video: the same tower over its
-        temporal patches, given pixel_values_videos and video_grid_thw): a list of
-        (n_i, 1 + S, d), one per row of the grid ([] without images). [:, 0] is the merged
-        features that replace the image's <|image_pad|> (video: <|video_pad|>) tokens;
-        [:, 1:] are Qwen3-VL's DeepStack features (S = number of deepstack_visual_indexes;
-        S = 0 on Qwen2/2.5-VL), which the decoder adds to its hidden states at the same
-        positions after layers 0..S-1 (decoder_inputs)."""
-        if pixel_values is None:
-            return []
-        dev, grid = self.device, image_grid_thw.to(self.device)
-        indices = vision_indices(self.backbone.config.vision_config, grid)  # util/speed.py
-        out = self.backbone.model.get_image_features(pixel_values.to(dev), grid, return_dict=True,
-                                                     **indices)
-        levels = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]  # 1 + S tuples
-        if len(levels) == 1:                                  # S = 0: a view, no copy per step
-            return [f[:, None] for f in levels[0]]                            # (n_i, 1, d) each
-        return [torch.stack(per_image, dim=1) for per_image in zip(*levels)]  # (n_i, 1 + S, d) each
-
-    def vision_tokens(self, input_ids, images, videos=()):
-        """Where the vision features go and which: (mask (N, T) of the <|image_pad|> and
-        <|video_pad|> positions, feats (n_tok, 1 + S, d) in row-major token order), or
-        (None, None) without images and videos. images, videos: image_features outputs."""
-        cfg = self.backbone.config
-        parts = []
-        for kind, token_id, feats in (("image", cfg.image_token_id, images),
-                                      ("video", cfg.video_token_id, videos)):
-            if not feats:
-                continue
-            mask, f = input_ids == token_id, torch.cat(feats, dim=0)          # (N, T), (n, 1 + S, d)
-            if int(mask.sum()) != f.shape[0]:
-                raise ValueError(f"{int(mask.sum())} {kind} tokens but {f.shape[0]} {kind} "
-                                 f"features: text placeholders and {kind}s do not match")
-            parts.append((mask, f))
-        if len(parts) < 2:
-            return parts[0] if parts else (None, None)
-        mask = parts[0][0] | parts[1][0]                                      # (N, T)
-        joint = parts[0][1].new_empty(int(mask.sum()), *parts[0][1].shape[1:])  # (n_tok, 1 + S, d)
-        for m, f in parts:
-            joint[m[mask]] = f
-        return mask, joint
-
-    def input_embeds(self, input_ids, pixel_values=None, image_grid_thw=None, images=None, videos=()):
-        """Token embeddings with the images' (and videos') merged features scattered into
-        the <|image_pad|> (<|video_pad|>) positions. (N, T) → (N, T, d). `images`: the
-        per-image features (image_features) when already computed, else the vision tower
-        runs on pixel_values; `videos`: the per-video features."""
-        hf = self.backbone
-        x = hf.get_input_embeddings()(input_ids)                              # (N, T, d)
-        if images is None:
-            images = self.image_features(pixel_values, image_grid_thw)
-        mask, feats = self.vision_tokens(input_ids, images, videos)
-        if mask is not None:
-            x = x.masked_scatter(mask[..., None], feats[:, 0].to(x.dtype))    # (n_tok, d) into (N, T, d)
-        return x
-
-    def decoder_inputs(self, input_ids, images, videos=()):
-        """Qwen3-VL's DeepStack: the keyword arguments that make the decoder add each image's
-        (video's) DeepStack features (image_features [:, 1:]) to its hidden states at its
-        pad positions after layers 0..S-1, exactly as the backbone's own forward does
-        (images and videos merged in token order) — {} on Qwen2/2.5-VL and without images.
-        Any pass that builds inputs_embeds itself must pass these to last_hidden, or it
-        silently computes another model."""
-        mask, feats = self.vision_tokens(input_ids, images, videos)
-        if mask is None or feats.shape[1] == 1:
-            return {}
-        return {"visual_pos_masks": mask,                                     # (N, T)
-                "deepstack_visual_embeds": list(feats[:, 1:].unbind(1))}     # S × (n_tok, d)
-
-    def positions(self, input_ids, attention_mask, image_grid_thw, video_grid_thw=None,
-                  second_per_grid_ts=None):
-        """M-RoPE positions (3, N, T) as the backbone's get_rope_index gives them. Videos:
-        Qwen2-VL steps time by 1 per temporal patch, Qwen2.5-VL by tokens_per_second ·
-        second_per_grid_t; Qwen3-VL writes a timestamp before each temporal patch, so each
-        is its own one-frame grid (its get_rope_index splits video_grid_thw the same way)."""
-        cfg = self.backbone.config
-        step = None
-        if video_grid_thw is not None:
-            video_grid_thw = video_grid_thw.to(input_ids.device)
-            if is_timestamped(cfg):                                           # (Σ gt, 3), t = 1
-                video_grid_thw = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)
-                video_grid_thw[:, 0] = 1
-            else:
-                step = temporal_step(cfg, second_per_grid_ts, len(video_grid_thw))   # (n_vid,)
-        return mrope_position_ids(input_ids, attention_mask, image_grid_thw, cfg.image_token_id,
-                                  cfg.vision_config.spatial_merge_size,
-                                  video_grid_thw, cfg.video_token_id, step)
-
-    def last_hidden(self, inputs_embeds, attention_mask, position_ids, **deepstack):
-        """Decoder over inputs_embeds; last-layer (post-norm) states (N, T, d). The LM head
-        is not applied here (embedding passes never need it). deepstack: decoder_inputs."""
-        self.tokens_processed += inputs_embeds.shape[0] * inputs_embeds.shape[1]
-        return self.backbone.model.language_model(inputs_embeds=inputs_embeds,
-                                            attention_mask=attention_mask,
-                                            position_ids=position_ids,
-                                            use_cache=False, **deepstack).last_hidden_state
-
     # -- §3.2.1 embeddings -------------------------------------------------------------
     def embed_inputs(self, batch, side, images=None):
         """
@@ -215,38 +123,17 @@ class ReMatch(nn.Module):
         images: the batch's per-image features if already computed (image_features).
         Returns E (N, d), the fused embedding (mean of the K states), and
         e (N, K, d), the K learnable-token states for Eq. 2 (K = 0: the last token, K=1).
-        With `pack` set (train.py --pack), embed_packed computes the same without padding.
+        With `pack` set (train.py --pack), embed_packed (beside the class) computes the same
+        without padding.
         """
         if self.pack:
-            return self.embed_packed(batch, side, images)
+            return embed_packed(self, batch, side, images)
         _, attention_mask, token_idx, x, position_ids, deepstack = self.embed_inputs(batch, side, images)
         h = self.last_hidden(x, attention_mask, position_ids, **deepstack)   # (N, T, d)
         rows = torch.arange(len(token_idx), device=h.device)[:, None].expand_as(token_idx)  # (N, K)
         e = h[rows, token_idx]                                                # (N, K, d)
         E = e.mean(dim=1)                                                     # (N, d)
         return E, e
-
-    def embed_packed(self, batch, side, images=None):
-        """
-        embed without padding (train.py --pack; plumbing, not in the paper): the batch's rows
-        without their padding, one after another in ONE row (1, Σ T_n) under a block-diagonal
-        causal mask (masks.packed_block_mask: each item sees only its own earlier tokens, as
-        in its own padded row), each item with its own M-RoPE positions (and DeepStack
-        features), the K token states gathered at their packed offsets. The decoder computes
-        Σ T_n tokens instead of N · max T_n. Same E, e as the padded pass (tests/test_pack.py);
-        needs the FlexAttention kernel (util/speed.set_attention(..., pack=True)).
-        """
-        _, attention_mask, token_idx, x, position_ids, deepstack = self.embed_inputs(batch, side, images)
-        real = attention_mask.bool()                                          # (N, T), right padding
-        lengths = real.sum(1)                                                 # (N,)
-        start = lengths.cumsum(0) - lengths                                   # (N,) offset in the row
-        if deepstack:                                                         # (N, T) → (1, Σ T_n)
-            deepstack["visual_pos_masks"] = deepstack["visual_pos_masks"][real][None]
-        mask = packed_block_mask(lengths.tolist(), device=x.device)           # (1, 1, ΣT, ΣT) blocks
-        h = self.last_hidden(x[real][None], mask, position_ids[:, real][:, None],
-                             **deepstack)[0]                                  # (Σ T_n, d)
-        e = h[start[:, None] + token_idx]                                     # (N, K, d)
-        return e.mean(dim=1), e
 
     # -- §3.2.3 matching -------------------------------------------------------------
     def match_inputs(self, mbatch, E_q, E_pos, E_neg, images=None):
@@ -334,6 +221,141 @@ class ReMatch(nn.Module):
         item; rows in order, as collate_embed stacks them)."""
         has = (batch["input_ids"] == self.backbone.config.image_token_id).any(1)   # (N,)
         return dict(zip(has.nonzero().flatten().tolist(), images))
+
+    # -- backbone plumbing (called by the passes above) ------------------------------
+    def image_features(self, pixel_values, image_grid_thw):
+        """The vision tower's output for each image (or video: the same tower over its
+        temporal patches, given pixel_values_videos and video_grid_thw): a list of
+        (n_i, 1 + S, d), one per row of the grid ([] without images). [:, 0] is the merged
+        features that replace the image's <|image_pad|> (video: <|video_pad|>) tokens;
+        [:, 1:] are Qwen3-VL's DeepStack features (S = number of deepstack_visual_indexes;
+        S = 0 on Qwen2/2.5-VL), which the decoder adds to its hidden states at the same
+        positions after layers 0..S-1 (decoder_inputs)."""
+        if pixel_values is None:
+            return []
+        dev, grid = self.device, image_grid_thw.to(self.device)
+        indices = vision_indices(self.backbone.config.vision_config, grid)  # util/speed.py
+        out = self.backbone.model.get_image_features(pixel_values.to(dev), grid, return_dict=True,
+                                                     **indices)
+        levels = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]  # 1 + S tuples
+        if len(levels) == 1:                                  # S = 0: a view, no copy per step
+            return [f[:, None] for f in levels[0]]                            # (n_i, 1, d) each
+        return [torch.stack(per_image, dim=1) for per_image in zip(*levels)]  # (n_i, 1 + S, d) each
+
+    def vision_tokens(self, input_ids, images, videos=()):
+        """Where the vision features go and which: (mask (N, T) of the <|image_pad|> and
+        <|video_pad|> positions, feats (n_tok, 1 + S, d) in row-major token order), or
+        (None, None) without images and videos. images, videos: image_features outputs."""
+        cfg = self.backbone.config
+        parts = []
+        for kind, token_id, feats in (("image", cfg.image_token_id, images),
+                                      ("video", cfg.video_token_id, videos)):
+            if not feats:
+                continue
+            mask, f = input_ids == token_id, torch.cat(feats, dim=0)          # (N, T), (n, 1 + S, d)
+            if int(mask.sum()) != f.shape[0]:
+                raise ValueError(f"{int(mask.sum())} {kind} tokens but {f.shape[0]} {kind} "
+                                 f"features: text placeholders and {kind}s do not match")
+            parts.append((mask, f))
+        if len(parts) < 2:
+            return parts[0] if parts else (None, None)
+        mask = parts[0][0] | parts[1][0]                                      # (N, T)
+        joint = parts[0][1].new_empty(int(mask.sum()), *parts[0][1].shape[1:])  # (n_tok, 1 + S, d)
+        for m, f in parts:
+            joint[m[mask]] = f
+        return mask, joint
+
+    def input_embeds(self, input_ids, pixel_values=None, image_grid_thw=None, images=None, videos=()):
+        """Token embeddings with the images' (and videos') merged features scattered into
+        the <|image_pad|> (<|video_pad|>) positions. (N, T) → (N, T, d). `images`: the
+        per-image features (image_features) when already computed, else the vision tower
+        runs on pixel_values; `videos`: the per-video features."""
+        hf = self.backbone
+        x = hf.get_input_embeddings()(input_ids)                              # (N, T, d)
+        if images is None:
+            images = self.image_features(pixel_values, image_grid_thw)
+        mask, feats = self.vision_tokens(input_ids, images, videos)
+        if mask is not None:
+            x = x.masked_scatter(mask[..., None], feats[:, 0].to(x.dtype))    # (n_tok, d) into (N, T, d)
+        return x
+
+    def decoder_inputs(self, input_ids, images, videos=()):
+        """Qwen3-VL's DeepStack: the keyword arguments that make the decoder add each image's
+        (video's) DeepStack features (image_features [:, 1:]) to its hidden states at its
+        pad positions after layers 0..S-1, exactly as the backbone's own forward does
+        (images and videos merged in token order) — {} on Qwen2/2.5-VL and without images.
+        Any pass that builds inputs_embeds itself must pass these to last_hidden, or it
+        silently computes another model."""
+        mask, feats = self.vision_tokens(input_ids, images, videos)
+        if mask is None or feats.shape[1] == 1:
+            return {}
+        return {"visual_pos_masks": mask,                                     # (N, T)
+                "deepstack_visual_embeds": list(feats[:, 1:].unbind(1))}     # S × (n_tok, d)
+
+    def positions(self, input_ids, attention_mask, image_grid_thw, video_grid_thw=None,
+                  second_per_grid_ts=None):
+        """M-RoPE positions (3, N, T) as the backbone's get_rope_index gives them (videos:
+        their time rule is video_time's, beside the class)."""
+        cfg = self.backbone.config
+        video_grid_thw, step = video_time(cfg, video_grid_thw, second_per_grid_ts, input_ids.device)
+        return mrope_position_ids(input_ids, attention_mask, image_grid_thw, cfg.image_token_id,
+                                  cfg.vision_config.spatial_merge_size,
+                                  video_grid_thw, cfg.video_token_id, step)
+
+    def last_hidden(self, inputs_embeds, attention_mask, position_ids, **deepstack):
+        """Decoder over inputs_embeds; last-layer (post-norm) states (N, T, d). The LM head
+        is not applied here (embedding passes never need it). deepstack: decoder_inputs."""
+        self.tokens_processed += inputs_embeds.shape[0] * inputs_embeds.shape[1]
+        return self.backbone.model.language_model(inputs_embeds=inputs_embeds,
+                                            attention_mask=attention_mask,
+                                            position_ids=position_ids,
+                                            use_cache=False, **deepstack).last_hidden_state
+
+
+# ----------------------------------------------------------------------------------
+# Beside the paper: video positions (MMEB-V2) and packed rows (a speed path). ReMatch
+# calls each in one line (positions, embed); neither changes what the model computes.
+
+def video_time(cfg, video_grid_thw, second_per_grid_ts, device):
+    """
+    The time rule of videos' M-RoPE positions, as the backbone's get_rope_index applies it:
+    (video_grid_thw, step) for mrope_position_ids. Qwen2-VL steps time by 1 per temporal
+    patch, Qwen2.5-VL by tokens_per_second · second_per_grid_t (util/video.temporal_step:
+    step (n_vid,)); Qwen3-VL writes a timestamp before each temporal patch, so each is its
+    own one-frame grid (Σ gt, 3), step None (its get_rope_index splits video_grid_thw the
+    same way). (None, None) without videos.
+    """
+    if video_grid_thw is None:
+        return None, None
+    video_grid_thw = video_grid_thw.to(device)
+    if is_timestamped(cfg):                                                   # (Σ gt, 3), t = 1
+        video_grid_thw = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)
+        video_grid_thw[:, 0] = 1
+        return video_grid_thw, None
+    return video_grid_thw, temporal_step(cfg, second_per_grid_ts, len(video_grid_thw))   # (n_vid,)
+
+
+def embed_packed(model, batch, side, images=None):
+    """
+    ReMatch.embed without padding (train.py --pack; plumbing, not in the paper): the batch's rows
+    without their padding, one after another in ONE row (1, Σ T_n) under a block-diagonal
+    causal mask (masks.packed_block_mask: each item sees only its own earlier tokens, as
+    in its own padded row), each item with its own M-RoPE positions (and DeepStack
+    features), the K token states gathered at their packed offsets. The decoder computes
+    Σ T_n tokens instead of N · max T_n. Same E, e as the padded pass (tests/test_pack.py);
+    needs the FlexAttention kernel (util/speed.set_attention(..., pack=True)).
+    """
+    _, attention_mask, token_idx, x, position_ids, deepstack = model.embed_inputs(batch, side, images)
+    real = attention_mask.bool()                                              # (N, T), right padding
+    lengths = real.sum(1)                                                     # (N,)
+    start = lengths.cumsum(0) - lengths                                       # (N,) offset in the row
+    if deepstack:                                                             # (N, T) → (1, Σ T_n)
+        deepstack["visual_pos_masks"] = deepstack["visual_pos_masks"][real][None]
+    mask = packed_block_mask(lengths.tolist(), device=x.device)               # (1, 1, ΣT, ΣT) blocks
+    h = model.last_hidden(x[real][None], mask, position_ids[:, real][:, None],
+                          **deepstack)[0]                                     # (Σ T_n, d)
+    e = h[start[:, None] + token_idx]                                         # (N, K, d)
+    return e.mean(dim=1), e
 
 
 # ----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """
-Padding-free embedding passes (train.py --pack, ReMatch.embed_packed): a pass's items in
+Padding-free embedding passes (train.py --pack, model.embed_packed): a pass's items in
 one row under a block-diagonal causal mask, each with its own M-RoPE positions (and
 Qwen3-VL's DeepStack features), the K token states gathered at their packed offsets.
 Oracle: the padded pass (ReMatch.embed with SDPA), the default.
