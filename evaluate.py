@@ -29,15 +29,12 @@ Commands
   The matching head's accuracy (--match_queries N) and reranking (--top_k K): tools/rerank.py.
   Tests: pytest tests/test_evaluate.py
 
---model: a train.py checkpoint directory (has rematch_config.json) or its hub id, a hub
-id or local directory of a raw Qwen2-VL / Qwen2.5-VL / Qwen3-VL (the single-vector baseline:
-last-token pooling, VLM2Vec layout; see --num_tokens / --embed_template), or
-tiny-qwen2-vl / tiny-qwen2.5-vl. Under torchrun each task's embedding work is cut into
-one contiguous shard per rank, the embeddings are all-gathered and scored; rank 0 prints
-and writes. With --out, each finished task is saved at once (<out>/mmeb/<task>.json) and
-a restarted run skips it; the tables go to <out>/mmeb_results.{json,md} and
-<out>/zeroshot_results.{json,md}. Data layouts: the MMEB section below; zero-shot:
-util/benchmarks.py.
+--model: a checkpoint, an export, or a raw backbone (the single-vector baseline; --help).
+Under torchrun each task's embedding work is cut into one contiguous shard per rank, the
+embeddings are all-gathered and scored; rank 0 prints and writes. With --out, each finished
+task is saved at once (<out>/mmeb/<task>.json) and a restarted run skips it; the tables go
+to <out>/mmeb_results.{json,md} and <out>/zeroshot_results.{json,md}. Data layouts: the MMEB
+section below; zero-shot: util/benchmarks.py. MMEB-V2 (not the paper's): tools/mmeb_v2.py.
 """
 import argparse
 import dataclasses
@@ -102,53 +99,17 @@ def recall_at_k(scores, is_pos, k):
     return hit.sum().item() / len(hit)
 
 
-def graded_ranking(scores, grades, ks=(1, 5, 10), return_top=False):
-    """
-    MMEB-V2's visual-document metrics (not the paper's) of a global ranking: scores (Nq, Nd)
-    against the whole corpus, grades (Nq, Nd) graded relevance (0 = not relevant, ≥ 1
-    relevant document per row). Documents rank by score, and among equal scores the lower
-    grade first (a tie never helps, as in hit_at_1; a NaN score counts against the query).
-    Per query, with the reference harness's names: hit@1 (the first is relevant),
-    recall@k (the share of the relevant documents in the top k), ndcg_linear@k
-    (DCG@k = Σ_i g_i / log2(i + 2) over the top k, divided by the same sum over the grades
-    sorted descending). Returns {name: mean over queries (float)}, and with return_top the
-    ranked document indices (Nq, max k) the metrics read.
-    """
-    rel = grades > 0
-    if not bool(rel.any(dim=1).all()):
-        raise ValueError("graded_ranking: every query needs at least one relevant document")
-    s = scores.float().masked_fill(scores.isnan() & rel, float("-inf"))
-    s = s.masked_fill(s.isnan(), float("inf"))                               # (Nq, Nd)
-    k_max = min(max(ks), s.shape[1])
-    by_grade = torch.argsort(grades, dim=1, stable=True)                     # (Nq, Nd) grade ascending
-    order = torch.argsort(-s.gather(1, by_grade), dim=1, stable=True)[:, :k_max]   # ties: grade asc
-    top = by_grade.gather(1, order)                                          # (Nq, k) document indices
-    g = grades.float().gather(1, top)                                        # (Nq, k) grades, ranked
-    discount = 1 / torch.log2(torch.arange(k_max, dtype=torch.float32) + 2)  # (k,)
-    ideal = grades.float().sort(dim=1, descending=True).values[:, :k_max]    # (Nq, k)
-    out = {"hit@1": (g[:, 0] > 0).float().mean().item()}
-    for k in ks:
-        out[f"recall@{k}"] = ((g[:, :k] > 0).sum(1) / rel.sum(1)).mean().item()
-        dcg, idcg = (g[:, :k] * discount[:k]).sum(1), (ideal[:, :k] * discount[:k]).sum(1)
-        out[f"ndcg_linear@{k}"] = (dcg / idcg).mean().item()
-    return (out, top) if return_top else out
-
-
 # ----------------------------------------------------------------------------------
 # Embedding items: each distinct (text, image) once per side, sharded over ranks
 
-def _as_image(x, where):
-    if x is None:
-        return None
-    return load_image(x, where) if isinstance(x, (str, os.PathLike, bytes)) else upscale_small(x)
-
-
 def _encode(processor, text, image, where):
-    """encode_item of an MMEB string and an image given as None, a path or a PIL image, or
-    a video given as a util.video.Clip."""
+    """encode_item of an MMEB string and an image given as None, a path, bytes or a PIL
+    image, or a video given as a util.video.Clip."""
     if isinstance(image, Clip):
         return encode_item(processor, text, where=where, video=image)
-    return encode_item(processor, text, _as_image(image, where), where=where)
+    if image is not None:
+        image = load_image(image, where) if isinstance(image, (str, os.PathLike, bytes)) else upscale_small(image)
+    return encode_item(processor, text, image, where=where)
 
 
 EVAL_MAX_TEXT_TOKENS = 8192        # far above MMEB's longest candidates; a runaway one is refused
@@ -246,14 +207,13 @@ META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
 #   Retrieval       IND VisDial CIRR VisualNews_t2i VisualNews_i2t MSCOCO_t2i MSCOCO_i2t NIGHTS WebQA
 #                   OOD FashionIQ Wiki-SS-NQ OVEN EDIS
 #   Grounding       IND MSCOCO   OOD RefCOCO RefCOCO-Matching Visual7W-Pointing
-BENCHMARK_NAMES = ("mmeb", "synthetic", "mmeb-v2")   # mmeb-v2: not the paper's (tools/mmeb_v2.py)
+BENCHMARK_NAMES = ("mmeb", "synthetic")
 
 
 def benchmarks():
-    """The built-in task tables: MMEB's 36 and the CPU demo's (imported only when asked);
-    MMEB-V2's image tasks are MMEB's 36."""
+    """The built-in task tables: MMEB's 36 and the CPU demo's (imported only when asked)."""
     from demo import DEMO_EVAL_TASKS
-    return {"mmeb": MMEB_EVAL_TASKS, "synthetic": DEMO_EVAL_TASKS, "mmeb-v2": MMEB_EVAL_TASKS}
+    return {"mmeb": MMEB_EVAL_TASKS, "synthetic": DEMO_EVAL_TASKS}
 
 
 def _known_tasks():
@@ -800,50 +760,39 @@ class Encoder:
 
 def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) on MMEB (Table 1) "
                               "and zero-shot retrieval (Table 2)."):
-    """evaluate.py's flags (tools/rerank.py adds its own to them)."""
+    """evaluate.py's flags (tools/rerank.py and tools/mmeb_v2.py add their own to them)."""
     p = argparse.ArgumentParser(description=description)
     # model
-    p.add_argument("--model", required=True, help="train.py checkpoint dir or the hub id of an "
-                   "uploaded one, a merged export (tools/export_merged.py; folder or hub id: its own K, "
-                   "template and pooling), hub id / local dir of a raw Qwen2-VL/Qwen2.5-VL/Qwen3-VL (baseline), "
-                   "or tiny-qwen2-vl / tiny-qwen2.5-vl / tiny-qwen3-vl / tiny-qwen2-vl-chat")
-    p.add_argument("--revision", default=None,
-                   help="hub ids only: the commit, branch or tag of --model to load (recorded with "
-                        "the results; default: the repository's main branch)")
+    p.add_argument("--model", required=True, help="train.py checkpoint dir or its hub id, a merged export "
+                   "(tools/export_merged.py: its own K, template and pooling), a raw Qwen2-VL/Qwen2.5-VL/Qwen3-VL "
+                   "(baseline), or tiny-qwen2-vl / tiny-qwen2.5-vl / tiny-qwen3-vl / tiny-qwen2-vl-chat")
+    p.add_argument("--revision", default=None, help="hub ids only: the commit, branch or tag of --model "
+                   "(recorded with the results; default: main)")
     p.add_argument("--num_tokens", type=int, default=0,
                    help="raw backbones only: K learnable tokens (0 = last-token pooling)")
     p.add_argument("--embed_template", default="plain", choices=("plain", "chat"),
                    help="raw backbones only: plain = VLM2Vec layout, chat = MVQDM++ template")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available; "
-                   "under torchrun cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float64"), default="auto",
-                   help="weights: auto = the checkpoint's training dtype if it trained in full precision, "
-                        "else bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float64"), default="auto", help="weights: "
+                   "auto = the checkpoint's training dtype if full precision, else bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--batch_size", type=int, default=16, help="items per embedding forward (per rank)")
     p.add_argument("--dist_timeout_minutes", type=float, default=DIST_TIMEOUT_MINUTES,
                    help=f"torchrun: how long a collective waits for the other ranks (default "
                         f"{DIST_TIMEOUT_MINUTES}; rank 0 alone may be downloading the checkpoint)")
-    p.add_argument("--attn", choices=ATTENTION, default="sdpa",
-                   help="attention of the matching passes (tools/rerank.py): sdpa = dense "
-                        "mask (default), flex = FlexAttention block mask (util.speed.set_attention)")
+    p.add_argument("--attn", choices=ATTENTION, default="sdpa", help="attention of the matching passes "
+                   "(tools/rerank.py): sdpa = dense mask, flex = FlexAttention block mask (util.speed)")
     # MMEB
     p.add_argument("--mmeb_dir", default=None, help="MMEB-eval: local dir or hub id "
                    "(TIGER-Lab/MMEB-eval); <root>/<Task>/test-*.parquet or <root>/<Task>/test/*.parquet")
     p.add_argument("--image_dir", default=None, help="folder the *_img_path columns are relative to")
-    p.add_argument("--data_revision", default=None, help="a hub id as --mmeb_dir: the dataset's commit, "
-                   "branch or tag (recorded with the results)")
-    p.add_argument("--benchmark", default="mmeb", choices=BENCHMARK_NAMES,
-                   help="task table: mmeb = the 36 MMEB tasks, synthetic = demo.make_synthetic's eval split, "
-                        "mmeb-v2 = MMEB-V2's leaderboard (not the paper's: image via --mmeb_dir, "
-                        "visual documents via --visdoc_dir, video via --video_dir; tools/mmeb_v2.py)")
-    from tools.mmeb_v2 import add_flags                         # --visdoc_dir, --video_dir, --v2_target_instructions
-    add_flags(p)
+    p.add_argument("--data_revision", default=None, help="a hub id as --mmeb_dir: its commit, branch or tag")
+    p.add_argument("--benchmark", default="mmeb", choices=BENCHMARK_NAMES, help="task table: mmeb = the 36 "
+                   "MMEB tasks, synthetic = the demo's eval split (MMEB-V2: python tools/mmeb_v2.py)")
     p.add_argument("--tasks", nargs="+", default=None, help="a subset of the benchmark's tasks (default: all)")
     p.add_argument("--task_table", default=None, help="JSON {task: [meta_task, is_ind]}: the task "
                    "table of any other benchmark in the MMEB file format (replaces --benchmark)")
-    p.add_argument("--max_text_tokens", type=int, default=EVAL_MAX_TEXT_TOKENS,
-                   help="refuse (naming it) a query or candidate whose text is longer, image "
-                        f"tokens not counted (default {EVAL_MAX_TEXT_TOKENS})")
+    p.add_argument("--max_text_tokens", type=int, default=EVAL_MAX_TEXT_TOKENS, help="refuse (naming it) an "
+                   f"item whose text is longer, image tokens not counted (default {EVAL_MAX_TEXT_TOKENS})")
     p.add_argument("--allow_outside_image_dir", action="store_true",
                    help="accept image paths that are absolute or leave --image_dir (--data_dir) with '..'")
     p.add_argument("--skip_missing", action="store_true", help="skip tasks whose files or images "
@@ -851,11 +800,9 @@ def build_parser(description="Evaluate a ReMatch checkpoint (or a raw backbone) 
     # zero-shot
     p.add_argument("--zeroshot", nargs="+", default=None, choices=list(ZEROSHOT), metavar="NAME",
                    help=f"zero-shot datasets to evaluate (Table 2): {' '.join(ZEROSHOT)}")
-    p.add_argument("--data_dir", default=None, help="root of the zero-shot datasets (layout in "
-                   "the module docstring)")
+    p.add_argument("--data_dir", default=None, help="root of the zero-shot datasets (layouts: util/benchmarks.py)")
     # output
-    p.add_argument("--out", default=None, help="output dir: per-task results (resume), "
-                   "mmeb_results.{json,md}, zeroshot_results.{json,md}")
+    p.add_argument("--out", default=None, help="output dir: per-task results (resume), tables (.json, .md)")
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bars")
     return p
 
@@ -868,9 +815,11 @@ def parse_args(argv=None, parser=None):
     return args
 
 
-def main(argv=None, args=None, extras=None):
-    """evaluate.py's run. tools/rerank.py calls it with its parsed args and `extras`, a
-    function of the checkpoint's config that returns mmeb_report's extras."""
+def main(argv=None, args=None, extras=None, benchmark=None):
+    """evaluate.py's run. Hooks of the extensions: tools/rerank.py passes its parsed args and
+    `extras`, a function of the checkpoint's config that returns mmeb_report's extras;
+    tools/mmeb_v2.py `benchmark`, a function (args, model, processor, config, name) → (key,
+    results) run instead of the MMEB table (it prints its own)."""
     args = args or parse_args(argv)
     _, _, world, device = setup_distributed(args.device, args.dist_timeout_minutes)   # torchrun: one shard per rank
     model, processor, config = load_rematch(args.model, device=device, num_tokens=args.num_tokens,
@@ -882,20 +831,17 @@ def main(argv=None, args=None, extras=None):
     print0(f"{args.model} on {device} × {world} rank(s): K={model.num_tokens}, "
            f"template={model.embed_template}, batch {args.batch_size} per rank")
     out = {}
-    if args.benchmark == "mmeb-v2":                             # not the paper's protocol
-        from tools import mmeb_v2
-        out["mmeb_v2"] = mmeb_v2.run_cli(args, model, processor, config, name)   # prints its table
+    if benchmark:                                               # an extension's task table
+        key, out[key] = benchmark(args, model, processor, config, name)
     elif args.mmeb_dir:
         known = args.task_table_entries if args.task_table else benchmarks()[args.benchmark]
         table = task_table(args.tasks, known)
-        report = mmeb_report(model, processor, args.mmeb_dir, args.image_dir, table, config,
-                             args.batch_size, args.out, args.skip_missing, not args.no_progress,
-                             name=name, extras=extras,
+        report = mmeb_report(model, processor, args.mmeb_dir, args.image_dir, table, config, args.batch_size,
+                             args.out, args.skip_missing, not args.no_progress, name=name, extras=extras,
                              allow_outside_image_dir=args.allow_outside_image_dir,
                              max_text_tokens=args.max_text_tokens, data_revision=args.data_revision)
         out["mmeb"] = report["hit@1"]
-        print0("\n" + format_table(out["mmeb"], table, name=name,
-                                   extras=[(x, report[x.name]) for x in extras]))
+        print0("\n" + format_table(out["mmeb"], table, name=name, extras=[(x, report[x.name]) for x in extras]))
         for x in extras:
             out[x.name] = report[x.name]
             if x.table(out[x.name]):

@@ -357,11 +357,14 @@ def lr_at(step, args):
 # ----------------------------------------------------------------------------------
 # The run
 
-def main(argv=None):
+def main(argv=None, args=None, after_eval=None):
+    """The run. Hooks of the extensions: `args` parsed by an extended parser (parse_args),
+    `after_eval` a function (model, processor, args, eval_dir, results) → {key: results}
+    called after the evaluation (tools/mmeb_v2.py train)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     from tqdm import tqdm
 
-    args = parse_args(argv)
+    args = args or parse_args(argv)
     ddp, rank, world, device = setup_distributed(timeout_minutes=args.dist_timeout_minutes)
     master = rank == 0
     seed_everything(args.seed + rank)                 # dropout masks differ per rank, repeat per run
@@ -472,7 +475,7 @@ def main(argv=None):
 
     results = None
     if args.eval_data:
-        results = run_eval(model, processor, args, eval_tasks, step + 1, match_apart)
+        results = run_eval(model, processor, args, eval_tasks, step + 1, match_apart, after_eval)
     del ddp_model, run, opt, batches, loader      # DDP state first (teardown_distributed)
     teardown_distributed()
     return results
@@ -555,7 +558,7 @@ def all_ranks_finite(terms, step, out_dir, world):
     return stats
 
 
-def run_eval(model, processor, args, tasks, step, match_apart=()):
+def run_eval(model, processor, args, tasks, step, match_apart=(), after_eval=None):
     """MMEB-style evaluation of the trained model (the demo: the synthetic eval split),
     by the same code path as real MMEB (evaluate.py); match_apart: tasks whose matching
     accuracy is averaged apart (the demo's binding tasks). Results go to a fresh folder,
@@ -590,16 +593,8 @@ def run_eval(model, processor, args, tasks, step, match_apart=()):
     if matching:                                      # {view type: mean}, the apart tasks apart
         out["matching_mean"] = matching_means(matching, [t for t in matching if t not in match_apart])
         out["matching_mean_apart"] = matching_means(matching, [t for t in matching if t in match_apart])
-    visdoc, video = getattr(args, "eval_visdoc_dir", None), getattr(args, "eval_video_dir", None)
-    if visdoc or video:                               # MMEB-V2's visual documents, video (not the paper's)
-        from tools import mmeb_v2
-        v2 = mmeb_v2.mmeb_v2_report(model, processor, visdoc_dir=visdoc, config=run_config(args),
-                                    out_dir=eval_dir, progress=sys.stderr.isatty(), image_tasks=[],
-                                    visdoc_tasks=mmeb_v2.visdoc_tasks_in(visdoc) if visdoc else [],
-                                    video_dir=video, video_tasks=mmeb_v2.video_tasks_in(video) if video else [])
-        v2["image"] = {t: v for t, v in results.items() if t in mmeb_v2.MMEB_EVAL_TASKS}
-        print0("\n" + mmeb_v2.format_v2_table(v2))
-        out["mmeb_v2"] = v2
+    if after_eval:                                    # an extension's evaluation (main's hook)
+        out.update(after_eval(model, processor, args, eval_dir, results))
     last = checkpoint_dirs(args.out_dir)
     if rank_world()[0] == 0 and last:                 # the final checkpoint's card gets the results
         with open(os.path.join(last[-1], "rematch_config.json")) as f:
@@ -641,24 +636,20 @@ def build_parser():
     """train.py's flags, with their defaults before any preset."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="defaults for a paper model or the CPU demo (default: demo when no "
-                        "--train_data is given)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults for a paper model or the CPU demo "
+                   "(default: demo when no --train_data is given)")
     # model
-    p.add_argument("--model", default="tiny-qwen2-vl",
-                   help="hub id or local dir of Qwen2-VL / Qwen2.5-VL / Qwen3-VL, or tiny-qwen2-vl / "
-                        "tiny-qwen2.5-vl / tiny-qwen3-vl (random init), tiny-qwen2-vl-chat (taught to speak "
-                        "about the demo's TRAIN images: demo/pretrain.py, built once)")
-    p.add_argument("--model_revision", default=None,
-                   help="hub ids only: the commit, branch or tag of --model to download (recorded: "
-                        "loading the checkpoint later pins its base model to it)")
+    p.add_argument("--model", default="tiny-qwen2-vl", help="hub id or local dir of Qwen2-VL / Qwen2.5-VL / Qwen3-VL, "
+                   "or tiny-qwen2-vl / tiny-qwen2.5-vl / tiny-qwen3-vl (random init), tiny-qwen2-vl-chat (taught to "
+                   "speak about the demo's TRAIN images: demo/pretrain.py, built once)")
+    p.add_argument("--model_revision", default=None, help="hub ids only: the commit, branch or tag of --model to "
+                   "download (recorded: loading the checkpoint later pins its base model to it)")
     p.add_argument("--num_tokens", type=int, default=16,
                    help="K learnable tokens per side (§3.2.1); 0 = last-token pooling (baseline)")
     p.add_argument("--embed_template", choices=("chat", "plain"), default="chat",
                    help="chat = MVQDM++ embedding template (default); plain = VLM2Vec layout")
-    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
-                   help="LoRA on the language model (default: on for pretrained, off = full "
-                        "training for the tiny random models)")
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None, help="LoRA on the language model "
+                   "(default: on for pretrained, off = full training for the tiny random models)")
     p.add_argument("--lora_r", type=int, default=32, help="LoRA rank (§4: 32)")
     p.add_argument("--lora_alpha", type=int, default=64, help="LoRA alpha (§4: 64)")
     p.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
@@ -669,23 +660,20 @@ def build_parser():
                         "bf16 autocast on CUDA with auto / bfloat16 only")
     p.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="non-reentrant activation checkpointing of the decoder (and vision) layers")
-    p.add_argument("--attn", choices=ATTENTION, default="sdpa",
-                   help="attention of the unified matching pass: sdpa = the dense additive mask "
-                        "(default; the oracle), flex = FlexAttention's block mask, which skips "
-                        "the empty blocks (CUDA: no CPU backward in torch; bench/matching.py)")
+    p.add_argument("--attn", choices=ATTENTION, default="sdpa", help="attention of the unified matching pass: sdpa = "
+                   "the dense additive mask (default; the oracle), flex = FlexAttention's block mask, which skips the "
+                   "empty blocks (CUDA: no CPU backward in torch; bench/matching.py)")
     # data
-    p.add_argument("--train_data", default=None,
-                   help="MMEB-train (hub id or dir of <Subset>/original-*.parquet) or mmE5 "
-                        "hard-negative files; default: the built-in synthetic benchmark")
+    p.add_argument("--train_data", default=None, help="MMEB-train (hub id or dir of <Subset>/original-*.parquet) or "
+                   "mmE5 hard-negative files; default: the built-in synthetic benchmark")
     p.add_argument("--image_dir", default=None, help="root the rows' image paths are relative to")
     p.add_argument("--data_revision", default=None,
                    help="hub ids only: the commit, branch or tag of --train_data (recorded in the checkpoint)")
     p.add_argument("--subsets", nargs="+", default=None, help="training subsets (default: all)")
     p.add_argument("--split", default="original", help="MMEB-train split (original | diverse_instruction)")
     p.add_argument("--max_rows_per_subset", type=int, default=None, help="cap rows per subset (head)")
-    p.add_argument("--target_prompts", default=None,
-                   help="JSON {subset, task or meta-task: prompt}: target prompts for your own "
-                        "subsets (or to replace MMEB's); a subset with none trains without one")
+    p.add_argument("--target_prompts", default=None, help="JSON {subset, task or meta-task: prompt}: target prompts "
+                   "for your own subsets (or to replace MMEB's); a subset with none trains without one")
     p.add_argument("--target_instructions", action=argparse.BooleanOptionalAction, default=True,
                    help="prepend the per-subset target prompt to text documents (Table 3 row 2)")
     p.add_argument("--hard_negative", action=argparse.BooleanOptionalAction, default=True,
@@ -693,16 +681,13 @@ def build_parser():
                         "for rows that have none, d- is the next instance's positive")
     p.add_argument("--homogeneous_batches", action=argparse.BooleanOptionalAction, default=True,
                    help="each global batch from one subset (in-batch negatives of one task)")
-    p.add_argument("--skip_bad_rows", action="store_true",
-                   help="drop rows with missing/corrupt images or no content, count and report "
-                        "them (default: stop with an error naming the row)")
-    p.add_argument("--check_images", action="store_true",
-                   help="decode every training image before the first step (a progress bar), so a "
-                        "corrupt file stops the run (or, with --skip_bad_rows, is counted) at once, "
-                        "not when its batch comes")
-    p.add_argument("--max_text_tokens", type=int, default=1024,
-                   help="longest text (tokens, image tokens not counted) of a query or document; a "
-                        "longer one is an error naming its row (or skipped with --skip_bad_rows)")
+    p.add_argument("--skip_bad_rows", action="store_true", help="drop rows with missing/corrupt images or no content, "
+                   "count and report them (default: stop with an error naming the row)")
+    p.add_argument("--check_images", action="store_true", help="decode every training image before the first step (a "
+                   "progress bar), so a corrupt file stops the run (or, with --skip_bad_rows, is counted) at once, not "
+                   "when its batch comes")
+    p.add_argument("--max_text_tokens", type=int, default=1024, help="longest text (tokens, image tokens not counted) "
+                   "of a query or document; a longer one is an error naming its row (or skipped with --skip_bad_rows)")
     p.add_argument("--allow_outside_image_dir", action="store_true",
                    help="accept image paths that are absolute or leave --image_dir with '..'")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (image decoding)")
@@ -714,11 +699,9 @@ def build_parser():
     p.add_argument("--w_qdm", type=float, default=0.1, help="weight of Eq. 4 in Eq. 5 (0.1); 0 = no matching")
     p.add_argument("--match_views", choices=sorted(VIEW_SETS), default="all",
                    help="matching views (Table 5): all, feat (lightweight), raw, raw2feat, feat2raw")
-    p.add_argument("--match_prompt", choices=sorted(MATCH_PROMPTS), default="paper",
-                   help="segment P of the matching rows: paper = system prompt + App. S7's "
-                        "instruction (default); header = the bare user header, for tiny random "
-                        "models whose near-uniform attention the long prompt dilutes "
-                        "(docs/demo.md §3)")
+    p.add_argument("--match_prompt", choices=sorted(MATCH_PROMPTS), default="paper", help="segment P of the matching "
+                   "rows: paper = system prompt + App. S7's instruction (default); header = the bare user header, for "
+                   "tiny random models whose near-uniform attention the long prompt dilutes (docs/demo.md §3)")
     p.add_argument("--match_instances", type=int, default=None,
                    help="instances per rank entering the matching pass (default: all B)")
     p.add_argument("--mask_duplicates", action=argparse.BooleanOptionalAction, default=True,
@@ -727,16 +710,14 @@ def build_parser():
     # optimisation
     p.add_argument("--steps", type=int, default=2500, help="optimiser steps (§4: 2500)")
     p.add_argument("--batch_size", type=int, default=128, help="queries per rank per step (§4: 128 × 8)")
-    p.add_argument("--pack", action="store_true",
-                   help="padding-free embedding passes: each pass's items in one row under a "
-                        "block-diagonal causal FlexAttention mask (same embeddings; CUDA training "
-                        "only; default off: the padded SDPA passes)")
+    p.add_argument("--pack", action="store_true", help="padding-free embedding passes: each pass's items in one row "
+                   "under a block-diagonal causal FlexAttention mask (same embeddings; CUDA training only; default "
+                   "off: the padded SDPA passes)")
     p.add_argument("--length_grouped_chunks", action=argparse.BooleanOptionalAction, default=True,
                    help="with --chunk_size: chunks of instances of similar token length (less "
                         "padding; the same loss and gradients; default on)")
-    p.add_argument("--chunk_size", type=int, default=None,
-                   help="cached-gradient micro-batching: embed and backpropagate this many "
-                        "instances at a time (same gradients, memory of one chunk); default off")
+    p.add_argument("--chunk_size", type=int, default=None, help="cached-gradient micro-batching: embed and "
+                   "backpropagate this many instances at a time (same gradients, memory of one chunk); default off")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (§4: 1e-4)")
     p.add_argument("--warmup_steps", type=int, default=100, help="linear warm-up steps, then cosine decay")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
@@ -748,50 +729,35 @@ def build_parser():
     p.add_argument("--out_dir", default="runs/demo", help="checkpoints, log.jsonl, eval results")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in out_dir (an error if there is none)")
-    p.add_argument("--resume_if_exists", action="store_true",
-                   help="continue from the latest checkpoint in out_dir if there is one, else start "
-                        "afresh (for job scripts that are restarted)")
-    p.add_argument("--resume_from", default=None,
-                   help="continue from this checkpoint folder (a path, or the hub id of a checkpoint "
-                        "folder: downloaded once, rank 0 first) into an --out_dir without checkpoints")
+    p.add_argument("--resume_if_exists", action="store_true", help="continue from the latest checkpoint in out_dir if "
+                   "there is one, else start afresh (for job scripts that are restarted)")
+    p.add_argument("--resume_from", default=None, help="continue from this checkpoint folder (a path, or the hub id of "
+                   "a checkpoint folder: downloaded once, rank 0 first) into an --out_dir without checkpoints")
     p.add_argument("--resume_revision", default=None,
                    help="with a hub id as --resume_from: the commit, branch or tag to download")
-    p.add_argument("--allow_changed", nargs="+", default=None, metavar="FLAG",
-                   help="resume although these flags (names without --) differ from the "
-                        "checkpoint's; without it any such difference stops the run")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an out_dir that holds checkpoints, deleting them "
-                        "(without it such a run stops, so no checkpoint is lost by accident)")
+    p.add_argument("--allow_changed", nargs="+", default=None, metavar="FLAG", help="resume although these flags "
+                   "(names without --) differ from the checkpoint's; without it any such difference stops the run")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an out_dir that holds checkpoints, "
+                   "deleting them (without it such a run stops, so no checkpoint is lost by accident)")
     p.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep_checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     p.add_argument("--log_every", type=int, default=1, help="print a log line every N steps (log.jsonl: every step)")
     p.add_argument("--eval_data", default=None,
                    help="MMEB-eval dir/hub id to evaluate after training (demo: the synthetic eval split)")
     p.add_argument("--eval_image_dir", default=None, help="image root of --eval_data")
-    p.add_argument("--eval_visdoc_dir", default=None,
-                   help="also MMEB-V2's visual-document tasks after training (not the paper's): a folder "
-                        "of task folders in the BEIR layout (tools/mmeb_v2.py); needs --eval_data")
-    p.add_argument("--eval_video_dir", default=None,
-                   help="also MMEB-V2's video tasks after training: a folder of video task folders "
-                        "(their names among the 18; util/benchmarks.py's layout); needs --eval_data")
-    p.add_argument("--eval_tasks", nargs="+", default=None,
-                   help="tasks to evaluate (default: every task folder of a local --eval_data; "
-                        "MMEB's 36 for a hub id)")
-    p.add_argument("--eval_task_table", default=None,
-                   help="JSON {task: [meta_task, is_ind]} for tasks outside MMEB's table (their "
-                        "category and IND/OOD means); without it they count as 'Other', IND")
-    p.add_argument("--eval_match_queries", type=int, default=0,
-                   help="after training, also report the matching head's held-out Yes/No accuracy "
-                        "per view type on the first N queries of each eval task (0 = off; only "
-                        "when trained with matching)")
+    p.add_argument("--eval_tasks", nargs="+", default=None, help="tasks to evaluate (default: every task folder of a "
+                   "local --eval_data; MMEB's 36 for a hub id)")
+    p.add_argument("--eval_task_table", default=None, help="JSON {task: [meta_task, is_ind]} for tasks outside MMEB's "
+                   "table (their category and IND/OOD means); without it they count as 'Other', IND")
+    p.add_argument("--eval_match_queries", type=int, default=0, help="after training, also report the matching head's "
+                   "held-out Yes/No accuracy per view type on the first N queries of each eval task (0 = off; only "
+                   "when trained with matching)")
     p.add_argument("--max_minutes", type=float, default=None,
                    help="stop (and checkpoint) after this much training time")
-    p.add_argument("--stop_after_steps", type=int, default=None,
-                   help="stop (and checkpoint) after this many steps in this run, e.g. to fit a "
-                        "job time limit; continue later with --resume (the schedule stays --steps)")
-    p.add_argument("--peak_tflops", type=float, default=None,
-                   help="accelerator peak TFLOP/s for the MFU estimate in the logs (CUDA only; "
-                        "default: from the GPU name for A100/H100/H200/H800/L40S, else no MFU)")
+    p.add_argument("--stop_after_steps", type=int, default=None, help="stop (and checkpoint) after this many steps in "
+                   "this run, e.g. to fit a job time limit; continue later with --resume (the schedule stays --steps)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="accelerator peak TFLOP/s for the MFU estimate in "
+                   "the logs (CUDA only; default: from the GPU name for A100/H100/H200/H800/L40S, else no MFU)")
     p.add_argument("--dist_timeout_minutes", type=float, default=DIST_TIMEOUT_MINUTES,
                    help="torchrun: how long a collective waits for the other ranks (rank 0 alone "
                         "downloads a hub checkpoint or saves one meanwhile; default "
@@ -802,8 +768,9 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    p = build_parser()
+def parse_args(argv=None, parser=None):
+    """Parse and check train.py's flags (`parser`: build_parser's, possibly extended)."""
+    p = parser or build_parser()
     args = p.parse_args(argv)
     preset = args.preset or ("demo" if args.train_data is None else None)
     if preset:                                     # preset values, unless given explicitly

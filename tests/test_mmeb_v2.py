@@ -1,6 +1,6 @@
 """
-MMEB-V2 beside the paper's MMEB (tools/mmeb_v2.py, util/benchmarks.read_visdoc_task,
-evaluate.graded_ranking): visual-document retrieval in the BEIR layout, ranked against the
+MMEB-V2 beside the paper's MMEB (tools/mmeb_v2.py, tools/mmeb_v2_data.read_visdoc_task,
+tools/mmeb_v2.graded_ranking): visual-document retrieval in the BEIR layout, ranked against the
 whole corpus, NDCG@5 with graded relevance (linear gain), Hit@1, Recall@k.
 
   - NDCG@5 by hand: one query, two relevant documents of different grades, score ties;
@@ -8,8 +8,8 @@ whole corpus, NDCG@5 with graded relevance (linear gain), Hit@1, Recall@k.
   - the reader: graded qrels, the language filter, each malformed row named (a query id
     used twice among them);
   - end to end on a synthetic page task (coloured shapes on pages, graded qrels) through
-    evaluate.py --benchmark mmeb-v2: the score file == the metrics of Encoder's vectors,
-    the report lists what is missing and never averages it; train.py --eval_visdoc_dir,
+    python tools/mmeb_v2.py: the score file == the metrics of Encoder's vectors, the report
+    lists what is missing and never averages it; tools/mmeb_v2.py train --eval_visdoc_dir,
     its folders (and --eval_video_dir's) checked before training;
   - the harness's NDCG pairing (list(set(labels)) zipped with the grades): a case worked
     by hand where it differs, and its number recomputed from the saved ranking;
@@ -20,7 +20,8 @@ whole corpus, NDCG@5 with graded relevance (linear gain), Hit@1, Recall@k.
     with the reason printed; the record is written last; file names made safe.
   - the harness's metric set (ranking_metrics) on two queries worked by hand; its layout
     (<out>/{image,video,visdoc}/<Task>_score.json) and its report script's JSON, field by field.
-  - python tools/mmeb_v2.py: evaluate.py's flags, --benchmark mmeb-v2 by default.
+  - python tools/mmeb_v2.py: evaluate.py's flags and its own, through evaluate.main's hook;
+    the one way in: no paper file imports tools/, evaluate.py has no MMEB-V2 flag.
 
     pytest tests/test_mmeb_v2.py
 """
@@ -40,7 +41,7 @@ import torch
 import evaluate as ev
 from conftest import gloo_worker, shape_image
 from tools import mmeb_v2
-from util.benchmarks import read_visdoc_task
+from tools.mmeb_v2_data import read_visdoc_task
 
 COLOURS = ("red", "green", "blue", "yellow")
 
@@ -88,14 +89,14 @@ def test_ndcg_at_5_by_hand_with_grades_and_ties():
     gains 0 0 1 2 0; the ideal order has gains 2 1."""
     scores = torch.tensor([[0.9, 0.8, 0.8, 0.7, 0.1, 0.5]])
     grades = torch.tensor([[0.0, 1.0, 0.0, 2.0, 0.0, 0.0]])
-    got = ev.graded_ranking(scores, grades, ks=(1, 5))
+    got = mmeb_v2.graded_ranking(scores, grades, ks=(1, 5))
     dcg = 1 / math.log2(2 + 2) + 2 / math.log2(3 + 2)          # d1 at rank 2, d3 at rank 3 (0-based)
     idcg = 2 / math.log2(0 + 2) + 1 / math.log2(1 + 2)
     assert got["ndcg_linear@5"] == pytest.approx(dcg / idcg, abs=1e-6)
     assert got["ndcg_linear@5"] == pytest.approx(0.517442, abs=1e-6)
     assert (got["hit@1"], got["recall@1"], got["recall@5"]) == (0.0, 0.0, 1.0)
     # each document keeps its own grade: swapping the grades of d1 and d3 changes the score
-    swapped = ev.graded_ranking(scores, torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.0, 0.0]]), ks=(5,))
+    swapped = mmeb_v2.graded_ranking(scores, torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.0, 0.0]]), ks=(5,))
     assert swapped["ndcg_linear@5"] == pytest.approx((2 / math.log2(4) + 1 / math.log2(5)) / idcg, abs=1e-6)
 
 
@@ -120,7 +121,7 @@ def test_global_ranking_equals_a_naive_loop(seed):
     scores = (torch.rand(nq, nd, generator=g) * 4).round() / 4         # many ties
     grades = (torch.rand(nq, nd, generator=g) < 0.15).float() * torch.randint(1, 4, (nq, nd), generator=g)
     grades[:, 0] = grades[:, 0].clamp(min=1)                           # ≥ 1 relevant per query
-    got = ev.graded_ranking(scores, grades, ks=(1, 5, 10))
+    got = mmeb_v2.graded_ranking(scores, grades, ks=(1, 5, 10))
     for k in (5, 10):
         want = naive(scores, grades, k)
         for name, v in want.items():
@@ -176,16 +177,15 @@ def test_reader_grades_language_and_named_errors(tmp_path):
 # End to end
 
 def test_evaluate_mmeb_v2_on_a_synthetic_page_task(tmp_path):
-    """evaluate.py --benchmark mmeb-v2 on one synthetic visdoc task (tiny-qwen2-vl, K = 2):
+    """python tools/mmeb_v2.py on one synthetic visdoc task (tiny-qwen2-vl, K = 2):
     the score file holds the reference harness's names and equals graded_ranking of
     Encoder's vectors with the same instructions; the other 77 tasks are listed as
     missing (not requested), and no mean includes them."""
     root = tmp_path / "visdoc"
     synthetic_pages(str(root), "ViDoRe_arxivqa")                # a name of the 24: the leaderboard path
     out = tmp_path / "eval"
-    res = ev.main(["--model", "tiny-qwen2-vl", "--num_tokens", "2", "--embed_template", "chat",
-                   "--benchmark", "mmeb-v2", "--visdoc_dir", str(root), "--tasks", "ViDoRe_arxivqa",
-                   "--out", str(out), "--no_progress"])["mmeb_v2"]
+    res = mmeb_v2.main(["--model", "tiny-qwen2-vl", "--num_tokens", "2", "--embed_template", "chat",
+                        "--visdoc_dir", str(root), "--tasks", "ViDoRe_arxivqa", "--out", str(out), "--no_progress"])
     score = json.loads((out / "mmeb_v2" / "ViDoRe_arxivqa_score.json").read_text())
     assert {"hit@1", "ndcg_linear@5", "recall@5", "ndcg_linear@10", "num_pred", "num_data"} <= set(score)
     harness = json.loads((out / "visdoc" / "ViDoRe_arxivqa_score.json").read_text())   # the harness's layout
@@ -214,22 +214,21 @@ def test_evaluate_mmeb_v2_on_a_synthetic_page_task(tmp_path):
     # the ranking file is the ranking the metrics read: its first documents give Hit@1
     assert sum(p["top"][0] in p["grades"] for p in preds) / len(preds) == pytest.approx(score["hit@1"])
     # a restart reuses the finished task
-    again = ev.main(["--model", "tiny-qwen2-vl", "--num_tokens", "2", "--embed_template", "chat",
-                     "--benchmark", "mmeb-v2", "--visdoc_dir", str(root), "--tasks", "ViDoRe_arxivqa",
-                     "--out", str(out), "--no_progress"])["mmeb_v2"]
+    again = mmeb_v2.main(["--model", "tiny-qwen2-vl", "--num_tokens", "2", "--embed_template", "chat",
+                          "--visdoc_dir", str(root), "--tasks", "ViDoRe_arxivqa", "--out", str(out), "--no_progress"])
     assert again["visdoc"]["ViDoRe_arxivqa"] == res["visdoc"]["ViDoRe_arxivqa"]
 
 
 def test_a_missing_task_folder_is_named_or_listed(tmp_path):
     (tmp_path / "visdoc").mkdir()
-    args = ["--model", "tiny-qwen2-vl", "--benchmark", "mmeb-v2", "--visdoc_dir", str(tmp_path / "visdoc"),
+    args = ["--model", "tiny-qwen2-vl", "--visdoc_dir", str(tmp_path / "visdoc"),
             "--tasks", "VisRAG_ChartQA", "--no_progress"]
     with pytest.raises(FileNotFoundError, match="VisRAG_ChartQA.*openbmb/VisRAG-Ret-Test-ChartQA"):
-        ev.main(args)
-    res = ev.main(args + ["--skip_missing"])["mmeb_v2"]
+        mmeb_v2.main(args)
+    res = mmeb_v2.main(args + ["--skip_missing"])
     assert res["visdoc"]["VisRAG_ChartQA"] is None and "VisRAG_ChartQA" in res["missing"]
     with pytest.raises(SystemExit):
-        ev.parse_args(["--model", "tiny-qwen2-vl", "--visdoc_dir", str(tmp_path)])   # needs mmeb-v2
+        ev.parse_args(["--model", "tiny-qwen2-vl", "--visdoc_dir", str(tmp_path)])   # tools/mmeb_v2.py's flag
 
 
 def test_revision_of_a_cache_snapshot_and_a_local_download(tmp_path):
@@ -253,14 +252,13 @@ def test_revision_of_a_cache_snapshot_and_a_local_download(tmp_path):
 
 
 def test_train_eval_visdoc_dir(tmp_path, demo_benchmark):
-    """train.py's evaluation after training runs the synthetic page task and the synthetic
-    clip tasks (tests/test_mmeb_v2_video.py) beside the demo's."""
-    import train
+    """tools/mmeb_v2.py train: train.py's evaluation after training, then (its after_eval hook)
+    the synthetic page task and the synthetic clip tasks (tests/test_mmeb_v2_video.py)."""
     from test_mmeb_v2_video import synthetic_clip_tasks
     paths = demo_benchmark                  # make_synthetic(seed=0), the session's (conftest)
     synthetic_pages(str(tmp_path / "visdoc"))
     synthetic_clip_tasks(str(tmp_path / "video"))
-    res = train.main(["--train_data", paths["train"], "--image_dir", paths["image_dir"],
+    res = mmeb_v2.main(["train", "--train_data", paths["train"], "--image_dir", paths["image_dir"],
                       "--eval_data", paths["eval"], "--eval_image_dir", paths["image_dir"],
                       "--eval_tasks", "ShapesColour", "--eval_visdoc_dir", str(tmp_path / "visdoc"),
                       "--eval_video_dir", str(tmp_path / "video"),
@@ -306,9 +304,9 @@ def test_two_ranks_score_what_one_process_scores(tmp_path):
 
 
 def test_train_checks_its_mmeb_v2_folders_before_training(tmp_path, capsys):
-    """--eval_visdoc_dir / --eval_video_dir are read after training; their folders are
-    checked when the flags are parsed: train.main stops before it builds anything (no
-    --out_dir), naming the flag and the folder."""
+    """tools/mmeb_v2.py train's --eval_visdoc_dir / --eval_video_dir are read after training;
+    their folders are checked when the flags are parsed: it stops before train.main builds
+    anything (no --out_dir), naming the flag and the folder. train.py alone has no such flag."""
     import train
     from test_mmeb_v2_video import synthetic_clip_tasks
     (tmp_path / "empty").mkdir()
@@ -318,7 +316,7 @@ def test_train_checks_its_mmeb_v2_folders_before_training(tmp_path, capsys):
 
     def refused(flag, folder):
         with pytest.raises(SystemExit):
-            train.main([f"--{flag}", str(folder), "--out_dir", str(run)])
+            mmeb_v2.main(["train", f"--{flag}", str(folder), "--out_dir", str(run)])
         assert not run.exists()
         return capsys.readouterr().err.strip().splitlines()[-1]
     assert refused("eval_visdoc_dir", tmp_path / "nope").endswith(
@@ -335,12 +333,18 @@ def test_train_checks_its_mmeb_v2_folders_before_training(tmp_path, capsys):
     (tmp_path / "video" / "MSR-VTT").rename(tmp_path / "video" / "MSRVTT")
     assert "['MSRVTT'] are not MMEB-V2 video tasks" in refused("eval_video_dir", tmp_path / "video")
     shutil.rmtree(tmp_path / "video" / "MSRVTT")
-    assert train.parse_args(["--eval_video_dir", str(tmp_path / "video")]).eval_video_dir == str(tmp_path / "video")
+    p = train.build_parser()
+    mmeb_v2.add_train_flags(p)
+    args = train.parse_args(["--eval_video_dir", str(tmp_path / "video")], p)
+    mmeb_v2.check_train_flags(args, p.error)                      # passes: the folder is fine now
+    assert args.eval_video_dir == str(tmp_path / "video")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--eval_video_dir", str(tmp_path / "video")])   # not a train.py flag
     shutil.rmtree(tmp_path / "visdoc" / "ShapesPages")
     synthetic_pages(str(tmp_path / "visdoc"), "QVHighlight")     # a page task named as a video task
     with pytest.raises(SystemExit):
-        train.main(["--eval_visdoc_dir", str(tmp_path / "visdoc"), "--eval_video_dir", str(tmp_path / "video"),
-                    "--out_dir", str(run)])
+        mmeb_v2.main(["train", "--eval_visdoc_dir", str(tmp_path / "visdoc"), "--eval_video_dir",
+                      str(tmp_path / "video"), "--out_dir", str(run)])
     assert capsys.readouterr().err.strip().endswith(
         "MMEB-V2 tasks 'QVHighlight' and 'QVHighlight' would write the same files (QVHighlight_score.json ...): "
         "rename one task folder")
@@ -479,7 +483,7 @@ def test_the_published_query_counts_and_hub_ids_on_record():
     """The counts (num_data) of the harness's published score files (EXPECTED_QUERIES), a
     few read by hand, every one of the 78 tasks with one; the video hub ids are the
     harness's current ones (src/constant/dataset_hf_path.py)."""
-    from util.benchmarks import VIDEO_SOURCES
+    from tools.mmeb_v2_data import VIDEO_SOURCES
     want = {"MVBench": 4000, "NExTQA": 8564, "YouCook2": 3179, "MomentSeeker": 1602, "Video-MME": 2700,
             "Breakfast": 433, "ViDoSeek-page": 1142, "MMLongBench-page": 838, "ViDoRe_esg_reports_human_labeled_v2": 52,
             "VisRAG_ChartQA": 63, "ImageNet-1K": 1000}
@@ -547,7 +551,7 @@ def test_the_harness_pairing_by_hand():
     the grades [2, 1]: page 9 gets 2, page 2 gets 1 → DCG = 1 + 2/log2(3), the same IDCG."""
     assert list(set([2, 9])) == [9, 2]
     ranking = [{"query-id": "q", "top": ["2", "9", "5"], "grades": {"2": 2, "9": 1}}]
-    ours = ev.graded_ranking(torch.tensor([[0.9, 0.8, 0.1]]), torch.tensor([[2.0, 1.0, 0.0]]), (5,))
+    ours = mmeb_v2.graded_ranking(torch.tensor([[0.9, 0.8, 0.1]]), torch.tensor([[2.0, 1.0, 0.0]]), (5,))
     assert ours["ndcg_linear@5"] == pytest.approx(1.0)
     theirs = (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3))             # 0.8597
     assert mmeb_v2.harness_pairing_ndcg(ranking, ints=True) == pytest.approx(theirs)
@@ -643,21 +647,26 @@ def test_the_harness_layout_and_submission_field_by_field(tmp_path):
 
 
 def test_the_one_command(tmp_path, monkeypatch, capsys):
-    """python tools/mmeb_v2.py: evaluate.py's flags, --benchmark mmeb-v2 by default, handed
-    to evaluate.main; another benchmark refused naming the flag; it runs as a script."""
+    """python tools/mmeb_v2.py: evaluate.py's flags and its own, handed to evaluate.main with
+    its `benchmark` hook; another benchmark refused naming the flag; it runs as a script."""
     import subprocess
     import sys
     seen = {}
-    monkeypatch.setattr(ev, "main", lambda args: seen.setdefault("args", args) and {"mmeb_v2": "ran"})
+    monkeypatch.setattr(ev, "main", lambda args, benchmark: seen.update(args=args, hook=benchmark) or {"mmeb_v2": "ran"})
     root = tmp_path / "visdoc"
     synthetic_pages(str(root), "ViDoRe_arxivqa")
     assert mmeb_v2.main(["--model", "tiny-qwen2-vl", "--visdoc_dir", str(root), "--skip_missing",
                          "--out", str(tmp_path / "eval")]) == "ran"
     args = seen["args"]
-    assert (args.benchmark, args.visdoc_dir, args.skip_missing) == ("mmeb-v2", str(root), True)
+    assert (args.benchmark, args.visdoc_dir, args.skip_missing, seen["hook"]) == ("mmeb", str(root), True,
+                                                                                  mmeb_v2.run_cli)
     with pytest.raises(SystemExit):
-        mmeb_v2.main(["--model", "tiny-qwen2-vl", "--benchmark", "mmeb", "--mmeb_dir", str(tmp_path)])
-    assert "runs --benchmark mmeb-v2 only, got --benchmark mmeb" in capsys.readouterr().err
+        mmeb_v2.main(["--model", "tiny-qwen2-vl", "--benchmark", "synthetic", "--mmeb_dir", str(tmp_path)])
+    assert "MMEB-V2's image tasks are MMEB's 36: no --benchmark / --task_table" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        mmeb_v2.main(["--model", "tiny-qwen2-vl"])
+    assert "nothing to do: give --mmeb_dir (with --image_dir) and/or --zeroshot (with --data_dir) or " \
+           "--visdoc_dir or --video_dir" in capsys.readouterr().err
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, os.path.join(repo, "tools", "mmeb_v2.py"), "--help"],
                           capture_output=True, text=True, cwd=str(tmp_path))

@@ -1,7 +1,7 @@
 """
 The class pools of MMEB-V2's global video classification tasks (K700, UCF101, HMDB51,
 Breakfast): the lists shipped in tools/mmeb_v2_classes/ (the reference harness's), read by
-util/benchmarks.read_class_pool, and the <Task>/classes.txt that overrides one.
+tools/mmeb_v2_data.read_class_pool, and the <Task>/classes.txt that overrides one.
 
   - the shipped lists: 700 / 101 / 51 / 10 labels, none twice, spelled as the harness
     writes them (underscores, CamelCase kept); SmthSmthV2 has none (it ranks locally);
@@ -27,8 +27,8 @@ import torch
 
 from test_mmeb_v2_video import task_dir
 from tools import mmeb_v2
-from util import benchmarks
-from util.benchmarks import CLASS_LISTS, V_CLS, read_class_pool, read_video_task
+from tools import mmeb_v2_data
+from tools.mmeb_v2_data import CLASS_LISTS, V_CLS, read_class_pool, read_video_task
 
 
 def shipped(task):
@@ -135,8 +135,8 @@ def test_a_restart_scores_again_when_the_pool_changed(tmp_path, monkeypatch, cap
     with open(shipped("Breakfast")) as f:
         labels = f.read()
     (repo / "tools" / "mmeb_v2_classes" / "Breakfast.txt").write_text(labels)
-    monkeypatch.setattr(benchmarks, "REPO", str(repo))
-    monkeypatch.setattr(benchmarks, "CLASS_LISTS", str(repo / "tools" / "mmeb_v2_classes"))
+    monkeypatch.setattr(mmeb_v2_data, "REPO", str(repo))
+    monkeypatch.setattr(mmeb_v2_data, "CLASS_LISTS", str(repo / "tools" / "mmeb_v2_classes"))
     d = cls_task(tmp_path / "video", "Breakfast", ["tea", "pancake"])
     embedded = []
 

@@ -1,5 +1,5 @@
 """
-MMEB-V2's video tasks (util/benchmarks.read_video_task, tools/mmeb_v2.eval_video_task) on
+MMEB-V2's video tasks (tools/mmeb_v2_data.read_video_task, tools/mmeb_v2.eval_video_task) on
 fixture folders: the task's rows (jsonl or parquet) and frames/ of frame folders.
 
   - the readers build what the reference harness builds, hand-written per task kind:
@@ -10,7 +10,7 @@ fixture folders: the task's rows (jsonl or parquet) and frames/ of frame folders
     MomentSeeker's clips whole, every positive* folder of a moment video a label;
   - malformed rows and missing frame folders are named; a video id that leaves frames/
     (absolute, "..") is refused; hidden files of frame folders are left out and counted;
-  - end to end through evaluate.py --benchmark mmeb-v2 --video_dir on synthetic clip tasks
+  - end to end through python tools/mmeb_v2.py --video_dir on synthetic clip tasks
     (coloured shapes per video): a global text-to-video task, a local classification task
     and a moment-retrieval task; each Hit@1 == a naive loop that embeds every item alone;
     the report's video group counts and a restart that reuses the finished tasks;
@@ -32,7 +32,7 @@ import torch
 import evaluate as ev
 from conftest import shape_image
 from tools import mmeb_v2
-from util.benchmarks import MVBENCH_SUBSETS, V_QA_PROMPT, V_TARGET, read_video_task
+from tools.mmeb_v2_data import MVBENCH_SUBSETS, V_QA_PROMPT, V_TARGET, read_video_task
 from util.video import Clip
 
 COLOURS = ("red", "green", "blue", "yellow")
@@ -314,10 +314,10 @@ def test_evaluate_mmeb_v2_on_synthetic_clip_tasks(tmp_path):
     root = tmp_path / "video"
     synthetic_clip_tasks(str(root))
     out = tmp_path / "eval"
-    args = ["--model", "tiny-qwen2.5-vl", "--num_tokens", "2", "--embed_template", "chat", "--benchmark", "mmeb-v2",
+    args = ["--model", "tiny-qwen2.5-vl", "--num_tokens", "2", "--embed_template", "chat",
             "--video_dir", str(root), "--tasks", "MSR-VTT", "SmthSmthV2", "QVHighlight", "--out", str(out),
             "--no_progress", "--batch_size", "3"]
-    res = ev.main(args)["mmeb_v2"]
+    res = mmeb_v2.main(args)
     from model import load_rematch
     model, processor, _ = load_rematch("tiny-qwen2.5-vl", device="cpu", num_tokens=2, embed_template="chat")
     for task, n_cands in (("MSR-VTT", 4), ("SmthSmthV2", 4), ("QVHighlight", 6)):
@@ -342,7 +342,7 @@ def test_evaluate_mmeb_v2_on_synthetic_clip_tasks(tmp_path):
     record = json.loads((out / "mmeb_v2" / "QVHighlight.json").read_text())   # what resume reads back
     assert (record["group"], record["source"], record["split"], record["revision"]) == \
         ("V-MRET", "VLM2Vec/QVHighlight", "test", None)
-    again = ev.main(args)["mmeb_v2"]                              # a restart reuses the finished tasks
+    again = mmeb_v2.main(args)                              # a restart reuses the finished tasks
     assert again["video"] == res["video"]
 
 
@@ -436,7 +436,7 @@ def test_a_restart_does_not_reuse_a_score_of_the_other_candidate_text(tmp_path, 
 def test_image_tasks_take_the_harness_text_unless_asked(monkeypatch, capsys):
     """The image tasks run through evaluate.mmeb_report with the checkpoint's target
     instructions off (and the choice in the config they record) unless asked; a raw
-    backbone's config is passed as it is. The flag belongs to --benchmark mmeb-v2."""
+    backbone's config is passed as it is. The flag is tools/mmeb_v2.py's, not evaluate.py's."""
     passed = []
 
     def fake(model, processor, mmeb_dir, image_dir, table, config, *a, **k):
@@ -455,6 +455,9 @@ def test_image_tasks_take_the_harness_text_unless_asked(monkeypatch, capsys):
         assert res["candidate_text"] == {"ImageNet-1K": "target_instructions" if flag else "harness"}
     with pytest.raises(SystemExit):
         ev.parse_args(["--model", "m", "--mmeb_dir", "d", "--image_dir", "i", "--v2_target_instructions"])
-    assert "--v2_target_instructions is MMEB-V2's: add --benchmark mmeb-v2" in capsys.readouterr().err
-    args = ev.parse_args(["--model", "m", "--benchmark", "mmeb-v2", "--video_dir", "v", "--v2_target_instructions"])
+    assert "unrecognized arguments: --v2_target_instructions" in capsys.readouterr().err
+    p = ev.build_parser()
+    mmeb_v2.add_flags(p)
+    args = p.parse_args(["--model", "m", "--video_dir", "v", "--v2_target_instructions"])
+    mmeb_v2.check_flags(args, p.error)
     assert args.v2_target_instructions and args.video_dir == "v"

@@ -34,16 +34,20 @@ text; --v2_target_instructions puts the checkpoint's target instructions before 
 MMEB v1 evaluation does, and each task records which (candidate_text).
 How this reads the harness where it is open (ties, grades, instructions): docs/readings.md §10.
 
-    python evaluate.py --model CKPT --benchmark mmeb-v2 --mmeb_dir MMEB-eval --image_dir eval_images \\
-        --visdoc_dir visdoc --video_dir video --out runs/eval_v2
     python tools/mmeb_v2.py --model CKPT --mmeb_dir MMEB-eval --image_dir eval_images \\
-        --visdoc_dir visdoc --video_dir video --out runs/eval_v2        # the same run (main)
+        --visdoc_dir visdoc --video_dir video --out runs/eval_v2        # evaluate.py's flags too
+    python tools/mmeb_v2.py train --train_data ... --eval_data ... \\
+        --eval_visdoc_dir visdoc --eval_video_dir video                # train.py's run, then these
+
+An extension, like tools/rerank.py: it reaches the paper files only through their hooks
+(evaluate.main's `benchmark`, train.main's `after_eval`, their parsers), and no paper file
+imports it. Its readers are tools/mmeb_v2_data.py's.
 
 --visdoc_dir: one folder per task (names below), each a local copy of the task's hub dataset
-in the BEIR layout (util/benchmarks.read_visdoc_task); VISDOC_TASKS names the hub ids, e.g.
+in the BEIR layout (tools/mmeb_v2_data.read_visdoc_task); VISDOC_TASKS names the hub ids, e.g.
     hf download vidore/arxivqa_test_subsampled_beir --repo-type dataset --local-dir visdoc/ViDoRe_arxivqa
 --video_dir: one folder per video task (names in VIDEO_TASKS): its hub dataset
-(util/benchmarks.VIDEO_SOURCES) and frames/, a link to the task's folder of the released
+(tools/mmeb_v2_data.VIDEO_SOURCES) and frames/, a link to the task's folder of the released
 MMEB-V2 frames. The four global classification tasks rank each clip against the harness's class
 list, shipped in tools/mmeb_v2_classes/ (a <Task>/classes.txt there overrides it; a row whose
 label is in neither stops the task), e.g.
@@ -62,13 +66,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate as ev  # noqa: E402
+import train  # noqa: E402
 from data import MMEB_EVAL_TASKS  # noqa: E402
-from util.benchmarks import (V_CLS, VIDEO_SOURCES, class_pool_record, file_sha256, read_video_task,  # noqa: E402
-                             read_visdoc_task, visdoc_ids_are_ints)
+from tools.mmeb_v2_data import (V_CLS, VIDEO_SOURCES, class_pool_record, file_sha256, read_video_task,  # noqa: E402
+                                 read_visdoc_task, visdoc_ids_are_ints)
 from util.dist import broadcast_object, print0, rank_world  # noqa: E402
 from util.inputs import check_eval_flags, find_parquet  # noqa: E402
-from util.run import (load_finished, result_path, safe_name, weights_fingerprint, write_atomic,  # noqa: E402
-                      write_json)
+from util.run import (load_finished, result_path, run_config, safe_name, weights_fingerprint,  # noqa: E402
+                      write_atomic, write_json)
 
 # The 24 visual-document tasks of the leaderboard: name → (group, hub dataset, split,
 # language filter of the queries). The reference config lists 27: the three English-only
@@ -91,7 +96,7 @@ VISDOC_TASKS = {
     "MMLongBench-page": ("VisDoc-OOD", "VLM2Vec/MMLongBench-page-fixed", "test", None),
     "MMLongBench-doc": ("VisDoc-OOD", "VLM2Vec/MMLongBench-doc", "test", None),
 }
-# The 18 video tasks: name → group (sources and readers: util/benchmarks.VIDEO_SOURCES)
+# The 18 video tasks: name → group (sources and readers: tools/mmeb_v2_data.VIDEO_SOURCES)
 VIDEO_TASKS = {**dict.fromkeys(("K700", "SmthSmthV2", "HMDB51", "UCF101", "Breakfast"), "V-CLS"),
                **dict.fromkeys(("MVBench", "Video-MME", "NExTQA", "EgoSchema", "ActivityNetQA"), "V-QA"),
                **dict.fromkeys(("DiDeMo", "MSR-VTT", "MSVD", "VATEX", "YouCook2"), "V-RET"),
@@ -264,7 +269,7 @@ def data_digest(folder):
 def task_state(folder, task, kind):
     """What a task's score depends on in its folder: {revision (revision_of), data_sha256,
     data_files (data_digest)} and, for a video classification task ranked against a class
-    list, {class_pool, class_pool_sha256} (util/benchmarks.class_pool_record)."""
+    list, {class_pool, class_pool_sha256} (tools/mmeb_v2_data.class_pool_record)."""
     digest, n = data_digest(folder)
     pool = class_pool_record(folder, task) if kind == "video" and task in V_CLS else {}
     return {"revision": revision_of(folder), "data_sha256": digest, "data_files": n, **pool}
@@ -333,6 +338,41 @@ def check_task_root(root, kind):
     return names
 
 
+# ----------------------------------------------------------------------------------
+# Metrics beyond Eq. 1: graded NDCG of a global ranking, the harness's pairing and metric set
+
+def graded_ranking(scores, grades, ks=(1, 5, 10), return_top=False):
+    """
+    MMEB-V2's visual-document metrics (not the paper's) of a global ranking: scores (Nq, Nd)
+    against the whole corpus, grades (Nq, Nd) graded relevance (0 = not relevant, ≥ 1
+    relevant document per row). Documents rank by score, and among equal scores the lower
+    grade first (a tie never helps, as in hit_at_1; a NaN score counts against the query).
+    Per query, with the reference harness's names: hit@1 (the first is relevant),
+    recall@k (the share of the relevant documents in the top k), ndcg_linear@k
+    (DCG@k = Σ_i g_i / log2(i + 2) over the top k, divided by the same sum over the grades
+    sorted descending). Returns {name: mean over queries (float)}, and with return_top the
+    ranked document indices (Nq, max k) the metrics read.
+    """
+    rel = grades > 0
+    if not bool(rel.any(dim=1).all()):
+        raise ValueError("graded_ranking: every query needs at least one relevant document")
+    s = scores.float().masked_fill(scores.isnan() & rel, float("-inf"))
+    s = s.masked_fill(s.isnan(), float("inf"))                               # (Nq, Nd)
+    k_max = min(max(ks), s.shape[1])
+    by_grade = torch.argsort(grades, dim=1, stable=True)                     # (Nq, Nd) grade ascending
+    order = torch.argsort(-s.gather(1, by_grade), dim=1, stable=True)[:, :k_max]   # ties: grade asc
+    top = by_grade.gather(1, order)                                          # (Nq, k) document indices
+    g = grades.float().gather(1, top)                                        # (Nq, k) grades, ranked
+    discount = 1 / torch.log2(torch.arange(k_max, dtype=torch.float32) + 2)  # (k,)
+    ideal = grades.float().sort(dim=1, descending=True).values[:, :k_max]    # (Nq, k)
+    out = {"hit@1": (g[:, 0] > 0).float().mean().item()}
+    for k in ks:
+        out[f"recall@{k}"] = ((g[:, :k] > 0).sum(1) / rel.sum(1)).mean().item()
+        dcg, idcg = (g[:, :k] * discount[:k]).sum(1), (ideal[:, :k] * discount[:k]).sum(1)
+        out[f"ndcg_linear@{k}"] = (dcg / idcg).mean().item()
+    return (out, top) if return_top else out
+
+
 HARNESS_NDCG = "ndcg_linear@5_harness_pairing"        # the harness's NDCG@5, its label/grade pairing
 
 
@@ -354,7 +394,7 @@ def harness_pairing_ndcg(ranking, ints, k=5):
     (src/eval_utils/metrics.py: evaluate, ndcg_at_k) takes the labels through
     list(set(labels)) and then zips them with the grades in qrels order, so a page can
     be paired with another page's grade; here each page keeps its own (graded_ranking).
-    ids: int when the task's corpus ids are ints (util/benchmarks.visdoc_ids_are_ints: an
+    ids: int when the task's corpus ids are ints (tools/mmeb_v2_data.visdoc_ids_are_ints: an
     int's set order is CPython's in any run, as in the harness's), else str, whose set order
     follows the string hash seed: the harness's own number varies between its runs; here the
     order of a process with PYTHONHASHSEED=0 (harness_set_orders), the same on every rank and
@@ -458,7 +498,7 @@ def eval_visdoc_task(model, processor, root, task, split="test", language=None, 
     for i, (qid, _) in enumerate(queries):
         for cid, g in qrels[qid].items():
             grades[i, col[cid]] = g
-    out, top = ev.graded_ranking(scores, grades, KS, return_top=True)   # top: (nq, 10) indices
+    out, top = graded_ranking(scores, grades, KS, return_top=True)   # top: (nq, 10) indices
     ranking = [{"query-id": qid, "top": [corpus[j][0] for j in t], "grades": qrels[qid]}
                for (qid, _), t in zip(queries, top.tolist())]
     ints = visdoc_ids_are_ints(root, task, split)
@@ -470,7 +510,7 @@ def eval_visdoc_task(model, processor, root, task, split="test", language=None, 
 
 def eval_video_task(model, processor, root, task, config=None, batch_size=16, progress=False,
                     max_text_tokens=ev.EVAL_MAX_TEXT_TOKENS, target_instructions=False):
-    """One video task (util/benchmarks.read_video_task): every distinct query and candidate
+    """One video task (tools/mmeb_v2_data.read_video_task): every distinct query and candidate
     embedded once; each query ranked against its own candidates (local) or the task's whole
     pool (global). Hit@1 is tie-safe: a query is a hit iff some correct candidate scores
     strictly above every other one. Text-only candidates of V-CLS / V-QA are the harness's
@@ -478,7 +518,7 @@ def eval_video_task(model, processor, root, task, config=None, batch_size=16, pr
     instruction goes before them (check_target_instructions). Returns (scores {hit@1,
     num_pred, num_data, num_cands, candidate_text (candidate_text), and for K700 / UCF101 /
     HMDB51 / Breakfast class_pool and class_pool_sha256: the class list ranked against
-    (util/benchmarks.class_pool_record)}, ranking [{query, top: [name] (10), labels}])."""
+    (tools/mmeb_v2_data.class_pool_record)}, ranking [{query, top: [name] (10), labels}])."""
     check_target_instructions(config, target_instructions)
     queries, cands, _ = read_video_task(root, task)
     pool = class_pool_record(os.path.join(root, task), task) if task in V_CLS else {}
@@ -719,21 +759,28 @@ def harness_submission(out_dir, model_name, date=None):
 
 
 def add_flags(p):
-    """evaluate.py's MMEB-V2 flags (used with --benchmark mmeb-v2; util/inputs.check_eval_flags)."""
-    p.add_argument("--visdoc_dir", default=None, help="--benchmark mmeb-v2: one folder per visual-document "
-                   "task, a copy of its hub dataset in the BEIR layout (tools/mmeb_v2.py)")
-    p.add_argument("--video_dir", default=None, help="--benchmark mmeb-v2: one folder per video task, its "
-                   "hub dataset and frames/ (its released frame folders; util/benchmarks.py)")
+    """This tool's flags beside evaluate.py's (its data; util/inputs.check_eval_flags)."""
+    p.add_argument("--visdoc_dir", default=None, help="one folder per visual-document task, a copy of its "
+                   "hub dataset in the BEIR layout (tools/mmeb_v2_data.py)")
+    p.add_argument("--video_dir", default=None, help="one folder per video task, its hub dataset and "
+                   "frames/ (its released frame folders; tools/mmeb_v2_data.py)")
     p.add_argument("--v2_target_instructions", action="store_true",
-                   help="--benchmark mmeb-v2: put the checkpoint's target instructions before MMEB-V2's text "
-                        "candidates (class labels, QA options, image tasks' text targets), as its MMEB v1 "
-                        "evaluation does; default: the harness's raw text. Recorded per task (candidate_text)")
+                   help="put the checkpoint's target instructions before MMEB-V2's text candidates (class "
+                        "labels, QA options, image tasks' text targets), as its MMEB v1 evaluation does; "
+                        "default: the harness's raw text. Recorded per task (candidate_text)")
+
+
+def check_flags(args, error):
+    """evaluate.py's checks with this tool's data flags; the image tasks are MMEB's 36."""
+    if args.benchmark != "mmeb" or args.task_table:
+        error("MMEB-V2's image tasks are MMEB's 36: no --benchmark / --task_table here (use evaluate.py)")
+    check_eval_flags(args, error, data_flags=("visdoc_dir", "video_dir"))
 
 
 def run_cli(args, model, processor, config, name):
-    """evaluate.py --benchmark mmeb-v2: mmeb_v2_report over the flags' folders, --tasks split
+    """evaluate.main's `benchmark` hook: mmeb_v2_report over the flags' folders, --tasks split
     by kind (a name that is neither an image nor a video task is a visdoc task); prints the
-    table and returns the results."""
+    table and returns ("mmeb_v2", results)."""
     tasks = args.tasks or []
     out = mmeb_v2_report(
         model, processor, args.mmeb_dir, args.image_dir, args.visdoc_dir, config, args.batch_size,
@@ -745,7 +792,56 @@ def run_cli(args, model, processor, config, name):
         max_text_tokens=args.max_text_tokens, video_dir=args.video_dir,
         target_instructions=args.v2_target_instructions)
     print0("\n" + format_v2_table(out, name=name))
-    return out
+    return "mmeb_v2", out
+
+
+# After training: train.py's flags and these two, through train.main's after_eval hook
+
+def add_train_flags(p):
+    p.add_argument("--eval_visdoc_dir", default=None, help="also MMEB-V2's visual-document tasks after "
+                   "training (not the paper's): a folder of task folders in the BEIR layout; needs --eval_data")
+    p.add_argument("--eval_video_dir", default=None, help="also MMEB-V2's video tasks after training: a "
+                   "folder of video task folders (their names among the 18); needs --eval_data")
+
+
+def check_train_flags(args, error):
+    """The folders of --eval_visdoc_dir / --eval_video_dir, before training starts."""
+    tasks = []
+    for flag in ("eval_visdoc_dir", "eval_video_dir"):
+        root = getattr(args, flag)
+        if root and not args.eval_data and args.train_data is not None:     # the demo evaluates anyway
+            error(f"--{flag} runs with the evaluation after training: it needs --eval_data")
+        if root:
+            try:
+                tasks += check_task_root(root, flag[len("eval_"):-len("_dir")])
+                check_file_names(tasks)
+            except (OSError, ValueError) as e:
+                error(f"--{flag} {root}: {e}")
+
+
+def after_training(model, processor, args, eval_dir, results):
+    """train.main's after_eval hook: the visdoc and video tasks of the flags' folders into the
+    run's eval folder, the image column the run's own MMEB results; {"mmeb_v2": results}."""
+    visdoc, video = args.eval_visdoc_dir, args.eval_video_dir
+    if not (visdoc or video):
+        return {}
+    v2 = mmeb_v2_report(model, processor, visdoc_dir=visdoc, config=run_config(args), out_dir=eval_dir,
+                        progress=sys.stderr.isatty(), image_tasks=[],
+                        visdoc_tasks=visdoc_tasks_in(visdoc) if visdoc else [],
+                        video_dir=video, video_tasks=video_tasks_in(video) if video else [])
+    v2["image"] = {t: v for t, v in results.items() if t in MMEB_EVAL_TASKS}
+    print0("\n" + format_v2_table(v2))
+    return {"mmeb_v2": v2}
+
+
+def train_main(argv=None):
+    """python tools/mmeb_v2.py train ...: train.py's run, MMEB-V2 evaluated after it."""
+    p = train.build_parser()
+    p.description = "train.py, then MMEB-V2's visual-document and video tasks (tools/mmeb_v2.py)"
+    add_train_flags(p)
+    args = train.parse_args(argv, p)
+    check_train_flags(args, p.error)
+    return train.main(args=args, after_eval=after_training)
 
 
 def _score(results, modality, task):
@@ -837,17 +933,20 @@ def format_v2_table(results, name=None, markdown=False):
 
 
 def main(argv=None):
-    """python tools/mmeb_v2.py: evaluate.py's flags with --benchmark mmeb-v2 the default (another
-    is refused), the run of evaluate.py --benchmark mmeb-v2; returns its results."""
+    """python tools/mmeb_v2.py: evaluate.py's flags and this tool's, the run of evaluate.main
+    with MMEB-V2's task table (its `benchmark` hook); returns its results. `train` first:
+    train.py's run with MMEB-V2 after it (train_main)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        return train_main(argv[1:])
     p = ev.build_parser("MMEB-V2's 78 tasks (not the paper's protocol): image via --mmeb_dir, visual "
                         "documents via --visdoc_dir, video via --video_dir; with --out the harness's "
-                        "layout and submission JSON (tools/mmeb_v2.py)")
-    p.set_defaults(benchmark="mmeb-v2")
+                        "layout and submission JSON. `tools/mmeb_v2.py train ...`: train.py's flags, "
+                        "then --eval_visdoc_dir / --eval_video_dir after training")
+    add_flags(p)
     args = p.parse_args(argv)
-    if args.benchmark != "mmeb-v2":
-        p.error(f"tools/mmeb_v2.py runs --benchmark mmeb-v2 only, got --benchmark {args.benchmark} (use evaluate.py)")
-    check_eval_flags(args, p.error)                              # evaluate.parse_args' checks
-    return ev.main(args=args)["mmeb_v2"]
+    check_flags(args, p.error)
+    return ev.main(args=args, benchmark=run_cli)["mmeb_v2"]
 
 
 if __name__ == "__main__":

@@ -547,8 +547,7 @@ def check_ranges(args, error):
 def check_train_flags(args, error):
     """train.py's flags after its presets: the ranges, the rules between flags, and the
     files they name (--target_prompts is read into args.target_prompt_table, which the
-    checkpoint keeps; the task folders of --eval_visdoc_dir / --eval_video_dir,
-    tools/mmeb_v2.check_task_root); error(message) stops argparse with the message."""
+    checkpoint keeps); error(message) stops argparse with the message."""
     import torch
 
     from util.speed import flex_unavailable
@@ -559,18 +558,6 @@ def check_train_flags(args, error):
         error("--resume_revision pins the hub id given as --resume_from; there is none")
     if args.resume and args.overwrite:
         error("--resume and --overwrite contradict each other: pick one")
-    v2_tasks = []
-    for flag in ("eval_visdoc_dir", "eval_video_dir"):       # MMEB-V2 after training: its folders now
-        root = getattr(args, flag, None)
-        if root and not args.eval_data and args.train_data is not None:
-            error(f"--{flag} runs with the evaluation after training: it needs --eval_data")
-        if root:
-            from tools.mmeb_v2 import check_file_names, check_task_root
-            try:
-                v2_tasks += check_task_root(root, flag[len("eval_"):-len("_dir")])
-                check_file_names(v2_tasks)
-            except (OSError, ValueError) as e:
-                error(f"--{flag} {root}: {e}")
     for flag, on in (("--attn flex", args.attn == "flex"), ("--pack", args.pack)):   # before any loading
         why = on and flex_unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                                       training=True, flag=flag)
@@ -588,19 +575,13 @@ def check_train_flags(args, error):
         error("--train_data needs --image_dir (the root of the rows' relative image paths)")
 
 
-def check_eval_flags(args, error):
-    """evaluate.py's (and tools/rerank.py's) flags: something to do, with its data, the
-    ranges, the --task_table file (read into args.task_table_entries)."""
-    v2 = [f for f in ("visdoc_dir", "video_dir") if getattr(args, f, None)]
-    if not args.mmeb_dir and not args.zeroshot and not v2:
+def check_eval_flags(args, error, data_flags=()):
+    """evaluate.py's (and its extensions') flags: something to do, with its data, the
+    ranges, the --task_table file (read into args.task_table_entries). data_flags: the names
+    of the data flags an extension adds (tools/mmeb_v2.py: visdoc_dir, video_dir)."""
+    if not args.mmeb_dir and not args.zeroshot and not any(getattr(args, f) for f in data_flags):
         error("nothing to do: give --mmeb_dir (with --image_dir) and/or --zeroshot (with --data_dir)"
-              + (" or, with --benchmark mmeb-v2, --visdoc_dir / --video_dir" if hasattr(args, "visdoc_dir") else ""))
-    if v2 and getattr(args, "benchmark", None) != "mmeb-v2":
-        error(f"--{v2[0]} is MMEB-V2's: add --benchmark mmeb-v2")
-    if getattr(args, "v2_target_instructions", False) and args.benchmark != "mmeb-v2":
-        error("--v2_target_instructions is MMEB-V2's: add --benchmark mmeb-v2")
-    if getattr(args, "benchmark", None) == "mmeb-v2" and args.task_table:
-        error("--task_table replaces the task table of MMEB-format benchmarks, not MMEB-V2's")
+              + "".join(f" or --{f}" for f in data_flags))
     if args.mmeb_dir and not args.image_dir:
         error("--mmeb_dir needs --image_dir")
     if args.zeroshot and not args.data_dir:

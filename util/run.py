@@ -488,7 +488,8 @@ def load_checkpoint(path, model, opt, state=None):
 
 # Flags that may change between a run and its resumption: where things go, how often to
 # log/save, evaluation, time limits, data locations and loading, and ways of computing
-# the same step (chunks, activation checkpointing). Every other flag defines the run.
+# the same step (chunks, activation checkpointing); so does any eval_* flag (an extension's
+# evaluation after training, too). Every other flag defines the run.
 RESUME_FREE = {"out_dir", "resume", "resume_if_exists", "resume_from", "allow_changed", "overwrite",
                "resumed_with_changes", "preset", "save_every", "keep_checkpoints", "log_every",
                "eval_data", "eval_image_dir", "eval_tasks", "eval_task_table", "eval_match_queries",
@@ -499,8 +500,9 @@ RESUME_FREE = {"out_dir", "resume", "resume_if_exists", "resume_from", "allow_ch
 
 
 # Path-valued flags: the run's config (rematch_config.json, evaluation results) records
-# only their last component (published_name). `model` stays as given: load_rematch
-# rebuilds the base model from it (train from a hub id to publish nothing local).
+# only their last component (published_name); so does any other flag named *_dir (an
+# extension's folders). `model` stays as given: load_rematch rebuilds the base model from
+# it (train from a hub id to publish nothing local).
 PATH_FLAGS = ("train_data", "image_dir", "eval_data", "eval_image_dir", "out_dir", "resume_from",
               "target_prompts", "eval_task_table")
 
@@ -510,8 +512,8 @@ def run_config(args, world=None):
     model, num_tokens, embed_template, seed and the pixel bounds among them; local paths
     of PATH_FLAGS reduced to their names."""
     config = dict(vars(args), **({"world_size": world} if world is not None else {}))
-    for k in PATH_FLAGS:
-        if k in config:
+    for k in config:
+        if k in PATH_FLAGS or k.endswith("_dir"):
             config[k] = published_name(config[k])
     return config
 
@@ -524,7 +526,7 @@ def resume_changes(path, args, world, defaults=None):
         saved = json.load(f)
     now = run_config(args, world)
     saved = {**{k: v for k, v in (defaults or {}).items() if k in now}, **saved}
-    keys = (set(saved) | set(now)) - RESUME_FREE
+    keys = {k for k in set(saved) | set(now) if k not in RESUME_FREE and not k.startswith("eval_")}
     return {k: (saved.get(k, "(absent)"), now.get(k, "(absent)")) for k in sorted(keys)
             if saved.get(k, "(absent)") != now.get(k, "(absent)")}
 

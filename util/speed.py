@@ -217,7 +217,7 @@ def flex_attention_forward(module, query, key, value, attention_mask, scaling=No
 def set_attention(model, attn, training=False, pack=False):
     """Switch a ReMatch model's decoder to "sdpa" or "flex" (FLEX_NAME, registered here)
     for the unified matching mask, and its embedding passes to padding-free (pack: one
-    packed row per pass under a block-diagonal BlockMask, ReMatch.embed_packed), which
+    packed row per pass under a block-diagonal BlockMask, model.embed_packed), which
     needs the flex kernel too; dense masks still go through SDPA. The vision tower keeps
     its own attention. Raises with the flag and the fallback where flex cannot run
     (flex_unavailable)."""
