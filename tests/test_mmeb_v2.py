@@ -270,6 +270,19 @@ def test_train_eval_visdoc_dir(tmp_path, demo_benchmark):
     assert "other (not in the means)" in mmeb_v2.format_v2_table(v2)
     assert mmeb_v2.summarize_v2(v2)["video"][1:] == (3, 18)
     assert all(0 <= v2["video"][t]["hit@1"] <= 1 for t in ("MSR-VTT", "SmthSmthV2", "QVHighlight"))
+    saved = json.loads((tmp_path / "run" / "checkpoint-2" / "rematch_config.json").read_text())
+    assert (saved["eval_visdoc_dir"], saved["eval_video_dir"]) == ("visdoc", "video")   # names, not local paths
+
+
+def test_mmeb_v2_comes_in_one_way():
+    """The extension rule, on the import graph bench/layout.py draws (lazy imports included):
+    no paper file and nothing under util/ imports tools/mmeb_v2*, and the graph has no circle."""
+    from bench.layout import circles, import_graph
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rooms, edges = import_graph(repo)
+    inward = [(a, b) for a, b in edges if b.startswith("tools.mmeb_v2") and rooms[a] in ("paper", "util")]
+    assert inward == [] and circles(rooms, list(edges)) == []
+    assert {("tools.mmeb_v2", "evaluate"), ("tools.mmeb_v2", "train"), ("tools.mmeb_v2", "tools.mmeb_v2_data")} <= set(edges)
 
 
 def _rank_worker(rank, world, rendezvous, visdoc, out, err_dir):
@@ -619,7 +632,8 @@ def test_the_harness_metric_set_by_hand():
 def test_the_harness_layout_and_submission_field_by_field(tmp_path):
     """write_harness_layout + harness_submission on a hand-made result: image/visdoc/video
     folders of <Task>_score.json with only the harness's fields, and the report script's
-    JSON: every dataset of its lists, in its order, a score dict or FILE_N/A / DIR_N/A."""
+    JSON: every dataset of its lists, in its order, a score dict or FILE_N/A / DIR_N/A, the
+    two page sets renamed -page-fixed as the leaderboard's script renames them."""
     full = {**{f: 0.5 for f in mmeb_v2.HARNESS_FIELDS}, "num_pred": 3, "num_data": 3}
     results = {"image": {"N24News": 0.25, "VOC2007": None},
                "visdoc": {"ViDoSeek-page": {**full, "num_docs": 9, "candidate_text": "harness"}},
@@ -641,7 +655,8 @@ def test_the_harness_layout_and_submission_field_by_field(tmp_path):
     assert sub["metrics"]["image"]["N24News"] == {"hit@1": 0.25, "num_pred": 4, "num_data": 4}
     assert sub["metrics"]["image"]["VizWiz"] == "JSON_ERROR"
     assert sub["metrics"]["image"]["VOC2007"] == "FILE_N/A"
-    assert sub["metrics"]["visdoc"]["ViDoSeek-page"] == full
+    assert sub["metrics"]["visdoc"]["ViDoSeek-page-fixed"] == full and "ViDoSeek-page" not in sub["metrics"]["visdoc"]
+    assert sub["metrics"]["visdoc"]["MMLongBench-page-fixed"] == "FILE_N/A"      # the leaderboard's names
     assert sub["metrics"]["visdoc"]["MMLongBench-doc"] == "FILE_N/A"
     assert set(sub["metrics"]["video"].values()) == {"DIR_N/A"}
 

@@ -727,13 +727,20 @@ def write_harness_layout(out_dir, results):
             write_json(os.path.join(out_dir, kind, f"{safe_name(task)}_score.json"), score)
 
 
+# The leaderboard's names of two page sets: its generate_leaderboard.py (TIGER-AI-Lab/VLM2Vec,
+# docs/mmebv2_reproduction/leaderboard/, NAME_FIXES) reads ViDoSeek-page_score.json and
+# MMLongBench-page_score.json, as report_score_v2.py does, and renames them in its JSON.
+LEADERBOARD_NAMES = {"ViDoSeek-page": "ViDoSeek-page-fixed", "MMLongBench-page": "MMLongBench-page-fixed"}
+
+
 def harness_submission(out_dir, model_name, date=None):
     """
     The submission JSON as the harness's report script builds it (re-implemented from its
     description): {"metadata": {"model_name", "report_generated_date"}, "metrics": {"image",
     "video", "visdoc": {dataset: the score file's dict, or "DIR_N/A" (no modality folder),
     "FILE_N/A" (no <dataset>_score.json), "JSON_ERROR" (not JSON)}}}, every dataset of
-    HARNESS_DATASETS in its order. Written to <out_dir>/<model_name>.json; returned.
+    HARNESS_DATASETS in its order, the two page sets under the leaderboard's names
+    (LEADERBOARD_NAMES: "ViDoSeek-page-fixed" ...). Written to <out_dir>/<model_name>.json.
     """
     from datetime import datetime
     metrics = {}
@@ -741,17 +748,17 @@ def harness_submission(out_dir, model_name, date=None):
         folder = os.path.join(out_dir, kind)
         metrics[kind] = {}
         for task in HARNESS_DATASETS[kind]:
-            path = os.path.join(folder, f"{task}_score.json")
+            path, name = os.path.join(folder, f"{task}_score.json"), LEADERBOARD_NAMES.get(task, task)
             if not os.path.isdir(folder):
-                metrics[kind][task] = "DIR_N/A"
+                metrics[kind][name] = "DIR_N/A"
             elif not os.path.isfile(path):
-                metrics[kind][task] = "FILE_N/A"
+                metrics[kind][name] = "FILE_N/A"
             else:
                 try:
                     with open(path) as f:
-                        metrics[kind][task] = json.load(f)
+                        metrics[kind][name] = json.load(f)
                 except json.JSONDecodeError:
-                    metrics[kind][task] = "JSON_ERROR"
+                    metrics[kind][name] = "JSON_ERROR"
     out = {"metadata": {"model_name": model_name, "report_generated_date": date or datetime.now().isoformat()},
            "metrics": metrics}
     write_json(os.path.join(out_dir, f"{safe_name(model_name)}.json"), out)
