@@ -274,6 +274,27 @@ def test_train_eval_visdoc_dir(tmp_path, demo_benchmark):
     assert (saved["eval_visdoc_dir"], saved["eval_video_dir"]) == ("visdoc", "video")   # names, not local paths
 
 
+def test_image_tasks_through_the_mmeb_reader_equal_the_v1_path(tmp_path):
+    """Two image tasks in MMEB's file layouts (tests/test_evaluate.write_mmeb, named as two of
+    the 36): python tools/mmeb_v2.py scores them through the MMEB reader with the numbers of
+    evaluate.py's v1 path, and writes them to the harness's layout and submission JSON."""
+    from test_evaluate import write_mmeb
+    mmeb, img = write_mmeb(str(tmp_path))
+    os.rename(os.path.join(mmeb, "TaskA"), os.path.join(mmeb, "N24News"))     # the test-*.parquet layout
+    os.rename(os.path.join(mmeb, "TaskB"), os.path.join(mmeb, "VOC2007"))     # the test/*.parquet layout
+    flags = ["--model", "tiny-qwen2-vl", "--num_tokens", "2", "--embed_template", "chat", "--mmeb_dir", mmeb,
+             "--image_dir", img, "--tasks", "N24News", "VOC2007", "--batch_size", "4", "--no_progress"]
+    v1 = ev.main(flags + ["--out", str(tmp_path / "v1")])["mmeb"]
+    v2 = mmeb_v2.main(flags + ["--out", str(tmp_path / "v2")])
+    assert v2["image"] == v1 and set(v1) == {"N24News", "VOC2007"}
+    for task, rows in (("N24News", 5), ("VOC2007", 4)):
+        score = json.loads((tmp_path / "v2" / "image" / f"{task}_score.json").read_text())
+        assert score["hit@1"] == v1[task] and score["num_data"] == rows and list(score) == list(mmeb_v2.HARNESS_FIELDS)
+    sub = json.loads((tmp_path / "v2" / "tiny-qwen2-vl.json").read_text())
+    assert sub["metrics"]["image"]["VOC2007"]["hit@1"] == v1["VOC2007"]
+    assert sub["metrics"]["image"]["ImageNet-1K"] == "FILE_N/A"
+
+
 def test_mmeb_v2_comes_in_one_way():
     """The extension rule, on the import graph bench/layout.py draws (lazy imports included):
     no paper file and nothing under util/ imports tools/mmeb_v2*, and the graph has no circle."""
