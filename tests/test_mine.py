@@ -223,9 +223,10 @@ def test_measure_veto_table_equals_a_count_by_hand(bench, enc, tmp_path):
                for r in json.loads(f.read_text())["records"]]
     truth = [[mine.synthetic_same(plan.rows[r["row"]][2], plan.docs[j]) for j, _, _ in r["window"]] for r in records]
     assert sum(map(sum, truth)) > 0                                        # other renders of the named object
-    none = report["veto"]["none"]
+    assert report["veto"]["all"] == report["veto"]["ShapesVG"]              # one subset
+    none = report["veto"]["ShapesVG"]["none"]
     assert none["false_negatives"] == sum(sum(t[:2]) for t in truth) and none["dropped"] == 0
-    judge = report["veto"]["judge p(Yes) > 0.5"]
+    judge = report["veto"]["ShapesVG"]["judge p(Yes) > 0.5"]
     dropped = [(x, w[2] > 0.5) for r, t in zip(records, truth) for x, w in zip(t, r["window"])]
     assert judge["dropped"] == sum(d for _, d in dropped)
     assert judge["recall"] == pytest.approx(sum(x and d for x, d in dropped) / sum(x for x, _ in dropped))

@@ -56,7 +56,8 @@ objects in other renders: images whose names differ only in the jitter tag -jNN 
 attribute-identical, true positives), every window candidate is scored by the head, and
 the share of mined negatives that are in fact positives is reported with no filter, with
 the relative margin rule (--relative_margin, else 0.05), with the head's veto, and with
-both, with the precision and recall of each filter (veto_table). Written into the report.
+both, with the precision and recall of each filter (veto_table), over all subsets and per
+subset; printed and written into the report ("veto").
 
 Where this differs from sentence-transformers' util.mine_hard_negatives (same names where
 the meaning is the same: num_negatives, range_min, range_max, absolute_margin,
@@ -600,9 +601,11 @@ def mine(encoder, rows, out, num_negatives=3, range_min=0, range_max=None, absol
         measured.append((plan, records))
     if rank != 0:
         return None
-    if measure_veto:
-        report["veto"] = veto_table(measured, num_negatives, relative_margin if relative_margin is not None
-                                    else MEASURE_MARGIN, judge_threshold)
+    if measure_veto:                                 # over all subsets, then per subset
+        margin = relative_margin if relative_margin is not None else MEASURE_MARGIN
+        report["veto"] = {"all": veto_table(measured, num_negatives, margin, judge_threshold),
+                          **{plan.subset: veto_table([(plan, recs)], num_negatives, margin, judge_threshold)
+                             for plan, recs in measured}}
     _write_json(os.path.join(out, "mining_report.json"), report)
     return report
 
@@ -710,9 +713,9 @@ def main(argv=None):
                   args.shard_size, args.batch_size, args.work_dir, args.measure_veto, args.progress)
     if report is not None:
         print0(format_report(report))
-        if "veto" in report:
-            print0("\nFalse negatives among mined negatives (labels known: demo/synthetic.py)\n"
-                   + format_veto(report["veto"]))
+        for name, table in report.get("veto", {}).items():
+            print0(f"\nFalse negatives among mined negatives, {name} (labels known: demo/synthetic.py)\n"
+                   + format_veto(table))
         print0(f"→ {args.out} (report: {os.path.join(args.out, 'mining_report.json')})")
     teardown_distributed()
     return report
