@@ -1,5 +1,5 @@
 """
-Hard negatives mined by the model itself (issue 47): the embedding proposes, its own matching
+Hard negatives mined by the model itself: the embedding proposes, its own matching
 head vetoes false negatives. Eq. 3 (InfoNCE with one explicit hard negative) and Eq. 4 (the
 matching loss on (q, d⁺, d⁻)) both need a hard negative per instance; rows without one fall
 back to an in-batch negative in train.py. This tool writes them.
