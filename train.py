@@ -487,12 +487,7 @@ def demo_data(args, master, ddp):
     Returns (eval tasks, the demo's task → meta-task table, its binding tasks: their
     matching accuracy is reported apart)."""
     from demo import DEMO_BINDING_TASKS, DEMO_EVAL_TASKS, DEMO_META, make_synthetic
-    seed = args.seed if args.data_seed is None else args.data_seed
-    pretrained_on = pretrained_data_seed(args.model)   # pretrained on one benchmark's TRAIN split: its eval only
-    if pretrained_on is not None and seed != pretrained_on:
-        raise SystemExit(f"--model {args.model} was pretrained on the TRAIN split of the synthetic "
-                         f"benchmark with seed {pretrained_on}; the benchmark with seed {seed} holds "
-                         f"out other pairs, some of which it has seen: pass --data_seed {pretrained_on}")
+    seed = args.seed if args.data_seed is None else args.data_seed      # parse_args checked it
     root = os.path.join(args.out_dir, "demo_data")
     if master:
         t0 = time.time()
@@ -779,6 +774,11 @@ def parse_args(argv=None, parser=None):
         args.preset = preset
     if args.lora is None:
         args.lora = args.model not in TINY_NAMES
+    seed, pretrained_on = args.seed if args.data_seed is None else args.data_seed, pretrained_data_seed(args.model)
+    if args.train_data is None and pretrained_on is not None and seed != pretrained_on:   # the demo's benchmark
+        p.error(f"--model {args.model} was pretrained on the TRAIN split of the synthetic benchmark with seed "
+                f"{pretrained_on}; the benchmark with seed {seed} holds out other pairs, some of which it has "
+                f"seen: pass --data_seed {pretrained_on}")
     check_train_flags(args, p.error)           # util/inputs.py: ranges, rules, the files flags name
     return args
 
