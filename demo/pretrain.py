@@ -260,11 +260,20 @@ def chat_backbone(progress=True):
 
 
 def _build_once(progress):
+    """Under a file lock beside the cache folder: two processes of one machine (two runs,
+    two test workers) never build at once, and the second reads what the first built."""
+    from filelock import FileLock
+    path = cache_dir()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with FileLock(path + ".lock"):
+        return _build_locked(path, progress)
+
+
+def _build_locked(path, progress):
     import time
 
     from util.backbone import save_backbone
     from util.dist import print0
-    path = cache_dir()
     marker = os.path.join(path, "build.json")
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -282,7 +291,6 @@ def _build_once(progress):
     with open(os.path.join(tmp, "model", "build.json"), "w") as f:      # written last: a complete build
         json.dump({"settings": PRETRAIN, "seconds": round(seconds, 1), "heldout": figures}, f, indent=2)
     shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     os.replace(os.path.join(tmp, "model"), path)
     shutil.rmtree(tmp, ignore_errors=True)
     print0(f"{CHAT_MODEL}: built in {seconds:.0f} s; held-out caption token F1 "

@@ -1,12 +1,15 @@
-"""Shared test set-up: the repo root on sys.path, 2 threads, tiny backbones, width-real
-checkpoints and the demo's benchmark built once per session; the two suites.
+"""Shared test set-up: the repo root on sys.path, 2 threads (1 per xdist worker), tiny
+backbones, width-real checkpoints and the demo's benchmark built once per session; the two
+suites.
 
 `pytest` alone runs the proof of the paper: the tests marked `proof` (Eq. 1–5 against
 naive loops, Fig. 3's mask, the one-pass claim, M-RoPE positions, App. S7's templates with
 Qwen's real tokenizer, one chunked step, a one-step run), in about two minutes on 2 cores.
 `pytest --full` runs everything (CI): the boundary tests of tests/test_inputs.py, learning
-runs, width-real checkpoints, the real path, DDP, the speed oracles, the tools. Naming a
-test file or test on the command line runs it whole, as --full would."""
+runs, width-real checkpoints, the real path, DDP, the speed oracles, the tools; CI adds
+`-n 2 --dist worksteal` (pytest-xdist: two workers of one thread each, the session's builds
+shared between them under file locks). Naming a test file or test on the command line runs
+it whole, as --full would."""
 import contextlib
 import os
 import sys
@@ -15,7 +18,12 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-torch.set_num_threads(2)
+# pytest-xdist (`-n 2`, the README's full-suite command): each worker on one core, so that
+# two workers share the 2 cores; a plain run keeps both threads
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:                    # the processes a test starts (gloo ranks) inherit it too
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if XDIST_WORKER else 2)
 
 TINY_KINDS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
 # The width-real checkpoints the test modules share (tools/width_real.py; preset → decoder
@@ -45,12 +53,13 @@ def width_real_checkpoint(tmp_path_factory):
     that asks for the same ones (write_checkpoint reuses a folder written with the same
     arguments). Each is 1-2 GB and takes 5-15 s to write; callers must not write into it."""
     from tools import width_real
-    root = tmp_path_factory.getbasetemp() / "shared_width_real"
+    root = shared_root(tmp_path_factory) / "shared_width_real"
 
     def write(preset, num_layers, vision_depth):
         folder = root / f"layers{num_layers}-vision{vision_depth}"
-        return width_real.write_checkpoint(preset, folder / preset, num_layers=num_layers,
-                                           vision_depth=vision_depth, seed=0)
+        with once(folder / preset):
+            return width_real.write_checkpoint(preset, folder / preset, num_layers=num_layers,
+                                               vision_depth=vision_depth, seed=0)
     return write
 
 
@@ -59,7 +68,26 @@ def demo_benchmark(tmp_path_factory):
     """make_synthetic(seed=0) at its default size (the demo's benchmark), written once per
     session and read by every module that uses it as is; callers must not write into it."""
     from demo import make_synthetic
-    return make_synthetic(str(tmp_path_factory.getbasetemp() / "shared_demo_data"), seed=0)
+    path = shared_root(tmp_path_factory) / "shared_demo_data"
+    with once(path):
+        return make_synthetic(str(path), seed=0)
+
+
+def shared_root(tmp_path_factory):
+    """Where session-wide builds go: this run's base temp folder, or under pytest-xdist the
+    folder its workers' base temp folders share (each worker builds nothing another built)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if XDIST_WORKER else base
+
+
+@contextlib.contextmanager
+def once(path):
+    """A file lock beside `path`: one pytest-xdist worker builds it, the others wait and
+    reuse it (each builder returns an existing complete build)."""
+    from filelock import FileLock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        yield
 
 
 def shape_image(colour, size=56, shape="circle", background="white"):

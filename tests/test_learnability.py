@@ -84,7 +84,6 @@ def identity_task(views, steps, seed=0, lr=3e-3, M=32, warmup=50):
 @pytest.mark.slow
 @pytest.mark.parametrize("views, steps", [("feat", 800), ("raw", 1000)])
 def test_matching_pass_learns_the_identity_task(views, steps):
-    torch.set_num_threads(2)
     assert identity_task(views, 0) == pytest.approx(0.5, abs=0.15)          # chance before training
     acc = identity_task(views, steps)
     assert acc >= 0.9, f"{views}: held-out Yes/No accuracy {acc:.3f} after {steps} steps"
