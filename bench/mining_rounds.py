@@ -21,8 +21,11 @@ std over seeds: Hit@1 overall, non-binding and binding (ShapesT2I / ShapesI2T), 
 held-out matching accuracy of the non-binding tasks (raw→raw, feat→feat), and per mined
 variant what the rules and the veto dropped and, from --measure_veto (labels known: the
 benchmark writes attribute-identical renders), the share of mined negatives that are in
-fact positives. Every run's numbers go to --json after each run; a rerun with the same
-settings keeps what is there and does the rest.
+fact positives; and whether the built-in negatives were already the hardest there are
+(given_vs_mined: each row's built-in negative ranked among the true negatives of its
+subset by round 1's embedding, against variant c's mined one). Every run's numbers go to
+--json after each run; a rerun with the same settings keeps what is there, does the rest
+and prints the four tables of docs/demo.md §7.
 
     python bench/mining_rounds.py --json runs/mining_rounds.json --out_dir runs/mining_rounds   # ~2 h on 2 cores
     python bench/mining_rounds.py --seeds 0 --steps 100 --json /tmp/mr.json   # a quick look
@@ -32,6 +35,8 @@ import json
 import os
 import sys
 import tempfile
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -77,6 +82,81 @@ def record(res):
                    matching_mean_apart=matching_means(res["matching"], [t for t in res["matching"]
                                                                         if t in DEMO_BINDING_TASKS]))
     return run_record(res)
+
+
+def same_thing(doc):
+    """demo/synthetic.py's truth as a key (tools/mine.synthetic_same): documents with equal
+    keys show the same thing (the same text, the same image but for the render's jitter tag)."""
+    return doc[0], mine.JITTER_TAG.sub("", doc[1])
+
+
+def given_vs_mined(plan, Q, E, mined, key=same_thing):
+    """Are the built-in negatives already the hardest there are? With round 1's vectors Q
+    (nq, d) and E (N, d) (L2-normalised: a dot product is Eq. 1's cosine) and its top mined
+    document per row (`mined[i]`: a document index or None, row i of plan.rows), for every
+    row with a built-in negative g:
+      rank of g   the documents scoring above g that are neither a positive of the row's
+                  query nor the same thing as its positive (key): the true negatives above
+                  it; 0 = g is the hardest true negative of the subset's corpus
+      false       g, or the mined document, is in fact the same thing as the positive
+      gap         s⁺ − s(g) and s⁺ − s(mined): the smaller, the harder
+    Returns {"rows": rows with g, "hardest": share of them with rank 0, "median_rank",
+    "documents", "given_false", "mined_false": shares, "gap_given", "gap_mined": means,
+    "given_harder": share of rows with s(g) ≥ s(mined)}."""
+    ids = {}
+    cls = np.array([ids.setdefault(key(d), len(ids)) for d in plan.docs])     # (N,) one id per thing
+    S = Q @ E.T                                                               # (nq, d) @ (d, N) → (nq, N)
+    ranks, g_false, m_false, gap_g, gap_m, harder = [], [], [], [], [], []
+    for i, (_, qk, pk, gk) in enumerate(plan.rows):
+        if gk is None:
+            continue
+        q, pos, g = plan.query_index[qk], plan.doc_index[pk], plan.doc_index[gk]
+        s = S[q]                                                              # (N,)
+        true_neg = cls != cls[pos]
+        true_neg[list(plan.positives[q])] = False
+        ranks.append(int(((s > s[g]) & true_neg).sum()))
+        g_false.append(bool(cls[g] == cls[pos]))
+        gap_g.append(float(s[pos] - s[g]))
+        if mined[i] is not None:
+            m = mined[i]
+            m_false.append(bool(cls[m] == cls[pos]))
+            gap_m.append(float(s[pos] - s[m]))
+            harder.append(bool(s[g] >= s[m]))
+    mean = lambda xs: float(np.mean(xs)) if xs else None                      # noqa: E731
+    return {"rows": len(ranks), "documents": len(plan.docs), "hardest": mean([r == 0 for r in ranks]),
+            "median_rank": float(np.median(ranks)) if ranks else None, "given_false": mean(g_false),
+            "mined_false": mean(m_false), "gap_given": mean(gap_g), "gap_mined": mean(gap_m),
+            "given_harder": mean(harder)}
+
+
+def given_vs_mined_run(train_root, image_dir, mined_dir):
+    """given_vs_mined per subset, from what a tools/mine.py run (no filter, one negative a
+    row) left in mined_dir/.mining: its documents' and queries' vectors and its mined rows."""
+    from tools import search
+    from util.inputs import TrainRows
+    subsets = sorted(os.listdir(os.path.join(mined_dir, ".mining")))
+    rows = TrainRows(train_root, image_dir, subsets)
+    out = {}
+    for subset in subsets:
+        plan = mine.SubsetPlan(subset, [r for r in rows.rows if r[0] == subset])
+        work = os.path.join(mined_dir, ".mining", subset)
+        E = np.asarray(search.load_vectors(os.path.join(work, "index")))                    # (N, d)
+        shards = sorted(f for f in os.listdir(os.path.join(work, "queries")) if f.endswith(".npy"))
+        Q = np.concatenate([np.load(os.path.join(work, "queries", f)) for f in shards])     # (nq, d)
+        records = []
+        for f in sorted(os.listdir(os.path.join(work, "mined"))):
+            with open(os.path.join(work, "mined", f)) as fh:
+                block = json.load(fh)
+            if (block["manifest"]["docs"], block["manifest"]["queries"]) != (mine._sha256_json(plan.docs),
+                                                                             mine._sha256_json(plan.queries)):
+                raise RuntimeError(f"{work}/mined/{f}: mined from other documents or queries than "
+                                   f"{train_root}'s {subset}")
+            records += block["records"]
+        if E.shape[0] != len(plan.docs) or len(Q) != len(plan.queries) or \
+                [r["row"] for r in records] != list(range(len(plan.rows))):
+            raise RuntimeError(f"{work}: its vectors or mined rows are not {train_root}'s {subset}")
+        out[subset] = given_vs_mined(plan, Q, E, [r["neg"][0] if r["neg"] else None for r in records])
+    return out
 
 
 def log_of(run_dir):
@@ -145,13 +225,62 @@ def main(argv=None):
             runs.append({"config": name, "seed": seed, **r, **extra})
             save()
             print(f"{name} seed {seed}: hit@1 {r['hit@1']:.3f}", flush=True)
+        c = done(f"round 2 c: {VARIANTS['c'][0]}", seed)       # the built-in negatives against c's
+        if c is not None and "given_vs_mined" not in c:
+            c["given_vs_mined"] = given_vs_mined_run(paths["train"], paths["image_dir"],
+                                                     os.path.join(work, f"mined_c_seed{seed}"))
+            save()
+    print(summary(runs, ["round 1"] + [f"round 2 {v}: {VARIANTS[v][0]}" for v in args.variants]))
 
+
+def summary(runs, names):
+    """The three tables of docs/demo.md's mining section, mean ± std over the seeds in `runs`."""
     cols = ["hit@1", "hit@1 non-binding", "hit@1 binding", "match raw→raw", "match feat→feat"]
-    names = ["round 1"] + [f"round 2 {v}: {VARIANTS[v][0]}" for v in args.variants]
-    print("(mean ± std over seeds, %)\n| run | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    out = ["Hit@1 and the held-out matching accuracy (non-binding tasks), mean ± std over seeds, %",
+           "| run | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name in names:
         rs = [r for r in runs if r["config"] == name]
-        print(f"| {name} | " + " | ".join(mean_std([r[c] for r in rs if c in r]) for c in cols) + " |")
+        out.append(f"| {name} | " + " | ".join(mean_std([r[c] for r in rs if c in r]) for c in cols) + " |")
+    mined = [r for r in runs if "mining" in r]
+    if mined:
+        subsets = sorted(mined[0]["mining"]["subsets"])
+        out += ["", "Mined negatives: rows left without one (they train with an in-batch negative), "
+                "by subset, mean over seeds", "| run | " + " | ".join(subsets) + " |",
+                "|---|" + "---|" * len(subsets)]
+        for name in dict.fromkeys(r["config"] for r in mined):
+            rs = [r["mining"]["subsets"] for r in mined if r["config"] == name]
+            out.append(f"| {name} | " + " | ".join(f"{np.mean([x[s]['rows_without'] for x in rs]):.0f} / "
+                                                   f"{rs[0][s]['rows']}" for s in subsets) + " |")
+    veto = [r["mining"]["veto"] for r in mined if "veto" in r["mining"]]
+    if veto:
+        filters = list(veto[0]["all"])
+        out += ["", "Mined negatives that are in fact positives (labels known), each filter on round 1's "
+                "top-10 window, mean ± std over seeds, %; the filter's precision (what it drops that is in "
+                "fact a positive) and recall (the positives in the window it drops)",
+                "| filter | all subsets | ShapesT2I | ShapesVG | precision | precision ShapesT2I | recall |",
+                "|---|---|---|---|---|---|---|"]
+        for f in filters:
+            cell = lambda s, m: mean_std([v[s][f][m] for v in veto if v[s][f][m] is not None])  # noqa: E731
+            out.append(f"| {f} | " + " | ".join([cell(s, "false_negative_share") for s in ("all", "ShapesT2I", "ShapesVG")]
+                                                + [cell("all", "precision"), cell("ShapesT2I", "precision"),
+                                                   cell("all", "recall")]) + " |")
+    given = [r["given_vs_mined"] for r in runs if "given_vs_mined" in r]
+    if given:
+        cols = [("hardest", "built-in is the hardest true negative, %", 100),
+                ("median_rank", "its median rank among true negatives", 1),
+                ("gap_given", "s⁺ − s(built-in)", 1), ("gap_mined", "s⁺ − s(mined)", 1),
+                ("mined_false", "mined is in fact a positive, %", 100)]
+        out += ["", "The built-in negatives against the mined ones (variant c), by round 1's embedding, "
+                "mean ± std over seeds", "| subset | " + " | ".join(c[1] for c in cols) + " |",
+                "|---|" + "---|" * len(cols)]
+        for s in sorted(given[0]):
+            cells = []
+            for k, _, scale in cols:
+                xs = [g[s][k] for g in given if g[s][k] is not None]
+                cells.append(mean_std(xs) if scale == 100 or not xs else
+                             f"{np.mean(xs):.2f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.2f}")
+            out.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
