@@ -84,13 +84,7 @@ def record(res):
     return run_record(res)
 
 
-def same_thing(doc):
-    """demo/synthetic.py's truth as a key (tools/mine.synthetic_same): documents with equal
-    keys show the same thing (the same text, the same image but for the render's jitter tag)."""
-    return doc[0], mine.JITTER_TAG.sub("", doc[1])
-
-
-def given_vs_mined(plan, Q, E, mined, key=same_thing):
+def given_vs_mined(plan, Q, E, mined, key=mine.synthetic_key):
     """Are the built-in negatives already the hardest there are? With round 1's vectors Q
     (nq, d) and E (N, d) (L2-normalised: a dot product is Eq. 1's cosine) and its top mined
     document per row (`mined[i]`: a document index or None, row i of plan.rows), for every
@@ -234,7 +228,7 @@ def main(argv=None):
 
 
 def summary(runs, names):
-    """The three tables of docs/demo.md's mining section, mean ± std over the seeds in `runs`."""
+    """The four tables of docs/demo.md §7, mean ± std over the seeds in `runs`."""
     cols = ["hit@1", "hit@1 non-binding", "hit@1 binding", "match raw→raw", "match feat→feat"]
     out = ["Hit@1 and the held-out matching accuracy (non-binding tasks), mean ± std over seeds, %",
            "| run | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -266,18 +260,18 @@ def summary(runs, names):
                                                    cell("all", "recall")]) + " |")
     given = [r["given_vs_mined"] for r in runs if "given_vs_mined" in r]
     if given:
-        cols = [("hardest", "built-in is the hardest true negative, %", 100),
-                ("median_rank", "its median rank among true negatives", 1),
-                ("gap_given", "s⁺ − s(built-in)", 1), ("gap_mined", "s⁺ − s(mined)", 1),
-                ("mined_false", "mined is in fact a positive, %", 100)]
+        cols = [("hardest", "built-in is the hardest true negative, %", True),
+                ("median_rank", "its median rank among true negatives", False),
+                ("gap_given", "s⁺ − s(built-in)", False), ("gap_mined", "s⁺ − s(mined)", False),
+                ("mined_false", "mined is in fact a positive, %", True)]
         out += ["", "The built-in negatives against the mined ones (variant c), by round 1's embedding, "
                 "mean ± std over seeds", "| subset | " + " | ".join(c[1] for c in cols) + " |",
                 "|---|" + "---|" * len(cols)]
         for s in sorted(given[0]):
             cells = []
-            for k, _, scale in cols:
+            for k, _, percent in cols:
                 xs = [g[s][k] for g in given if g[s][k] is not None]
-                cells.append(mean_std(xs) if scale == 100 or not xs else
+                cells.append(mean_std(xs) if percent or not xs else
                              f"{np.mean(xs):.2f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.2f}")
             out.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -510,11 +510,16 @@ def format_report(report):
 JITTER_TAG = re.compile(r"-j\d+")
 
 
+def synthetic_key(doc):
+    """demo/synthetic.py's truth as a key: documents (text, image) with equal keys show the
+    same thing (the same text, the same image path once the render's jitter tag -jNN is
+    dropped: the same objects, colours, shapes and sides in another render)."""
+    return doc[0], JITTER_TAG.sub("", doc[1])
+
+
 def synthetic_same(a, b):
-    """demo/synthetic.py's truth: documents a, b (text, image) show the same thing when their
-    texts are equal and their image paths equal once the render's jitter tag (-jNN) is
-    dropped: the same objects, colours, shapes and sides in another render."""
-    return a[0] == b[0] and JITTER_TAG.sub("", a[1]) == JITTER_TAG.sub("", b[1])
+    """Documents a, b show the same thing (synthetic_key)."""
+    return synthetic_key(a) == synthetic_key(b)
 
 
 def veto_table(plan_records, num_negatives, relative_margin, judge_threshold, truth=synthetic_same):
