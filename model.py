@@ -15,9 +15,10 @@ an embedding model that also judges matches. The class reads in the paper's orde
   §4      LoRA on the language model (apply_lora); M-RoPE positions of packed rows
           (mrope_position_ids); checkpoints (load_rematch; util/backbone.save_rematch writes them).
 
-Beside the paper, as functions after the class: the time rule of videos' M-RoPE positions
-(video_time; MMEB-V2's video tasks) and padding-free embedding passes (embed_packed;
-train.py --pack, a speed path equal to ReMatch.embed: tests/test_pack.py).
+Beside the paper, as a function after the class: padding-free embedding passes
+(embed_packed; train.py --pack, a speed path equal to ReMatch.embed: tests/test_pack.py).
+The time rule of videos' M-RoPE positions (MMEB-V2's video tasks) is util/video.py's
+video_time.
 
 Loading a backbone (hub id, local directory, or the offline tiny-qwen2-vl /
 tiny-qwen2.5-vl / tiny-qwen3-vl) is util/backbone.py's; speed-ups proven equal to
@@ -44,7 +45,7 @@ from masks import additive_mask, packed_block_mask, unified_block_mask, unified_
 from util.backbone import (CONFIG_FILE, check_config, export_config, is_export, load_backbone, load_export_heads,
                             load_heads, published_name, resolve_checkpoint)
 from util.speed import vision_indices
-from util.video import is_timestamped, temporal_step
+from util.video import video_time
 
 
 class ReMatch(nn.Module):
@@ -295,7 +296,7 @@ class ReMatch(nn.Module):
     def positions(self, input_ids, attention_mask, image_grid_thw, video_grid_thw=None,
                   second_per_grid_ts=None):
         """M-RoPE positions (3, N, T) as the backbone's get_rope_index gives them (videos:
-        their time rule is video_time's, beside the class)."""
+        their time rule is util/video.py's video_time)."""
         cfg = self.backbone.config
         video_grid_thw, step = video_time(cfg, video_grid_thw, second_per_grid_ts, input_ids.device)
         return mrope_position_ids(input_ids, attention_mask, image_grid_thw, cfg.image_token_id,
@@ -313,27 +314,8 @@ class ReMatch(nn.Module):
 
 
 # ----------------------------------------------------------------------------------
-# Beside the paper: video positions (MMEB-V2) and packed rows (a speed path). ReMatch
-# calls each in one line (positions, embed); neither changes what the model computes.
-
-def video_time(cfg, video_grid_thw, second_per_grid_ts, device):
-    """
-    The time rule of videos' M-RoPE positions, as the backbone's get_rope_index applies it:
-    (video_grid_thw, step) for mrope_position_ids. Qwen2-VL steps time by 1 per temporal
-    patch, Qwen2.5-VL by tokens_per_second · second_per_grid_t (util/video.temporal_step:
-    step (n_vid,)); Qwen3-VL writes a timestamp before each temporal patch, so each is its
-    own one-frame grid (Σ gt, 3), step None (its get_rope_index splits video_grid_thw the
-    same way). (None, None) without videos.
-    """
-    if video_grid_thw is None:
-        return None, None
-    video_grid_thw = video_grid_thw.to(device)
-    if is_timestamped(cfg):                                                   # (Σ gt, 3), t = 1
-        video_grid_thw = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)
-        video_grid_thw[:, 0] = 1
-        return video_grid_thw, None
-    return video_grid_thw, temporal_step(cfg, second_per_grid_ts, len(video_grid_thw))   # (n_vid,)
-
+# Beside the paper: packed rows (a speed path). ReMatch.embed calls it in one line; it
+# does not change what the model computes.
 
 def embed_packed(model, batch, side, images=None):
     """

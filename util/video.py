@@ -23,7 +23,7 @@ it in the paper (the paper trains and evaluates on images; MMEB-V2's 18 video ta
                              "<t seconds><|vision_start|>…<|vision_end|>" per temporal patch
   encode_video(...)          a clip → its text run, pixel_values_videos, video_grid_thw and
                              second_per_grid_ts (data.encode_item's video part)
-  temporal_step, is_timestamped
+  temporal_step, is_timestamped, video_time
                              the family's video M-RoPE rule (model.ReMatch.positions)
 
 Why not the family's video processor: it needs torchvision (which breaks transformers'
@@ -201,3 +201,22 @@ def temporal_step(config, second_per_grid_ts, n_videos):
 def is_timestamped(config):
     """Qwen3-VL writes a timestamp before every temporal patch of a video."""
     return config.model_type.startswith("qwen3")
+
+
+def video_time(cfg, video_grid_thw, second_per_grid_ts, device):
+    """
+    The time rule of videos' M-RoPE positions, as the backbone's get_rope_index applies it:
+    (video_grid_thw, step) for mrope_position_ids. Qwen2-VL steps time by 1 per temporal
+    patch, Qwen2.5-VL by tokens_per_second · second_per_grid_t (temporal_step:
+    step (n_vid,)); Qwen3-VL writes a timestamp before each temporal patch, so each is its
+    own one-frame grid (Σ gt, 3), step None (its get_rope_index splits video_grid_thw the
+    same way). (None, None) without videos.
+    """
+    if video_grid_thw is None:
+        return None, None
+    video_grid_thw = video_grid_thw.to(device)
+    if is_timestamped(cfg):                                                   # (Σ gt, 3), t = 1
+        video_grid_thw = torch.repeat_interleave(video_grid_thw, video_grid_thw[:, 0], dim=0)
+        video_grid_thw[:, 0] = 1
+        return video_grid_thw, None
+    return video_grid_thw, temporal_step(cfg, second_per_grid_ts, len(video_grid_thw))   # (n_vid,)
