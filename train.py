@@ -42,7 +42,7 @@ from losses import (at_least_fp32, info_nce, matching_loss, orthogonality_loss, 
                     total_loss)
 from masks import VIEW_SETS
 from model import ReMatch, apply_lora
-from util.backbone import TINY_NAMES, load_backbone, pretrained_data_seed, write_model_card
+from util.backbone import TINY_NAMES, load_backbone, pretrained_build, pretrained_data_seed, write_model_card
 from util.dist import DIST_TIMEOUT_MINUTES, peak_tflops, print0, setup_distributed, teardown_distributed
 from util.run import (append_log, checkpoint_dirs, cut_log, last_intact, load_checkpoint, read_log,
                       run_config, save_checkpoint, start_run, subset_summary)
@@ -637,8 +637,9 @@ def build_parser():
     p.add_argument("--model", default="tiny-qwen2-vl", help="hub id or local dir of Qwen2-VL / Qwen2.5-VL / Qwen3-VL, "
                    "or tiny-qwen2-vl / tiny-qwen2.5-vl / tiny-qwen3-vl (random init), tiny-qwen2-vl-chat (taught to "
                    "speak about the demo's TRAIN images: demo/pretrain.py, built once)")
-    p.add_argument("--model_revision", default=None, help="hub ids only: the commit, branch or tag of --model to "
-                   "download (recorded: loading the checkpoint later pins its base model to it)")
+    p.add_argument("--model_revision", default=None, help="hub ids: the commit, branch or tag of --model to "
+                   "download (recorded: loading the checkpoint later pins its base model to it); "
+                   "tiny-qwen2-vl-chat: its build, set by the code")
     p.add_argument("--num_tokens", type=int, default=16,
                    help="K learnable tokens per side (§3.2.1); 0 = last-token pooling (baseline)")
     p.add_argument("--embed_template", choices=("chat", "plain"), default="chat",
@@ -779,6 +780,11 @@ def parse_args(argv=None, parser=None):
         p.error(f"--model {args.model} was pretrained on the TRAIN split of the synthetic benchmark with seed "
                 f"{pretrained_on}; the benchmark with seed {seed} holds out other pairs, some of which it has "
                 f"seen: pass --data_seed {pretrained_on}")
+    build = pretrained_build(args.model)
+    if build is not None:                      # recorded: a LoRA checkpoint names the weights it sits on
+        if args.model_revision not in (None, build):
+            p.error(f"--model_revision {args.model_revision}: this code builds {args.model} {build} only")
+        args.model_revision = build
     check_train_flags(args, p.error)           # util/inputs.py: ranges, rules, the files flags name
     return args
 

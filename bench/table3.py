@@ -41,7 +41,7 @@ import train  # noqa: E402
 from demo import DEMO_BINDING_TASKS  # noqa: E402
 from tools.generate import caption_heldout  # noqa: E402
 from tools.rerank import MATCH_VIEW_TYPES  # noqa: E402
-from util.backbone import pretrained_data_seed  # noqa: E402
+from util.backbone import pretrained_build, pretrained_data_seed  # noqa: E402
 from util.run import checkpoint_dirs  # noqa: E402
 
 CAPTION_KEYS = ("exact", "token_f1", "distinct_2", "repetition", "mean_len")
@@ -170,7 +170,7 @@ def main(argv=None):
     data_root = lambda seed: os.path.abspath(os.path.join(work, f"demo_data_seed{data_seed_of(args.model, seed)}"))  # noqa: E731
     runs, before = [], None
     settings = {"seeds": args.seeds, "steps": args.steps, "model": args.model, "lora_r": args.lora_r,
-                "captions": args.captions}
+                "captions": args.captions, "build": pretrained_build(args.model or train.PRESETS["demo"]["model"])}
     if args.json and os.path.isfile(args.json):      # a rerun keeps the runs already done with these settings
         with open(args.json) as f:
             old = json.load(f)

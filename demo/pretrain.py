@@ -1,4 +1,4 @@
-"""
+r"""
 `tiny-qwen2-vl-chat`: the demo's tiny backbone taught to speak about the demo's images
 before ReMatch sees it — demo machinery, not part of ReMatch.
 
@@ -7,38 +7,49 @@ generative strength" of the backbone, and App. S9 checks that the embedding mode
 captions. The random `tiny-qwen2-vl` has no generative strength to leverage or lose. This
 file gives it some, offline and deterministically: next-token training (loss on the
 answer only) of `tiny-qwen2-vl` (seed 0, full fine-tuning) on chat-template conversations
-about the synthetic benchmark's TRAIN split — never an eval image:
+about the synthetic benchmark's TRAIN split — never an eval image — in two stages:
 
-  object images      "Describe the image." → "a red circle"; "What is shown?" → "red circle"
-  pair images        "Describe the image." → "a red circle on the left and a blue square on the right"
-  the VQA questions  "What colour is the object?" → "red"  (and shape)
-  counting           "How many objects are in the image?" → "one" / "two" / "four"
-  verification       "Does the image show <caption or label>? Answer Yes or No." → Yes for the
-                     row's positive, No for its hard negative (both answers, equally often)
+  1. verification (PRETRAIN["verify_steps"] steps at verify_lr): colour claims about single
+     objects, answered by first saying what the image shows, then deciding:
+       "Does the image show red? Answer Yes or No." → "red\nYes"   /   "blue\nNo"
+     (both answers equally often: the row's positive and its hard negative). A bare
+     "Yes"/"No" stays at chance on this 2-layer model (docs/demo.md §6.1): stating the
+     colour first reduces the comparison to token equality, which it learns.
+  2. the mix (PRETRAIN["steps"] steps at lr), each batch item drawn from the verification
+     conversations with probability verify_share, else from
+       object images     "Describe the image." → "a red circle"; "What is shown?" → "red circle"
+       pair images       "Describe the image." → "a red circle on the left and a blue square on the right"
+       the VQA questions "What colour is the object?" → "red"  (and shape)
+       counting          "How many objects are in the image?" → "one" / "two" / "four"
+     so that the verification of stage 1 is kept while the model learns to caption.
 
-AdamW (lr 1e-3, weight decay 0.01), batch 32, 50 warm-up steps then cosine to 0.1×, grad
-norm clipped at 1.0, PRETRAIN["steps"] steps. Built on first use by
+Each stage: AdamW (weight decay 0.01, a fresh optimiser), batch 32, 50 warm-up steps then
+cosine to 0.1×, grad norm clipped at 1.0. Built on first use by
 util.backbone.load_backbone("tiny-qwen2-vl-chat") and cached under $HF_HOME/rematch/
 (a fresh HF_HOME rebuilds it; under torchrun rank 0 builds, the others wait), with
 build.json: the settings and the held-out figures measured right after the build
-(tools/generate.py's caption metrics on held-out EVAL images, balanced Yes/No accuracy on
-held-out verification prompts).
+(tools/generate.py's caption metrics on held-out EVAL images; balanced Yes/No accuracy of
+the generated answer on held-out colour claims about single objects — what it was taught —
+and on held-out pair captions, which it was not).
 
     python -m demo.pretrain                  # build (or reuse) and print build.json
 Tests: pytest tests/test_pretrain.py
 """
+import functools
 import json
 import math
 import os
 import random
+import re
 import shutil
 
 import torch
 
 CHAT_MODEL = "tiny-qwen2-vl-chat"
 BASE_MODEL = "tiny-qwen2-vl"
-PRETRAIN = {"version": 2, "base": BASE_MODEL, "seed": 0, "steps": 1000, "batch_size": 32, "lr": 1e-3,
-            "weight_decay": 0.01, "warmup_steps": 50, "min_lr_ratio": 0.1, "clip": 1.0, "data_seed": 0}
+PRETRAIN = {"version": 3, "base": BASE_MODEL, "seed": 0, "steps": 1000, "batch_size": 32, "lr": 1e-3,
+            "weight_decay": 0.01, "warmup_steps": 50, "min_lr_ratio": 0.1, "clip": 1.0, "data_seed": 0,
+            "verify_steps": 300, "verify_lr": 3e-3, "verify_share": 0.25}
 DESCRIBE, WHAT, COUNT = "Describe the image.", "What is shown?", "How many objects are in the image?"
 VERIFY = "Does the image show {}? Answer Yes or No."
 COUNT_WORDS = {"object": "one", "pair": "two", "scene": "four"}
@@ -61,8 +72,9 @@ def _label(image_path):
 
 
 def conversations(train_dir):
-    """[(image path relative to the benchmark root, prompt, answer)] from the synthetic
-    benchmark's TRAIN parquet files (demo.synthetic), in a fixed order."""
+    """[(image path relative to the benchmark root, prompt, answer)]: the mix's chat
+    conversations from the synthetic benchmark's TRAIN parquet files (demo.synthetic), in a
+    fixed order. The verification prompts are verifications()'s."""
     from demo.synthetic import DEMO_TRAIN_SUBSETS, T2I_QUERY
     from util.inputs import read_rows
     out = []
@@ -74,34 +86,36 @@ def conversations(train_dir):
             out.append((image, DESCRIBE, _phrase(_label(image))))
             out.append((image, WHAT, _label(image)))
 
-    def verify(image, pos, neg):
-        out.append((image, VERIFY.format(pos), "Yes"))
-        out.append((image, VERIFY.format(neg), "No"))
-
     for subset in DEMO_TRAIN_SUBSETS:
         for r in read_rows([os.path.join(train_dir, subset, "original-00000-of-00001.parquet")]):
-            q, qi, pos, pi, neg, ni = (r["qry"], r["qry_image_path"], r["pos_text"], r["pos_image_path"],
-                                       r["neg_text"], r["neg_image_path"])
+            q, qi, pos, pi, ni = r["qry"], r["qry_image_path"], r["pos_text"], r["pos_image_path"], r["neg_image_path"]
             if subset in ("ShapesCLS", "ShapesColour", "ShapesShape"):
                 about(qi, "object")
-                verify(qi, pos if subset != "ShapesCLS" else _phrase(pos),
-                       neg if subset != "ShapesCLS" else _phrase(neg))
             elif subset == "ShapesVQA":
                 out.append((qi, q.split(": ", 1)[1], pos))                  # the question → its answer
             elif subset == "ShapesI2T":
                 about(qi, "pair")
                 out.append((qi, DESCRIBE, pos))
-                verify(qi, pos, neg)
             elif subset == "ShapesT2I":
-                caption = q[len(T2I_QUERY.format("")):]
                 about(pi, "pair")
-                out.append((pi, DESCRIBE, caption))
-                out.append((pi, VERIFY.format(caption), "Yes"))
-                out.append((ni, VERIFY.format(caption), "No"))
+                out.append((pi, DESCRIBE, q[len(T2I_QUERY.format("")):]))
             elif subset == "ShapesVG":
                 about(qi, "scene")
                 about(pi, "object")
                 about(ni, "object")
+    return out
+
+
+def verifications(train_dir):
+    """[(image, VERIFY about a colour, "<the image's colour>\\n<Yes|No>")] from ShapesColour's
+    TRAIN rows: the row's positive colour (Yes) and its hard negative (No), each answer
+    first stating the colour the image shows."""
+    from util.inputs import read_rows
+    out = []
+    for r in read_rows([os.path.join(train_dir, "ShapesColour", "original-00000-of-00001.parquet")]):
+        shown = _label(r["qry_image_path"]).split()[0]
+        out.append((r["qry_image_path"], VERIFY.format(r["pos_text"]), f"{shown}\nYes"))
+        out.append((r["qry_image_path"], VERIFY.format(r["neg_text"]), f"{shown}\nNo"))
     return out
 
 
@@ -163,38 +177,51 @@ def lr_at(step, cfg):
 
 
 def pretrain(data_root, cfg=None, progress=True):
-    """(model, processor) of BASE_MODEL after cfg["steps"] steps (default: PRETRAIN) on
-    conversations() of the benchmark under data_root (written if missing). Deterministic in cfg."""
+    """(model, processor) of BASE_MODEL after the two stages of cfg (default: PRETRAIN) on
+    the conversations of the benchmark under data_root (written if missing). Deterministic in cfg."""
     cfg = cfg or PRETRAIN
     from demo.synthetic import make_synthetic
     from util.backbone import load_backbone
     from util.inputs import load_image
     paths = make_synthetic(data_root, seed=cfg["data_seed"])
-    convs = conversations(paths["train"])
-    images = {i: load_image(os.path.join(paths["image_dir"], i)) for i in sorted({c[0] for c in convs})}
+    chat, verify = conversations(paths["train"]), verifications(paths["train"])
+    images = {i: load_image(os.path.join(paths["image_dir"], i)) for i in sorted({c[0] for c in chat + verify})}
     model, processor = load_backbone(cfg["base"], device="cpu", dtype=torch.float32, seed=cfg["seed"])
     threads = torch.get_num_threads()
     torch.set_num_threads(BUILD_THREADS)          # float sums split by thread: one count, one set of weights
     try:
-        return _train(model, processor, convs, images, cfg, progress)
+        stage1 = dict(cfg, steps=cfg["verify_steps"], lr=cfg["verify_lr"])
+        _train(model, processor, [(verify, 1.0)], images, stage1, progress, "1 verification")
+        share = cfg["verify_share"]
+        return _train(model, processor, [(verify, share), (chat, 1 - share)], images, cfg, progress, "2 the mix")
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(model, processor, convs, images, cfg, progress):
+def _train(model, processor, pools, images, cfg, progress, stage):
+    """cfg["steps"] steps of next-token training, each batch item drawn from the pools
+    [(conversations, probability)]: a pool by its probability, then a conversation of it."""
     from tqdm import tqdm
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     rng = random.Random(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     batches = ChatBatches(processor, images)
-    for step in tqdm(range(cfg["steps"]), desc=f"pretrain {CHAT_MODEL}", disable=not progress):
-        batch, labels = batches([convs[rng.randrange(len(convs))] for _ in range(cfg["batch_size"])])
+
+    def draw():
+        u = rng.random()
+        for convs, p in pools:
+            if u < p:
+                break
+            u -= p
+        return convs[rng.randrange(len(convs))]
+    for step in tqdm(range(cfg["steps"]), desc=f"pretrain {CHAT_MODEL}: stage {stage}", disable=not progress):
+        batch, labels = batches([draw() for _ in range(cfg["batch_size"])])
         logits = model(**batch).logits                                          # (N, T, V)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                  ignore_index=-100)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain {CHAT_MODEL}: non-finite loss at step {step}")
+            raise FloatingPointError(f"pretrain {CHAT_MODEL}: non-finite loss at step {step} of stage {stage}")
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
@@ -208,28 +235,45 @@ def _train(model, processor, convs, images, cfg, progress):
 # Held-out figures
 
 
+def final_yes_no(text):
+    """The last "Yes" or "No" word of a generated answer ("blue\\nNo" → "No"), or None."""
+    found = re.findall(r"\b(Yes|No)\b", text)
+    return found[-1] if found else None
+
+
 @torch.no_grad()
-def yes_no_accuracy(model, processor, data_root, n=40):
-    """Balanced accuracy (the mean of the Yes rate on matches and the No rate on mismatches;
-    chance 0.5 whatever the model's bias) of the greedy first answer token on held-out
-    verification prompts about n EVAL pair images of ShapesI2T: {"yes_no": the positive
-    caption against another pair's caption (candidate 15, no twin), "yes_no_binding": against
-    an attribute-swapped twin (candidate 1: the same words, bound otherwise)}."""
-    from demo.synthetic import make_synthetic
-    from tools.generate import greedy
+def yes_no_accuracy(model, processor, data_root, n=40, max_new_tokens=24):
+    """Balanced accuracies (the mean of the Yes rate on true claims and the No rate on false
+    ones; chance 0.5 whatever the model's bias) of the final Yes/No in the greedy answer to
+    held-out verification prompts about the seed's EVAL images:
+      "yes_no": colour claims about n single objects of ShapesCLS (the object's colour
+        against another colour, drawn with seed 0) — what the build teaches;
+      "yes_no_pairs": n pair images of ShapesI2T, their caption against another pair's
+        (candidate 15, no twin), and "yes_no_binding": against the attribute-swapped twin
+        (candidate 1) — never taught."""
+    from demo.synthetic import COLOURS, make_synthetic
+    from tools.generate import decode, greedy
     from util.inputs import load_image, read_rows
     paths = make_synthetic(data_root, seed=PRETRAIN["data_seed"])
-    rows = read_rows([os.path.join(paths["eval"], "ShapesI2T", "test-00000-of-00001.parquet")])[:n]
-    yes, no = (processor.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    read = lambda task: read_rows([os.path.join(paths["eval"], task, "test-00000-of-00001.parquet")])  # noqa: E731
 
-    def says(r, caption):
-        image = load_image(os.path.join(paths["image_dir"], r["qry_img_path"]))
-        return greedy(model, processor, image, VERIFY.format(caption), max_new_tokens=1)[0]
-    on_pos = sum(says(r, r["tgt_text"][0]) == yes for r in rows) / len(rows)
-    on_other = sum(says(r, r["tgt_text"][-1]) == no for r in rows) / len(rows)
-    on_twin = sum(says(r, r["tgt_text"][1]) == no for r in rows) / len(rows)
-    return {"yes_no": (on_pos + on_other) / 2, "yes_no_binding": (on_pos + on_twin) / 2,
-            "yes_rate_on_matches": on_pos}
+    @functools.cache
+    def says(image_path, claim):
+        image = load_image(os.path.join(paths["image_dir"], image_path))
+        ids = greedy(model, processor, image, VERIFY.format(claim), max_new_tokens=max_new_tokens)
+        return final_yes_no(decode(processor.tokenizer, ids))
+
+    def balanced(cases):                                      # [(image, true claim, false claim)]
+        yes = sum(says(i, t) == "Yes" for i, t, _ in cases) / len(cases)
+        return (yes + sum(says(i, f) == "No" for i, _, f in cases) / len(cases)) / 2, yes
+    objects = sorted({r["qry_img_path"] for r in read("ShapesCLS")})[:n]
+    rng = random.Random(0)
+    colours = [_label(i).split()[0] for i in objects]
+    on_colours, yes_rate = balanced([(i, c, rng.choice([x for x in COLOURS if x != c])) for i, c in zip(objects, colours)])
+    pairs = read("ShapesI2T")[:n]
+    return {"yes_no": on_colours, "yes_rate_on_true_colours": yes_rate,
+            "yes_no_pairs": balanced([(r["qry_img_path"], r["tgt_text"][0], r["tgt_text"][-1]) for r in pairs])[0],
+            "yes_no_binding": balanced([(r["qry_img_path"], r["tgt_text"][0], r["tgt_text"][1]) for r in pairs])[0]}
 
 
 def heldout_figures(model, processor, data_root, n_captions=60):
@@ -294,7 +338,7 @@ def _build_locked(path, progress):
     os.replace(os.path.join(tmp, "model"), path)
     shutil.rmtree(tmp, ignore_errors=True)
     print0(f"{CHAT_MODEL}: built in {seconds:.0f} s; held-out caption token F1 "
-           f"{figures['captions']['token_f1']:.3f}, Yes/No {figures['yes_no']:.3f}")
+           f"{figures['captions']['token_f1']:.3f}, Yes/No on colour claims {figures['yes_no']:.3f}")
     return path
 
 

@@ -64,3 +64,24 @@ def test_gme_row_is_row_5_without_matching():
     for bad in (["--lora_r", "0"], ["--captions", "-1"]):
         with pytest.raises(SystemExit):
             table3.parse_args(bad)
+
+
+def test_a_rerun_keeps_runs_only_of_the_same_build(tmp_path, monkeypatch):
+    """--json keeps the runs of a rerun with the same settings, the backbone's build
+    included: runs on another build of tiny-qwen2-vl-chat are measured again, not reused."""
+    import json
+
+    from util.backbone import pretrained_build
+    calls = []
+    monkeypatch.setattr(table3, "one_run", lambda *a, **k: calls.append(1) or {"hit@1": 0.5})
+    out = tmp_path / "t3.json"
+    argv = ["--table", "3", "--model", "tiny-qwen2-vl-chat", "--rows", "7", "--seeds", "0", "--json", str(out),
+            "--out_dir", str(tmp_path / "w")]
+    table3.main(argv)
+    assert calls == [1] and json.load(open(out))["build"] == pretrained_build("tiny-qwen2-vl-chat")
+    table3.main(argv)
+    assert calls == [1]                                                   # same build: kept
+    saved = json.load(open(out))
+    json.dump(dict(saved, build="v0"), open(out, "w"))
+    table3.main(argv)
+    assert calls == [1, 1]                                                # another build: run again

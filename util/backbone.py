@@ -249,6 +249,14 @@ def pretrained_data_seed(name):
     return tiny_builder(name).PRETRAIN["data_seed"] if name in TINY_PRETRAINED else None
 
 
+def pretrained_build(name):
+    """The build this code makes of the pretrained tiny model `name` ("v3": its builder's
+    PRETRAIN["version"]), its revision as a hub id has commits: train.py records it as
+    --model_revision, so a LoRA checkpoint names the weights its adapter sits on. None for
+    any other model."""
+    return f"v{tiny_builder(name).PRETRAIN['version']}" if name in TINY_PRETRAINED else None
+
+
 def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None, max_pixels=None,
                   revision=None):
     """
@@ -264,6 +272,10 @@ def load_backbone(name_or_path, device=None, dtype=None, seed=0, min_pixels=None
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if name_or_path in TINY_PRETRAINED:               # built once, then a local checkpoint
+        if revision not in (None, pretrained_build(name_or_path)):
+            raise ValueError(f"{name_or_path} build {revision} was asked for (a checkpoint's model_revision), but "
+                             f"this code builds {pretrained_build(name_or_path)}: an adapter trained on the other "
+                             "build would sit on other weights. Use the code it was trained with, or retrain")
         path = tiny_builder(name_or_path).chat_backbone()
         return load_backbone(path, device=device, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
     if name_or_path in TINY:
@@ -495,6 +507,10 @@ def check_config(config, where):
     if config.get("model_revision") is not None and (not isinstance(config["model_revision"], str)
                                                     or not config["model_revision"]):
         raise bad("model_revision", "null or the base model's commit, branch or tag (a string)")
+    if config["model"] in TINY_PRETRAINED and config.get("lora") and config.get("model_revision") is None:
+        raise ValueError(f"{where}: a LoRA checkpoint on {config['model']} that records no build of it "
+                         "(model_revision; written before builds were recorded): its adapter may sit on other "
+                         f"weights than this code's build {pretrained_build(config['model'])}. Retrain")
     for key in ("target_instructions", "lora"):
         if key in config and not isinstance(config[key], bool):
             raise bad(key, "true or false")
