@@ -159,3 +159,13 @@ def test_cli_refusals(tmp_path):
             G.main(["--model", "tiny-qwen2-vl", *labels, "--n", "2"])
     with pytest.raises(Exception, match="nope.png"):
         G.main(["--model", "tiny-qwen2-vl", "--image", str(tmp_path / "nope.png")])
+
+
+def test_write_table_shows_a_line_break_as_a_slash(tmp_path):
+    """An answer with a line break ("red\\nYes": tiny-qwen2-vl-chat's verification) is one
+    table cell "red / Yes" (the picture draws the same text), kept as is in captions.jsonl."""
+    from PIL import Image
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "x.png")
+    G.write_table(str(tmp_path / "t"), [str(tmp_path / "x.png")], ["a red circle"], {"m": ["red\nYes"]})
+    assert open(tmp_path / "t" / "table.md").read().splitlines()[2] == "| x.png | a red circle | red / Yes |"
+    assert json.loads(open(tmp_path / "t" / "captions.jsonl").readline())["m"] == "red\nYes"

@@ -229,7 +229,7 @@ def write_table(out_dir, images, refs, captions_by_model):
         for i, (im, ref) in enumerate(zip(images, refs)):
             f.write(json.dumps({"image": os.path.basename(im), "reference": ref,
                                 **{m: captions_by_model[m][i] for m in names}}) + "\n")
-    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")          # noqa: E731
+    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " / ")        # noqa: E731 (a line break: " / ")
     lines = ["| image | reference | " + " | ".join(cell(m) for m in names) + " |",
              "|---|---|" + "---|" * len(names)]
     lines += [f"| {os.path.basename(im)} | {cell(ref)} | " + " | ".join(cell(captions_by_model[m][i]) for m in names) + " |"
@@ -237,7 +237,11 @@ def write_table(out_dir, images, refs, captions_by_model):
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     thumb, col, line_h = 112, 260, 12
-    wrap = lambda s: [s[i:i + 40] for i in range(0, len(s), 40)] or [""]     # noqa: E731 (~40 chars a line)
+
+    def wrap(text):
+        """About 40 characters a line, a line break shown as " / " (drawn lines never overlap)."""
+        text = text.replace("\n", " / ")
+        return [text[i:i + 40] for i in range(0, len(text), 40)] or [""]
     rows_h = [max(thumb, line_h * (1 + max(len(wrap(t)) for t in [refs[i]] + [captions_by_model[m][i] for m in names])))
               for i in range(len(images))]
     W, H = thumb + 8 + col * (1 + len(names)), line_h + 4 + sum(r + 6 for r in rows_h)
