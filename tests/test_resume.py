@@ -422,3 +422,26 @@ def test_messages_never_name_a_damaged_checkpoint_as_intact(fx, tmp_path, monkey
     out = str(tmp_path / "run")
     with pytest.raises(FloatingPointError, match=r"step 2: non-finite loss.*Last checkpoint: .*checkpoint-1 \(intact\)"):
         train.main(flags(fx, out, "--steps", "5", "--save_every", "1", "--keep_checkpoints", "3"))
+
+
+def test_the_final_checkpoint_stays_resumable_after_its_card_gets_the_results(fx, tmp_path, capsys):
+    """After evaluation train.py rewrites the final checkpoint's model card (README.md) with
+    the results, so the card no longer has the size the save recorded. That is no damage:
+    a longer run resumes from that final checkpoint, not from the one before it (a run
+    that evaluated used to set its final checkpoint aside here)."""
+    from util.backbone import write_model_card
+    out = str(tmp_path / "run")
+    train.main(flags(fx, out, "--steps", "2", "--save_every", "1", "--keep_checkpoints", "2"))
+    last = os.path.join(out, "checkpoint-2")
+    config = json.load(open(os.path.join(last, "rematch_config.json")))
+    size = os.path.getsize(os.path.join(last, "README.md"))
+    write_model_card(last, config, {"overall": 0.5, "hit_at_1": {"TaskA": 0.5, "TaskB": None}})  # as run_eval does
+    assert os.path.getsize(os.path.join(last, "README.md")) != size
+    assert util_run.checkpoint_damage(last) is None
+    capsys.readouterr()
+    train.main(flags(fx, out, "--steps", "3", "--save_every", "1", "--resume", "--allow_changed", "steps"))
+    said = capsys.readouterr().out
+    assert f"resumed from {last} at step 2" in said and "damaged" not in said
+    assert names(out) == ["checkpoint-2", "checkpoint-3"]
+    truncate(os.path.join(out, "checkpoint-3", "rematch_config.json"))      # other files still count
+    assert util_run.checkpoint_damage(os.path.join(out, "checkpoint-3"))

@@ -43,6 +43,7 @@ from util.dist import broadcast_object, print0
 LOG_FILE = "log.jsonl"
 TRAIN_STATE = "train_state.pt"
 MANIFEST = "files.json"         # every file of a checkpoint and its size, written last by the save
+CARD = "README.md"              # the checkpoint's model card (util/backbone.py write_model_card)
 
 # ----------------------------------------------------------------------------------
 # Files written whole or not at all
@@ -349,6 +350,7 @@ def inspect_checkpoint(path, read_state=True):
                 return f"{', '.join(missing)} missing", None
         else:
             sizes = {}
+        sizes.pop(CARD, None)         # the model card: rewritten with the results after evaluation, never read to resume
         for d, _, files in os.walk(path):
             for f in sorted(files):
                 file = os.path.join(d, f)
