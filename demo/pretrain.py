@@ -125,13 +125,15 @@ def verifications(train_dir):
 
 class ChatBatches:
     """Batches of full conversations for next-token training, each image run through the
-    image processor once (cached): input_ids (N, T) right padded, attention_mask,
+    image processor and each conversation through the chat template and the tokenizer once
+    (cached: about a sixth of a build's time otherwise): input_ids (N, T) right padded, attention_mask,
     mm_token_type_ids (1 at image tokens), pixel_values, image_grid_thw, and labels (N, T)
     = the answer tokens and <|im_end|>, -100 elsewhere. Equal to the processor's own batch
     of the same texts and images (tests/test_pretrain.py)."""
 
     def __init__(self, processor, images):
         self.processor, self.tok, self.images, self.pixels = processor, processor.tokenizer, images, {}
+        self.tokens = {}                                                    # conversation → (ids, answer length)
         self.pad = self.tok.convert_tokens_to_ids("<|image_pad|>")
         self.merge = processor.image_processor.merge_size ** 2
 
@@ -141,17 +143,24 @@ class ChatBatches:
             self.pixels[path] = (out["pixel_values"], out["image_grid_thw"])   # (n, C·P²), (1, 3)
         return self.pixels[path]
 
-    def __call__(self, convs):
+    def ids(self, conv, grid):
         from tools.generate import END_TOKEN, chat_prompt
-        rows, answers, pixels, grids = [], [], [], []
-        for path, prompt, answer in convs:
-            pv, grid = self.image(path)
+        if conv not in self.tokens:
+            path, prompt, answer = conv
             n = int(grid.prod()) // self.merge                                  # merged image tokens
             text = chat_prompt(self.tok, prompt).replace("<|image_pad|>", "<|image_pad|>" * n, 1)
             a = self.tok(answer + END_TOKEN, add_special_tokens=False)["input_ids"]
             ids = self.tok(text, add_special_tokens=False)["input_ids"] + a      # the answer tokenised alone
+            self.tokens[conv] = (ids, len(a))
+        return self.tokens[conv]
+
+    def __call__(self, convs):
+        rows, answers, pixels, grids = [], [], [], []
+        for conv in convs:
+            pv, grid = self.image(conv[0])
+            ids, k = self.ids(conv, grid)
             rows.append(ids)
-            answers.append(len(a))
+            answers.append(k)
             pixels.append(pv)
             grids.append(grid)
         T = max(map(len, rows))
@@ -313,16 +322,22 @@ def _build_once(progress):
         return _build_locked(path, progress)
 
 
+def built(path):
+    """`path` holds a complete build of these settings (build.json, written last, names them)."""
+    marker = os.path.join(path, "build.json")
+    if not os.path.isfile(marker):
+        return False
+    with open(marker) as f:
+        return json.load(f).get("settings") == PRETRAIN
+
+
 def _build_locked(path, progress):
     import time
 
     from util.backbone import save_backbone
     from util.dist import print0
-    marker = os.path.join(path, "build.json")
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            if json.load(f).get("settings") == PRETRAIN:
-                return path
+    if built(path):
+        return path
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     print0(f"building {CHAT_MODEL} (once, cached in {path}): {PRETRAIN['steps']} steps of generative "
