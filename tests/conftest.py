@@ -9,7 +9,9 @@ Qwen's real tokenizer, one chunked step, a one-step run), in about two minutes o
 runs, width-real checkpoints, the real path, DDP, the speed oracles, the tools; CI adds
 `-n 2 --dist worksteal` (pytest-xdist: two workers of one thread each, the session's builds
 shared between them under file locks). Naming a test file or test on the command line runs
-it whole, as --full would."""
+it whole, as --full would. When a selected test uses tiny-qwen2-vl-chat (the `chat_model`
+fixture) and HF_HOME holds no build, the session builds it beside the first tests
+(start_chat_build)."""
 import contextlib
 import os
 import sys
@@ -182,9 +184,103 @@ def pytest_collection_modifyitems(config, items):
         if rest:
             config.hook.pytest_deselected(items=rest)
             items[:] = [item for item in items if "proof" in item.keywords]
+    guard_chat_build()
     if config.getoption("--big"):
         return
     skip = pytest.mark.skip(reason="big (~8 GB): run with pytest --big")
     for item in items:
         if "big" in item.keywords:
             item.add_marker(skip)
+
+
+# tiny-qwen2-vl-chat: its build (demo/pretrain.py, ~2 minutes on 2 cores) forces two threads,
+# its weights depend on the count. Inside a test, beside the other xdist worker's test (three
+# threads on two cores), it took ~11 minutes. Instead the first test of the session starts
+# it in a process of its own at the normal priority and lowers the test workers' (nice 10):
+# the build keeps both cores when it needs them and the tests take the rest.
+CHAT_BUILD = "shared_chat_build"        # under shared_root: started, build.log, rc
+CHAT_BUILD_TIMEOUT = 1800               # s a test waits for it (~2 minutes on 2 cores)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_chat_build(request, tmp_path_factory):
+    """When a selected test uses the `chat_model` fixture and HF_HOME holds no build: one
+    worker starts `python -m demo.pretrain` (the first to create <CHAT_BUILD>/started), each
+    worker lowers its own priority while it runs. The starting worker's session ends only
+    after the build (the other worker's test may still wait for it)."""
+    from demo import pretrain as P
+    waiter = None
+    if not P.built(P.cache_dir()) and any("chat_model" in item.fixturenames for item in request.session.items):
+        waiter = _start_chat_build(shared_root(tmp_path_factory) / CHAT_BUILD)
+    yield
+    if waiter is not None:
+        waiter.join()
+
+
+def _start_chat_build(folder):
+    """A thread that waits for the build's process and writes its exit status to
+    <folder>/rc, if this worker started it, else None (the other worker did); either way
+    this worker's priority is lowered while the build runs."""
+    import subprocess
+    import threading
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(folder / "started", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:                                 # the other worker started it
+        if not (folder / "rc").exists():
+            os.nice(10)
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}     # as a user's run, but
+    env["OMP_WAIT_POLICY"] = "PASSIVE"      # its threads sleep at a barrier, leaving the core to the tests
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+
+    def record(status):                                     # for every worker to read
+        (folder / "rc.tmp").write_text(str(status))
+        os.replace(folder / "rc.tmp", folder / "rc")
+    try:
+        with open(folder / "build.log", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "demo.pretrain"], cwd=root, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
+    except OSError as e:
+        record(f"not started: {e}")
+        raise
+    os.nice(10)                                             # after the start: the build keeps priority 0
+    waiter = threading.Thread(target=lambda: record(proc.wait()), daemon=True)
+    waiter.start()
+    return waiter
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory):
+    """The folder of the built tiny-qwen2-vl-chat: waits for the build start_chat_build
+    started (if it did) and fails with its log if the build failed."""
+    import time
+
+    from demo import pretrain as P
+    folder = shared_root(tmp_path_factory) / CHAT_BUILD
+    if (folder / "started").exists():
+        t0 = time.time()
+        while not (folder / "rc").exists() and time.time() - t0 < CHAT_BUILD_TIMEOUT:
+            time.sleep(1)
+        rc = (folder / "rc").read_text() if (folder / "rc").exists() else f"no status after {CHAT_BUILD_TIMEOUT} s"
+        if rc != "0":
+            log = (folder / "build.log").read_text()[-3000:] if (folder / "build.log").exists() else ""
+            pytest.fail(f"building tiny-qwen2-vl-chat (python -m demo.pretrain): {rc}\n{log}")
+    assert P.built(P.cache_dir()), "tiny-qwen2-vl-chat is not built"
+    return P.cache_dir()
+
+
+def guard_chat_build():
+    """Any build of this HF_HOME's tiny-qwen2-vl-chat from inside a test fails that test: a
+    test that uses the model without the `chat_model` fixture would build it beside the
+    other worker's test."""
+    from demo import pretrain as P
+    cache, build = P.cache_dir(), P._build_locked
+
+    def guarded(path, progress):
+        if path == cache and not P.built(path):
+            raise RuntimeError("this test builds tiny-qwen2-vl-chat: give it the chat_model fixture, so that "
+                               "the session builds it beside the first tests (tests/conftest.py)")
+        return build(path, progress)
+    P._build_locked = guarded

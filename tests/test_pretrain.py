@@ -158,7 +158,7 @@ def test_the_cache_is_built_once_per_hf_home(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_qwen2_vl_chat_speaks_about_heldout_images(tmp_path):
+def test_tiny_qwen2_vl_chat_speaks_about_heldout_images(tmp_path, chat_model):
     """The real build (cached under HF_HOME): held-out captions with token F1 >= 0.6 (the
     random tiny-qwen2-vl: about 0), its figures recorded in build.json."""
     from tools.generate import CAPTION_PROMPT, answers, decode, greedy, heldout_images, score
@@ -180,7 +180,7 @@ def test_tiny_qwen2_vl_chat_speaks_about_heldout_images(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_qwen2_vl_chat_verifies_heldout_colour_claims(tmp_path):
+def test_tiny_qwen2_vl_chat_verifies_heldout_colour_claims(tmp_path, chat_model):
     """Held-out verification prompts about 40 single EVAL objects (never trained on), the
     object's colour against another: balanced accuracy of the final Yes/No in its answer at
     least 0.9 (chance 0.5; it says Yes to the true colour, not Yes to everything), and the
@@ -204,7 +204,7 @@ def test_tiny_qwen2_vl_chat_verifies_heldout_colour_claims(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_chat_model_trains_evaluates_and_exports_like_the_other_tiny_models(tmp_path):
+def test_the_chat_model_trains_evaluates_and_exports_like_the_other_tiny_models(tmp_path, chat_model):
     """--model tiny-qwen2-vl-chat through train.py (LoRA: the checkpoint names the base by
     this name and reloads it from the cache), Encoder, tools/rerank.py and the export."""
     import train
