@@ -65,7 +65,7 @@ from data import (
     _ids,
 )
 from model import load_rematch
-from util.backbone import EXPORT_PROJECTOR_FILE, answer_token_ids, family_tag, published_name
+from util.backbone import CARD_FILE, EXPORT_PROJECTOR_FILE, answer_token_ids, family_tag, published_name
 from util.inputs import DOC_IMAGE_INSTRUCTION
 
 POOLING_FILE = "rematch_pooling.json"
@@ -380,7 +380,7 @@ q = rm.embed(["Find me an everyday image that matches the given caption: a dog o
 row's fixed token runs), the tokenizer with `chat_template.jinja` (the input rules above), `rematch_pooling.json`,
 `modules.json` and the sentence-transformers configs, `rematch_st.py`, `rematch_hf.py`.
 """
-    with open(os.path.join(out_dir, "README.md"), "w") as f:
+    with open(os.path.join(out_dir, CARD_FILE), "w") as f:
         f.write(card)
 
 

@@ -229,7 +229,8 @@ def write_table(out_dir, images, refs, captions_by_model):
         for i, (im, ref) in enumerate(zip(images, refs)):
             f.write(json.dumps({"image": os.path.basename(im), "reference": ref,
                                 **{m: captions_by_model[m][i] for m in names}}) + "\n")
-    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " / ")        # noqa: E731 (a line break: " / ")
+    flat = lambda s: str(s).replace("\n", " / ")                       # noqa: E731 (a line break: " / ")
+    cell = lambda s: flat(s).replace("|", "\\|")                       # noqa: E731
     lines = ["| image | reference | " + " | ".join(cell(m) for m in names) + " |",
              "|---|---|" + "---|" * len(names)]
     lines += [f"| {os.path.basename(im)} | {cell(ref)} | " + " | ".join(cell(captions_by_model[m][i]) for m in names) + " |"
@@ -240,7 +241,7 @@ def write_table(out_dir, images, refs, captions_by_model):
 
     def wrap(text):
         """About 40 characters a line, a line break shown as " / " (drawn lines never overlap)."""
-        text = text.replace("\n", " / ")
+        text = flat(text)
         return [text[i:i + 40] for i in range(0, len(text), 40)] or [""]
     rows_h = [max(thumb, line_h * (1 + max(len(wrap(t)) for t in [refs[i]] + [captions_by_model[m][i] for m in names])))
               for i in range(len(images))]

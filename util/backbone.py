@@ -333,13 +333,14 @@ def save_backbone(model, processor, path):
 
 CONFIG_FILE = "rematch_config.json"
 HEADS_FILE = "rematch_heads.safetensors"
+CARD_FILE = "README.md"         # the model card (write_model_card; an export's: tools/export_merged.py)
 # what a checkpoint folder's hub copy may bring: only the files the project reads
 # (fnmatch patterns; `?` stands for one digit of a shard's number, and no name reaches a subfolder)
 BACKBONE_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                   "model-?????-of-?????.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json",
                   "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
                   "chat_template.json", "preprocessor_config.json"]
-CHECKPOINT_FILES = [CONFIG_FILE, HEADS_FILE, "README.md", "adapter/adapter_config.json",
+CHECKPOINT_FILES = [CONFIG_FILE, HEADS_FILE, CARD_FILE, "adapter/adapter_config.json",
                     "adapter/adapter_model.safetensors", *(f"backbone/{f}" for f in BACKBONE_FILES)]
 RESUME_FILES = ["train_state.pt", "files.json"]     # only --resume_from needs the training state
 # A merged export (tools/export_merged.py): a plain Qwen-VL checkpoint whose tokenizer carries
@@ -347,7 +348,7 @@ RESUME_FILES = ["train_state.pt", "files.json"]     # only --resume_from needs t
 # it back as the ReMatch model it came from (export_config, load_export_heads); no code of the folder runs.
 EXPORT_FILE = "rematch_pooling.json"
 EXPORT_PROJECTOR_FILE = "rematch_projector.safetensors"   # §3.2.3's projector (feature views)
-EXPORT_FILES = [EXPORT_FILE, EXPORT_PROJECTOR_FILE, "README.md", *BACKBONE_FILES]
+EXPORT_FILES = [EXPORT_FILE, EXPORT_PROJECTOR_FILE, CARD_FILE, *BACKBONE_FILES]
 EXPORT_FORMAT = "rematch-merged-v1"
 
 
@@ -632,5 +633,5 @@ python evaluate.py --model <this folder or its hub id> --mmeb_dir TIGER-Lab/MMEB
 python tools/export_merged.py <this folder> merged/        # plain-transformers checkpoint
 ```
 """
-    with open(os.path.join(path, "README.md"), "w") as f:
+    with open(os.path.join(path, CARD_FILE), "w") as f:
         f.write(card)
