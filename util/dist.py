@@ -56,9 +56,10 @@ def setup_distributed(device=None, timeout_minutes=DIST_TIMEOUT_MINUTES):
 def teardown_distributed():
     """Leave the process group. gloo can abort at interpreter exit while DDP state is alive
     (docs/readings.md §6): callers `del` their DDP model and optimizer first, then this
-    collects garbage, waits for every rank and destroys the group."""
-    gc.collect()
+    collects garbage, waits for every rank and destroys the group. Without a process group
+    there is nothing to leave (a collection of a large heap costs a fraction of a second)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
