@@ -55,9 +55,11 @@ class ReMatch(nn.Module):
     saving the adapter (not a submodule: the same parameters).
     L_q, L_d: the learnable tokens (K, d) of queries and documents (§3.2.1).
     projector: Z = MLP(E) (§3.2.3).
+    init_tokens=False leaves L_q, L_d at zero, for saved ones to be copied in (load_rematch):
+    no pass over the embedding table. So does num_tokens=0 (last-token pooling uses none).
     """
 
-    def __init__(self, backbone, num_tokens=16, embed_template="chat", seed=0):
+    def __init__(self, backbone, num_tokens=16, embed_template="chat", seed=0, init_tokens=True):
         super().__init__()
         self.__dict__["peft"] = backbone if hasattr(backbone, "get_base_model") else None
         self.backbone = backbone.get_base_model() if self.peft is not None else backbone
@@ -69,12 +71,16 @@ class ReMatch(nn.Module):
         hf = self.backbone
         d = hf.config.text_config.hidden_size
         W = hf.get_input_embeddings().weight.detach()                         # (V, d)
-        mu, sd = embedding_stats(W)                                           # (d,) each, CPU fp64
-        g = torch.Generator().manual_seed(seed)
         K = max(num_tokens, 1)
-        # initialised from the statistics of the input-embedding table (docs/readings.md §1)
-        self.L_q = nn.Parameter((mu + sd * torch.randn(K, d, generator=g)).to(W.device))
-        self.L_d = nn.Parameter((mu + sd * torch.randn(K, d, generator=g)).to(W.device))
+        if init_tokens and num_tokens > 0:
+            mu, sd = embedding_stats(W)                                       # (d,) each, CPU fp64
+            g = torch.Generator().manual_seed(seed)
+            # initialised from the statistics of the input-embedding table (docs/readings.md §1)
+            L_q = mu + sd * torch.randn(K, d, generator=g)                     # (K, d)
+            L_d = mu + sd * torch.randn(K, d, generator=g)                     # (K, d)
+        else:
+            L_q, L_d = torch.zeros(K, d), torch.zeros(K, d)
+        self.L_q, self.L_d = nn.Parameter(L_q.to(W.device)), nn.Parameter(L_d.to(W.device))
         if num_tokens == 0:                                # last-token pooling: no tokens
             self.L_q.requires_grad_(False)
             self.L_d.requires_grad_(False)
@@ -433,7 +439,7 @@ def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_temp
         from data import EMBED_TEMPLATES, MATCH_PROMPTS
         config = export_config(name_or_path, EMBED_TEMPLATES, num_tokens, embed_template, name, pin)
         backbone, processor = load_backbone(name_or_path, device=device, dtype=dtype)
-        model = ReMatch(backbone, config["num_tokens"], config["embed_template"])
+        model = ReMatch(backbone, config["num_tokens"], config["embed_template"], init_tokens=False)
         config.update(load_export_heads(model, processor.tokenizer, name_or_path, MATCH_PROMPTS))
         return model.eval(), processor, config
     config_path = os.path.join(str(name_or_path), CONFIG_FILE)
@@ -455,6 +461,6 @@ def load_rematch(name_or_path, device=None, dtype=None, num_tokens=0, embed_temp
     else:
         backbone, processor = load_backbone(os.path.join(name_or_path, "backbone"),
                                             device=device, dtype=dtype, **pixels)
-    model = ReMatch(backbone, config["num_tokens"], config["embed_template"])
+    model = ReMatch(backbone, config["num_tokens"], config["embed_template"], init_tokens=False)
     load_heads(model, name_or_path)
     return model.eval(), processor, config

@@ -38,6 +38,8 @@ def test_tiny_tokenizer_is_deterministic_and_encodes_any_text():
     for s in ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"):
         assert len(a(s, add_special_tokens=False)["input_ids"]) == 1
     assert "<|vision_start|><|image_pad|><|vision_end|>" in a.chat_template
+    a.add_tokens(["<new>"])                              # each call's tokenizer is its own
+    assert len(a) == len(b) + 1 and "<new>" not in build_tiny_tokenizer().get_vocab()
 
 
 def test_answer_words_are_single_tokens_or_loading_fails():
@@ -95,6 +97,28 @@ def test_save_and_load_back_gives_identical_outputs(tiny, tmp_path):
     E1, _ = ReMatch(model2.eval(), num_tokens=4).embed(
         collate_embed(items2, processor2.tokenizer, 4), "q")
     assert torch.equal(E0, E1)
+
+
+def test_a_loaded_checkpoint_holds_its_saved_tokens_without_reading_the_table(tmp_path, monkeypatch):
+    """load_rematch builds the model with init_tokens=False and copies the saved L_q, L_d in
+    (each its own, as saved): the pass over the embedding table (152k rows at real width) is
+    never made; nor for K = 0 (last-token pooling uses no token). A fresh K > 0 model makes it."""
+    import model as M
+    from util.backbone import save_rematch
+    backbone, processor = load_backbone("tiny-qwen2-vl", device="cpu")
+    saved = ReMatch(backbone, num_tokens=4, seed=3)
+    save_rematch(saved, processor, str(tmp_path / "ckpt"),
+                 {"model": "tiny-qwen2-vl", "num_tokens": 4, "embed_template": "chat", "lora": False})
+
+    def no_pass(*a, **k):
+        raise AssertionError("embedding_stats was called")
+    monkeypatch.setattr(M, "embedding_stats", no_pass)
+    loaded = M.load_rematch(str(tmp_path / "ckpt"), device="cpu")[0]
+    assert torch.equal(loaded.L_q, saved.L_q) and torch.equal(loaded.L_d, saved.L_d)
+    assert not torch.equal(loaded.L_q, loaded.L_d)
+    assert M.ReMatch(backbone, num_tokens=0).L_q.abs().sum() == 0
+    with pytest.raises(AssertionError, match="embedding_stats"):
+        M.ReMatch(backbone, num_tokens=4)
 
 
 def test_unknown_model_type_is_rejected(tmp_path):
