@@ -23,6 +23,7 @@ model.py, none of it in the paper.
 load_backbone also applies util/speed.py's vision-tower patches (each tested equal to
 transformers' forward). Tests: pytest tests/test_model.py tests/test_real_path.py
 """
+import functools
 import os
 
 import torch
@@ -52,8 +53,20 @@ def build_tiny_tokenizer(vocab_size=1024, chat_template=QWEN2VL_CHAT_TEMPLATE):
     """
     A Qwen-style byte-level BPE trained offline on demo.corpus.tokenizer_corpus(): any text
     encodes (256 byte symbols), the corpus' words become short sequences, the Qwen
-    special tokens and the family's chat template are kept. Deterministic.
+    special tokens and the family's chat template are kept. Deterministic: trained once
+    per process and size, each call gets its own copy.
     """
+    from tokenizers import Tokenizer
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tiny_bpe(vocab_size)),
+                                  eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+    tok.chat_template = chat_template
+    return tok
+
+
+@functools.cache
+def _tiny_bpe(vocab_size):
+    """build_tiny_tokenizer's trained BPE, as its JSON."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence([
@@ -65,11 +78,7 @@ def build_tiny_tokenizer(vocab_size=1024, chat_template=QWEN2VL_CHAT_TEMPLATE):
                                   show_progress=False)
     from demo.corpus import tokenizer_corpus   # the tiny tokenizer learns the demo's strings
     tk.train_from_iterator(tokenizer_corpus(), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>",
-                                  additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
-    tok.chat_template = chat_template
-    return tok
+    return tk.to_str()
 
 
 class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
