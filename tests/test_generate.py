@@ -134,11 +134,11 @@ def test_cli_captions_heldout_images_for_each_model_kind(lora_checkpoint_and_exp
                                               ["pair", "object"] * 2)["token_f1"]
 
 
-def test_heldout_images_are_eval_images_only(tmp_path):
-    from demo.synthetic import make_synthetic
+def test_heldout_images_are_eval_images_only(demo_benchmark):
+    """On the session's demo benchmark (seed 0; the CLI test writes its own)."""
     from util.inputs import read_rows
-    items = G.heldout_images(str(tmp_path / "d"), 12)
-    paths = make_synthetic(str(tmp_path / "d"))
+    paths = demo_benchmark
+    items = G.heldout_images(paths["root"], 12)
     train_images = set()
     for sub in os.listdir(paths["train"]):
         for r in read_rows([os.path.join(paths["train"], sub, "original-00000-of-00001.parquet")]):

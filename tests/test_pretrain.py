@@ -20,9 +20,9 @@ from demo import pretrain as P
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    from demo.synthetic import make_synthetic
-    return make_synthetic(str(tmp_path_factory.mktemp("pretrain") / "demo_data"))
+def bench(demo_benchmark):
+    """The demo's benchmark (seed 0, default size: the build's), the session's shared copy."""
+    return demo_benchmark
 
 
 def test_conversations_hold_no_eval_image_nor_heldout_caption(bench):
@@ -158,7 +158,7 @@ def test_the_cache_is_built_once_per_hf_home(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_qwen2_vl_chat_speaks_about_heldout_images(tmp_path, chat_model):
+def test_tiny_qwen2_vl_chat_speaks_about_heldout_images(bench, chat_model):
     """The real build (cached under HF_HOME): held-out captions with token F1 >= 0.6 (the
     random tiny-qwen2-vl: about 0), its figures recorded in build.json."""
     from tools.generate import CAPTION_PROMPT, answers, decode, greedy, heldout_images, score
@@ -168,7 +168,7 @@ def test_tiny_qwen2_vl_chat_speaks_about_heldout_images(tmp_path, chat_model):
     build = json.load(open(os.path.join(P.cache_dir(), "build.json")))
     assert build["settings"] == P.PRETRAIN and build["seconds"] > 0
     assert build["heldout"]["captions"]["n"] == 60 and 0 <= build["heldout"]["yes_no"] <= 1
-    items = heldout_images(str(tmp_path / "demo_data"), 20)
+    items = heldout_images(bench["root"], 20)
     caps, ids = answers(model.eval(), processor, [load_image(i) for i, _, _ in items])
     figures = score(caps, [r for _, r, _ in items], [k for _, _, k in items], ids)
     assert figures["token_f1"] >= 0.6, figures
@@ -180,7 +180,7 @@ def test_tiny_qwen2_vl_chat_speaks_about_heldout_images(tmp_path, chat_model):
 
 
 @pytest.mark.slow
-def test_tiny_qwen2_vl_chat_verifies_heldout_colour_claims(tmp_path, chat_model):
+def test_tiny_qwen2_vl_chat_verifies_heldout_colour_claims(bench, chat_model):
     """Held-out verification prompts about 40 single EVAL objects (never trained on), the
     object's colour against another: balanced accuracy of the final Yes/No in its answer at
     least 0.9 (chance 0.5; it says Yes to the true colour, not Yes to everything), and the
@@ -189,12 +189,10 @@ def test_tiny_qwen2_vl_chat_verifies_heldout_colour_claims(tmp_path, chat_model)
     from util.backbone import load_backbone
     from util.inputs import load_image
     model, processor = load_backbone("tiny-qwen2-vl-chat", device="cpu")
-    acc = P.yes_no_accuracy(model.eval(), processor, str(tmp_path / "demo_data"))
+    acc = P.yes_no_accuracy(model.eval(), processor, bench["root"])
     assert acc["yes_no"] >= 0.9, acc
     assert 0.8 <= acc["yes_rate_on_true_colours"] <= 1.0
-    from demo.synthetic import make_synthetic
     from util.inputs import read_rows
-    bench = make_synthetic(str(tmp_path / "demo_data"))
     image = read_rows([os.path.join(bench["eval"], "ShapesCLS", "test-00000-of-00001.parquet")])[0]["qry_img_path"]
     colour = os.path.basename(image).split("-")[0]                     # images/object/<colour>-<shape>-j<render>.png
     other = "green" if colour != "green" else "red"
