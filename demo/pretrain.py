@@ -144,8 +144,8 @@ class ChatBatches:
         return self.pixels[path]
 
     def ids(self, conv, grid):
-        from tools.generate import END_TOKEN, chat_prompt
         if conv not in self.tokens:
+            from tools.generate import END_TOKEN, chat_prompt
             path, prompt, answer = conv
             n = int(grid.prod()) // self.merge                                  # merged image tokens
             text = chat_prompt(self.tok, prompt).replace("<|image_pad|>", "<|image_pad|>" * n, 1)
