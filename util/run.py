@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from util.backbone import (CARD_FILE, CONFIG_FILE, HEADS_FILE, load_backbone, load_heads, published_name, resolve_checkpoint,
-                           save_rematch)
+from util.backbone import (CARD_FILE, CONFIG_FILE, HEADS_FILE, load_backbone, load_heads, published_name,
+                           resolve_checkpoint, save_rematch)
 from util.dist import broadcast_object, print0
 
 LOG_FILE = "log.jsonl"
@@ -349,7 +349,7 @@ def inspect_checkpoint(path, read_state=True):
                 return f"{', '.join(missing)} missing", None
         else:
             sizes = {}
-        sizes.pop(CARD_FILE, None)        # the model card: rewritten with the results after evaluation, never read to resume
+        sizes.pop(CARD_FILE, None)    # the model card: rewritten with the results after evaluation, not read to resume
         for d, _, files in os.walk(path):
             for f in sorted(files):
                 file = os.path.join(d, f)
